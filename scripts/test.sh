@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets everything up (scripts/setup.sh) and runs the whole test suite: lint, types, then the
+# unit and integration tests against real QEMU and real agents. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+echo "== ruff"
+ruff check src tests bench
+ruff format --check src tests bench
+echo "== mypy --strict"
+mypy
+echo "== pytest"
+pytest -p no:cacheprovider "$@"

@@ -1,0 +1,137 @@
+"""The management methods: decode JSON arguments into typed values and call the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmreplica._internal.api import args as a
+from vmreplica._internal.api.mgmt import Method
+from vmreplica._internal.config import HostConfig
+from vmreplica._internal.engine.connect import test_connection
+from vmreplica._internal.engine.events import EventLog
+from vmreplica._internal.engine.server import ServerChanges, ServerService
+from vmreplica._internal.engine.vms import DiskRequest, VmRequest, VmService
+from vmreplica.errors import InvalidArgument
+
+
+def build_methods(
+    config: HostConfig, server: ServerService, vms: VmService, events: EventLog
+) -> dict[str, Method]:
+    async def host_info(args: dict[str, Any]) -> Any:
+        return {"computer_name": config.name}
+
+    async def server_get(args: dict[str, Any]) -> Any:
+        return server.get()
+
+    async def server_set(args: dict[str, Any]) -> Any:
+        changes = ServerChanges(
+            enabled=a.opt_bool(args, "enabled"),
+            auth=a.opt_str(args, "auth"),
+            kerberos_port=a.opt_int(args, "kerberos_port"),
+            certificate_port=a.opt_int(args, "certificate_port"),
+            any_server=a.opt_bool(args, "any_server"),
+            storage_location=a.opt_str(args, "storage_location"),
+            certificate=a.opt_str(args, "certificate"),
+            key=a.opt_str(args, "key"),
+            ca=a.opt_str(args, "ca"),
+            monitoring_interval=a.opt_str(args, "monitoring_interval"),
+            monitoring_start_time=a.opt_str(args, "monitoring_start_time"),
+        )
+        return await server.set(changes)
+
+    async def auth_new(args: dict[str, Any]) -> Any:
+        return server.auth_new(
+            a.req_str(args, "allowed_primary"),
+            a.req_str(args, "storage_location"),
+            a.req_str(args, "trust_group"),
+        )
+
+    async def auth_get(args: dict[str, Any]) -> Any:
+        return server.auth_list(a.opt_str(args, "allowed_primary"), a.opt_str(args, "trust_group"))
+
+    async def auth_set(args: dict[str, Any]) -> Any:
+        return server.auth_set(
+            a.req_str(args, "allowed_primary"),
+            a.opt_str(args, "storage_location"),
+            a.opt_str(args, "trust_group"),
+        )
+
+    async def auth_remove(args: dict[str, Any]) -> Any:
+        return server.auth_remove(
+            a.opt_str(args, "allowed_primary"), a.opt_str(args, "trust_group")
+        )
+
+    async def vm_new(args: dict[str, Any]) -> Any:
+        disks: list[DiskRequest] = []
+        for disk in a.dict_list(args, "disks"):
+            disks.append(
+                DiskRequest(
+                    a.opt_str(disk, "size"), a.opt_str(disk, "path"), a.opt_str(disk, "parent")
+                )
+            )
+        req = VmRequest(
+            name=a.req_str(args, "name"),
+            memory=a.opt_str(args, "memory") or "256M",
+            cpus=a.opt_int(args, "cpus") or 1,
+            disks=tuple(disks),
+            kernel=a.opt_str(args, "kernel"),
+            initrd=a.opt_str(args, "initrd"),
+            append=a.opt_str(args, "append"),
+        )
+        return await vms.new(req)
+
+    async def vm_list(args: dict[str, Any]) -> Any:
+        return vms.list()
+
+    async def vm_get(args: dict[str, Any]) -> Any:
+        return vms.get(a.req_str(args, "name"))
+
+    async def vm_start(args: dict[str, Any]) -> Any:
+        return await vms.start(a.req_str(args, "name"))
+
+    async def vm_stop(args: dict[str, Any]) -> Any:
+        timeout = a.opt_float(args, "timeout")
+        if timeout is not None and timeout <= 0:
+            raise InvalidArgument("--timeout must be positive")
+        return await vms.stop(
+            a.req_str(args, "name"), bool(a.opt_bool(args, "force")), timeout or 60.0
+        )
+
+    async def vm_remove(args: dict[str, Any]) -> Any:
+        return await vms.remove(a.req_str(args, "name"), bool(a.opt_bool(args, "force")))
+
+    async def vm_monitor(args: dict[str, Any]) -> Any:
+        return {"output": await vms.monitor(a.req_str(args, "name"), a.req_str(args, "command"))}
+
+    async def event_list(args: dict[str, Any]) -> Any:
+        return events.list(a.opt_str(args, "since"))
+
+    async def replication_test_connection(args: dict[str, Any]) -> Any:
+        port = a.opt_int(args, "replica_port")
+        if port is None:
+            raise InvalidArgument("missing --replica-port")
+        return await test_connection(
+            config,
+            a.req_str(args, "replica_server"),
+            port,
+            a.opt_str(args, "auth") or "certificate",
+        )
+
+    return {
+        "host.info": host_info,
+        "server.get": server_get,
+        "server.set": server_set,
+        "auth.new": auth_new,
+        "auth.get": auth_get,
+        "auth.set": auth_set,
+        "auth.remove": auth_remove,
+        "vm.new": vm_new,
+        "vm.list": vm_list,
+        "vm.get": vm_get,
+        "vm.start": vm_start,
+        "vm.stop": vm_stop,
+        "vm.remove": vm_remove,
+        "vm.monitor": vm_monitor,
+        "event.list": event_list,
+        "replication.test_connection": replication_test_connection,
+    }

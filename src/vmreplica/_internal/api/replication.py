@@ -1,0 +1,115 @@
+"""The certificate listener: the data plane a primary talks to (HTTPS with mutual TLS).
+
+The peer's identity is the DNS names of its client certificate, checked against the
+authorization entries *before* a request body is read, so an unknown peer stores nothing.
+:class:`CertificateListener` opens, re-opens (port or certificate changed) and closes the
+listener as the server settings change.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from vmreplica._internal.api.errors import Handler, error_middleware
+from vmreplica._internal.certs import peer_dns_names, server_ssl_context
+from vmreplica._internal.engine.server import Authorization, ListenerFiles, ServerService
+from vmreplica._internal.models import ServerSettings
+from vmreplica.errors import AccessDenied, ConnectionFailed
+
+log = logging.getLogger("vmreplica.listener")
+
+PEER_KEY = web.AppKey("peer", str)
+AUTHZ_KEY = "vmreplica.authorization"
+SERVER_KEY = web.AppKey("server", ServerService)
+
+# Routes the replication engine adds: (path, handler taking the request and the authorization).
+PeerHandler = Callable[[web.Request, Authorization, list[str]], Awaitable[web.StreamResponse]]
+
+
+def peer_names(request: web.Request) -> list[str]:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if not isinstance(ssl_object, ssl.SSLObject):
+        raise AccessDenied("not authorized: no client certificate was presented")
+    return peer_dns_names(ssl_object.getpeercert() or {})
+
+
+def _wrap(server: ServerService, handler: PeerHandler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        names = peer_names(request)
+        authorization = server.authorize(names)
+        return await handler(request, authorization, names)
+
+    return wrapped
+
+
+async def _hello(
+    request: web.Request, authz: Authorization, names: list[str]
+) -> web.StreamResponse:
+    settings = request.app[SERVER_KEY].get()
+    result: dict[str, Any] = {
+        "replica_server": settings.computer_name,
+        "peer": names[0] if names else None,
+        "authorization_entry": authz.entry,
+        "trust_group": authz.trust_group,
+    }
+    return web.json_response({"result": result})
+
+
+class CertificateListener:
+    """Keeps the listener's socket in line with the settings (see ServerService.set)."""
+
+    def __init__(
+        self, server: ServerService, extra_routes: dict[str, PeerHandler] | None = None
+    ) -> None:
+        self._server = server
+        self.routes: dict[str, PeerHandler] = {"/replication/v1/hello": _hello}
+        self.routes.update(extra_routes or {})
+        self._runner: web.AppRunner | None = None
+        self._key: tuple[int, ListenerFiles] | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware], client_max_size=1024**3)
+        app[SERVER_KEY] = self._server
+        for path, handler in self.routes.items():
+            app.router.add_post(path, _wrap(self._server, handler))
+        return app
+
+    @property
+    def port(self) -> int | None:
+        return self._key[0] if self._key else None
+
+    async def apply(self, settings: ServerSettings, files: ListenerFiles) -> None:
+        wanted = settings.replication_enabled and settings.allowed_authentication_type in (
+            "certificate",
+            "both",
+        )
+        key = (settings.certificate_authentication_port, files)
+        if wanted and self._key == key:
+            return
+        await self.close()
+        if not wanted:
+            return
+        context = server_ssl_context(files.ca, files.cert, files.key)
+        runner = web.AppRunner(self._app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host=None, port=key[0], ssl_context=context, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise ConnectionFailed(
+                f"cannot open the certificate listener on port {key[0]}: {e.strerror or e}"
+            ) from e
+        self._runner, self._key = runner, key
+        log.info("certificate listener open on port %d", key[0])
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            log.info("certificate listener on port %s closed", self.port)
+        self._runner, self._key = None, None

@@ -1,0 +1,297 @@
+"""A private CA for mutual TLS between partners, so no enterprise PKI is needed.
+
+Hosts trust only this CA, so a public certificate never grants access. A host is primary for
+some VMs and replica for others, so its certificate serves both ends of a connection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import ssl
+import tempfile
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+from cryptography.x509.oid import NameOID
+
+from vmreplica.errors import InvalidArgument, NotFound, StorageError
+
+PathArg = str | os.PathLike[str]
+_Signer = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_PubKey = ec.EllipticCurvePublicKey
+_Span = tuple[dt.datetime, dt.datetime]
+_Exts = Sequence[tuple[x509.ExtensionType, bool]]
+
+_CA_HINT = " (create one with `vmreplica cert new-ca --out DIR`)"
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_CLOCK_SKEW = dt.timedelta(minutes=5)  # partners whose clocks run a little behind still accept
+_CN_MAX = 64  # X.520 upper bound on commonName
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True)
+class CaFiles:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class IssuedFiles:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def new_ca(
+    out_dir: PathArg, common_name: str = "vmreplica CA", days: int = 3650, *, force: bool = False
+) -> CaFiles:
+    """Create the CA. Replacing its key would orphan every issued certificate, hence ``force``."""
+    out = Path(out_dir)
+    if not common_name.strip() or len(common_name) > _CN_MAX:
+        raise InvalidArgument(f"CA common name must be 1 to {_CN_MAX} characters")
+    lifetime = _days(days)
+    if (out / "ca.key").exists() and not force:
+        raise InvalidArgument(
+            f"{out / 'ca.key'} exists; replacing it orphans issued certs (--force)"
+        )
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    exts = [(x509.BasicConstraints(ca=True, path_length=0), True), (_key_usage(ca=True), True)]
+    cert = _sign(name, key.public_key(), name, key, (now - _CLOCK_SKEW, now + lifetime), exts)
+    _write_all(out, [("ca.pem", _pem(cert), 0o644), ("ca.key", _pem(key), 0o600)])
+    return CaFiles(cert=out / "ca.pem", key=out / "ca.key")
+
+
+def issue(
+    ca_dir: PathArg,
+    names: Sequence[str],
+    out_dir: PathArg,
+    days: int = 365,
+    *,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> IssuedFiles:
+    """Host certificate; all input is checked before anything is written. The validity
+    overrides exist so tests can forge expired certificates (naive datetimes: local time)."""
+    out = Path(out_dir)
+    dns = _check_names(names)
+    now = dt.datetime.now(dt.UTC)
+    lifetime = _days(days)
+    start = now - _CLOCK_SKEW if not_before is None else not_before.astimezone(dt.UTC)
+    end = now + lifetime if not_after is None else not_after.astimezone(dt.UTC)
+    if end <= start:
+        raise InvalidArgument(f"certificate would expire ({end}) before it is valid ({start})")
+    ca_cert, ca_key, ca_pem = _load_ca(Path(ca_dir))
+    key = ec.generate_private_key(ec.SECP256R1())
+    # A name too long for a commonName: empty subject and, as RFC 5280 wants, a critical SAN.
+    cn = [x509.NameAttribute(NameOID.COMMON_NAME, dns[0])] if len(dns[0]) <= _CN_MAX else []
+    exts: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (_key_usage(ca=False), True),
+        (x509.ExtendedKeyUsage([EKU.SERVER_AUTH, EKU.CLIENT_AUTH]), False),
+        (x509.SubjectAlternativeName([x509.DNSName(n) for n in dns]), not cn),
+    ]
+    cert = _sign(x509.Name(cn), key.public_key(), ca_cert.subject, ca_key, (start, end), exts)
+    files = [("cert.pem", _pem(cert), 0o644), ("key.pem", _pem(key), 0o600)]
+    _write_all(out, [*files, ("ca.pem", ca_pem, 0o644)])
+    return IssuedFiles(cert=out / "cert.pem", key=out / "key.pem", ca=out / "ca.pem")
+
+
+def cert_dns_names(cert_pem_path: PathArg) -> list[str]:
+    """The DNS SANs: the names partners must dial, and the names they authorize."""
+    cert = _read_cert(Path(cert_pem_path), "certificate")[0]
+    sans = [e.value for e in cert.extensions if isinstance(e.value, x509.SubjectAlternativeName)]
+    return sans[0].get_values_for_type(x509.DNSName) if sans else []
+
+
+def cert_thumbprint(cert_pem_path: PathArg) -> str:
+    """SHA-1 of the DER in upper-case hex, as Hyper-V shows operators (CertificateThumbprint)."""
+    cert = _read_cert(Path(cert_pem_path), "certificate")[0]
+    return cert.fingerprint(hashes.SHA1()).hex().upper()
+
+
+def peer_dns_names(peercert: Mapping[str, object] | None) -> list[str]:
+    """DNS SANs from ``SSLSocket.getpeercert()``, the verified identity authorization uses."""
+    sans = (peercert or {}).get("subjectAltName")
+    entries = sans if isinstance(sans, tuple) else ()
+    pairs = [e for e in entries if isinstance(e, tuple) and len(e) == 2]
+    return [v for k, v in pairs if k == "DNS" and isinstance(v, str)]
+
+
+def server_ssl_context(ca: PathArg, cert: PathArg, key: PathArg) -> ssl.SSLContext:
+    """Listener side: a client is admitted only with a certificate from our CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return _finish_context(ctx, Path(ca), Path(cert), Path(key))
+
+
+def client_ssl_context(ca: PathArg, cert: PathArg, key: PathArg) -> ssl.SSLContext:
+    """Connecting side: the server must prove both our CA and the host name we dialled."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = True  # the default, but this module's reason to exist
+    return _finish_context(ctx, Path(ca), Path(cert), Path(key))
+
+
+def _finish_context(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """Only our CA is trusted, never the system store, so public certificates earn nothing."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ca_pem = _read(ca, "CA certificate").decode("ascii", errors="replace")
+    try:
+        ctx.load_verify_locations(cadata=ca_pem)
+    except ssl.SSLError as e:
+        raise InvalidArgument(f"{ca} is not a PEM CA certificate ({e.reason or e})") from e
+    _read(cert, "certificate")  # ssl's own errors do not say which file is missing
+    _read(key, "private key")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        why = "they do not match" if e.reason == "KEY_VALUES_MISMATCH" else (e.reason or str(e))
+        raise InvalidArgument(f"cannot use certificate {cert} with key {key}: {why}") from e
+    return ctx
+
+
+def _check_names(names: Sequence[str]) -> list[str]:
+    """Single hosts only: a wildcard would let one stolen key impersonate a whole domain."""
+    if isinstance(names, str) or not names:
+        raise InvalidArgument("a certificate needs at least one DNS name")
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip().lower()  # DNS ignores case; authorization compares strings
+        if not name:
+            raise InvalidArgument("empty DNS name")
+        if name.rsplit(".", 1)[-1].isdigit():  # no top-level domain is numeric
+            raise InvalidArgument(f"{raw!r} looks like an IP address; name the host by DNS")
+        if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+            rule = "labels of 1-63 letters, digits, inner hyphens; 253 chars at most; no '*'"
+            raise InvalidArgument(f"{raw!r} is not a valid DNS name ({rule})")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _days(days: int) -> dt.timedelta:
+    if days < 1:
+        raise InvalidArgument(f"validity must be at least 1 day, not {days}")
+    return dt.timedelta(days=days)
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, _Signer, bytes]:
+    """Refuse a CA that could only sign certificates no partner would accept."""
+    if not ca_dir.exists():
+        raise NotFound(f"CA not found: {ca_dir}{_CA_HINT}")
+    cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
+    cert, pem = _read_cert(cert_path, "CA", _CA_HINT)
+    key_data = _read(key_path, "CA key", _CA_HINT)
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise InvalidArgument(f"{key_path} is not an unencrypted PEM private key") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise InvalidArgument(f"{key_path} holds a {type(key).__name__}; expected EC or RSA")
+    if key.public_key().public_bytes(*_SPKI) != cert.public_key().public_bytes(*_SPKI):
+        raise InvalidArgument(f"{key_path} is not the private key of {cert_path}")
+    if not any(isinstance(e.value, x509.BasicConstraints) and e.value.ca for e in cert.extensions):
+        raise InvalidArgument(f"{cert_path} is not a CA certificate")
+    if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+        raise InvalidArgument(f"CA {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    return cert, key, pem
+
+
+def _read(path: Path, what: str, hint: str = "") -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        raise NotFound(f"{what} not found: {path}{hint}") from e
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _read_cert(path: Path, what: str, hint: str = "") -> tuple[x509.Certificate, bytes]:
+    data = _read(path, what, hint)
+    try:
+        return x509.load_pem_x509_certificate(data), data
+    except ValueError as e:
+        raise InvalidArgument(f"{path} is not a PEM certificate") from e
+
+
+def _sign(
+    subject: x509.Name, key: _PubKey, issuer: x509.Name, signer: _Signer, span: _Span, exts: _Exts
+) -> x509.Certificate:
+    """Key identifiers go on every certificate: X509_STRICT (Python 3.13's default) needs them."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(span[0])
+        .not_valid_after(span[1])
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
+        )
+    )
+    for ext, critical in exts:
+        builder = builder.add_extension(ext, critical=critical)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """Host keys are EC (ECDHE), so they only sign; keyEncipherment would be meaningless."""
+    # digital_signature, content_commitment, key_encipherment, data_encipherment,
+    # key_agreement, key_cert_sign, crl_sign, encipher_only, decipher_only
+    return x509.KeyUsage(not ca, False, False, False, False, ca, ca, False, False)
+
+
+def _pem(obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    fmt = serialization.PrivateFormat.PKCS8
+    return obj.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+
+
+def _write_all(out_dir: Path, files: Sequence[tuple[str, bytes, int]]) -> None:
+    """Temporaries first, renames last, so no certificate is ever left without its key."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StorageError(f"cannot write {out_dir}: not a directory")
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
+    temps: list[str] = []
+    target = out_dir
+    try:
+        os.makedirs(out_dir, mode=0o700, exist_ok=True)  # it will hold a private key
+        for name, data, mode in files:
+            target = out_dir / name
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+            temps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, (name, _, _) in zip(temps, files, strict=True):
+            target = out_dir / name
+            os.replace(tmp, target)
+    except OSError as e:
+        for tmp in temps:
+            with suppress(OSError):
+                os.unlink(tmp)
+        for d in created:
+            with suppress(OSError):
+                d.rmdir()
+        raise StorageError(f"cannot write {target}: {e.strerror or e}") from e
+    with suppress(OSError):  # makes the renames durable; the files are complete regardless
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,163 @@
+"""host.toml (one per host agent) and the CLI config (``-c`` names → management URLs).
+
+Both are TOML: read with :mod:`tomllib`, written with ``tomli_w``. Loading validates every field
+so that a typo is reported at start-up as one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from vmreplica.errors import InvalidArgument, NotFound, StorageError
+
+DEFAULT_SOCKET = "/run/vmreplica/agent.sock"
+DEFAULT_CLI_CONFIG = "~/.config/vmreplica/cli.toml"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    state_dir: Path
+    socket: Path
+    mgmt_listen: tuple[str, int]
+    tls: TlsFiles
+    admins: tuple[str, ...] = ()
+    resolve: Mapping[str, str] = field(default_factory=dict)
+    accel: str = "tcg"
+
+    def resolve_address(self, fqdn: str) -> str:
+        """The address to dial for a peer: the ``[resolve]`` override, else the name itself."""
+        return self.resolve.get(fqdn, fqdn)
+
+    def to_toml(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state_dir": str(self.state_dir),
+            "socket": str(self.socket),
+            "mgmt_listen": f"{self.mgmt_listen[0]}:{self.mgmt_listen[1]}",
+            "accel": self.accel,
+            "admins": list(self.admins),
+            "tls": {"ca": str(self.tls.ca), "cert": str(self.tls.cert), "key": str(self.tls.key)},
+            "resolve": dict(self.resolve),
+        }
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"invalid listen address {value!r}: expected ADDRESS:PORT")
+    return host.strip("[]"), int(port)
+
+
+def parse_resolve(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, addr = item.partition("=")
+        if not sep or not name or not addr:
+            raise InvalidArgument(f"invalid --resolve {item!r}: expected FQDN=ADDRESS")
+        out[name.lower()] = addr
+    return out
+
+
+def write_toml_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            tomli_w.dump(dict(data), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise NotFound(f"{what} not found: {path}") from e
+    except OSError as e:
+        raise StorageError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"{what} {path} is not valid TOML: {e}") from e
+
+
+def _req_str(data: Mapping[str, Any], key: str, path: Path) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{path}: missing or invalid '{key}'")
+    return value
+
+
+def load_host_config(path: Path) -> HostConfig:
+    data = _read_toml(path, "host config")
+    tls = data.get("tls")
+    if not isinstance(tls, dict):
+        raise InvalidArgument(f"{path}: missing [tls] table")
+    resolve = data.get("resolve", {})
+    admins = data.get("admins", [])
+    if not isinstance(resolve, dict) or not all(isinstance(v, str) for v in resolve.values()):
+        raise InvalidArgument(f"{path}: [resolve] must map names to address strings")
+    if not isinstance(admins, list) or not all(isinstance(a, str) for a in admins):
+        raise InvalidArgument(f"{path}: 'admins' must be a list of names")
+    return HostConfig(
+        name=_req_str(data, "name", path).lower(),
+        state_dir=Path(_req_str(data, "state_dir", path)),
+        socket=Path(data.get("socket", DEFAULT_SOCKET)),
+        mgmt_listen=parse_listen(_req_str(data, "mgmt_listen", path)),
+        tls=TlsFiles(
+            ca=Path(_req_str(tls, "ca", path)),
+            cert=Path(_req_str(tls, "cert", path)),
+            key=Path(_req_str(tls, "key", path)),
+        ),
+        admins=tuple(admins),
+        resolve={k.lower(): v for k, v in resolve.items()},
+        accel=str(data.get("accel", "tcg")),
+    )
+
+
+@dataclass(frozen=True)
+class RemoteHost:
+    """How the CLI reaches one host's management API over HTTPS with a client certificate."""
+
+    name: str
+    url: str
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def cli_config_path() -> Path:
+    return Path(os.environ.get("VMREPLICA_CONFIG", DEFAULT_CLI_CONFIG)).expanduser()
+
+
+def load_remote_host(name: str) -> RemoteHost:
+    path = cli_config_path()
+    data = _read_toml(path, "CLI config")
+    hosts = data.get("hosts", {})
+    entry = hosts.get(name) if isinstance(hosts, dict) else None
+    if not isinstance(entry, dict):
+        raise NotFound(f'unknown computer name {name!r}: add [hosts."{name}"] to {path}')
+    return RemoteHost(
+        name=name,
+        url=_req_str(entry, "url", path).rstrip("/"),
+        ca=Path(_req_str(entry, "ca", path)),
+        cert=Path(_req_str(entry, "cert", path)),
+        key=Path(_req_str(entry, "key", path)),
+    )

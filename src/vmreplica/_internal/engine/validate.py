@@ -1,0 +1,136 @@
+"""Pure validation of operator input: names, FQDN patterns, durations, times, paths.
+
+Each function returns the normalized value or raises :class:`InvalidArgument` with one line
+that names the bad value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from vmreplica.errors import InvalidArgument
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,99}$")
+_TRUST_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+
+MONITORING_HOURS = (1, 2, 3, 4, 6, 8, 12, 24)
+MONITORING_DAYS = (2, 3, 4, 5, 6, 7)
+ALLOWED_MONITORING_INTERVALS = frozenset(
+    [h * 3600 for h in MONITORING_HOURS] + [d * 86400 for d in MONITORING_DAYS]
+)
+
+
+def fqdn(value: str, what: str = "server name") -> str:
+    name = value.strip().lower().rstrip(".")
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise InvalidArgument(
+            f"invalid {what} {value!r}: expected a host name such as vmhost1.contoso.com"
+        )
+    return name
+
+
+def primary_server_pattern(value: str) -> str:
+    """An allowed-primary pattern: an FQDN, or ``*.`` followed by one (Hyper-V's only wildcard)."""
+    pattern = value.strip().lower().rstrip(".")
+    if pattern.startswith("*."):
+        rest = pattern[2:]
+        if "*" in rest:
+            raise InvalidArgument(
+                f"invalid allowed primary server {value!r}: only one wildcard is allowed"
+            )
+        fqdn(rest, "allowed primary server")
+        return pattern
+    if "*" in pattern:
+        raise InvalidArgument(
+            f"invalid allowed primary server {value!r}: a wildcard may only be the whole first "
+            "label, as in *.contoso.com"
+        )
+    return fqdn(pattern, "allowed primary server")
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    name = name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return name == pattern
+
+
+def vm_name(value: str) -> str:
+    if "/" in value or "\\" in value or "\0" in value:
+        raise InvalidArgument(f"invalid VM name {value!r}: a name may not contain a path separator")
+    if value in (".", "..") or not _VM_NAME.match(value):
+        raise InvalidArgument(
+            f"invalid VM name {value!r}: use 1-100 letters, digits, spaces, '.', '_', '+' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def trust_group(value: str) -> str:
+    if not _TRUST_GROUP.match(value):
+        raise InvalidArgument(
+            f"invalid trust group {value!r}: use 1-64 letters, digits, spaces, '.', '_' or '-'"
+        )
+    return value
+
+
+def monitoring_interval(value: str | int) -> int:
+    """Seconds from ``12h``, ``2d``, ``3600`` or ``3600s``; only Hyper-V's choices are allowed."""
+    text = str(value).strip().lower()
+    match = re.fullmatch(r"(\d+)\s*([smhd]?)", text)
+    if not match:
+        raise InvalidArgument(f"invalid monitoring interval {value!r}: use e.g. 12h or 2d")
+    number, unit = int(match.group(1)), match.group(2) or "s"
+    seconds = number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    if seconds not in ALLOWED_MONITORING_INTERVALS:
+        raise InvalidArgument(
+            f"invalid monitoring interval {value!r}: allowed are 1, 2, 3, 4, 6, 8, 12 or 24 hours, "
+            "or 2 to 7 days"
+        )
+    return seconds
+
+
+def time_of_day(value: str) -> str:
+    match = re.fullmatch(r"(\d{1,2}):(\d{2})", value.strip())
+    if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+        raise InvalidArgument(f"invalid time of day {value!r}: expected HH:MM, e.g. 09:00")
+    return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+
+def port(value: int, what: str = "port") -> int:
+    if not 1 <= value <= 65535:
+        raise InvalidArgument(f"invalid {what} {value}: expected 1 to 65535")
+    return value
+
+
+def storage_location(value: str) -> Path:
+    if not value or "\0" in value:
+        raise InvalidArgument("invalid storage location: empty path")
+    path = Path(value)
+    if not path.is_absolute():
+        raise InvalidArgument(f"invalid storage location {value!r}: an absolute path is required")
+    if any(part == ".." for part in path.parts):
+        raise InvalidArgument(f"invalid storage location {value!r}: '..' is not allowed")
+    return path
+
+
+def child_path(folder: Path, name: str) -> Path:
+    """``folder/name`` for a VM or disk name, refusing anything that would escape ``folder``."""
+    candidate = (folder / name).resolve()
+    if candidate.parent != folder.resolve():
+        raise InvalidArgument(f"name {name!r} would escape its storage folder {folder}")
+    return candidate
+
+
+def boolean(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("true", "yes", "on", "1", "$true"):
+        return True
+    if text in ("false", "no", "off", "0", "$false"):
+        return False
+    raise InvalidArgument(f"invalid boolean {value!r}: expected true or false")

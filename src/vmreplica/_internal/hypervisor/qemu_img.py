@@ -1,0 +1,275 @@
+"""Typed async wrapper over the ``qemu-img`` tool.
+
+Every disk-image operation of vmreplica outside a running QEMU goes through here, so exit-status
+checks, error wording and argument quoting live in one place. Image paths are made absolute before
+they reach ``qemu-img``: an absolute path can neither be taken for an option (``-x``) nor for a
+protocol prefix (``nbd:``, ``json:``). Backing names are stored as given, so callers choose
+between a relative name (resolved against the image's own directory, which lets a chain directory
+move) and an absolute one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from vmreplica.errors import InvalidArgument, InvalidState, StorageError, VmrError
+
+QEMU_IMG = "qemu-img"
+FORMAT = "qcow2"
+
+_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One run of ``qemu-img map``; ``depth`` counts how far down the chain the data lives."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None
+
+
+@dataclass(frozen=True)
+class Bitmap:
+    """A persistent dirty bitmap as ``qemu-img info`` reports it."""
+
+    name: str
+    flags: frozenset[str]
+    granularity: int
+
+    @property
+    def in_use(self) -> bool:
+        """An unclean close left the bitmap inconsistent: it may only be removed, never trusted."""
+        return "in-use" in self.flags
+
+
+def parse_size(text: str) -> int:
+    """Bytes from an operator-typed size, with qemu's binary suffixes (``1.5G``, ``512M``)."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise InvalidArgument(f"invalid size {text!r}: use a number with K, M, G, T, P or E")
+    value = Fraction(match.group(1)) * (1 << _UNITS[match.group(2).upper()])
+    if value.denominator != 1:
+        raise InvalidArgument(f"invalid size {text!r}: not a whole number of bytes")
+    if value <= 0:
+        raise InvalidArgument(f"invalid size {text!r}: must be greater than zero")
+    return int(value)
+
+
+def _arg(path: str | os.PathLike[str]) -> str:
+    return os.path.abspath(os.fspath(path))
+
+
+def _error(cmd: str, subject: str, stderr: str, rc: int) -> VmrError:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    # qemu-img may add a hint after the error line ("Is another process using the image?"),
+    # so the message runs from the last "qemu-img:" line to the end.
+    starts = [i for i, line in enumerate(lines) if line.startswith("qemu-img:")]
+    tail = lines[starts[-1] :] if starts else lines[-1:]
+    detail = " ".join(line.removeprefix("qemu-img:").strip() for line in tail)
+    detail = detail.removeprefix(f"{subject}: ") or f"exit status {rc}"
+    what = f"qemu-img {cmd} {subject}"
+    if "No space left on device" in detail or "ENOSPC" in detail:
+        return StorageError(f"disk full: {what}: {detail}")
+    if "Failed to get" in detail and "lock" in detail:
+        return InvalidState(f"{what}: the image is in use by another process ({detail})")
+    return StorageError(f"{what} failed: {detail}")
+
+
+async def _run(
+    cmd: str, subject: str, args: Sequence[str], ok: Container[int] = (0,)
+) -> tuple[int, str]:
+    """Run qemu-img; a cancelled caller kills it, as a crash would, which every user tolerates."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            QEMU_IMG,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError as exc:
+        raise VmrError("qemu-img is not installed (Debian package qemu-utils)") from exc
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    rc = proc.returncode if proc.returncode is not None else -1
+    if rc not in ok:
+        raise _error(cmd, subject, err.decode(errors="replace"), rc)
+    return rc, out.decode(errors="replace")
+
+
+async def _json(cmd: str, subject: str, args: Sequence[str], ok: Container[int] = (0,)) -> Any:
+    _, out = await _run(cmd, subject, args, ok)
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError as exc:
+        raise VmrError(f"qemu-img {cmd} {subject}: unreadable JSON ({exc})") from exc
+
+
+async def create(
+    path: str | os.PathLike[str],
+    size_bytes: int | None,
+    backing: str | os.PathLike[str] | None = None,
+) -> None:
+    """Create a qcow2 image; without a size it takes the backing file's virtual size."""
+    if size_bytes is None and backing is None:
+        raise InvalidArgument(f"cannot create {path}: give a size or a backing file")
+    if size_bytes is not None and size_bytes <= 0:
+        raise InvalidArgument(f"cannot create {path}: size must be greater than zero")
+    args = ["create", "-q", "-f", FORMAT]
+    if backing is not None:
+        args += ["-b", os.fspath(backing), "-F", FORMAT]
+    args.append(_arg(path))
+    if size_bytes is not None:
+        args.append(str(size_bytes))
+    await _run("create", _arg(path), args)
+
+
+async def info(
+    path: str | os.PathLike[str], *, fmt: str = FORMAT, force_share: bool = False
+) -> dict[str, Any]:
+    """The image's own header; ``force_share`` reads one that a running QEMU holds open."""
+    args = ["info", "--output=json", "-f", fmt, *(["-U"] if force_share else []), _arg(path)]
+    result = await _json("info", _arg(path), args)
+    if not isinstance(result, dict):
+        raise VmrError(f"qemu-img info {path}: unexpected output")
+    return result
+
+
+async def info_chain(
+    path: str | os.PathLike[str], *, fmt: str = FORMAT, force_share: bool = False
+) -> list[dict[str, Any]]:
+    """Headers of the image and of every backing file below it, top first."""
+    args = ["info", "--output=json", "--backing-chain", "-f", fmt]
+    args += [*(["-U"] if force_share else []), _arg(path)]
+    result = await _json("info --backing-chain", _arg(path), args)
+    if not isinstance(result, list) or not all(isinstance(i, dict) for i in result):
+        raise VmrError(f"qemu-img info --backing-chain {path}: unexpected output")
+    return result
+
+
+async def virtual_size(path: str | os.PathLike[str], *, fmt: str = FORMAT) -> int:
+    return int((await info(path, fmt=fmt))["virtual-size"])
+
+
+async def _rebase(
+    path: str | os.PathLike[str], backing: str | os.PathLike[str] | None, unsafe: bool
+) -> None:
+    args = ["rebase", *(["-u"] if unsafe else []), "-f", FORMAT]
+    args += ["-b", ""] if backing is None else ["-b", os.fspath(backing), "-F", FORMAT]
+    await _run("rebase -u" if unsafe else "rebase", _arg(path), [*args, _arg(path)])
+
+
+async def rebase_unsafe(
+    path: str | os.PathLike[str], backing: str | os.PathLike[str] | None
+) -> None:
+    """Rewrite only the backing pointer: right when both backings show the same content."""
+    await _rebase(path, backing, unsafe=True)
+
+
+async def rebase(path: str | os.PathLike[str], backing: str | os.PathLike[str] | None) -> None:
+    """Change the backing file and copy in every difference, so the image reads the same."""
+    await _rebase(path, backing, unsafe=False)
+
+
+async def commit(path: str | os.PathLike[str], *, empty_top: bool = False) -> None:
+    """Write the image's clusters into its backing file.
+
+    Unlike qemu-img's default, the top is left untouched (``-d``): it may still be read through,
+    and an unchanged top makes a retried commit write exactly the same data again.
+    """
+    args = ["commit", "-f", FORMAT, *([] if empty_top else ["-d"]), _arg(path)]
+    await _run("commit", _arg(path), args)
+
+
+async def compare(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    *,
+    fmt_a: str = FORMAT,
+    fmt_b: str = FORMAT,
+    strict: bool = False,
+) -> bool:
+    """Whether the two images read the same; ``strict`` also requires equal size and allocation."""
+    args = ["compare", "-q", "-f", fmt_a, "-F", fmt_b, *(["-s"] if strict else [])]
+    rc, _ = await _run("compare", f"{a} {b}", [*args, _arg(a), _arg(b)], ok=(0, 1))
+    return rc == 0
+
+
+async def check(path: str | os.PathLike[str], *, fmt: str = FORMAT) -> str | None:
+    """None when the metadata is consistent, else what is wrong.
+
+    Leaked clusters (left by a crash mid-write) only waste space, so they do not count.
+    """
+    args = ["check", "--output=json", "-f", fmt, _arg(path)]
+    result = await _json("check", _arg(path), args, ok=(0, 2, 3))
+    if not isinstance(result, dict):
+        raise VmrError(f"qemu-img check {path}: unexpected output")
+    corruptions = int(result.get("corruptions", 0))
+    errors = int(result.get("check-errors", 0))
+    if corruptions or errors:
+        return f"{corruptions} corruptions, {errors} check errors"
+    return None
+
+
+async def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    src_fmt: str = FORMAT,
+    dst_fmt: str = FORMAT,
+    compress: bool = False,
+) -> None:
+    """Copy an image (the whole chain under it, flattened) into a new standalone one."""
+    args = ["convert", "-f", src_fmt, "-O", dst_fmt, *(["-c"] if compress else [])]
+    await _run("convert", f"{src} {dst}", [*args, _arg(src), _arg(dst)])
+
+
+async def map(path: str | os.PathLike[str], *, fmt: str = FORMAT) -> list[Extent]:
+    """Allocation of the image through its whole chain, as runs of equal status."""
+    result = await _json("map", _arg(path), ["map", "--output=json", "-f", fmt, _arg(path)])
+    if not isinstance(result, list):
+        raise VmrError(f"qemu-img map {path}: unexpected output")
+    return [
+        Extent(
+            start=int(e["start"]),
+            length=int(e["length"]),
+            depth=int(e["depth"]),
+            present=bool(e.get("present", True)),
+            zero=bool(e["zero"]),
+            data=bool(e["data"]),
+            offset=int(e["offset"]) if "offset" in e else None,
+        )
+        for e in result
+    ]
+
+
+async def bitmaps(path: str | os.PathLike[str], *, force_share: bool = False) -> list[Bitmap]:
+    """The persistent dirty bitmaps of a qcow2 image, with their ``auto``/``in-use`` flags."""
+    data = (await info(path, force_share=force_share)).get("format-specific", {}).get("data", {})
+    return [
+        Bitmap(
+            name=str(b["name"]),
+            flags=frozenset(str(f) for f in b.get("flags", [])),
+            granularity=int(b.get("granularity", 0)),
+        )
+        for b in data.get("bitmaps", [])
+    ]

@@ -1,0 +1,138 @@
+"""The objects the management API returns, shared by the engine (which makes them) and the SDK
+(which rebuilds them from JSON). Field names are the CLI's JSON contract (DESIGN.md section 5):
+extend them, never rename them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Self
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A JSON object of the API. ``table_fields`` are the columns a table shows by default."""
+
+    table_fields: ClassVar[tuple[str, ...]] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings(Model):
+    computer_name: str
+    replication_enabled: bool
+    allowed_authentication_type: str | None
+    kerberos_authentication_port: int
+    certificate_authentication_port: int
+    replication_allowed_from_any_server: bool
+    default_storage_location: str | None
+    monitoring_interval: int
+    monitoring_start_time: str
+    certificate_thumbprint: str | None
+
+    table_fields: ClassVar[tuple[str, ...]] = (
+        "computer_name",
+        "replication_enabled",
+        "allowed_authentication_type",
+        "certificate_authentication_port",
+        "replication_allowed_from_any_server",
+        "default_storage_location",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthEntry(Model):
+    computer_name: str
+    allowed_primary_server: str
+    replica_storage_location: str
+    trust_group: str
+
+    table_fields: ClassVar[tuple[str, ...]] = (
+        "computer_name",
+        "allowed_primary_server",
+        "replica_storage_location",
+        "trust_group",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Vm(Model):
+    computer_name: str
+    name: str
+    id: str
+    state: str
+    cpus: int
+    memory_mb: int
+    disks: list[str]
+    replication_state: str
+    replication_health: str | None
+    replication_mode: str | None
+
+    table_fields: ClassVar[tuple[str, ...]] = (
+        "computer_name",
+        "name",
+        "state",
+        "cpus",
+        "memory_mb",
+        "replication_state",
+        "replication_health",
+        "replication_mode",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Event(Model):
+    computer_name: str
+    id: int
+    time: str
+    level: str
+    kind: str
+    vm_name: str | None
+    message: str
+
+    table_fields: ClassVar[tuple[str, ...]] = (
+        "computer_name",
+        "time",
+        "level",
+        "vm_name",
+        "message",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionTest(Model):
+    """Outcome of ``replication test-connection``: each stage and, on refusal, why."""
+
+    computer_name: str
+    replica_server: str
+    replica_port: int
+    authentication_type: str
+    reachable: bool
+    tls_ok: bool
+    authorized: bool
+    authorization_entry: str | None
+    trust_group: str | None
+    reason: str | None
+
+    table_fields: ClassVar[tuple[str, ...]] = (
+        "computer_name",
+        "replica_server",
+        "replica_port",
+        "reachable",
+        "tls_ok",
+        "authorized",
+        "authorization_entry",
+        "trust_group",
+        "reason",
+    )

@@ -1,0 +1,408 @@
+"""The replica chain of one replicated disk: ``base ← rp-K… ← tip`` in one directory.
+
+Deltas are committed into ``tip``; a recovery point freezes ``tip`` into ``rp-K`` (K is a
+monotonic id, not a position) and starts a new empty ``tip`` on it; pruning folds the oldest
+point into ``base``. The design invariant holds throughout: an image that backs another is never
+written, except ``base`` by the pruning commit (every view above it shadows what the commit
+changes) and ``tip`` by the apply commit (only the incoming delta stands on it). The one other
+write is the backing pointer in the header of the image above a pruned point; it changes no
+content.
+
+Every operation is a sequence of steps each of which is atomic on its own (a rename, a
+``qemu-img`` run that is repeated whole) and after any prefix of which every recovery point still
+reads what it read before. The state a crash leaves is therefore recognisable from the files alone
+and :meth:`ReplicaChain.recover` finishes it; the only intent recorded is ``apply.pending``, the
+path of the delta being applied, because a half-committed ``tip`` cannot be told from a whole one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from vmreplica._internal.hypervisor import qemu_img
+from vmreplica.errors import (
+    IntegrityError,
+    InvalidArgument,
+    InvalidState,
+    NotFound,
+    StorageError,
+    VmrError,
+)
+
+BASE = "base.qcow2"
+TIP = "tip.qcow2"
+PENDING = "apply.pending"
+_TMP = ".tmp"
+_RP_RE = re.compile(r"^rp-([1-9][0-9]*)\.qcow2$")
+
+PointRef = int | Literal["latest"]
+
+
+@dataclass(frozen=True)
+class RecoveryPointFile:
+    id: int
+    path: Path
+    size_bytes: int
+    """Space the file takes on disk (allocated blocks), not its virtual size."""
+    mtime: float
+
+
+@contextmanager
+def _fs(what: str) -> Iterator[None]:
+    """File-system failures become StorageError, a full disk named as such."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"disk full: {what}: {exc.strerror}") from exc
+        raise StorageError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames and unlinks in ``path`` durable before the next step relies on them."""
+    with _fs(f"cannot sync directory {path}"):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ReplicaChain:
+    """One disk's chain. Operations on one instance are serialized; callers keep one per disk."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir = Path(directory).resolve()
+        self.base = self.dir / BASE
+        self.tip = self.dir / TIP
+        self._pending_file = self.dir / PENDING
+        self._lock = asyncio.Lock()
+
+    def rp_path(self, point_id: int) -> Path:
+        return self.dir / f"rp-{point_id}.qcow2"
+
+    def point_ids(self) -> list[int]:
+        """Ids of the recovery-point files present, oldest first (chain order: ids only grow)."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.dir}: {exc.strerror}") from exc
+        return sorted(int(m.group(1)) for m in map(_RP_RE.match, names) if m)
+
+    def points(self) -> list[RecoveryPointFile]:
+        result = []
+        for point_id in self.point_ids():
+            path = self.rp_path(point_id)
+            with _fs(f"cannot read {path}"):
+                st = path.stat()
+            result.append(RecoveryPointFile(point_id, path, st.st_blocks * 512, st.st_mtime))
+        return result
+
+    async def virtual_size(self) -> int:
+        return await qemu_img.virtual_size(self.base)
+
+    @classmethod
+    async def create(cls, directory: str | os.PathLike[str], virtual_size: int) -> ReplicaChain:
+        """An empty ``base`` and a ``tip`` on it; a crash in between is finished by recover()."""
+        chain = cls(directory)
+        with _fs(f"cannot create {chain.dir}"):
+            chain.dir.mkdir(parents=True, exist_ok=True)
+        if chain.base.exists() or chain.tip.exists() or chain.point_ids():
+            raise InvalidState(f"a replica chain already exists in {chain.dir}")
+        await chain._new_image(BASE, size=virtual_size)
+        await chain._new_image(TIP, backing=BASE)
+        return chain
+
+    async def apply_delta(self, delta: str | os.PathLike[str], *, missing_ok: bool = False) -> bool:
+        """Commit a delta (sparse qcow2 of the changed clusters) into ``tip``, then delete it.
+
+        Re-running it after a crash at any step is harmless; see :meth:`_apply`. Returns False
+        when the delta is already gone: applied by an earlier run that recorded it in
+        ``apply.pending``, or, with ``missing_ok``, by one that had finished completely.
+        """
+        path = Path(delta).absolute()
+        async with self._lock:
+            pending = self._pending()
+            if pending is not None and pending != path:
+                raise InvalidState(
+                    f"delta {pending} is half applied to {self.dir}: run recovery first"
+                )
+            if not self.tip.exists():
+                raise InvalidState(f"{TIP} is missing in {self.dir}: run recovery first")
+            if not path.exists():
+                if pending == path:
+                    self._set_pending(None)
+                    return False
+                if missing_ok:
+                    return False
+                raise NotFound(f"delta {path} does not exist")
+            await self._check_delta(path)
+            if pending is None:
+                self._set_pending(path)
+            await self._apply(path)
+            self._set_pending(None)
+            return True
+
+    async def _apply(self, delta: Path) -> None:
+        # Why every step may be repeated, and the whole apply re-run after a crash anywhere:
+        # - rebase -u only writes the delta's backing pointer, to the same value every time;
+        #   a crash after it leaves the delta pointing at tip, which a re-run writes again.
+        # - commit -d copies exactly the clusters allocated in the delta (data, and zero
+        #   clusters as zero clusters) into tip and leaves the delta itself untouched. Writing
+        #   the same clusters again yields the same bytes, so a commit cut off halfway (tip holds
+        #   part of the delta) or one repeated after success both end as "old tip overlaid by
+        #   the delta". qemu-img fdatasyncs tip before it exits.
+        # - the delta is deleted only after commit returned, so while it exists the apply may be
+        #   unfinished and is redone; once it is gone, the pending marker naming it says "done".
+        # "The same delta" means the last one applied: replaying an older delta after a newer
+        # one would roll back clusters both touched; sequence numbers prevent that upstream.
+        await qemu_img.rebase_unsafe(delta, self.tip)
+        await qemu_img.commit(delta)
+        with _fs(f"cannot remove applied delta {delta}"):
+            delta.unlink()
+        _fsync_dir(delta.parent)
+
+    async def _check_delta(self, delta: Path) -> None:
+        """Refuse a delta that would not fit tip, or whose header would read foreign files."""
+        if delta.resolve().parent == self.dir and self._is_chain_name(delta.name):
+            raise InvalidArgument(f"{delta} is part of the replica chain, not a delta")
+        try:
+            info = await qemu_img.info(delta)
+        except VmrError as exc:
+            raise IntegrityError(f"delta {delta} is not a readable qcow2 image: {exc}") from exc
+        data = info.get("format-specific", {}).get("data", {})
+        size, tip_size = int(info["virtual-size"]), await qemu_img.virtual_size(self.tip)
+        if size != tip_size:
+            raise IntegrityError(f"delta {delta} is {size} bytes; the replica disk is {tip_size}")
+        if "data-file" in data or data.get("corrupt"):
+            raise IntegrityError(f"delta {delta} is corrupt or uses an external data file")
+        backing = info.get("full-backing-filename")
+        if backing is not None and Path(backing).resolve() != self.tip:
+            raise IntegrityError(f"delta {delta} has an unexpected backing file {backing}")
+
+    async def freeze_recovery_point(self, point_id: int) -> Path:
+        """``tip`` becomes ``rp-<id>`` and a new empty ``tip`` stands on it.
+
+        Step 1 is a rename, step 2 creates the new tip under a temporary name and renames it in.
+        A crash between them leaves ``rp-<id>`` on top with no ``tip``, which a repeated call or
+        recover() completes; a repeated call after success changes nothing.
+        """
+        if point_id < 1:
+            raise InvalidArgument(f"invalid recovery point id {point_id}")
+        rp = self.rp_path(point_id)
+        async with self._lock:
+            if self._pending() is not None:
+                raise InvalidState(f"a delta is half applied to {self.dir}: run recovery first")
+            ids = self.point_ids()
+            if point_id in ids:
+                if self.tip.exists():
+                    if await self._backing_of(self.tip) == rp:
+                        return rp
+                    raise InvalidArgument(f"recovery point {point_id} already exists in {self.dir}")
+                if point_id != ids[-1]:
+                    raise IntegrityError(f"{TIP} is missing below newer points in {self.dir}")
+            else:
+                if ids and point_id < ids[-1]:
+                    raise InvalidArgument(
+                        f"recovery point id {point_id} is below the newest ({ids[-1]})"
+                    )
+                if not self.tip.exists():
+                    raise InvalidState(f"{TIP} is missing in {self.dir}: run recovery first")
+                with _fs(f"cannot rename {self.tip}"):
+                    os.rename(self.tip, rp)
+                _fsync_dir(self.dir)
+            await self._new_image(TIP, backing=rp.name)
+            return rp
+
+    async def prune_oldest(self, pinned: Collection[int] = frozenset()) -> bool:
+        """Fold the oldest point into ``base``; False when there is none or pruning must wait.
+
+        Any pinned point blocks pruning, not only the oldest: every overlay reads through
+        ``base``, which the commit writes (and a running QEMU's image lock would refuse it).
+
+        Step 1 commits rp-oldest into base: views above it do not change, since rp-oldest
+        shadows every cluster the commit writes, and a repeated commit writes the same data.
+        Step 2 points the next image at base: rp-oldest over the new base reads exactly as the
+        new base, so the pointer change keeps content. Step 3 deletes rp-oldest, which nothing
+        uses any more. A crash after step 2 (next already on base) is finished by deleting.
+        """
+        async with self._lock:
+            ids = self.point_ids()
+            if not ids or any(point_id in pinned for point_id in ids):
+                return False
+            oldest = self.rp_path(ids[0])
+            above = self.rp_path(ids[1]) if len(ids) > 1 else self.tip
+            if not above.exists():
+                raise InvalidState(f"{above.name} is missing in {self.dir}: run recovery first")
+            backing = await self._backing_of(above)
+            if backing == oldest:
+                await qemu_img.commit(oldest)
+                await qemu_img.rebase_unsafe(above, BASE)
+            elif backing != self.base:
+                raise IntegrityError(f"{above.name} stands on {backing}, not on {oldest.name}")
+            with _fs(f"cannot remove {oldest}"):
+                oldest.unlink()
+            _fsync_dir(self.dir)
+            return True
+
+    async def prune_to(self, history: int, pinned: Collection[int] = frozenset()) -> list[int]:
+        """Prune until at most ``history`` points remain (fewer pruned while one is pinned)."""
+        if history < 0:
+            raise InvalidArgument(f"invalid recovery history {history}")
+        pruned: list[int] = []
+        while len(ids := self.point_ids()) > history and await self.prune_oldest(pinned):
+            pruned.append(ids[0])
+        return pruned
+
+    async def overlay_for(self, point: PointRef, overlay_path: str | os.PathLike[str]) -> Path:
+        """A new qcow2 above a recovery point, for a failover VM to write into.
+
+        The point is never written afterwards; the caller pins it until the overlay is gone.
+        The overlay names its backing by absolute path, since it usually lives elsewhere.
+        """
+        overlay = Path(overlay_path).absolute()
+        if overlay.parent.resolve() == self.dir and self._is_chain_name(overlay.name):
+            raise InvalidArgument(f"{overlay} is a name of the replica chain itself")
+        async with self._lock:  # so that no prune removes the point meanwhile
+            ids = self.point_ids()
+            if point == "latest":
+                if not ids:
+                    raise NotFound(f"no recovery point yet in {self.dir}")
+                point = ids[-1]
+            elif point not in ids:
+                raise NotFound(f"no recovery point {point} in {self.dir}")
+            if overlay.exists():
+                raise InvalidState(f"{overlay} already exists")
+            tmp = overlay.with_name(overlay.name + _TMP)
+            with _fs(f"cannot create {overlay.parent}"):
+                overlay.parent.mkdir(parents=True, exist_ok=True)
+            await qemu_img.create(tmp, None, self.rp_path(point))
+            with _fs(f"cannot create {overlay}"):
+                os.replace(tmp, overlay)
+            _fsync_dir(overlay.parent)
+            return overlay
+
+    async def recover(self, pinned: Collection[int] = frozenset()) -> list[str]:
+        """Finish whatever a crash interrupted, judging from the files; returns what it did.
+
+        A prune cut off before its rebase needs nothing (the chain reads correctly and the next
+        prune repeats the commit), so only these states are repaired: leftover temporaries, a
+        missing ``tip`` (create or freeze cut off), a pending apply, and an oldest point no image
+        stands on any more (prune cut off before the delete).
+        """
+        done: list[str] = []
+        async with self._lock:
+            with _fs(f"cannot clean up {self.dir}"):
+                for tmp in sorted(self.dir.glob("*" + _TMP)):
+                    tmp.unlink()
+                    done.append(f"removed leftover {tmp.name}")
+            ids = self.point_ids()
+            if not self.base.exists():
+                if self.tip.exists() or ids:
+                    raise IntegrityError(f"{BASE} is missing in {self.dir}: chain is broken")
+                raise NotFound(f"no replica chain in {self.dir}")
+            if not self.tip.exists():
+                top = self.rp_path(ids[-1]) if ids else self.base
+                await self._new_image(TIP, backing=top.name)
+                done.append(f"created {TIP} on {top.name}")
+            pending = self._pending()
+            if pending is not None:
+                if pending.exists():
+                    await self._check_delta(pending)
+                    await self._apply(pending)
+                    done.append(f"finished applying {pending}")
+                self._set_pending(None)
+            if ids and ids[0] not in pinned:
+                oldest = self.rp_path(ids[0])
+                above = self.rp_path(ids[1]) if len(ids) > 1 else self.tip
+                if await self._backing_of(above) == self.base:
+                    with _fs(f"cannot remove {oldest}"):
+                        oldest.unlink()
+                    _fsync_dir(self.dir)
+                    done.append(f"removed {oldest.name}, already folded into {BASE}")
+        return done
+
+    async def verify(self) -> None:
+        """Raise IntegrityError unless the chain is exactly base ← rp… ← tip and every image
+        passes ``qemu-img check``."""
+        if (pending := self._pending()) is not None:
+            raise IntegrityError(f"delta {pending} is half applied to {self.dir}")
+        for must in (self.base, self.tip):
+            if not must.exists():
+                raise IntegrityError(f"{must.name} is missing in {self.dir}")
+        expected = [self.tip, *(self.rp_path(i) for i in reversed(self.point_ids())), self.base]
+        try:
+            chain = await qemu_img.info_chain(self.tip)
+        except VmrError as exc:
+            raise IntegrityError(f"backing chain of {self.tip} cannot be opened: {exc}") from exc
+        actual = [Path(image["filename"]).resolve() for image in chain]
+        if actual != expected:
+            shown, wanted = self._arrows(actual), self._arrows(expected)
+            raise IntegrityError(f"chain in {self.dir} is {shown}, not {wanted}")
+        size = int(chain[-1]["virtual-size"])
+        for image, path in zip(chain, expected, strict=True):
+            if int(image["virtual-size"]) != size:
+                raise IntegrityError(f"{path.name} is {image['virtual-size']} bytes, not {size}")
+            formats = {image.get("format"), image.get("backing-filename-format", "qcow2")}
+            if formats != {"qcow2"}:
+                raise IntegrityError(f"{path.name} or its backing file is not qcow2")
+        for path in expected:
+            if (problem := await qemu_img.check(path)) is not None:
+                raise IntegrityError(f"{path.name} in {self.dir} fails qemu-img check: {problem}")
+
+    def _arrows(self, top_first: list[Path]) -> str:
+        return " ← ".join(p.name if p.parent == self.dir else str(p) for p in top_first[::-1])
+
+    @staticmethod
+    def _is_chain_name(name: str) -> bool:
+        return name in (BASE, TIP, PENDING) or _RP_RE.match(name) is not None
+
+    async def _backing_of(self, image: Path) -> Path | None:
+        backing = (await qemu_img.info(image)).get("full-backing-filename")
+        return None if backing is None else Path(backing).resolve()
+
+    async def _new_image(
+        self, name: str, *, size: int | None = None, backing: str | None = None
+    ) -> Path:
+        """Create under a temporary name and rename in, so ``name`` is never half made."""
+        final, tmp = self.dir / name, self.dir / (name + _TMP)
+        with _fs(f"cannot remove {tmp}"):
+            tmp.unlink(missing_ok=True)
+        await qemu_img.create(tmp, size, backing)
+        with _fs(f"cannot create {final}"):
+            os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        return final
+
+    def _pending(self) -> Path | None:
+        try:
+            text = self._pending_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self._pending_file}: {exc.strerror}") from exc
+        return Path(text) if text else None
+
+    def _set_pending(self, delta: Path | None) -> None:
+        """Record (or clear) the apply in progress durably before the step that relies on it."""
+        with _fs(f"cannot record the apply in {self.dir}"):
+            if delta is None:
+                self._pending_file.unlink(missing_ok=True)
+            else:
+                tmp = self._pending_file.with_name(PENDING + _TMP)
+                with open(tmp, "w") as f:
+                    f.write(f"{delta}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self._pending_file)
+        _fsync_dir(self.dir)

@@ -1,0 +1,124 @@
+"""The host's state: one SQLite database in WAL mode under the state directory.
+
+Schema changes go through ``_MIGRATIONS`` keyed by ``PRAGMA user_version`` so that an agent
+upgraded in place opens an older database. Every write happens inside :meth:`Database.tx`, which
+commits or rolls back as a whole; multi-step operations that also touch files record their intent
+in the ``journal`` table in the same transaction as their first step.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from vmreplica.errors import StorageError
+
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE auth_entries (
+        allowed_primary TEXT PRIMARY KEY,
+        storage_location TEXT NOT NULL,
+        trust_group TEXT NOT NULL
+    );
+    CREATE TABLE vms (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        kernel TEXT, initrd TEXT, append TEXT,
+        state TEXT NOT NULL,
+        vm_dir TEXT NOT NULL,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE vm_disks (
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        owned INTEGER NOT NULL,
+        PRIMARY KEY (vm_id, idx)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time TEXT NOT NULL,
+        level TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        vm_name TEXT,
+        message TEXT NOT NULL
+    );
+    CREATE TABLE journal (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        step TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created TEXT NOT NULL
+    );
+    """,
+]
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in tx()).
+            self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot open state database {path}: {e}") from e
+
+    def _migrate(self) -> None:
+        version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        for i, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            self.conn.executescript(f"BEGIN; {script}; PRAGMA user_version={i}; COMMIT;")
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write transaction; an exception rolls everything back."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StorageError(f"state database unavailable: {e}") from e
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self.conn.execute("ROLLBACK")
+                raise StorageError(f"state database write failed: {e}") from e
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(self.conn.execute(sql, params))
+
+    def query_one(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
+        return row
+
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        row = self.query_one("SELECT value FROM settings WHERE key=?", (key,))
+        return default if row is None else json.loads(row["value"])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def put_setting(conn: sqlite3.Connection, key: str, value: Any) -> None:
+    conn.execute(
+        "INSERT INTO settings(key, value) VALUES(?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+        (key, json.dumps(value)),
+    )

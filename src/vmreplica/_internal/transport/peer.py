@@ -1,0 +1,143 @@
+"""The replication client: how a primary talks to a replica server's certificate listener.
+
+It presents the host certificate, verifies the replica's certificate against the host CA and
+the replica's FQDN (not the address dialled, which ``[resolve]`` may override), and turns every
+transport failure into a :class:`ConnectionFailed` whose message names the stage that failed:
+unreachable, untrusted certificate, name mismatch. Refusals the replica sends back arrive as the
+replica's own error class and message.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from vmreplica._internal.certs import client_ssl_context
+from vmreplica._internal.config import TlsFiles
+from vmreplica.errors import ConnectionFailed, VmrError, error_from_json
+
+UNREACHABLE = "unreachable"
+UNTRUSTED = "untrusted certificate"
+NAME_MISMATCH = "name mismatch"
+
+
+class PeerConnectionFailed(ConnectionFailed):
+    """A failure before the replica could answer; ``stage`` is one of the constants above."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    fqdn: str
+    address: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"https://{host}:{self.port}"
+
+
+class PeerClient:
+    def __init__(self, peer: PeerAddress, tls: TlsFiles, timeout: float = 30.0) -> None:
+        self.peer = peer
+        self._ssl = client_ssl_context(tls.ca, tls.cert, tls.key)
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> PeerClient:
+        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _describe(self) -> str:
+        return f"{self.peer.fqdn}:{self.peer.port}"
+
+    async def call(
+        self,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        assert self._session is not None, "use PeerClient as an async context manager"
+        url = self.peer.base_url + path
+        body = data if data is not None else json.dumps(payload or {}).encode()
+        try:
+            async with self._session.post(
+                url, data=body, ssl=self._ssl, server_hostname=self.peer.fqdn, headers=headers
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise self._certificate_failure(e.certificate_error) from e
+        except aiohttp.ClientSSLError as e:
+            raise self._certificate_failure(e) from e
+        except aiohttp.ClientConnectorError as e:
+            raise PeerConnectionFailed(
+                UNREACHABLE,
+                f"unreachable: cannot connect to {self._describe()} ({e.os_error.strerror or e.os_error}); "
+                "is replication enabled there, and is the port right?",
+            ) from e
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            if _looks_like_tls_alert(e):
+                raise PeerConnectionFailed(
+                    UNTRUSTED,
+                    f"untrusted certificate: {self._describe()} refused this host's certificate "
+                    "(is it issued by a CA the replica trusts?)",
+                ) from e
+            raise PeerConnectionFailed(
+                UNREACHABLE, f"connection to {self._describe()} lost: {e}"
+            ) from e
+        except TimeoutError as e:
+            raise PeerConnectionFailed(
+                UNREACHABLE, f"unreachable: {self._describe()} did not answer in time"
+            ) from e
+        try:
+            decoded = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            decoded = None
+        if status >= 400 or not isinstance(decoded, dict):
+            raise error_from_json(decoded, status)
+        result = decoded.get("result", {})
+        return result if isinstance(result, dict) else {"value": result}
+
+    def _certificate_failure(self, err: BaseException) -> VmrError:
+        text = str(err)
+        if (
+            isinstance(err, ssl.SSLCertVerificationError) and err.verify_code == 62
+        ) or "mismatch" in text:
+            return PeerConnectionFailed(
+                NAME_MISMATCH,
+                f"name mismatch: the certificate of {self._describe()} is not issued to {self.peer.fqdn}",
+            )
+        if (
+            "unknown ca" in text.lower()
+            or "certificate required" in text.lower()
+            or "bad certificate" in text.lower()
+        ):
+            return PeerConnectionFailed(
+                UNTRUSTED,
+                f"untrusted certificate: {self._describe()} refused this host's certificate "
+                "(is it issued by a CA the replica trusts?)",
+            )
+        reason = getattr(err, "verify_message", None) or text
+        return PeerConnectionFailed(
+            UNTRUSTED,
+            f"untrusted certificate: the certificate of {self._describe()} is not trusted ({reason})",
+        )
+
+
+def _looks_like_tls_alert(err: BaseException) -> bool:
+    text = f"{err} {err.__cause__ or ''}".lower()
+    return any(word in text for word in ("alert", "unknown ca", "certificate", "ssl"))

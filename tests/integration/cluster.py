@@ -1,0 +1,222 @@
+"""A cluster of real host agents on loopback, for integration tests.
+
+Each host gets its own state directory, certificate (from one test CA) and ports; agents run as
+real ``vmreplica host serve`` processes and the CLI runs as a real subprocess. ``close()`` kills
+the agents and every QEMU process whose command line mentions the cluster's directory, so a
+failing test never leaks VMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from vmreplica._internal import certs
+
+HOST_NAMES = ("vmhost1", "vmhost2", "vmhost3")
+ADMIN = "admin.test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Host:
+    name: str
+    dir: Path
+    config: Path
+    socket: Path
+    mgmt_port: int
+    replica_port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@dataclass
+class Cluster:
+    base: Path
+    hosts: dict[str, Host] = field(default_factory=dict)
+    cli_config: Path = Path()
+    ca_dir: Path = Path()
+
+    @classmethod
+    def create(cls, names: tuple[str, ...] = HOST_NAMES) -> Cluster:
+        # Under /tmp with a short name: QMP unix socket paths must stay under 108 bytes.
+        base = Path(tempfile.mkdtemp(prefix="vmr", dir="/tmp"))
+        cluster = cls(base=base)
+        cluster.ca_dir = base / "ca"
+        certs.new_ca(cluster.ca_dir)
+        certs.issue(cluster.ca_dir, [ADMIN], base / "admin")
+        resolve = {n: "127.0.0.1" for n in names}
+        cli_hosts: dict[str, Any] = {}
+        for name in names:
+            hdir = base / name
+            certs.issue(cluster.ca_dir, [name], hdir / "tls")
+            host = Host(
+                name=name,
+                dir=hdir,
+                config=hdir / "host.toml",
+                socket=hdir / "agent.sock",
+                mgmt_port=free_port(),
+                replica_port=free_port(),
+                log=hdir / "agent.log",
+            )
+            config = {
+                "name": name,
+                "state_dir": str(host.state_dir),
+                "socket": str(host.socket),
+                "mgmt_listen": f"127.0.0.1:{host.mgmt_port}",
+                "accel": "tcg",
+                "admins": [ADMIN],
+                "tls": {
+                    k: str(hdir / "tls" / f)
+                    for k, f in (("ca", "ca.pem"), ("cert", "cert.pem"), ("key", "key.pem"))
+                },
+                "resolve": resolve,
+            }
+            host.config.write_text(tomli_w.dumps(config))
+            cli_hosts[name] = {
+                "url": f"https://127.0.0.1:{host.mgmt_port}",
+                "ca": str(cluster.ca_dir / "ca.pem"),
+                "cert": str(base / "admin" / "cert.pem"),
+                "key": str(base / "admin" / "key.pem"),
+            }
+            cluster.hosts[name] = host
+        cluster.cli_config = base / "cli.toml"
+        cluster.cli_config.write_text(tomli_w.dumps({"hosts": cli_hosts}))
+        return cluster
+
+    def env(self, host: str | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VMREPLICA_CONFIG"] = str(self.cli_config)
+        env["VMREPLICA_SOCKET"] = (
+            str(self.hosts[host].socket) if host else str(self.base / "no-local-agent.sock")
+        )
+        return env
+
+    def start(self, name: str, timeout: float = 30.0) -> Host:
+        host = self.hosts[name]
+        ready = host.dir / "ready"
+        ready.unlink(missing_ok=True)
+        env = self.env(name)
+        env["VMREPLICA_READY_FILE"] = str(ready)
+        with open(host.log, "ab") as log:
+            host.process = subprocess.Popen(
+                [sys.executable, "-m", "vmreplica", "host", "serve", "--config", str(host.config)],
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if host.process.poll() is not None:
+                raise RuntimeError(f"agent {name} exited: {host.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"agent {name} not ready in {timeout}s: {host.log.read_text()[-2000:]}"
+                )
+            time.sleep(0.05)
+        return host
+
+    def start_all(self) -> None:
+        for name in self.hosts:
+            self.start(name)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        host = self.hosts[name]
+        if host.process is None:
+            return 0
+        host.process.send_signal(sig)
+        code = host.process.wait(timeout)
+        host.process = None
+        return code
+
+    def kill(self, name: str) -> None:
+        self.stop(name, signal.SIGKILL)
+
+    def cli(
+        self,
+        *args: str,
+        host: str | None = None,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120.0,
+    ) -> Result:
+        """Run the real CLI; ``host`` picks whose local unix socket it talks to."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "vmreplica", *args],
+            capture_output=True,
+            text=True,
+            env=self.env(host),
+            input=input,
+            timeout=timeout,
+        )
+        result = Result(proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"vmreplica {' '.join(args)} failed ({proc.returncode}): {proc.stderr}"
+            )
+        return result
+
+    def cli_json(self, *args: str, host: str | None = None) -> Any:
+        return self.cli(*args, "-o", "json", host=host).json()
+
+    def qemu_pids(self) -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu" in cmdline.split(b"\0")[0] and str(self.base).encode() in cmdline:
+                pids.append(int(entry.name))
+        return pids
+
+    def close(self) -> None:
+        for name, host in self.hosts.items():
+            if host.process is not None:
+                host.process.kill()
+                host.process.wait()
+                host.process = None
+            del name
+        for pid in self.qemu_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.qemu_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if os.environ.get("VMREPLICA_KEEP_TEST_DIRS") != "1":
+            shutil.rmtree(self.base, ignore_errors=True)
