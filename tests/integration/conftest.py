@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.cluster import Cluster
+from vmreplica._internal.localcluster import Cluster
 
 
 @pytest.fixture

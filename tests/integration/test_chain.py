@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import shutil
 import struct
 import subprocess
@@ -21,14 +20,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.fault import tmpfs
 from vmreplica._internal.hypervisor import qemu_img
 from vmreplica._internal.store.chain import PENDING, ReplicaChain
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, NotFound, StorageError
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
-    reason="needs qemu-img and qemu-io",
-)
 
 SIZE = 4 << 20
 T = TypeVar("T")
@@ -509,13 +504,7 @@ def test_prune_under_a_running_overlay_fails_cleanly(
 
 
 def test_disk_full_mid_apply_is_finished_once_space_is_freed(tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "small", "2M") as mnt:
         chain = run(ReplicaChain.create(mnt / "disk", SIZE))
         src, delta = tmp_path / "src.qcow2", tmp_path / "delta.qcow2"
         for image in (src, delta):
@@ -528,5 +517,3 @@ def test_disk_full_mid_apply_is_finished_once_space_is_freed(tmp_path: Path) -> 
         assert run(chain.recover()) == [f"finished applying {delta}"]
         assert same(src, chain.tip) and not delta.exists()
         run(chain.verify())
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)

@@ -36,8 +36,6 @@ from vmreplica.errors import IntegrityError
 QEMU = "qemu-system-x86_64"
 CACHE = Path(os.environ.get("VMREPLICA_GUEST_CACHE", "~/.cache/vmreplica/guest")).expanduser()
 
-pytestmark = pytest.mark.skipif(shutil.which(QEMU) is None, reason="needs qemu-system-x86_64")
-
 
 class Guest:
     """One QEMU process running the guest; its serial console goes to ``serial``."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import struct
 import subprocess
 import time
@@ -14,13 +12,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.fault import tmpfs
 from vmreplica._internal.hypervisor import qemu_img
 from vmreplica.errors import InvalidArgument, InvalidState, StorageError
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
-    reason="needs qemu-img and qemu-io",
-)
 
 MiB = 1 << 20
 T = TypeVar("T")
@@ -205,17 +199,8 @@ def test_lock_conflict_is_invalid_state(held_overlay: tuple[Path, Path], tmp_pat
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)])
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "small", "1M") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_disk_full_is_named(tmp_path: Path, small_fs: Path) -> None:

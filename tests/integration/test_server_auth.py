@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.integration.cluster import Cluster
+from vmreplica._internal.localcluster import Cluster
 from vmreplica._internal import certs
 
 

@@ -9,7 +9,7 @@ from vmreplica.errors import InvalidArgument
 
 def req_str(args: dict[str, Any], key: str) -> str:
     value = args.get(key)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
         raise InvalidArgument(f"missing or invalid argument {key!r}: a string is required")
     return value
 

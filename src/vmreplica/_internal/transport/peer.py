@@ -49,6 +49,10 @@ class PeerClient:
     def __init__(self, peer: PeerAddress, tls: TlsFiles, timeout: float = 30.0) -> None:
         self.peer = peer
         self._ssl = client_ssl_context(tls.ca, tls.cert, tls.key)
+        # Under TLS 1.3 a replica that rejects our certificate only closes the connection after
+        # the handshake, indistinguishable from any other drop; under TLS 1.2 the rejection is
+        # an alert during the handshake, so the operator is told exactly which side refused.
+        self._ssl.maximum_version = ssl.TLSVersion.TLSv1_2
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -84,6 +88,16 @@ class PeerClient:
         except aiohttp.ClientSSLError as e:
             raise self._certificate_failure(e) from e
         except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, ssl.SSLError):
+                raise self._certificate_failure(e.os_error) from e
+            if isinstance(e.os_error, ConnectionResetError):
+                # TCP connected, then the replica dropped us inside the TLS handshake: the only
+                # thing it checks there is our certificate.
+                raise PeerConnectionFailed(
+                    UNTRUSTED,
+                    f"untrusted certificate: {self._describe()} refused this host's certificate "
+                    "during the TLS handshake (is it issued by a CA the replica trusts?)",
+                ) from e
             raise PeerConnectionFailed(
                 UNREACHABLE,
                 f"unreachable: cannot connect to {self._describe()} ({e.os_error.strerror or e.os_error}); "

@@ -1,4 +1,5 @@
-"""A cluster of real host agents on loopback, for integration tests.
+"""A cluster of real host agents on one machine, on loopback: the demo and the integration
+tests both run on it.
 
 Each host gets its own state directory, certificate (from one test CA) and ports; agents run as
 real ``vmreplica host serve`` processes and the CLI runs as a real subprocess. ``close()`` kills
@@ -70,9 +71,12 @@ class Cluster:
     ca_dir: Path = Path()
 
     @classmethod
-    def create(cls, names: tuple[str, ...] = HOST_NAMES) -> Cluster:
+    def create(cls, names: tuple[str, ...] = HOST_NAMES, base: Path | None = None) -> Cluster:
         # Under /tmp with a short name: QMP unix socket paths must stay under 108 bytes.
-        base = Path(tempfile.mkdtemp(prefix="vmr", dir="/tmp"))
+        if base is None:
+            base = Path(tempfile.mkdtemp(prefix="vmr", dir="/tmp"))
+        else:
+            base.mkdir(parents=True, exist_ok=True)
         cluster = cls(base=base)
         cluster.ca_dir = base / "ca"
         certs.new_ca(cluster.ca_dir)
@@ -206,12 +210,11 @@ class Cluster:
         return pids
 
     def close(self) -> None:
-        for name, host in self.hosts.items():
+        for host in self.hosts.values():
             if host.process is not None:
                 host.process.kill()
                 host.process.wait()
                 host.process = None
-            del name
         for pid in self.qemu_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

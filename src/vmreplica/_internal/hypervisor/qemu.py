@@ -1,0 +1,395 @@
+"""QEMU processes that run VMs, outliving the agent that started them.
+
+A VM must keep running when the host agent restarts or is killed, so QEMU runs in its own
+session, its stdout and stderr go to files in the VM's run directory, and the agent finds it
+again through the pidfile (:func:`attach`). QEMU's ``-daemonize`` would detach it too, but it
+sends stdout to /dev/null, and in QEMU 7.2 HMP ``qemu-io`` prints its results (including
+"Pattern verification failed") on stdout, not in the monitor reply; :meth:`QemuVm.hmp` reads
+them back from ``qemu.out``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmreplica._internal.hypervisor.qmp import (
+    EventSubscription,
+    PidProcess,
+    QmpSession,
+    connect_when_ready,
+    last_error,
+)
+from vmreplica._internal.hypervisor.qsd import blockdev_options, check_disks, node_name
+from vmreplica.errors import (
+    ConnectionFailed,
+    InvalidArgument,
+    InvalidState,
+    NotFound,
+    VmrError,
+)
+
+QEMU_SYSTEM = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What QEMU needs to run a VM; ``run_dir`` holds qmp.sock, qemu.pid, the logs."""
+
+    id: str
+    name: str
+    cpus: int
+    memory_mb: int
+    disks: tuple[Path, ...]
+    run_dir: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    accel: str = "tcg"
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.run_dir.absolute() / "qmp.sock"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.run_dir.absolute() / "qemu.pid"
+
+
+class VmEnd(enum.Enum):
+    """How a VM stopped running, as told by :meth:`QemuVm.wait_end`."""
+
+    POWERED_OFF = "powered-off"
+    """The guest shut down; QEMU is still alive (``-no-shutdown``) and should be quit()."""
+    EXITED = "exited"
+    """QEMU exited after a SHUTDOWN event (quit, SIGTERM): it closed its images."""
+    DIED = "died"
+    """QEMU vanished without a SHUTDOWN event (kill -9, crash): persistent bitmaps are in-use."""
+
+
+def cmdline(pid: int) -> list[str]:
+    """argv of ``pid``; empty if it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]]
+
+
+def is_vm_process(pid: int, spec: VmSpec) -> bool:
+    """Whether ``pid`` is alive and is QEMU running ``spec``, without being its parent.
+
+    /proc/PID/cmdline is empty for a pid that is gone or a zombie, so it alone answers both.
+    """
+    return _runs(spec, cmdline(pid))
+
+
+def _runs(spec: VmSpec, argv: list[str]) -> bool:
+    """Whether ``argv`` is QEMU running ``spec``.
+
+    A pid from the pidfile is no proof: after a crash or a reboot it may belong to anything.
+    The uuid and the pidfile path must both match, because one VM id can run under two run
+    directories on one machine (a test failover beside its primary, test clusters).
+    """
+    if not argv or not Path(argv[0]).name.startswith("qemu-system"):
+        return False
+    opts = dict(itertools.pairwise(argv))
+    pidfile = opts.get("-pidfile") == str(spec.pid_path)
+    return pidfile and opts.get("-uuid", "").lower() == spec.id.lower()
+
+
+def _find(spec: VmSpec) -> PidProcess | None:
+    def matches(pid: int) -> bool:
+        return is_vm_process(pid, spec)
+
+    with contextlib.suppress(OSError, ValueError):
+        proc = PidProcess.open(int(spec.pid_path.read_text().strip()), matches)
+        if proc is not None:
+            return proc
+    # QEMU unlinks its pidfile on exit; one removed by hand must not hide a live VM.
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and matches(int(entry.name)):
+            return PidProcess.open(int(entry.name), matches)
+    return None
+
+
+def _opt(value: str | Path) -> str:
+    """Escape a value for QEMU's key=value option syntax, where ',' separates keys."""
+    return str(value).replace(",", ",,")
+
+
+def _argv(spec: VmSpec) -> list[str]:
+    run = spec.run_dir.absolute()
+    argv = [QEMU_SYSTEM, "-name", f"guest={_opt(spec.name)}", "-uuid", spec.id]
+    argv += ["-pidfile", str(spec.pid_path), "-nodefaults", "-no-user-config"]
+    cpu = "max" if spec.accel == "tcg" else "host"
+    argv += ["-machine", "q35", "-accel", spec.accel, "-cpu", cpu]
+    argv += ["-smp", str(spec.cpus), "-m", str(spec.memory_mb), "-display", "none"]
+    argv += ["-no-shutdown", "-nic", "none"]
+    argv += ["-chardev", f"socket,id=qmp,path={_opt(spec.qmp_path)},server=on,wait=off"]
+    argv += ["-mon", "chardev=qmp,mode=control"]
+    argv += ["-chardev", f"file,id=serial0,path={_opt(run / 'serial.log')}"]
+    argv += ["-serial", "chardev:serial0"]
+    for options in blockdev_options(spec.disks):
+        argv += ["-blockdev", options]
+    for i in range(len(spec.disks)):
+        # share-rw lets HMP `qemu-io diskN` write beside the guest; qcow2 still takes the
+        # image file exclusively, so another process cannot open it for writing.
+        device = f'{{"driver":"virtio-blk-pci","drive":"{node_name(i)}","id":"vblk{i}",'
+        # A direct kernel boot claims bootindex 0 for itself (linuxboot option ROM).
+        boot = "" if spec.kernel is not None else f',"bootindex":{i}'
+        argv += ["-device", device + f'"share-rw":true{boot}}}']
+    if spec.kernel is not None:
+        argv += ["-kernel", str(spec.kernel.absolute())]
+    if spec.initrd is not None:
+        argv += ["-initrd", str(spec.initrd.absolute())]
+    if spec.append is not None:
+        argv += ["-append", spec.append]
+    return argv
+
+
+def _validate(spec: VmSpec) -> None:
+    try:
+        uuid.UUID(spec.id)
+    except ValueError:
+        raise InvalidArgument(f"VM id {spec.id!r} is not a UUID") from None
+    if not spec.name:
+        raise InvalidArgument("VM name is empty")
+    if spec.cpus < 1 or spec.memory_mb < 16:
+        raise InvalidArgument(f"VM '{spec.name}' needs at least 1 CPU and 16 MiB of memory")
+    if spec.accel not in ("tcg", "kvm"):
+        raise InvalidArgument(f"accelerator {spec.accel!r} is not tcg or kvm")
+    for label, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+        if path is not None and not path.is_file():
+            raise NotFound(f"{label} {path} of VM '{spec.name}' does not exist")
+    if spec.initrd is not None and spec.kernel is None:
+        raise InvalidArgument(f"VM '{spec.name}' has an initrd but no kernel")
+    check_disks(spec.disks, f"VM '{spec.name}'")
+
+
+async def launch(spec: VmSpec, timeout: float = 30.0) -> QemuVm:
+    """Start the VM's QEMU and connect to it; raises if it fails or is already running.
+
+    Callers serialize the launches of one VM (two at once would trip over each other's socket).
+    """
+    _validate(spec)
+    run = spec.run_dir.absolute()
+    try:
+        run.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise VmrError(f"cannot create run directory {run}: {exc.strerror}") from exc
+    existing = _find(spec)
+    if existing is not None:
+        existing.close()
+        raise InvalidState(f"VM '{spec.name}' is already running (QEMU pid {existing.pid})")
+    with contextlib.suppress(FileNotFoundError):
+        spec.qmp_path.unlink()  # left by a QEMU that was killed
+    log_path = run / "qemu.log"
+    with open(log_path, "ab") as log, open(run / "qemu.out", "ab") as out:
+        log_start = log.tell()
+        # A new session: neither Ctrl-C on the agent nor the agent's death reaches the VM.
+        proc = PidProcess.spawn(_argv(spec), out, log, new_session=True)
+    what = f"VM '{spec.name}'"
+    try:
+        session = await connect_when_ready(spec.qmp_path, what, proc, timeout, "query-status")
+        if session is None:
+            reason = last_error(log_path, log_start) or f"exit status {proc.returncode}"
+            raise VmrError(f"QEMU failed to start {what}: {reason}")
+        return await QemuVm._start(spec, proc, session)
+    except BaseException:
+        proc.kill()
+        await proc.wait(5.0)
+        proc.close()
+        raise
+
+
+async def attach(spec: VmSpec, timeout: float = 10.0) -> QemuVm | None:
+    """Reconnect to the VM's QEMU after an agent restart; None if it is not running.
+
+    Raises :class:`ConnectionFailed` when QEMU runs but its monitor does not answer (another
+    client holds it): the VM is alive, so reporting it dead would be wrong.
+    """
+    proc = _find(spec)
+    if proc is None:
+        return None
+    vm = None
+    try:
+        session = await QmpSession.connect(spec.qmp_path, f"VM '{spec.name}'", timeout)
+        vm = await QemuVm._start(spec, proc, session)
+        return vm
+    except ConnectionFailed:
+        if proc.exited():  # it died just now
+            return None
+        raise
+    finally:
+        if vm is None:
+            proc.close()
+
+
+class QemuVm:
+    """A running VM's QEMU process and the agent's QMP session to it.
+
+    The owner learns that the VM stopped by awaiting :meth:`wait_end` (or its boolean form
+    :meth:`wait_exit_or_shutdown`) in a watcher task: it returns when the guest powers off
+    (QEMU stays alive in status "shutdown", waiting for :meth:`quit`) or when QEMU exits, and
+    says which. Other events (block jobs...) are available through :meth:`subscribe`.
+
+    After :meth:`quit`, :meth:`kill` or :meth:`disconnect` the object is spent.
+    """
+
+    def __init__(self, spec: VmSpec, proc: PidProcess, session: QmpSession) -> None:
+        self.spec = spec
+        self._proc = proc
+        self._session = session
+        self._what = f"VM '{spec.name}'"
+        self._off = asyncio.Event()  # any SHUTDOWN since the guest last ran
+        self._powered_off = asyncio.Event()  # from the guest: QEMU stays (-no-shutdown)
+        self._quitting = False  # from the host (quit, SIGTERM): QEMU closes its images and exits
+        self._hmp_lock = asyncio.Lock()
+        self._detached = False
+        self._gone = False  # QEMU was seen to exit while we held it
+        self._events = session.subscribe(("SHUTDOWN", "RESUME"))
+        self._watcher = asyncio.create_task(self._watch())
+
+    @classmethod
+    async def _start(cls, spec: VmSpec, proc: PidProcess, session: QmpSession) -> QemuVm:
+        """Wrap a new session; on failure the session is closed and ``proc`` left to the caller."""
+        vm = cls(spec, proc, session)
+        try:
+            # Subscribed first, so that a power-off right now is seen one way or the other.
+            if await vm.status() == "shutdown":
+                vm._off.set()
+                vm._powered_off.set()
+        except BaseException:
+            await vm._hang_up()
+            raise
+        return vm
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    async def _watch(self) -> None:
+        with contextlib.suppress(ConnectionFailed):
+            while event := await self._events.get():
+                if event.name == "SHUTDOWN":
+                    self._off.set()
+                    if event.data.get("guest") is True:
+                        self._powered_off.set()
+                    else:
+                        self._quitting = True
+                elif event.name == "RESUME":
+                    self._off.clear()
+                    self._powered_off.clear()
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise InvalidState(f"{self._what}: the agent let go of this QEMU process")
+
+    async def execute(
+        self, cmd: str, args: Mapping[str, object] | None = None, timeout: float | None = 60.0
+    ) -> object:
+        """Run a QMP command; a refusal raises QmpCommandError with QEMU's description."""
+        self._check_attached()
+        return await self._session.execute(cmd, args, timeout)
+
+    def subscribe(self, names: tuple[str, ...] | None = None) -> EventSubscription:
+        self._check_attached()
+        return self._session.subscribe(names)
+
+    async def status(self) -> str:
+        result = await self.execute("query-status")
+        return str(result.get("status", "unknown")) if isinstance(result, dict) else "unknown"
+
+    async def hmp(self, command_line: str) -> str:
+        """Run a human-monitor command; includes what it printed on QEMU's stdout."""
+        out = self.spec.run_dir.absolute() / "qemu.out"
+        async with self._hmp_lock:
+            start = out.stat().st_size if out.exists() else 0
+            reply = await self.execute("human-monitor-command", {"command-line": command_line})
+            with contextlib.suppress(OSError), open(out, "rb") as f:
+                f.seek(start)
+                printed = f.read().decode(errors="replace")
+        text = (reply if isinstance(reply, str) else "") + printed
+        return text.replace("\r\n", "\n")
+
+    async def powerdown(self) -> None:
+        """Press the ACPI power button; the guest decides whether and when to power off."""
+        await self.execute("system_powerdown")
+
+    async def _wait(self, flag: asyncio.Event, timeout: float | None) -> None:
+        """Wait for ``flag`` or QEMU's exit, and note the exit with everything QEMU said."""
+        if not self._gone and not flag.is_set():
+            self._check_attached()
+            waits = {
+                asyncio.ensure_future(flag.wait()),
+                asyncio.ensure_future(self._proc.wait(None)),
+            }
+            try:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+        if not self._gone and not self._detached and self._proc.exited():
+            self._gone = True
+            with contextlib.suppress(TimeoutError):  # events sent before the socket closed
+                await asyncio.wait_for(asyncio.shield(self._watcher), 5.0)
+
+    async def wait_shutdown(self, timeout: float) -> bool:
+        """True once the guest is off, False on timeout or if QEMU died without a shutdown."""
+        await self._wait(self._off, timeout)
+        return self._off.is_set()
+
+    async def wait_end(self) -> VmEnd:
+        """Wait until the guest powers off or QEMU exits; see :class:`VmEnd`."""
+        await self._wait(self._powered_off, None)
+        if self._gone:
+            return VmEnd.EXITED if self._quitting else VmEnd.DIED
+        return VmEnd.POWERED_OFF
+
+    async def wait_exit_or_shutdown(self) -> bool:
+        """:meth:`wait_end` as "was it clean": False only when QEMU died."""
+        return await self.wait_end() is not VmEnd.DIED
+
+    async def quit(self, timeout: float = 30.0) -> None:
+        """Stop QEMU cleanly, so that qcow2 images close and persistent bitmaps are stored."""
+        self._check_attached()
+        if not self._proc.exited():
+            with contextlib.suppress(ConnectionFailed):  # QEMU may hang up before replying
+                await self.execute("quit")
+            if not await self._proc.wait(timeout):
+                raise VmrError(f"{self._what}: QEMU did not exit within {timeout:g}s of quit")
+        await self._wait(self._off, 0)
+        await self.disconnect()
+
+    async def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL QEMU: the guest loses unflushed writes and bitmaps become in-use."""
+        self._check_attached()
+        self._proc.kill()
+        if not await self._proc.wait(timeout):
+            raise VmrError(f"{self._what}: QEMU (pid {self.pid}) survived SIGKILL")
+        await self._wait(self._off, 0)
+        await self.disconnect()
+
+    async def disconnect(self) -> None:
+        """Drop the QMP session and leave QEMU running, as on agent shutdown."""
+        if self._detached:
+            return
+        await self._hang_up()
+        self._gone = self._gone or self._proc.exited()  # also reaps it if it is our child
+        self._proc.close()
+
+    async def _hang_up(self) -> None:
+        self._detached = True
+        self._watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watcher
+        self._events.close()
+        await self._session.close()

@@ -1,0 +1,349 @@
+"""The delta wire format: how one replication cycle travels from primary to replica.
+
+Stream (one HTTPS POST body): ``b"VMRD1\\n"``, u32-be N, N bytes of manifest JSON; then each disk
+in manifest order, raw (exactly file_size bytes) or, for zstd, one zstd frame per disk cut into
+blocks (u32-be length in 1..16 MiB, payload) and ended by a 0 length.
+
+The manifest comes first so the replica refuses a wrong VM or sequence number before storing a
+byte. Blocks mark where a frame ends because the decompressor that can tell (``decompressobj``)
+returns a call's whole output at once (6 KiB of zstd inflate to 200 MiB of memory), while the
+bounded one (``stream_writer``) cannot. Size and blake3 of each uncompressed file, checked as it
+arrives, catch any corruption, so zstd's checksum is left off. I/O, hashing and (de)compression
+run on one worker thread one batch ahead of the network: the event loop never waits on a disk,
+and memory stays at a few CHUNKs. The replica renames each verified ``disk{i}.qcow2.part`` to
+``disk{i}.qcow2`` and writes ``manifest.json`` last, marking a complete stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import blake3
+import zstandard
+
+from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
+
+StrPath = str | os.PathLike[str]
+MAGIC = b"VMRD1\n"
+MANIFEST = "manifest.json"
+CONSISTENCIES = ("CrashConsistent", "ApplicationConsistent")
+COMPRESSIONS = ("zstd", "none")
+CHUNK = 4 << 20  # reads, blocks, writes, worker batches: up to 1.3x faster than 1 MiB
+MAX_BLOCK = 16 << 20
+MAX_MANIFEST = 1 << 20
+ZSTD_LEVEL = 1  # measured: level 3 is 12% slower on random data for a 1-2% smaller wire
+THREADS = min(4, os.cpu_count() or 1)  # blake3, and zstd (1.2x on text with 2 cores)
+_DISK_RE = re.compile(r"disk(\d+)\.qcow2")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    index: int
+    file_size: int
+    blake3: str  # hex, of the uncompressed file
+
+
+@dataclass(frozen=True)
+class DeltaManifest:
+    vm_id: str
+    sequence: int
+    created: str  # ISO 8601
+    consistency: str  # one of CONSISTENCIES
+    compression: str  # one of COMPRESSIONS
+    disks: tuple[DiskEntry, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> DeltaManifest:
+        """Trusts nothing: the text comes from the network or from a file a crash may have cut."""
+        try:
+            raw = json.loads(text)
+            disks = tuple(DiskEntry(d["index"], d["file_size"], d["blake3"]) for d in raw["disks"])
+            fields = ("vm_id", "sequence", "created", "consistency", "compression")
+            m = cls(**{k: raw[k] for k in fields}, disks=disks)
+            datetime.fromisoformat(m.created)
+        except (ValueError, TypeError, KeyError) as e:
+            raise IntegrityError(f"malformed delta manifest: {e!r}") from None
+        idx, hashes, vm = [d.index for d in m.disks], [d.blake3 for d in m.disks], m.vm_id
+        valid = {
+            "vm_id": isinstance(vm, str) and 0 < len(vm) <= 256 and vm.isprintable(),
+            "sequence": _is_count(m.sequence),
+            "consistency": m.consistency in CONSISTENCIES,
+            "compression": m.compression in COMPRESSIONS,
+            "disk indexes": idx and all(map(_is_count, idx)) and idx == sorted(set(idx)),
+            "disk sizes": all(_is_count(d.file_size) for d in m.disks),
+            "disk hashes": all(isinstance(h, str) and _HEX64.fullmatch(h) for h in hashes),
+        }
+        if bad := [name for name, ok in valid.items() if not ok]:
+            raise IntegrityError(f"malformed delta manifest: invalid {', '.join(bad)}")
+        return m
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    """mmap is over twice as fast as chunked update (7 GB/s vs 3 measured) and frees the GIL."""
+    digest = blake3.blake3(max_threads=THREADS).update_mmap(str(path)).hexdigest()
+    return path.stat().st_size, digest
+
+
+def _fsync(path: Path) -> None:
+    """Any descriptor flushes the inode on Linux; a directory's, the names in it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A crash leaves the old file or the new one, never a cut one."""
+    (tmp := path.with_name(path.name + ".tmp")).write_text(text, encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _build_manifest(d: Path, vm_id: str, seq: int, consistency: str, comp: str) -> DeltaManifest:
+    if consistency not in CONSISTENCIES or comp not in COMPRESSIONS or not _is_count(seq):
+        raise InvalidArgument(f"invalid delta {seq!r}: {consistency=}, compression={comp!r}")
+    found = sorted((int(g[1]), p) for p in d.iterdir() if (g := _DISK_RE.fullmatch(p.name)))
+    if not found:
+        raise InvalidArgument(f"no disk files (disk0.qcow2, ...) in delta directory {d}")
+    old = None
+    with contextlib.suppress(OSError, IntegrityError):
+        old = DeltaManifest.from_json((d / MANIFEST).read_bytes())
+    same = old is not None and (old.vm_id, old.sequence) == (vm_id, seq)
+    created = old.created if old and same else datetime.now(UTC).isoformat(timespec="seconds")
+    disks = tuple(DiskEntry(i, *_hash_file(p)) for i, p in found)
+    new = DeltaManifest(vm_id, seq, created, consistency, comp, disks)
+    if new != old:
+        _write_atomic(d / MANIFEST, new.to_json())
+    return new
+
+
+async def build_manifest(
+    delta_dir: StrPath, vm_id: str, sequence: int, consistency: str, compression: str
+) -> DeltaManifest:
+    """Hash every ``disk{i}.qcow2`` into ``manifest.json``; a rerun keeps the creation time."""
+    args = (Path(delta_dir), vm_id, sequence, consistency, compression)
+    try:
+        return await asyncio.to_thread(_build_manifest, *args)
+    except OSError as e:
+        raise StorageError(f"cannot build the manifest of delta {sequence}: {e}") from None
+
+
+def _block(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _disk_pieces(path: Path, disk: DiskEntry, m: DeltaManifest) -> Generator[bytes, None, None]:
+    """The wire bytes of one disk in pieces of about CHUNK; a file that changed size is refused."""
+    zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=THREADS)
+    chunker = zc.chunker(size=disk.file_size, chunk_size=CHUNK) if m.compression == "zstd" else None
+    left = disk.file_size
+    with open(path, "rb", buffering=0) as f:
+        while data := f.read(min(CHUNK, left) if left else 1):  # 1: notice a grown file
+            if len(data) > left:
+                break
+            left -= len(data)
+            yield from map(_block, chunker.compress(data)) if chunker else (data,)
+    if left or data:
+        raise IntegrityError(f"delta {m.sequence}: {path} changed size since its manifest")
+    if chunker:
+        yield from map(_block, chunker.finish())  # type: ignore[no-untyped-call]
+        yield _block(b"")
+
+
+async def iter_stream(delta_dir: StrPath, manifest: DeltaManifest) -> AsyncIterator[bytes]:
+    """The request body; reading and compressing the next piece overlaps sending this one."""
+    yield MAGIC + _block(manifest.to_json().encode())
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="vmr-delta-send") as pool:
+        for disk in manifest.disks:
+            gen = _disk_pieces(Path(delta_dir, f"disk{disk.index}.qcow2"), disk, manifest)
+            fut = pool.submit(next, gen, b"")
+            try:
+                while piece := await asyncio.wrap_future(fut):
+                    fut = pool.submit(next, gen, b"")
+                    yield piece
+            except OSError as e:
+                raise StorageError(f"cannot read delta {manifest.sequence}: {e}") from None
+            finally:
+                cf.wait([fut])  # the worker may still be inside the generator
+                pool.submit(gen.close).result()
+
+
+class _Input:
+    """Incoming chunks of any size turned into exact reads."""
+
+    def __init__(self, chunks: AsyncIterable[bytes]) -> None:
+        self._it, self._buf, self._eof = aiter(chunks), bytearray(), False
+
+    async def read(self, n: int) -> bytes:
+        """n bytes, fewer only at the end of the stream."""
+        while len(self._buf) < n and not self._eof:
+            try:
+                self._buf += await anext(self._it)
+            except StopAsyncIteration:
+                self._eof = True
+        with memoryview(self._buf) as view:
+            out = bytes(view[:n])
+        del self._buf[:n]  # O(1) at the front of a bytearray
+        return out
+
+    async def disk(self, entry: DiskEntry, compressed: bool, label: str) -> AsyncIterator[bytes]:
+        """One disk as sent: raw up to its size, or its blocks' payloads up to the 0 block."""
+        left, truncated = entry.file_size, f"{label}: stream truncated (connection lost?)"
+        while compressed or left:
+            n = min(CHUNK, left)
+            if compressed:
+                if len(head := await self.read(4)) < 4:
+                    raise IntegrityError(truncated)
+                if (n := struct.unpack(">I", head)[0]) == 0:
+                    return
+                if n > MAX_BLOCK:
+                    raise IntegrityError(f"{label}: bad block length (corrupted in transit?)")
+            if len(data := await self.read(n)) < n:
+                raise IntegrityError(truncated)
+            left -= 0 if compressed else n
+            yield data
+
+
+class _Disk:
+    """Worker-side writer of one staged disk: bounded, hashed and size-checked as it goes."""
+
+    def __init__(self, stage: Path, entry: DiskEntry, sequence: int, compressed: bool) -> None:
+        self.path, self.entry, self.size = stage / f"disk{entry.index}.qcow2.part", entry, 0
+        self.label, self.hasher = f"delta {sequence} disk {entry.index}", blake3.blake3()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        dctx = zstandard.ZstdDecompressor(max_window_size=1 << 25)
+        # stream_writer only calls write(), with pieces of at most CHUNK
+        writer = dctx.stream_writer(self, CHUNK, write_return_read=True, closefd=False)  # type: ignore[arg-type]
+        self.dec = writer if compressed else None
+
+    def write(self, data: bytes) -> int:
+        if self.size + len(data) > self.entry.file_size:
+            raise IntegrityError(f"{self.label}: larger than announced (corrupted in transit?)")
+        self.hasher.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.size += len(data)
+        return len(data)
+
+    def finish(self) -> None:
+        if self.size != self.entry.file_size:
+            raise IntegrityError(f"{self.label}: smaller than announced (corrupted in transit?)")
+        if self.hasher.hexdigest() != self.entry.blake3:
+            raise IntegrityError(f"{self.label}: hash mismatch (corrupted in transit?)")
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.rename(self.path, self.path.with_suffix(""))
+
+
+async def receive(
+    chunks: AsyncIterable[bytes],
+    staging_dir: StrPath,
+    *,
+    expected_vm_id: str,
+    check_manifest: Callable[[DeltaManifest], None] | None = None,
+    max_file_size: int | None = None,
+) -> DeltaManifest:
+    """Stage a delta in ``staging_dir`` (absent or empty; removed on failure); check_manifest
+    runs before anything is written, so a refused delta costs no disk space."""
+    inp, stage = _Input(chunks), Path(staging_dir)
+    head = await inp.read(len(MAGIC) + 4)
+    if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
+        raise IntegrityError("not a vmreplica delta stream (bad magic or truncated header)")
+    (n,) = struct.unpack(">I", head[len(MAGIC) :])
+    if n > MAX_MANIFEST or len(js := await inp.read(n)) < n:
+        raise IntegrityError("delta stream header truncated or oversized (connection lost?)")
+    m = DeltaManifest.from_json(js)
+    name = f"delta {m.sequence} of VM {m.vm_id}"
+    if m.vm_id != expected_vm_id:
+        raise IntegrityError(f"{name} was sent to the replication of VM {expected_vm_id}")
+    if check_manifest is not None:
+        check_manifest(m)
+    if max_file_size is not None and any(d.file_size > max_file_size for d in m.disks):
+        raise IntegrityError(f"{name}: a disk exceeds the limit of {max_file_size} bytes")
+    if stage.exists() and any(stage.iterdir()):
+        raise InvalidState(f"cannot stage {name}: {stage} still holds another delta")
+    pool = cf.ThreadPoolExecutor(1, thread_name_prefix="vmr-delta-recv")
+    busy: cf.Future[object] | None = None
+    disk: _Disk | None = None
+
+    async def run(fn: Callable[..., object], *args: Any, wait: bool = False) -> None:
+        """Start fn once the previous batch is done: one batch on disk while the next arrives."""
+        nonlocal busy
+        if busy is not None:
+            await asyncio.wrap_future(busy)
+        busy = pool.submit(fn, *args)
+        if wait:
+            await asyncio.wrap_future(busy)
+
+    ok = False
+    try:
+        stage.mkdir(parents=True, exist_ok=True)
+        need, free = sum(d.file_size for d in m.disks), shutil.disk_usage(stage).free
+        if need > free:  # fail before the transfer rather than after it
+            raise OSError(errno.ENOSPC, f"{need} bytes needed, {free} free")
+        for entry in m.disks:
+            disk = _Disk(stage, entry, m.sequence, m.compression == "zstd")
+            async for data in inp.disk(entry, m.compression == "zstd", disk.label):
+                await run((disk.dec or disk).write, data)
+            await run(disk.finish, wait=True)
+            disk = None
+        if await inp.read(1):
+            raise IntegrityError(f"{name}: unexpected data after the last disk")
+        await run(_write_atomic, stage / MANIFEST, m.to_json())
+        await run(_fsync, stage.parent, wait=True)
+        ok = True
+        return m
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"{name}: bad compressed data ({e}); corrupted in transit?") from None
+    except OSError as e:
+        what = "disk full while staging" if e.errno in _FULL else "cannot stage"
+        where = f"{e.filename}: " if e.filename else ""
+        raise StorageError(f"{what} {name}: {where}{e.strerror or e}") from None
+    finally:
+        if not ok and busy is not None:
+            with contextlib.suppress(BaseException):  # the loop stays free while a batch ends
+                await asyncio.wait([asyncio.wrap_future(busy)])
+        pool.shutdown(wait=True)  # no write may race the removal below
+        if not ok:
+            if disk is not None and disk.fd >= 0:
+                os.close(disk.fd)
+            shutil.rmtree(stage, ignore_errors=True)  # it was empty: all in it is ours
+
+
+def stage_is_complete(staging_dir: StrPath) -> DeltaManifest | None:
+    """After a restart: the manifest if the stage is whole and intact. Blocking: it rehashes."""
+    stage = Path(staging_dir)
+    try:
+        m = DeltaManifest.from_json((stage / MANIFEST).read_bytes())
+        for d in m.disks:
+            if _hash_file(stage / f"disk{d.index}.qcow2") != (d.file_size, d.blake3):
+                return None
+    except (OSError, IntegrityError):
+        return None
+    return m
