@@ -25,10 +25,30 @@ import aiohttp
 
 from vmreplica._internal.certs import client_ssl_context
 from vmreplica._internal.config import DEFAULT_SOCKET, RemoteHost, load_remote_host
-from vmreplica._internal.models import AuthEntry, ConnectionTest, Event, Model, ServerSettings, Vm
+from vmreplica._internal.models import (
+    AuthEntry,
+    ConnectionTest,
+    Event,
+    Measurement,
+    Model,
+    RecoveryPoint,
+    Replication,
+    ServerSettings,
+    Vm,
+)
 from vmreplica.errors import AccessDenied, ConnectionFailed, VmrError, error_from_json
 
-__all__ = ["AuthEntry", "Client", "ConnectionTest", "Event", "ServerSettings", "Vm"]
+__all__ = [
+    "AuthEntry",
+    "Client",
+    "ConnectionTest",
+    "Event",
+    "Measurement",
+    "RecoveryPoint",
+    "Replication",
+    "ServerSettings",
+    "Vm",
+]
 
 M = TypeVar("M", bound=Model)
 
@@ -245,6 +265,64 @@ class Client:
 
     def event_list(self, since: str | None = None) -> list[Event]:
         return self._models(Event, "event.list", {"since": since})
+
+    # -- replication ------------------------------------------------------------------------
+
+    def replication_enable(
+        self,
+        vm: str,
+        replica_server: str,
+        replica_port: int,
+        auth: str = "certificate",
+        **settings: Any,
+    ) -> Replication:
+        """``settings``: frequency, recovery_history, snapshot_frequency, compression,
+        exclude_disks, auto_resynchronize, recovery_point_interval."""
+        return self._model(Replication, "replication.enable", {
+            "vm": vm, "replica_server": replica_server, "replica_port": replica_port, "auth": auth, **settings,
+        })  # fmt: skip
+
+    def replication_set(self, vm: str, **settings: Any) -> Replication:
+        return self._model(Replication, "replication.set", {"vm": vm, **settings})
+
+    def replication_get(
+        self,
+        vm: str | None = None,
+        state: str | None = None,
+        health: str | None = None,
+        mode: str | None = None,
+    ) -> list[Replication]:
+        return self._models(
+            Replication,
+            "replication.get",
+            {"vm": vm, "state": state, "health": health, "mode": mode},
+        )
+
+    def replication_measure(self, vm: str | None = None) -> list[Measurement]:
+        return self._models(Measurement, "replication.measure", {"vm": vm})
+
+    def replication_start_initial(self, vm: str) -> Replication:
+        return self._model(Replication, "replication.start_initial", {"vm": vm})
+
+    def replication_sync(self, vm: str) -> Replication:
+        return self._model(Replication, "replication.sync", {"vm": vm})
+
+    def replication_suspend(self, vm: str) -> Replication:
+        return self._model(Replication, "replication.suspend", {"vm": vm})
+
+    def replication_resume(self, vm: str, resynchronize: bool = False) -> Replication:
+        return self._model(
+            Replication, "replication.resume", {"vm": vm, "resynchronize": resynchronize}
+        )
+
+    def replication_remove(self, vm: str) -> Replication:
+        return self._model(Replication, "replication.remove", {"vm": vm})
+
+    def replication_reset_statistics(self, vm: str) -> Replication:
+        return self._model(Replication, "replication.reset_statistics", {"vm": vm})
+
+    def recovery_point_list(self, vm: str) -> list[RecoveryPoint]:
+        return self._models(RecoveryPoint, "recovery_point.list", {"vm": vm})
 
 
 def _result(status: int, raw: bytes) -> Any:

@@ -20,10 +20,14 @@ from aiohttp import web
 
 from vmreplica._internal.api.methods import build_methods
 from vmreplica._internal.api.mgmt import make_app
+from vmreplica._internal.api.peer_routes import peer_routes
 from vmreplica._internal.api.replication import CertificateListener
 from vmreplica._internal.certs import server_ssl_context
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine.events import EventLog
+from vmreplica._internal.engine.primary import PrimaryEngine
+from vmreplica._internal.engine.replica import ReplicaEngine
+from vmreplica._internal.engine.replication import ReplicationService
 from vmreplica._internal.engine.server import ServerService
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.store.db import Database
@@ -74,14 +78,22 @@ class Agent:
         self.events = EventLog(self.db, config.name)
         self.server = ServerService(self.db, self.events, config)
         self.vms = VmService(self.db, self.events, config)
-        self.listener = CertificateListener(self.server)
+        self.primary = PrimaryEngine(self.db, self.events, config, self.vms)
+        self.replica = ReplicaEngine(self.db, self.events, config, self.vms)
+        self.replication = ReplicationService(
+            config, self.server, self.vms, self.primary, self.replica
+        )
+        self.vms.start_guards.append(self.replica.start_guard)
+        self.vms.on_off.append(self.primary.on_vm_off)
+        self.listener = CertificateListener(self.server, peer_routes(self.replica))
         self.server.listener = self.listener
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         await self.vms.recover()
-        methods = build_methods(self.config, self.server, self.vms, self.events)
+        await self.replica.recover()
+        methods = build_methods(self.config, self.server, self.vms, self.events, self.replication)
         await self.listener.apply(self.server.get(), self.server.listener_files())
         await self._serve_unix(make_app(methods, frozenset()))
         await self._serve_https(make_app(methods, frozenset(self.config.admins)))
@@ -122,6 +134,7 @@ class Agent:
         self._runners.append(runner)
 
     async def stop(self) -> None:
+        await self.primary.stop()
         await self.listener.close()
         for runner in reversed(self._runners):
             await runner.cleanup()

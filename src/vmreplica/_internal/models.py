@@ -136,3 +136,87 @@ class ConnectionTest(Model):
         "trust_group",
         "reason",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Replication(Model):
+    computer_name: str
+    vm_name: str
+    vm_id: str
+    state: str
+    health: str | None
+    mode: str
+    relationship_type: str
+    primary_server: str
+    replica_server: str
+    replica_port: int
+    authentication_type: str
+    frequency_sec: int
+    recovery_history: int
+    snapshot_frequency_hour: int | None
+    compression_enabled: bool
+    replicated_disks: list[str]
+    auto_resynchronize_enabled: bool
+    trust_group: str | None
+    last_replication_time: str | None
+    # Extensions: progress of initial replication, the advanced recovery-point interval.
+    initial_replication_progress: float | None = None
+    recovery_point_interval_sec: int = 3600
+
+    table_fields: ClassVar[tuple[str, ...]] = (
+        "computer_name",
+        "vm_name",
+        "state",
+        "health",
+        "mode",
+        "primary_server",
+        "replica_server",
+        "frequency_sec",
+        "last_replication_time",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement(Model):
+    computer_name: str
+    vm_name: str
+    state: str
+    health: str | None
+    health_details: list[str]
+    last_replication_time: str | None
+    last_replication_size: int | None
+    pending_replication_size: int
+    average_replication_size: int | None
+    maximum_replication_size: int | None
+    average_replication_latency: float | None
+    maximum_replication_latency: float | None
+    successful_replication_count: int
+    missed_replication_count: int
+    replication_errors: int
+    initial_replication_size: int | None
+    monitoring_start_time: str
+    monitoring_end_time: str
+
+    table_fields: ClassVar[tuple[str, ...]] = (
+        "computer_name",
+        "vm_name",
+        "state",
+        "health",
+        "last_replication_time",
+        "pending_replication_size",
+        "average_replication_size",
+        "successful_replication_count",
+        "missed_replication_count",
+        "replication_errors",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryPoint(Model):
+    id: str
+    vm_name: str
+    creation_time: str
+    kind: str
+    size: int
+
+    table_fields: ClassVar[tuple[str, ...]] = ("id", "vm_name", "creation_time", "kind", "size")

@@ -7,15 +7,21 @@ from typing import Any
 from vmreplica._internal.api import args as a
 from vmreplica._internal.api.mgmt import Method
 from vmreplica._internal.config import HostConfig
+from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine.connect import test_connection
 from vmreplica._internal.engine.events import EventLog
+from vmreplica._internal.engine.replication import ReplicationService
 from vmreplica._internal.engine.server import ServerChanges, ServerService
 from vmreplica._internal.engine.vms import DiskRequest, VmRequest, VmService
 from vmreplica.errors import InvalidArgument
 
 
 def build_methods(
-    config: HostConfig, server: ServerService, vms: VmService, events: EventLog
+    config: HostConfig,
+    server: ServerService,
+    vms: VmService,
+    events: EventLog,
+    replication: ReplicationService,
 ) -> dict[str, Method]:
     async def host_info(args: dict[str, Any]) -> Any:
         return {"computer_name": config.name}
@@ -117,7 +123,89 @@ def build_methods(
             a.opt_str(args, "auth") or "certificate",
         )
 
+    def settings_changes(args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "frequency_sec": a.opt_int(args, "frequency"),
+            "recovery_history": a.opt_int(args, "recovery_history"),
+            "snapshot_frequency_hour": a.opt_int(args, "snapshot_frequency"),
+            "compression": a.opt_bool(args, "compression"),
+            "auto_resynchronize": a.opt_bool(args, "auto_resynchronize"),
+            "recovery_point_interval": a.opt_int(args, "recovery_point_interval"),
+        }
+
+    async def replication_enable(args: dict[str, Any]) -> Any:
+        if a.opt_bool(args, "as_replica"):
+            raise InvalidArgument(
+                "--as-replica is not needed: the replica VM is created when the primary enables replication"
+            )
+        port = a.opt_int(args, "replica_port")
+        if port is None:
+            raise InvalidArgument("missing --replica-port")
+        changes = {k: v for k, v in settings_changes(args).items() if v is not None}
+        row = await replication.primary.enable(
+            a.req_str(args, "vm"),
+            a.req_str(args, "replica_server"),
+            port,
+            a.opt_str(args, "auth") or "certificate",
+            rs.Settings(**changes),
+            a.str_list(args, "exclude_disks"),
+        )
+        return replication.to_model(row)
+
+    async def replication_set(args: dict[str, Any]) -> Any:
+        if a.opt_bool(args, "reverse"):
+            raise InvalidArgument(
+                "--reverse comes with failover, which this version does not have yet"
+            )
+        row = await replication.primary.set(a.req_str(args, "vm"), settings_changes(args))
+        return replication.to_model(row)
+
+    async def replication_get(args: dict[str, Any]) -> Any:
+        return replication.get(
+            a.opt_str(args, "vm"),
+            a.opt_str(args, "state"),
+            a.opt_str(args, "health"),
+            a.opt_str(args, "mode"),
+        )
+
+    async def replication_measure(args: dict[str, Any]) -> Any:
+        return replication.measure(a.opt_str(args, "vm"))
+
+    async def replication_start_initial(args: dict[str, Any]) -> Any:
+        return replication.to_model(await replication.primary.start_initial(a.req_str(args, "vm")))
+
+    async def replication_sync(args: dict[str, Any]) -> Any:
+        return replication.to_model(await replication.primary.sync(a.req_str(args, "vm")))
+
+    async def replication_suspend(args: dict[str, Any]) -> Any:
+        return await replication.suspend(a.req_str(args, "vm"))
+
+    async def replication_resume(args: dict[str, Any]) -> Any:
+        return await replication.resume(
+            a.req_str(args, "vm"), bool(a.opt_bool(args, "resynchronize"))
+        )
+
+    async def replication_remove(args: dict[str, Any]) -> Any:
+        return await replication.remove(a.req_str(args, "vm"))
+
+    async def replication_reset_statistics(args: dict[str, Any]) -> Any:
+        return await replication.reset_statistics(a.req_str(args, "vm"))
+
+    async def recovery_point_list(args: dict[str, Any]) -> Any:
+        return replication.replica.recovery_points(vms.find(a.req_str(args, "vm")))
+
     return {
+        "replication.enable": replication_enable,
+        "replication.set": replication_set,
+        "replication.get": replication_get,
+        "replication.measure": replication_measure,
+        "replication.start_initial": replication_start_initial,
+        "replication.sync": replication_sync,
+        "replication.suspend": replication_suspend,
+        "replication.resume": replication_resume,
+        "replication.remove": replication_remove,
+        "replication.reset_statistics": replication_reset_statistics,
+        "recovery_point.list": recovery_point_list,
         "host.info": host_info,
         "server.get": server_get,
         "server.set": server_set,

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import click
+import time
+from collections.abc import Callable
+from typing import Any
 
-from vmreplica._internal.cli.output import clients, common, render
-from vmreplica._internal.models import ConnectionTest
-from vmreplica.errors import AccessDenied, ConnectionFailed, InvalidState
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from vmreplica._internal.cli.output import clients, collect, common, render
+from vmreplica._internal.cli.server import BOOL
+from vmreplica._internal.models import ConnectionTest, Measurement, Replication
+from vmreplica.client import Client
+from vmreplica.errors import AccessDenied, ConnectionFailed, InvalidArgument, InvalidState, VmrError
 
 
 @click.group("replication")
@@ -44,3 +52,207 @@ def test_connection(
         if reason.startswith("replication disabled"):
             raise InvalidState(reason)
         raise AccessDenied(reason)
+
+
+def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for decorator in reversed([
+        click.option("--frequency", type=click.Choice(["30", "300", "900"]), help="Seconds between cycles (default 300)."),
+        click.option("--recovery-history", type=click.IntRange(0, 24), help="Additional hourly points to keep (default 0)."),
+        click.option("--snapshot-frequency", type=click.IntRange(1, 12), help="Hours between app-consistent points."),
+        click.option("--compression", type=BOOL, help="Compress deltas on the wire (default true)."),
+        click.option("--auto-resynchronize", type=BOOL, help="Resynchronize automatically (default false)."),
+        click.option("--recovery-point-interval", type=click.IntRange(1), metavar="SECONDS",
+                     help="Advanced: seconds between recovery points (default 3600)."),
+    ]):  # fmt: skip
+        f = decorator(f)
+    return f
+
+
+def _settings(values: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in values.items() if v is not None}
+    if "frequency" in out:
+        out["frequency"] = int(out["frequency"])
+    return out
+
+
+@group.command("enable")
+@common
+@click.argument("vm")
+@click.option("--replica-server", metavar="FQDN", help="The replica server's name.")
+@click.option("--replica-port", type=int, help="Its certificate listener port.")
+@click.option(
+    "--auth",
+    default="certificate",
+    show_default=True,
+    type=click.Choice(["kerberos", "certificate"]),
+)
+@click.option(
+    "--exclude-disk",
+    "exclude_disks",
+    multiple=True,
+    metavar="PATH",
+    help="A disk not to replicate.",
+)
+@click.option("--as-replica", is_flag=True, help="Hyper-V's replica-side enable (not needed here).")
+@_settings_options
+def enable(
+    computer_names: tuple[str, ...],
+    output: str,
+    properties: str | None,
+    vm: str,
+    replica_server: str | None,
+    replica_port: int | None,
+    auth: str,
+    exclude_disks: tuple[str, ...],
+    as_replica: bool,
+    **settings: Any,
+) -> None:
+    """Enable replication of a VM to a replica server (run on the primary)."""
+    if as_replica:
+        raise InvalidArgument(
+            "--as-replica is not needed: the replica VM is created when the primary enables replication"
+        )
+    if replica_server is None or replica_port is None:
+        raise InvalidArgument("give --replica-server and --replica-port")
+    rows = [
+        c.replication_enable(vm, replica_server, replica_port, auth, exclude_disks=list(exclude_disks),
+                             **_settings(settings))
+        for c in clients(computer_names)
+    ]  # fmt: skip
+    render(rows, Replication, output, properties)
+
+
+@group.command("set")
+@common
+@click.argument("vm")
+@click.option("--reverse", is_flag=True, help="Reverse the direction after a failover.")
+@_settings_options
+def set_cmd(
+    computer_names: tuple[str, ...],
+    output: str,
+    properties: str | None,
+    vm: str,
+    reverse: bool,
+    **settings: Any,
+) -> None:
+    """Change replication settings; they apply from the next cycle."""
+    args = _settings(settings)
+    if reverse:
+        args["reverse"] = True
+    render(
+        [c.replication_set(vm, **args) for c in clients(computer_names)],
+        Replication,
+        output,
+        properties,
+    )
+
+
+@group.command("get")
+@common
+@click.argument("vm", required=False)
+@click.option("--state", help="Only relationships in this state.")
+@click.option(
+    "--health", type=click.Choice(["Normal", "Warning", "Critical"]), help="Only this health."
+)
+@click.option("--mode", type=click.Choice(["Primary", "Replica", "ExtendedReplica", "TestReplica"]))
+def get(
+    computer_names: tuple[str, ...],
+    output: str,
+    properties: str | None,
+    vm: str | None,
+    state: str | None,
+    health: str | None,
+    mode: str | None,
+) -> None:
+    """Show replication relationships."""
+    rows = collect(computer_names, lambda c: list(c.replication_get(vm, state, health, mode)))
+    render(rows, Replication, output, properties)
+
+
+@group.command("measure")
+@common
+@click.argument("vm", required=False)
+def measure(
+    computer_names: tuple[str, ...], output: str, properties: str | None, vm: str | None
+) -> None:
+    """Replication statistics and health over the monitoring window."""
+    render(
+        collect(computer_names, lambda c: list(c.replication_measure(vm))),
+        Measurement,
+        output,
+        properties,
+    )
+
+
+@group.command("start-initial")
+@common
+@click.argument("vm")
+@click.option("--wait", is_flag=True, help="Show progress until initial replication is done.")
+def start_initial(
+    computer_names: tuple[str, ...], output: str, properties: str | None, vm: str, wait: bool
+) -> None:
+    """Copy the VM's disks to the replica in full (run on the primary)."""
+    for client in clients(computer_names):
+        row = client.replication_start_initial(vm)
+        if wait:
+            row = _wait_initial(client, vm)
+        render([row], Replication, output, properties)
+
+
+def _wait_initial(client: Client, vm: str) -> Replication:
+    with Progress(TextColumn("initial replication of {task.description}"), BarColumn(),
+                  TaskProgressColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as bar:  # fmt: skip
+        task = bar.add_task(vm, total=100)
+        while True:
+            row = client.replication_get(vm)[0]
+            bar.update(task, completed=row.initial_replication_progress or 0)
+            if row.state != "InitialReplicationInProgress":
+                break
+            time.sleep(0.5)
+    if row.state != "Replicating":
+        detail = client.replication_measure(vm)[0].health_details
+        raise VmrError(
+            f"initial replication of {vm} did not finish (state {row.state}): {'; '.join(detail)}"
+        )
+    return row
+
+
+def _simple(name: str, doc: str, call: Callable[[Client, str], Replication]) -> None:
+    @group.command(name, help=doc)
+    @common
+    @click.argument("vm")
+    def command(
+        computer_names: tuple[str, ...], output: str, properties: str | None, vm: str
+    ) -> None:
+        render([call(c, vm) for c in clients(computer_names)], Replication, output, properties)
+
+
+_simple(
+    "suspend",
+    "Pause replication; changes are kept and sent on resume.",
+    lambda c, v: c.replication_suspend(v),
+)
+_simple(
+    "remove",
+    "Remove replication on this side (run on each side).",
+    lambda c, v: c.replication_remove(v),
+)
+_simple(
+    "reset-statistics", "Start the statistics anew.", lambda c, v: c.replication_reset_statistics(v)
+)
+
+
+@group.command("resume")
+@common
+@click.argument("vm")
+@click.option("--resynchronize", is_flag=True, help="Resynchronize (when tracking was lost).")
+def resume(
+    computer_names: tuple[str, ...],
+    output: str,
+    properties: str | None,
+    vm: str,
+    resynchronize: bool,
+) -> None:
+    """Resume a suspended (or failed) replication."""
+    rows = [c.replication_resume(vm, resynchronize) for c in clients(computer_names)]
+    render(rows, Replication, output, properties)

@@ -18,7 +18,7 @@ import logging
 import shutil
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmreplica._internal.config import HostConfig
@@ -256,6 +256,35 @@ class VmService:
                 "vm-created", f"created VM {name} ({vm_id})", vm_name=name, conn=conn
             )
         return self.get(name)
+
+    def register(
+        self,
+        conn: sqlite3.Connection,
+        vm_id: str,
+        name: str,
+        cpus: int,
+        memory_mb: int,
+        vm_dir: Path,
+        disks: Sequence[Path],
+        kernel: str | None = None,
+        initrd: str | None = None,
+        append: str | None = None,
+    ) -> None:
+        """Record a VM whose disks another engine made (a replica VM), inside its transaction."""
+        if conn.execute("SELECT 1 FROM vms WHERE name=? OR id=?", (name, vm_id)).fetchone():
+            raise InvalidState(
+                f"a VM named {name!r} (or with id {vm_id}) already exists on {self._config.name}"
+            )
+        conn.execute(
+            "INSERT INTO vms(id, name, cpus, memory_mb, kernel, initrd, append, state, vm_dir, created) "
+            "VALUES(?,?,?,?,?,?,?,?,?,?)",
+            (vm_id, name, cpus, memory_mb, kernel, initrd, append, OFF, str(vm_dir), now_iso()),
+        )
+        for i, path in enumerate(disks):
+            conn.execute(
+                "INSERT INTO vm_disks(vm_id, idx, path, owned) VALUES(?,?,?,?)",
+                (vm_id, i, str(path), 0),
+            )
 
     def _row(self, vm_id: str) -> sqlite3.Row:
         row = self._db.query_one("SELECT * FROM vms WHERE id=?", (vm_id,))

@@ -59,6 +59,60 @@ _MIGRATIONS: list[str] = [
         created TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE replications (
+        vm_id TEXT PRIMARY KEY,
+        vm_name TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        state TEXT NOT NULL,
+        primary_server TEXT NOT NULL,
+        replica_server TEXT NOT NULL,
+        replica_port INTEGER NOT NULL,
+        authentication_type TEXT NOT NULL,
+        frequency_sec INTEGER NOT NULL,
+        recovery_history INTEGER NOT NULL,
+        snapshot_frequency_hour INTEGER,
+        compression INTEGER NOT NULL,
+        disks TEXT NOT NULL,
+        auto_resynchronize INTEGER NOT NULL,
+        recovery_point_interval INTEGER NOT NULL,
+        trust_group TEXT,
+        auth_entry TEXT,
+        storage_dir TEXT,
+        sequence INTEGER NOT NULL DEFAULT 0,
+        acked_sequence INTEGER NOT NULL DEFAULT 0,
+        generation INTEGER NOT NULL DEFAULT 0,
+        last_replication_time TEXT,
+        last_replication_size INTEGER,
+        initial_progress REAL,
+        initial_size INTEGER,
+        enabled_time TEXT NOT NULL,
+        stats_since TEXT NOT NULL,
+        last_error TEXT,
+        send_failure TEXT,
+        last_rp_time TEXT,
+        next_rp_id INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TABLE cycles (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id TEXT NOT NULL,
+        sequence INTEGER,
+        start TEXT NOT NULL,
+        end TEXT,
+        size INTEGER NOT NULL DEFAULT 0,
+        ok INTEGER NOT NULL,
+        missed INTEGER NOT NULL DEFAULT 0,
+        error TEXT
+    );
+    CREATE INDEX cycles_vm ON cycles(vm_id, start);
+    CREATE TABLE recovery_points (
+        vm_id TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        creation_time TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        PRIMARY KEY (vm_id, id)
+    );
+    """,
 ]
 
 

@@ -1,0 +1,175 @@
+"""What ``replication get|measure|…`` show and do, whichever side of a relationship this host is.
+
+The primary and replica engines do the work; this module turns their rows into the contract's
+objects, computes health over the monitoring window, and sends each command to the right side.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from vmreplica._internal.config import HostConfig
+from vmreplica._internal.engine import health
+from vmreplica._internal.engine import repl_store as rs
+from vmreplica._internal.engine.primary import PrimaryEngine
+from vmreplica._internal.engine.replica import ReplicaEngine
+from vmreplica._internal.engine.server import ServerService
+from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.models import Measurement, Replication
+from vmreplica.errors import InvalidArgument, InvalidState
+
+
+class ReplicationService:
+    def __init__(
+        self,
+        config: HostConfig,
+        server: ServerService,
+        vms: VmService,
+        primary: PrimaryEngine,
+        replica: ReplicaEngine,
+    ) -> None:
+        self._config = config
+        self._server = server
+        self._vms = vms
+        self.primary = primary
+        self.replica = replica
+        self.store = primary.store
+        vms.replication_info = self.vm_columns
+
+    def _window(self, row: rs.ReplicationRow, now: datetime) -> health.Window:
+        settings = self._server.get()
+        since = datetime.fromisoformat(row.stats_since)
+        return health.monitoring_window(
+            now, settings.monitoring_start_time, settings.monitoring_interval, since
+        )
+
+    def _health(
+        self, row: rs.ReplicationRow, now: datetime
+    ) -> tuple[health.Health, health.Stats, health.Window]:
+        window = self._window(row, now)
+        stats = health.statistics(
+            self.store.cycles(row.vm_id, window.start.astimezone(UTC).isoformat()), window
+        )
+        last = (
+            datetime.fromisoformat(row.last_replication_time) if row.last_replication_time else None
+        )
+        verdict = health.evaluate(
+            health.HealthInput(
+                mode=row.mode,
+                state=row.state,
+                now=now,
+                last_success=last,
+                stats=stats,
+                send_failure=row.send_failure,
+            )
+        )
+        return verdict, stats, window
+
+    def vm_columns(self, vm_id: str) -> tuple[str, str | None, str | None]:
+        row = self.store.find(vm_id)
+        if row is None:
+            return rs.DISABLED, None, None
+        verdict, _, _ = self._health(row, datetime.now(UTC))
+        return row.state, verdict.level, row.mode
+
+    def to_model(self, row: rs.ReplicationRow) -> Replication:
+        verdict, _, _ = self._health(row, datetime.now(UTC))
+        rec = self._vms.by_id(row.vm_id)
+        disks = [str(rec.disks[i]) for i in row.disks if rec is not None and i < len(rec.disks)]
+        s = row.settings
+        return Replication(
+            computer_name=self._config.name, vm_name=row.vm_name, vm_id=row.vm_id, state=row.state,
+            health=verdict.level, mode=row.mode, relationship_type="Simple", primary_server=row.primary_server,
+            replica_server=row.replica_server, replica_port=row.replica_port,
+            authentication_type=row.authentication_type.capitalize(), frequency_sec=s.frequency_sec,
+            recovery_history=s.recovery_history, snapshot_frequency_hour=s.snapshot_frequency_hour,
+            compression_enabled=s.compression, replicated_disks=disks,
+            auto_resynchronize_enabled=s.auto_resynchronize, trust_group=row.trust_group,
+            last_replication_time=row.last_replication_time, initial_replication_progress=row.initial_progress,
+            recovery_point_interval_sec=s.recovery_point_interval,
+        )  # fmt: skip
+
+    def get(
+        self, vm: str | None, state: str | None, health_level: str | None, mode: str | None
+    ) -> list[Replication]:
+        rows = self.store.all()
+        if vm is not None:
+            rec = self._vms.find(vm)
+            rows = [self.store.get(rec.id, vm)]
+        models = [self.to_model(r) for r in rows]
+        return [
+            m for m in models
+            if (state is None or m.state == state) and (health_level is None or m.health == health_level)
+            and (mode is None or m.mode == mode)
+        ]  # fmt: skip
+
+    def measure(self, vm: str | None) -> list[Measurement]:
+        rows = self.store.all()
+        if vm is not None:
+            rec = self._vms.find(vm)
+            rows = [self.store.get(rec.id, vm)]
+        out = []
+        now = datetime.now(UTC)
+        for row in rows:
+            verdict, stats, window = self._health(row, now)
+            out.append(
+                Measurement(
+                    computer_name=self._config.name,
+                    vm_name=row.vm_name,
+                    state=row.state,
+                    health=verdict.level,
+                    health_details=verdict.details,
+                    last_replication_time=row.last_replication_time,
+                    last_replication_size=row.last_replication_size,
+                    pending_replication_size=self.primary.pending_size(row.vm_id)
+                    if row.mode == rs.PRIMARY
+                    else 0,
+                    average_replication_size=stats.average_replication_size,
+                    maximum_replication_size=stats.maximum_replication_size,
+                    average_replication_latency=stats.average_replication_latency,
+                    maximum_replication_latency=stats.maximum_replication_latency,
+                    successful_replication_count=stats.successful_replication_count,
+                    missed_replication_count=stats.missed_replication_count,
+                    replication_errors=stats.replication_errors,
+                    initial_replication_size=row.initial_size,
+                    monitoring_start_time=window.start.isoformat(timespec="seconds"),
+                    monitoring_end_time=window.end.isoformat(timespec="seconds"),
+                )
+            )
+        return out
+
+    def _row(self, vm: str) -> rs.ReplicationRow:
+        rec = self._vms.find(vm)
+        return self.store.get(rec.id, vm)
+
+    def _primary_only(self, vm: str, what: str) -> None:
+        if self._row(vm).mode != rs.PRIMARY:
+            raise InvalidState(
+                f"{what} runs on the primary server of {vm}; this host holds its replica"
+            )
+
+    async def suspend(self, vm: str) -> Replication:
+        self._primary_only(vm, "suspend")
+        return self.to_model(await self.primary.suspend(vm))
+
+    async def resume(self, vm: str, resynchronize: bool) -> Replication:
+        self._primary_only(vm, "resume")
+        if resynchronize:
+            raise InvalidArgument(
+                "resynchronization is not available in this version of vmreplica yet"
+            )
+        return self.to_model(await self.primary.resume(vm))
+
+    async def reset_statistics(self, vm: str) -> Replication:
+        row = self._row(vm)
+        await self.primary.reset_statistics(row.vm_id)
+        return self.to_model(self.store.get(row.vm_id, vm))
+
+    async def remove(self, vm: str) -> Replication:
+        row = self._row(vm)
+        model = self.to_model(row)
+        if row.mode == rs.PRIMARY:
+            await self.primary.remove(row)
+        else:
+            await self.replica.remove(row)
+        return model

@@ -1,0 +1,33 @@
+"""Fault injection points, as first-class tooling for tests (in the manner of borg's).
+
+An agent started with ``VMREPLICA_FAULTS="primary.after_cut=kill,replica.mid_apply=error"`` dies
+with SIGKILL, or raises, when it reaches the named point. Without the variable every point is a
+dictionary lookup that finds nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from vmreplica.errors import VmrError
+
+
+def _parse(spec: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in spec.split(","):
+        point, _, action = item.strip().partition("=")
+        if point:
+            out[point] = action or "kill"
+    return out
+
+
+_FAULTS = _parse(os.environ.get("VMREPLICA_FAULTS", ""))
+
+
+def hit(point: str) -> None:
+    action = _FAULTS.get(point)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "error":
+        raise VmrError(f"injected fault at {point}")
