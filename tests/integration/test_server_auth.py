@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vmreplica._internal.localcluster import Cluster
 from vmreplica._internal import certs
+from vmreplica._internal.localcluster import Cluster
 
 
 def enable_replica(cluster: Cluster, host: str = "vmhost2") -> int:

@@ -136,7 +136,11 @@ def start(
 @common
 @stdin_option
 @click.argument("name", required=False)
-@click.option("--force", is_flag=True, help="Kill the VM instead of asking the guest to power off.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Turn the VM off at once (the guest is not asked; disks are closed cleanly).",
+)
 @click.option(
     "--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the guest."
 )
@@ -149,7 +153,7 @@ def stop(
     force: bool,
     timeout: float,
 ) -> None:
-    """Stop a VM: ACPI power-off, or kill with --force."""
+    """Stop a VM: ACPI power-off, or turn it off at once with --force."""
     rows = _each_vm(name, from_stdin, computer_names, lambda c, n: c.vm_stop(n, force, timeout))
     render(rows, Vm, output, properties)
 

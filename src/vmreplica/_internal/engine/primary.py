@@ -142,7 +142,7 @@ class PrimaryEngine:
         disks = tuple(i for i, d in enumerate(rec.disks) if str(d) not in excluded)
         if not disks:
             raise InvalidArgument(f"VM {name} would have no disk left to replicate")
-        sizes = [await qemu_img.virtual_size(rec.disks[i]) for i in disks]
+        sizes = [await qemu_img.virtual_size(rec.disks[i], force_share=True) for i in disks]
         peer = peer_address(self._config, replica_server, replica_port)
         row = rs.ReplicationRow(
             vm_id=rec.id, vm_name=name, mode=rs.PRIMARY, state=rs.READY_FOR_INITIAL,
@@ -344,7 +344,7 @@ class PrimaryEngine:
 
     async def _virtual_size(self, rec: VmRecord) -> int:
         if rec.id not in self._sizes:
-            self._sizes[rec.id] = sum([await qemu_img.virtual_size(d) for d in rec.disks])
+            self._sizes[rec.id] = sum([await qemu_img.virtual_size(d, force_share=True) for d in rec.disks])
         return self._sizes[rec.id]
 
     async def sync(self, name: str) -> rs.ReplicationRow:

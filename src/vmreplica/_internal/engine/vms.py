@@ -390,11 +390,18 @@ class VmService:
                     "ACPI request): use `vm stop --force` to kill it"
                 )
             await process.quit()
+            clean = True
         else:
-            await process.kill()
-        await self._went_off(
-            rec, clean=not force, why="stopped by the operator" + (" (forced)" if force else "")
-        )
+            # Turned off like a power cut for the guest, but QEMU still closes the images, so
+            # their change tracking survives; SIGKILL only if QEMU does not obey.
+            try:
+                await process.quit(timeout=10.0)
+                clean = True
+            except VmrError:
+                await process.kill()
+                clean = False
+        why = "stopped by the operator" + (" (turned off)" if force else "")
+        await self._went_off(rec, clean=clean, why=why)
 
     async def stop(
         self, name: str, force: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT

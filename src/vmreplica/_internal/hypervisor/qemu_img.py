@@ -166,8 +166,10 @@ async def info_chain(
     return result
 
 
-async def virtual_size(path: str | os.PathLike[str], *, fmt: str = FORMAT) -> int:
-    return int((await info(path, fmt=fmt))["virtual-size"])
+async def virtual_size(
+    path: str | os.PathLike[str], *, fmt: str = FORMAT, force_share: bool = False
+) -> int:
+    return int((await info(path, fmt=fmt, force_share=force_share))["virtual-size"])
 
 
 async def _rebase(

@@ -10,16 +10,17 @@ re-enables it: the next cycle sees every write since the last committed delta.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmreplica._internal.hypervisor import blockjobs
+from vmreplica._internal.hypervisor import blockjobs, qemu_img
 from vmreplica._internal.hypervisor.blockjobs import QmpTarget
 from vmreplica._internal.hypervisor.qmp import QmpCommandError
-from vmreplica.errors import ResyncRequired, VmrError
+from vmreplica.errors import InvalidState, ResyncRequired, StorageError, VmrError
 
 __all__ = ["QmpTarget", "drop", "name", "remove_all", "rotate", "settle", "start_full"]
 
@@ -35,7 +36,7 @@ def name(generation: int) -> str:
 
 
 async def _generations(target: QmpTarget, node: str) -> dict[int, dict[str, Any]]:
-    found = await blockjobs.block_nodes(target, [node])
+    found = await blockjobs._block_nodes(target, [node])
     out: dict[int, dict[str, Any]] = {}
     for bitmap in found[node].get("dirty-bitmaps") or []:
         match = _NAME_RE.match(str(bitmap.get("name")))
@@ -57,7 +58,9 @@ async def _clear_leftovers(target: QmpTarget) -> None:
     for job in jobs if isinstance(jobs, list) else []:
         device = str(job.get("device", ""))
         if device.startswith(f"{JOB_PREFIX}-"):
-            await blockjobs.cancel_and_wait(target, [device])
+            with target.subscribe(blockjobs._END_EVENTS) as events:
+                stale = blockjobs._Job(str(job.get("device")), Path(), device, "")
+                await asyncio.wait_for(blockjobs._cancel(target, events, [stale]), 60)
     nodes = await target.execute("query-named-block-nodes", {"flat": True})
     for node in nodes if isinstance(nodes, list) else []:
         node_name = str(node.get("node-name", ""))
@@ -102,10 +105,74 @@ async def settle(target: QmpTarget, nodes: Sequence[str], generation: int) -> No
 
 async def rotate(target: QmpTarget, nodes: Sequence[str], generation: int, dests: Sequence[Path],
                  progress: Progress | None = None) -> None:  # fmt: skip
-    """Cut the delta of ``generation`` into ``dests`` and start ``generation + 1`` at that instant."""
-    await blockjobs.rotate_copy(
-        target, nodes, dests, name(generation), name(generation + 1), progress, JOB_PREFIX
-    )
+    """Cut the delta of ``generation`` into ``dests`` and start ``generation + 1`` at that instant.
+
+    ``sync=bitmap`` with ``bitmap-mode=never`` (``incremental`` insists on ``on-success``) keeps generation G's bits whatever the copy does; on failure the new
+    generation is folded back at once (and by :func:`settle` if the agent died meanwhile).
+    """
+    found = await blockjobs._block_nodes(target, nodes)
+    jobs = [
+        blockjobs._Job(node, Path(dest).absolute(), f"{JOB_PREFIX}-j{i}", f"{JOB_PREFIX}-t{i}")
+        for i, (node, dest) in enumerate(zip(nodes, dests, strict=True))
+    ]
+    current, following = name(generation), name(generation + 1)
+    added: list[str] = []
+    ok = False
+    try:
+        for job in jobs:
+            if job.dest.exists():
+                raise InvalidState(f"cannot copy {job.node}: {job.dest} already exists")
+            await qemu_img.create(job.dest, int(found[job.node]["image"]["virtual-size"]))
+            file = {
+                "driver": "file",
+                "node-name": f"{job.target_node}-file",
+                "filename": str(job.dest),
+            }
+            await target.execute(
+                "blockdev-add", {"driver": "qcow2", "node-name": job.target_node, "file": file}
+            )
+            added.append(job.target_node)
+        actions: list[dict[str, object]] = []
+        for job in jobs:
+            actions += [
+                {"type": "block-dirty-bitmap-add", "data": {"node": job.node, "name": following, "persistent": True}},
+                {"type": "block-dirty-bitmap-disable", "data": {"node": job.node, "name": current}},
+                {"type": "blockdev-backup", "data": {
+                    "job-id": job.job_id, "device": job.node, "target": job.target_node,
+                    "sync": "bitmap", "bitmap": current, "bitmap-mode": "never",
+                }},
+            ]  # fmt: skip
+        with target.subscribe(blockjobs._END_EVENTS) as events:
+            try:
+                await target.execute("transaction", {"actions": actions})
+            except QmpCommandError as exc:
+                raise VmrError(
+                    f"cannot start the delta copy of {', '.join(nodes)}: {exc.desc}"
+                ) from exc
+            try:
+                await blockjobs._wait(target, events, jobs, progress)
+            except BaseException:
+                with contextlib.suppress(VmrError, TimeoutError):
+                    await asyncio.wait_for(blockjobs._cancel(target, events, jobs), 30)
+                raise
+        failed = [job for job in jobs if job.error is not None or job.cancelled]
+        if failed:
+            job = failed[0]
+            reason = job.error or "cancelled"
+            prefix = "disk full: " if "No space left" in reason else ""
+            raise StorageError(f"{prefix}delta copy of {job.node} into {job.dest} failed: {reason}")
+        ok = True
+    finally:
+        for node_name in added:
+            with contextlib.suppress(VmrError):
+                await target.execute("blockdev-del", {"node-name": node_name})
+        if not ok:
+            for job in jobs:
+                job.dest.unlink(missing_ok=True)
+            with contextlib.suppress(VmrError):
+                await settle(target, nodes, generation)
+    for parent in sorted({job.dest.parent for job in jobs}):
+        blockjobs._fsync_dir(parent)
 
 
 async def drop(target: QmpTarget, nodes: Sequence[str], generation: int) -> None:

@@ -1,0 +1,117 @@
+"""Replication end to end through the CLI: enable, initial replication, delta cycles, recovery
+points, statistics and health, suspend/resume, remove."""
+
+from __future__ import annotations
+
+import time
+
+from tests.integration.replication_env import (
+    PRIMARY,
+    REPLICA,
+    make_pair,
+    qemu_img_check,
+    wait_for,
+)
+from vmreplica._internal.localcluster import Cluster
+
+
+def test_replicate_running_vm(cluster: Cluster) -> None:
+    pair = make_pair(cluster)
+    cluster.cli("vm", "new", "app", "--disk", "64M", "--disk", "32M", host=PRIMARY)
+    cluster.cli("vm", "start", "app", host=PRIMARY)
+    pair.write("app", 0, 0x11, "0", "1M")
+    pair.write("app", 1, 0x22, "4M", "256k")
+
+    enabled = pair.enable(
+        "app", "--frequency", "30", "--recovery-history", "2", "--recovery-point-interval", "3"
+    )
+    assert enabled["state"] == "ReadyForInitialReplication" and enabled["health"] == "Warning"
+    assert enabled["mode"] == "Primary" and enabled["replica_server"] == REPLICA
+    replica_vm = pair.json("vm", "get", "app", host=REPLICA)[0]
+    assert replica_vm["id"] == cluster.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"]
+    assert replica_vm["replication_mode"] == "Replica"
+    assert replica_vm["replication_state"] == "WaitingForInitialReplication"
+    refused = cluster.cli("vm", "start", "app", host=REPLICA, check=False)
+    assert refused.returncode == 4 and "can only run after a failover" in refused.stderr
+
+    pair.start("app")
+    # Writes made during and after the copy reach the replica with the next cycle.
+    pair.write("app", 0, 0x33, "2M", "512k")
+    pair.write("app", 1, 0x44, "0", "64k")
+    cluster.cli("replication", "sync", "app", host=PRIMARY)
+    for disk in (0, 1):
+        assert pair.equal("app", disk)
+        qemu_img_check(pair.tip("app", disk))
+    assert pair.replication("app", REPLICA)["state"] == "Replicating"
+
+    # The scheduler ships changes by itself within the frequency (30 s).
+    pair.write("app", 0, 0x55, "8M", "1M")
+    before = pair.measure("app")["successful_replication_count"]
+    wait_for(
+        lambda: pair.measure("app")["successful_replication_count"] != before,
+        45,
+        "a scheduled cycle",
+    )
+    assert pair.equal("app", 0)
+
+    # Recovery points: every 3 s a new one, at most 2 kept, plus Latest.
+    for pattern in (0x61, 0x62, 0x63):
+        time.sleep(3.2)
+        pair.write("app", 0, pattern, "16M", "64k")
+        cluster.cli("replication", "sync", "app", host=PRIMARY)
+    points = pair.json("recovery-point", "list", "app", host=REPLICA)
+    assert [p["kind"] for p in points] == ["Standard", "Standard", "Latest"]
+    assert int(str(points[0]["id"])) < int(str(points[1]["id"]))
+
+    measured = pair.measure("app")
+    assert measured["health"] == "Normal", measured["health_details"]
+    assert measured["successful_replication_count"] >= 6
+    assert measured["initial_replication_size"] and measured["pending_replication_size"] == 0
+    assert measured["average_replication_latency"] is not None
+    replica_measure = pair.measure("app", REPLICA)
+    assert (
+        replica_measure["successful_replication_count"] >= 6
+        and replica_measure["health"] == "Normal"
+    )
+
+    # Suspend keeps changes, resume sends them.
+    cluster.cli("replication", "suspend", "app", host=PRIMARY)
+    suspended = pair.measure("app")
+    assert suspended["state"] == "Suspended" and suspended["health"] == "Warning"
+    pair.write("app", 1, 0x77, "1M", "128k")
+    cluster.cli("replication", "resume", "app", host=PRIMARY)
+    cluster.cli("replication", "sync", "app", host=PRIMARY)
+    assert pair.equal("app", 1)
+
+    cluster.cli("replication", "reset-statistics", "app", host=PRIMARY)
+    assert pair.measure("app")["successful_replication_count"] == 0
+
+    kinds = [e["kind"] for e in cluster.cli_json("event", "list", host=PRIMARY)]
+    assert "replication-enabled" in kinds and "initial-replication-done" in kinds
+    # Removing: each side separately; the replica VM stays as an ordinary VM.
+    cluster.cli("replication", "remove", "app", host=REPLICA)
+    vm = pair.json("vm", "get", "app", host=REPLICA)[0]
+    assert vm["replication_state"] == "Disabled"
+    cluster.cli("replication", "remove", "app", host=PRIMARY)
+    assert pair.json("replication", "get", host=PRIMARY) == []
+
+
+def test_replicate_vm_that_is_off(cluster: Cluster) -> None:
+    pair = make_pair(cluster)
+    parent = cluster.base / "parent.qcow2"
+    import subprocess
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(parent), "32M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 2M", str(parent)], check=True,
+                   capture_output=True)  # fmt: skip
+    cluster.cli("vm", "new", "off1", "--disk-parent", str(parent), host=PRIMARY)
+    pair.enable("off1")
+    pair.start("off1")
+    # The differencing disk arrived complete, parent included.
+    assert pair.equal("off1", 0)
+    # Writes made while running, then the VM stops: they replicate after it stops.
+    cluster.cli("vm", "start", "off1", host=PRIMARY)
+    pair.write("off1", 0, 0x6B, "3M", "1M")
+    cluster.cli("vm", "stop", "off1", "--force", host=PRIMARY)
+    cluster.cli("replication", "sync", "off1", host=PRIMARY)
+    assert pair.equal("off1", 0)
