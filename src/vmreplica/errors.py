@@ -38,7 +38,9 @@ class VmrError(Exception):
         return self.message
 
     def to_json(self) -> dict[str, dict[str, str]]:
-        return {"error": {"type": type(self).__name__, "message": self.message}}
+        # A private subclass travels as the nearest public class, so the peer can rebuild it.
+        public = next(c.__name__ for c in type(self).__mro__ if c.__name__ in _BY_NAME)
+        return {"error": {"type": public, "message": self.message}}
 
 
 class InvalidArgument(VmrError):

@@ -144,7 +144,7 @@ def test_connection_cut_mid_transfer(cluster: Cluster) -> None:
     proxy = CuttingProxy(pair.port, None)
     try:
         pair.port = proxy.port
-        replicated_vm(pair)
+        replicated_vm(pair, "app", "--compression", "false")
         proxy.limit = 200_000
         subprocess.run(["true"], check=True)
         pair.write("app", 0, 0x55, "8M", "4M")
@@ -162,7 +162,8 @@ def test_connection_cut_mid_transfer(cluster: Cluster) -> None:
 
 
 def _send_crafted(cluster: Cluster, sender: str, port: int, vm_id: str, delta_dir: Path,
-                  manifest: wire.DeltaManifest, corrupt_at: int | None = None) -> None:  # fmt: skip
+                  manifest: wire.DeltaManifest, corrupt_at: int | None = None,
+                  announce: wire.DeltaManifest | None = None) -> None:  # fmt: skip
     """Send a delta as a peer would, optionally flipping one byte of the stream."""
     tls_dir = cluster.hosts[sender].dir / "tls"
     tls = TlsFiles(tls_dir / "ca.pem", tls_dir / "cert.pem", tls_dir / "key.pem")
@@ -170,6 +171,13 @@ def _send_crafted(cluster: Cluster, sender: str, port: int, vm_id: str, delta_di
     async def body() -> bytes:
         chunks = [c async for c in wire.iter_stream(delta_dir, manifest)]
         data = bytearray(b"".join(chunks))
+        if announce is not None:
+            # Swap the header's manifest for one that lies, keeping the real disk data.
+            old_len = int.from_bytes(data[len(wire.MAGIC) : len(wire.MAGIC) + 4], "big")
+            new = announce.to_json().encode()
+            data[len(wire.MAGIC) : len(wire.MAGIC) + 4 + old_len] = (
+                len(new).to_bytes(4, "big") + new
+            )
         if corrupt_at is not None:
             data[corrupt_at % len(data)] ^= 0xFF
         return bytes(data)
@@ -208,29 +216,35 @@ def test_refused_deltas_store_nothing(cluster: Cluster, crafted: tuple[Pair, str
     applied = _replica_sequence(pair)
     seq = applied  # the replica's last sequence equals its count of applied deltas here
 
-    def manifest(sequence: int) -> wire.DeltaManifest:
+    def manifest(sequence: int, compression: str = "zstd") -> wire.DeltaManifest:
         for f in delta_dir.glob("manifest.json"):
             f.unlink()
         return asyncio.run(
-            wire.build_manifest(delta_dir, vm_id, sequence, "CrashConsistent", "zstd")
+            wire.build_manifest(delta_dir, vm_id, sequence, "CrashConsistent", compression)
         )
 
     cases: list[tuple[str, int, int | None, type[VmrError], str]] = [
         (PRIMARY, seq, None, IntegrityError, "already applied"),
         (PRIMARY, seq + 2, None, ResyncRequired, "out of sequence"),
-        (PRIMARY, seq + 1, 4000, IntegrityError, ""),
+        (PRIMARY, seq + 1, -100, IntegrityError, "corrupted in transit"),
         ("vmhost3", seq + 1, None, AccessDenied, "not authorized"),
     ]
     for sender, sequence, corrupt, error, text in cases:
         with pytest.raises(error) as caught:
             _send_crafted(cluster, sender, pair.port, vm_id, delta_dir, manifest(sequence), corrupt)
         assert text in caught.value.message
+    # Uncompressed, a flipped byte is caught by the end-to-end hash.
+    with pytest.raises(IntegrityError, match="hash mismatch"):
+        _send_crafted(
+            cluster, PRIMARY, pair.port, vm_id, delta_dir, manifest(seq + 1, "none"), -100
+        )
     # A wrong size in the manifest.
     real = manifest(seq + 1)
     lying = wire.DeltaManifest(real.vm_id, real.sequence, real.created, real.consistency, real.compression,
                                (wire.DiskEntry(0, real.disks[0].file_size - 1000, real.disks[0].blake3),))  # fmt: skip
-    with pytest.raises(IntegrityError):
-        _send_crafted(cluster, PRIMARY, pair.port, vm_id, delta_dir, lying)
+    with pytest.raises(IntegrityError) as lied:
+        _send_crafted(cluster, PRIMARY, pair.port, vm_id, delta_dir, real, announce=lying)
+    assert "larger than announced" in lied.value.message
     # Another trust group may not write into this replica.
     cluster.cli("auth", "new", "--allowed-primary", "vmhost3", "--storage-location", str(cluster.base / "z"),
                 "--trust-group", "Other", host=REPLICA)  # fmt: skip
@@ -239,15 +253,14 @@ def test_refused_deltas_store_nothing(cluster: Cluster, crafted: tuple[Pair, str
     assert "trust group Other" in denied.value.message
 
     assert _replica_sequence(pair) == applied, "nothing was applied"
-    assert (
-        not list((pair.storage / "app" / "staging").glob("*/*"))
-        if (pair.storage / "app" / "staging").exists()
-        else True
-    )
+    staging = pair.storage / "app" / "staging"
+    assert not staging.exists() or not any(staging.rglob("*.qcow2*")), "nothing was stored"
     refused = [
-        e for e in cluster.cli_json("event", "list", host=REPLICA) if e["kind"] == "delta-refused"
+        e
+        for e in cluster.cli_json("event", "list", host=REPLICA)
+        if e["kind"] in ("delta-refused", "peer-refused")
     ]
-    assert len(refused) >= 4
+    assert len(refused) >= 7, "\n".join(e["message"] for e in refused)
     # The real primary carries on, and the replica equals it.
     pair.write("app", 0, 0x66, "6M", "64k")
     cluster.cli("replication", "sync", "app", host=PRIMARY)

@@ -256,6 +256,8 @@ def resume(
     """Resume a suspended (or failed) replication."""
     rows = [c.replication_resume(vm, resynchronize) for c in clients(computer_names)]
     render(rows, Replication, output, properties)
+
+
 _simple(
     "sync",
     "Replicate now, outside the schedule, and wait until the replica has applied it.",

@@ -344,7 +344,9 @@ class PrimaryEngine:
 
     async def _virtual_size(self, rec: VmRecord) -> int:
         if rec.id not in self._sizes:
-            self._sizes[rec.id] = sum([await qemu_img.virtual_size(d, force_share=True) for d in rec.disks])
+            self._sizes[rec.id] = sum(
+                [await qemu_img.virtual_size(d, force_share=True) for d in rec.disks]
+            )
         return self._sizes[rec.id]
 
     async def sync(self, name: str) -> rs.ReplicationRow:

@@ -64,10 +64,17 @@ class ReplicaEngine:
         """Only the creating server, or a server of the same trust group, may write this replica."""
         if row.primary_server in peer_names or authz.trust_group == row.trust_group:
             return
-        raise AccessDenied(
+        err = AccessDenied(
             f"not authorized: {peer_names[0] if peer_names else 'this peer'} is in trust group "
             f"{authz.trust_group}, but replica VM {row.vm_name} belongs to trust group {row.trust_group}"
         )
+        self._events.record(
+            "delta-refused",
+            f"refused a request for {row.vm_name}: {err.message}",
+            row.vm_name,
+            "warning",
+        )
+        raise err
 
     # -- enable ----------------------------------------------------------------------------
 

@@ -340,9 +340,15 @@ class ServerService:
             return Authorization(
                 "*", DEFAULT_TRUST_GROUP, Path(str(raw["default_storage_location"]))
             )
-        raise AccessDenied(
+        err = AccessDenied(
             f"not authorized: no authorization entry on this replica server allows {', '.join(names) or 'this peer'}"
         )
+        self._events.record(
+            "peer-refused",
+            f"refused {', '.join(names) or 'a peer'}: {err.message}",
+            level="warning",
+        )
+        raise err
 
 
 def _opt_str(value: object) -> str | None:
