@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,15 +168,17 @@ def test_running_vm_full_copy_then_three_incremental_cycles(root: Path) -> None:
     asyncio.run(scenario())
 
 
-class PausedAtStart:
-    """The VM, except that the first copy job is paused the moment the transaction started it.
+class Interposed:
+    """The VM seen through the QmpTarget protocol, with faults a test cannot get otherwise.
 
-    A copy takes a fraction of a second; pausing it from the test's side makes sure that what
-    the test does next happens mid-copy.
+    ``pause``: the first copy job is paused the moment the transaction has started it (a copy
+    takes a fraction of a second, so this is how a test acts mid-copy). ``fail_first_del``: the
+    first ``blockdev-del`` fails, as if the monitor broke right after the copy.
     """
 
-    def __init__(self, vm: QemuVm, fail_first_del: bool = False) -> None:
+    def __init__(self, vm: QemuVm, *, pause: bool = False, fail_first_del: bool = False) -> None:
         self.vm = vm
+        self.pause = pause
         self.fail_del = fail_first_del
 
     async def execute(
@@ -185,12 +188,24 @@ class PausedAtStart:
             self.fail_del = False
             raise VmrError("blockdev-del failed (simulated)")
         result = await self.vm.execute(cmd, args, timeout)
-        if cmd == "transaction" and not self.fail_del:
+        if cmd == "transaction" and self.pause:
             await self.vm.execute("block-job-pause", {"device": "vmr-j0"})
         return result
 
     def subscribe(self, names: tuple[str, ...] | None = None) -> EventSubscription:
         return self.vm.subscribe(names)
+
+
+async def wait_paused(vm: QemuVm, task: asyncio.Task[None]) -> list[dict[str, Any]]:
+    """Wait until job vmr-j0 (run by ``task``) has paused; returns its query-block-jobs entry."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        jobs = await vm.execute("query-block-jobs")
+        assert isinstance(jobs, list) and not task.done()
+        if paused := [j for j in jobs if j["device"] == "vmr-j0" and j["status"] == "paused"]:
+            return paused
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"job vmr-j0 did not pause: {jobs}")
 
 
 def test_writes_during_the_full_copy_are_not_lost(root: Path) -> None:
@@ -202,14 +217,11 @@ def test_writes_during_the_full_copy_are_not_lost(root: Path) -> None:
     async def scenario() -> None:
         vm = await start_vm(root, (disk,))
         full = root / "full.qcow2"
-        copy = asyncio.create_task(full_copy_with_tracking(PausedAtStart(vm), ["disk0"], [full]))
+        copy = asyncio.create_task(
+            full_copy_with_tracking(Interposed(vm, pause=True), ["disk0"], [full])
+        )
         try:
-            while True:
-                jobs = await vm.execute("query-block-jobs")
-                assert isinstance(jobs, list) and not copy.done()
-                if jobs and jobs[0]["status"] == "paused":
-                    break
-                await asyncio.sleep(0.01)
+            jobs = await wait_paused(vm, copy)
             assert jobs[0]["offset"] < 128 * MiB  # still in the first data region
             # Over data copied already, not yet, and over empty space; then a zeroing.
             await write(vm, 0, "write -P 0xc1 0 1M")
@@ -413,15 +425,6 @@ def test_differencing_disk_is_copied_complete_and_sparse(root: Path) -> None:
     asyncio.run(scenario())
 
 
-async def wait_paused(vm: QemuVm, task: asyncio.Task[None]) -> None:
-    while True:
-        jobs = await vm.execute("query-block-jobs")
-        assert isinstance(jobs, list) and not task.done()
-        if jobs and jobs[0]["status"] == "paused":
-            return
-        await asyncio.sleep(0.01)
-
-
 def test_cancelled_incremental_copy_cleans_up_and_keeps_the_changes(root: Path) -> None:
     disks = (qcow2(root / "d0.qcow2", 64 * MiB), qcow2(root / "d1.qcow2", 32 * MiB))
     nodes = ["disk0", "disk1"]
@@ -435,7 +438,7 @@ def test_cancelled_incremental_copy_cleans_up_and_keeps_the_changes(root: Path) 
             await write(vm, 0, "write -P 0x40 0 32M")
             await write(vm, 1, "write -P 0x41 0 1M")
             deltas = [root / "c0.qcow2", root / "c1.qcow2"]
-            copy = asyncio.create_task(incremental_copy(PausedAtStart(vm), nodes, deltas))
+            copy = asyncio.create_task(incremental_copy(Interposed(vm, pause=True), nodes, deltas))
             await wait_paused(vm, copy)
             copy.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -463,7 +466,7 @@ def test_delta_lost_after_the_bitmap_was_cleared_forces_a_resync(root: Path) -> 
             await full_copy_with_tracking(vm, ["disk0"], [root / "full.qcow2"])
             await write(vm, 0, "write -P 0x40 0 1M")
             delta = root / "delta.qcow2"
-            failing = PausedAtStart(vm, fail_first_del=True)
+            failing = Interposed(vm, fail_first_del=True)
             with pytest.raises(ResyncRequired, match="simulated"):
                 await incremental_copy(failing, ["disk0"], [delta])
             assert not delta.exists() and await leftovers(vm) == ([], [])

@@ -112,6 +112,8 @@ class CuttingProxy:
                 client, _ = self._server.accept()
             except TimeoutError:
                 continue
+            except OSError:
+                return  # closed
             upstream = socket.create_connection(("127.0.0.1", self._target))
             threading.Thread(
                 target=self._pump, args=(client, upstream, self.limit), daemon=True

@@ -165,6 +165,8 @@ async def incremental_copy(
 
     All disks are copied at one crash-consistent instant. The bitmaps are cleared only if every
     copy succeeds; on failure the destinations are deleted and the bitmaps keep every change.
+    Should the copies be lost after the bitmaps were cleared (closing them failed), the bitmaps
+    are removed too and ResyncRequired raised, so tracking that misses changes is never used.
     """
     await _copy(target, nodes, dest_files, bitmap, progress, job_prefix, full=False)
 
@@ -201,11 +203,7 @@ async def _copy(
         for job in jobs:
             await qemu_img.create(job.dest, int(found[job.node]["image"]["virtual-size"]))
             created.append(job.dest)
-            file = {
-                "driver": "file",
-                "filename": str(job.dest),
-                "node-name": f"{job.target_node}-f",
-            }
+            file = {"driver": "file", "filename": str(job.dest)}  # deleted with its parent
             options = {"driver": "qcow2", "node-name": job.target_node, "file": file}
             await target.execute("blockdev-add", options)
             added.append(job.target_node)
