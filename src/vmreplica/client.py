@@ -321,6 +321,24 @@ class Client:
     def replication_reset_statistics(self, vm: str) -> Replication:
         return self._model(Replication, "replication.reset_statistics", {"vm": vm})
 
+    def failover_start(
+        self,
+        vm: str,
+        prepare: bool = False,
+        as_test: bool = False,
+        recovery_point: str | None = None,
+        force: bool = False,
+    ) -> Replication:
+        return self._model(Replication, "failover.start", {
+            "vm": vm, "prepare": prepare, "as_test": as_test, "recovery_point": recovery_point, "force": force,
+        })  # fmt: skip
+
+    def failover_stop(self, vm: str) -> Replication:
+        return self._model(Replication, "failover.stop", {"vm": vm})
+
+    def failover_complete(self, vm: str) -> Replication:
+        return self._model(Replication, "failover.complete", {"vm": vm})
+
     def recovery_point_list(self, vm: str) -> list[RecoveryPoint]:
         return self._models(RecoveryPoint, "recovery_point.list", {"vm": vm})
 

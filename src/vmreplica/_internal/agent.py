@@ -25,6 +25,7 @@ from vmreplica._internal.api.replication import CertificateListener
 from vmreplica._internal.certs import server_ssl_context
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine.events import EventLog
+from vmreplica._internal.engine.failover import FailoverService
 from vmreplica._internal.engine.primary import PrimaryEngine
 from vmreplica._internal.engine.replica import ReplicaEngine
 from vmreplica._internal.engine.replication import ReplicationService
@@ -80,20 +81,32 @@ class Agent:
         self.vms = VmService(self.db, self.events, config)
         self.primary = PrimaryEngine(self.db, self.events, config, self.vms)
         self.replica = ReplicaEngine(self.db, self.events, config, self.vms)
+        self.primary.own_port = self._own_port
         self.replication = ReplicationService(
             config, self.server, self.vms, self.primary, self.replica
         )
+        self.failover = FailoverService(
+            self.db, self.events, config, self.vms, self.primary, self.replica
+        )
         self.vms.start_guards.append(self.replica.start_guard)
+        self.vms.start_guards.append(self.failover.start_guard)
         self.vms.on_off.append(self.primary.on_vm_off)
-        self.listener = CertificateListener(self.server, peer_routes(self.replica))
+        self.listener = CertificateListener(self.server, peer_routes(self.replica, self.failover))
         self.server.listener = self.listener
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
 
+    def _own_port(self) -> int | None:
+        settings = self.server.get()
+        return settings.certificate_authentication_port if settings.replication_enabled else None
+
     async def start(self) -> None:
         await self.vms.recover()
         await self.replica.recover()
-        methods = build_methods(self.config, self.server, self.vms, self.events, self.replication)
+        await self.failover.recover()
+        methods = build_methods(
+            self.config, self.server, self.vms, self.events, self.replication, self.failover
+        )
         await self.listener.apply(self.server.get(), self.server.listener_files())
         await self._serve_unix(make_app(methods, frozenset()))
         await self._serve_https(make_app(methods, frozenset(self.config.admins)))

@@ -10,6 +10,7 @@ from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine.connect import test_connection
 from vmreplica._internal.engine.events import EventLog
+from vmreplica._internal.engine.failover import FailoverService
 from vmreplica._internal.engine.replication import ReplicationService
 from vmreplica._internal.engine.server import ServerChanges, ServerService
 from vmreplica._internal.engine.vms import DiskRequest, VmRequest, VmService
@@ -22,6 +23,7 @@ def build_methods(
     vms: VmService,
     events: EventLog,
     replication: ReplicationService,
+    failover: FailoverService,
 ) -> dict[str, Method]:
     async def host_info(args: dict[str, Any]) -> Any:
         return {"computer_name": config.name}
@@ -194,7 +196,26 @@ def build_methods(
     async def recovery_point_list(args: dict[str, Any]) -> Any:
         return replication.replica.recovery_points(vms.find(a.req_str(args, "vm")))
 
+    async def failover_start(args: dict[str, Any]) -> Any:
+        row = await failover.start(
+            a.req_str(args, "vm"),
+            bool(a.opt_bool(args, "prepare")),
+            bool(a.opt_bool(args, "as_test")),
+            a.opt_str(args, "recovery_point"),
+            bool(a.opt_bool(args, "force")),
+        )
+        return replication.to_model(row)
+
+    async def failover_stop(args: dict[str, Any]) -> Any:
+        return replication.to_model(await failover.stop(a.req_str(args, "vm")))
+
+    async def failover_complete(args: dict[str, Any]) -> Any:
+        return replication.to_model(await failover.complete(a.req_str(args, "vm")))
+
     return {
+        "failover.start": failover_start,
+        "failover.stop": failover_stop,
+        "failover.complete": failover_complete,
         "replication.enable": replication_enable,
         "replication.set": replication_set,
         "replication.get": replication_get,

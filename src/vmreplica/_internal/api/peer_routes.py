@@ -7,6 +7,7 @@ import json
 from aiohttp import web
 
 from vmreplica._internal.api.replication import PeerHandler
+from vmreplica._internal.engine.failover import FailoverService
 from vmreplica._internal.engine.replica import ReplicaEngine
 from vmreplica._internal.engine.server import Authorization
 from vmreplica.errors import InvalidArgument
@@ -14,7 +15,7 @@ from vmreplica.errors import InvalidArgument
 CHUNK = 4 * 1024 * 1024
 
 
-def peer_routes(replica: ReplicaEngine) -> dict[str, PeerHandler]:
+def peer_routes(replica: ReplicaEngine, failover: FailoverService) -> dict[str, PeerHandler]:
     async def body(request: web.Request) -> dict[str, object]:
         data = json.loads(await request.read() or b"{}")
         if not isinstance(data, dict):
@@ -44,7 +45,23 @@ def peer_routes(replica: ReplicaEngine) -> dict[str, PeerHandler]:
         result = await replica.receive(authz, names, vm_id, request.content.iter_chunked(CHUNK))
         return web.json_response({"result": result})
 
+    async def vm_state(
+        request: web.Request, authz: Authorization, names: list[str]
+    ) -> web.StreamResponse:
+        return web.json_response(
+            {"result": await failover.vm_state(authz, names, await body(request))}
+        )
+
+    async def reverse(
+        request: web.Request, authz: Authorization, names: list[str]
+    ) -> web.StreamResponse:
+        return web.json_response(
+            {"result": await failover.become_replica(authz, names, await body(request))}
+        )
+
     return {
+        "/replication/v1/vm-state": vm_state,
+        "/replication/v1/reverse": reverse,
         "/replication/v1/enable": enable,
         "/replication/v1/status": status,
         "/replication/v1/delta": delta,

@@ -7,7 +7,17 @@ import sys
 
 import click
 
-from vmreplica._internal.cli import auth, cert, event, host, recovery_point, replication, server, vm
+from vmreplica._internal.cli import (
+    auth,
+    cert,
+    event,
+    failover,
+    host,
+    recovery_point,
+    replication,
+    server,
+    vm,
+)
 from vmreplica.errors import VmrError
 
 USAGE_EXIT = 2
@@ -19,7 +29,7 @@ def cli() -> None:
     """Disaster-recovery replication of QEMU/KVM virtual machines (like Hyper-V Replica)."""
 
 
-for module in (host, cert, server, auth, vm, replication, recovery_point, event):
+for module in (host, cert, server, auth, vm, replication, recovery_point, failover, event):
     cli.add_command(module.group)
 
 

@@ -126,6 +126,8 @@ def enable(
 @common
 @click.argument("vm")
 @click.option("--reverse", is_flag=True, help="Reverse the direction after a failover.")
+@click.option("--replica-server", metavar="FQDN", help="With --reverse: the new replica (default: old primary).")
+@click.option("--replica-port", type=int, help="With --reverse: its certificate port.")
 @_settings_options
 def set_cmd(
     computer_names: tuple[str, ...],
@@ -133,12 +135,14 @@ def set_cmd(
     properties: str | None,
     vm: str,
     reverse: bool,
+    replica_server: str | None,
+    replica_port: int | None,
     **settings: Any,
 ) -> None:
-    """Change replication settings; they apply from the next cycle."""
+    """Change replication settings (from the next cycle), or reverse the direction."""
     args = _settings(settings)
     if reverse:
-        args["reverse"] = True
+        args.update(reverse=True, replica_server=replica_server, replica_port=replica_port)
     render(
         [c.replication_set(vm, **args) for c in clients(computer_names)],
         Replication,

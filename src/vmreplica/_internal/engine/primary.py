@@ -16,7 +16,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,9 @@ class PrimaryEngine:
         self._send_locks: dict[str, asyncio.Lock] = {}
         self._cycle_locks: dict[str, asyncio.Lock] = {}
         self._sizes: dict[str, int] = {}
+        # This host's certificate listener port, if it listens: the replica needs it to check
+        # for split brain and to reverse replication later.
+        self.own_port: Callable[[], int | None] = lambda: None
 
     # -- files -----------------------------------------------------------------------------
 
@@ -107,7 +110,7 @@ class PrimaryEngine:
         return [node_name(i) for i in row.disks]
 
     @contextlib.asynccontextmanager
-    async def _target(self, rec: VmRecord) -> AsyncIterator[tracking.QmpTarget]:
+    async def target(self, rec: VmRecord) -> AsyncIterator[tracking.QmpTarget]:
         """The running VM's QEMU, or a storage daemon on the disks of a VM that is off."""
         process = self._vms.process(rec.id)
         if process is not None:
@@ -157,6 +160,7 @@ class PrimaryEngine:
             "vm_id": rec.id, "vm_name": name, "cpus": rec.cpus, "memory_mb": rec.memory_mb,
             "kernel": rec.kernel, "initrd": rec.initrd, "append": rec.append, "disk_sizes": sizes,
             "settings": _settings_json(settings), "replica_port": peer.port,
+            "primary_port": self.own_port(),
         }  # fmt: skip
         async with self._client(row) as client:
             await client.call("/replication/v1/hello")
@@ -222,7 +226,7 @@ class PrimaryEngine:
                     last[0] = now
                     self.store.update(row.vm_id, initial_progress=round(90.0 * done / total, 1))
 
-            async with self._vms.lock(rec.id), self._target(rec) as target:
+            async with self._vms.lock(rec.id), self.target(rec) as target:
                 await tracking.start_full(
                     target, self._nodes(row), _delta_files(delta_dir, row), progress=progress
                 )
@@ -312,7 +316,7 @@ class PrimaryEngine:
             delta_dir.mkdir(parents=True)
             committed = False
             try:
-                async with self._vms.lock(rec.id), self._target(rec) as target:
+                async with self._vms.lock(rec.id), self.target(rec) as target:
                     nodes = self._nodes(row)
                     await tracking.settle(target, nodes, row.generation)
                     await tracking.rotate(
@@ -412,6 +416,26 @@ class PrimaryEngine:
 
     # -- control ---------------------------------------------------------------------------
 
+    def resume_schedule(self, vm_id: str) -> None:
+        self._spawn(vm_id)
+
+    async def stop_schedule(self, vm_id: str) -> None:
+        task = self._tasks.pop(vm_id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def sync_pending(self, name: str) -> None:
+        """Send what the pending log holds, now (after a reverse: the failback delta)."""
+        rec = self._vms.find(name)
+        started = datetime.now(UTC)
+        try:
+            await self._send_pending(self.store.get(rec.id, name), started)
+        except VmrError as e:
+            self._failed(self.store.get(rec.id, name), started, e, 0)
+            raise
+
     async def suspend(self, name: str) -> rs.ReplicationRow:
         rec = self._vms.find(name)
         row = self.store.get(rec.id, name)
@@ -455,7 +479,7 @@ class PrimaryEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         rec = self._vms.find(row.vm_name)
-        async with self._vms.lock(rec.id), self._target(rec) as target:
+        async with self._vms.lock(rec.id), self.target(rec) as target:
             await tracking.remove_all(target, self._nodes(row))
         shutil.rmtree(self.vm_dir(row.vm_id), ignore_errors=True)
         with self._db.tx() as conn:

@@ -72,6 +72,15 @@ class ReplicationRow:
     send_failure: str | None
     last_rp_time: str | None
     next_rp_id: int
+    failover_point: int | None = None
+    test_vm_id: str | None = None
+    test_point: int | None = None
+    peer_port: int | None = None
+
+    @property
+    def pinned(self) -> set[int]:
+        """Recovery points an overlay stands on: pruning must wait for them."""
+        return {p for p in (self.failover_point, self.test_point) if p is not None}
 
 
 def _row(r: sqlite3.Row) -> ReplicationRow:
@@ -109,6 +118,10 @@ def _row(r: sqlite3.Row) -> ReplicationRow:
         send_failure=r["send_failure"],
         last_rp_time=r["last_rp_time"],
         next_rp_id=r["next_rp_id"],
+        failover_point=r["failover_point"],
+        test_vm_id=r["test_vm_id"],
+        test_point=r["test_point"],
+        peer_port=r["peer_port"],
     )
 
 
@@ -135,14 +148,14 @@ class ReplicationStore:
             "INSERT INTO replications(vm_id, vm_name, mode, state, primary_server, replica_server, "
             "replica_port, authentication_type, frequency_sec, recovery_history, "
             "snapshot_frequency_hour, compression, disks, auto_resynchronize, "
-            "recovery_point_interval, trust_group, auth_entry, storage_dir, enabled_time, stats_since) "
-            "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "recovery_point_interval, trust_group, auth_entry, storage_dir, enabled_time, stats_since, "
+            "peer_port) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 row.vm_id, row.vm_name, row.mode, row.state, row.primary_server, row.replica_server,
                 row.replica_port, row.authentication_type, s.frequency_sec, s.recovery_history,
                 s.snapshot_frequency_hour, int(s.compression), json.dumps(list(row.disks)),
                 int(s.auto_resynchronize), s.recovery_point_interval, row.trust_group, row.auth_entry,
-                row.storage_dir, row.enabled_time, row.stats_since,
+                row.storage_dir, row.enabled_time, row.stats_since, row.peer_port,
             ),
         )  # fmt: skip
 

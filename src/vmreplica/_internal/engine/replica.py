@@ -43,7 +43,6 @@ class ReplicaEngine:
         self._vms = vms
         self.store = rs.ReplicationStore(db)
         self._locks: dict[str, asyncio.Lock] = {}
-        self.pinned: dict[str, set[int]] = {}
 
     def lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
@@ -118,7 +117,7 @@ class ReplicaEngine:
                         generation=0, last_replication_time=None, last_replication_size=None,
                         initial_progress=None, initial_size=None, enabled_time=now_iso(),
                         stats_since=now_iso(), last_error=None, send_failure=None, last_rp_time=None,
-                        next_rp_id=1,
+                        next_rp_id=1, peer_port=_opt_int(req.get("primary_port")),
                     ),
                 )  # fmt: skip
                 self._events.record(
@@ -276,7 +275,7 @@ class ReplicaEngine:
 
     async def prune(self, vm_id: str) -> None:
         row = self._replica_row(vm_id)
-        pinned = self.pinned.get(vm_id, set())
+        pinned = row.pinned
         while True:
             ids = [
                 r["id"]
@@ -349,7 +348,7 @@ class ReplicaEngine:
                     conn.execute("DELETE FROM journal WHERE id=?", (j["id"],))
                 continue
             for chain in self.chains(row):
-                await chain.recover(self.pinned.get(row.vm_id, set()))
+                await chain.recover(row.pinned)
             log.info("finishing interrupted %s of %s", j["kind"], row.vm_name)
             if j["kind"] == "apply":
                 await self._finish_apply(
@@ -368,7 +367,7 @@ class ReplicaEngine:
             if row.mode != rs.REPLICA or row.storage_dir is None:
                 continue
             for chain in self.chains(row):
-                await chain.recover(self.pinned.get(row.vm_id, set()))
+                await chain.recover(row.pinned)
             shutil.rmtree(Path(row.storage_dir) / "staging", ignore_errors=True)
 
     def start_guard(self, vm: VmRecord) -> None:
@@ -393,6 +392,10 @@ class ReplicaEngine:
                     row.vm_name,
                     conn=conn,
                 )
+
+
+def _opt_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _existing_file(value: object) -> str | None:

@@ -286,6 +286,33 @@ class VmService:
                 (vm_id, i, str(path), 0),
             )
 
+    def set_disks(self, conn: sqlite3.Connection, vm_id: str, disks: Sequence[Path]) -> None:
+        """Point a VM at other disk files (failover overlays, reversed chains)."""
+        conn.execute("DELETE FROM vm_disks WHERE vm_id=?", (vm_id,))
+        for i, path in enumerate(disks):
+            conn.execute(
+                "INSERT INTO vm_disks(vm_id, idx, path, owned) VALUES(?,?,?,?)",
+                (vm_id, i, str(path), 0),
+            )
+
+    async def unregister(self, vm_id: str) -> None:
+        """Forget a VM whose files another engine owns (a test-failover VM), stopping it first."""
+        rec = self.by_id(vm_id)
+        if rec is None:
+            return
+        async with self.lock(vm_id):
+            if self._running.get(vm_id) is not None:
+                await self._stop_process(rec, force=True, timeout=0)
+            with self._db.tx() as conn:
+                conn.execute("DELETE FROM vms WHERE id=?", (vm_id,))
+            shutil.rmtree(self.run_dir(vm_id), ignore_errors=True)
+
+    async def ensure_off(self, vm_id: str) -> None:
+        rec = self.by_id(vm_id)
+        if rec is not None and rec.state == RUNNING:
+            async with self.lock(vm_id):
+                await self._stop_process(rec, force=True, timeout=0)
+
     def _row(self, vm_id: str) -> sqlite3.Row:
         row = self._db.query_one("SELECT * FROM vms WHERE id=?", (vm_id,))
         assert row is not None

@@ -22,7 +22,16 @@ from vmreplica._internal.hypervisor.blockjobs import QmpTarget
 from vmreplica._internal.hypervisor.qmp import QmpCommandError
 from vmreplica.errors import InvalidState, ResyncRequired, StorageError, VmrError
 
-__all__ = ["QmpTarget", "drop", "name", "remove_all", "rotate", "settle", "start_full"]
+__all__ = [
+    "QmpTarget",
+    "drop",
+    "name",
+    "remove_all",
+    "rotate",
+    "settle",
+    "start_from_top",
+    "start_full",
+]
 
 PREFIX = "vmreplica-"
 JOB_PREFIX = "vmr"
@@ -107,15 +116,64 @@ async def rotate(target: QmpTarget, nodes: Sequence[str], generation: int, dests
                  progress: Progress | None = None) -> None:  # fmt: skip
     """Cut the delta of ``generation`` into ``dests`` and start ``generation + 1`` at that instant.
 
-    ``sync=bitmap`` with ``bitmap-mode=never`` (``incremental`` insists on ``on-success``) keeps generation G's bits whatever the copy does; on failure the new
-    generation is folded back at once (and by :func:`settle` if the agent died meanwhile).
+    ``sync=bitmap`` with ``bitmap-mode=never`` (``incremental`` insists on ``on-success``) keeps
+    generation G's bits whatever the copy does; on failure the new generation is folded back at
+    once (and by :func:`settle` if the agent died meanwhile).
     """
+    current, following = name(generation), name(generation + 1)
+
+    def actions(job: blockjobs._Job) -> list[dict[str, object]]:
+        return [
+            {"type": "block-dirty-bitmap-add", "data": {"node": job.node, "name": following, "persistent": True}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": job.node, "name": current}},
+            {"type": "blockdev-backup", "data": {
+                "job-id": job.job_id, "device": job.node, "target": job.target_node,
+                "sync": "bitmap", "bitmap": current, "bitmap-mode": "never",
+            }},
+        ]  # fmt: skip
+
+    try:
+        await _copy(target, nodes, dests, actions, progress)
+    except BaseException:
+        with contextlib.suppress(VmrError):
+            await settle(target, nodes, generation)
+        raise
+
+
+async def start_from_top(target: QmpTarget, nodes: Sequence[str], dests: Sequence[Path]) -> None:
+    """After a failover: what the VM wrote into its overlays since the failover point (only the
+    top image's clusters), and generation 1 of tracking from that same instant."""
+    await remove_all(target, nodes)
+
+    def actions(job: blockjobs._Job) -> list[dict[str, object]]:
+        return [
+            {"type": "block-dirty-bitmap-add", "data": {"node": job.node, "name": name(1), "persistent": True}},
+            {"type": "blockdev-backup", "data": {
+                "job-id": job.job_id, "device": job.node, "target": job.target_node, "sync": "top",
+            }},
+        ]  # fmt: skip
+
+    try:
+        await _copy(target, nodes, dests, actions, None)
+    except BaseException:
+        with contextlib.suppress(VmrError):
+            await remove_all(target, nodes)
+        raise
+
+
+async def _copy(
+    target: QmpTarget,
+    nodes: Sequence[str],
+    dests: Sequence[Path],
+    actions_for: Callable[[blockjobs._Job], list[dict[str, object]]],
+    progress: Progress | None,
+) -> None:
+    """One transaction of block jobs into new standalone qcow2 files; all or nothing."""
     found = await blockjobs._block_nodes(target, nodes)
     jobs = [
         blockjobs._Job(node, Path(dest).absolute(), f"{JOB_PREFIX}-j{i}", f"{JOB_PREFIX}-t{i}")
         for i, (node, dest) in enumerate(zip(nodes, dests, strict=True))
     ]
-    current, following = name(generation), name(generation + 1)
     added: list[str] = []
     ok = False
     try:
@@ -132,23 +190,12 @@ async def rotate(target: QmpTarget, nodes: Sequence[str], generation: int, dests
                 "blockdev-add", {"driver": "qcow2", "node-name": job.target_node, "file": file}
             )
             added.append(job.target_node)
-        actions: list[dict[str, object]] = []
-        for job in jobs:
-            actions += [
-                {"type": "block-dirty-bitmap-add", "data": {"node": job.node, "name": following, "persistent": True}},
-                {"type": "block-dirty-bitmap-disable", "data": {"node": job.node, "name": current}},
-                {"type": "blockdev-backup", "data": {
-                    "job-id": job.job_id, "device": job.node, "target": job.target_node,
-                    "sync": "bitmap", "bitmap": current, "bitmap-mode": "never",
-                }},
-            ]  # fmt: skip
+        actions = [action for job in jobs for action in actions_for(job)]
         with target.subscribe(blockjobs._END_EVENTS) as events:
             try:
                 await target.execute("transaction", {"actions": actions})
             except QmpCommandError as exc:
-                raise VmrError(
-                    f"cannot start the delta copy of {', '.join(nodes)}: {exc.desc}"
-                ) from exc
+                raise VmrError(f"cannot start the copy of {', '.join(nodes)}: {exc.desc}") from exc
             try:
                 await blockjobs._wait(target, events, jobs, progress)
             except BaseException:
@@ -160,7 +207,7 @@ async def rotate(target: QmpTarget, nodes: Sequence[str], generation: int, dests
             job = failed[0]
             reason = job.error or "cancelled"
             prefix = "disk full: " if "No space left" in reason else ""
-            raise StorageError(f"{prefix}delta copy of {job.node} into {job.dest} failed: {reason}")
+            raise StorageError(f"{prefix}copy of {job.node} into {job.dest} failed: {reason}")
         ok = True
     finally:
         for node_name in added:
@@ -169,8 +216,6 @@ async def rotate(target: QmpTarget, nodes: Sequence[str], generation: int, dests
         if not ok:
             for job in jobs:
                 job.dest.unlink(missing_ok=True)
-            with contextlib.suppress(VmrError):
-                await settle(target, nodes, generation)
     for parent in sorted({job.dest.parent for job in jobs}):
         blockjobs._fsync_dir(parent)
 

@@ -113,6 +113,12 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (vm_id, id)
     );
     """,
+    """
+    ALTER TABLE replications ADD COLUMN failover_point INTEGER;
+    ALTER TABLE replications ADD COLUMN test_vm_id TEXT;
+    ALTER TABLE replications ADD COLUMN test_point INTEGER;
+    ALTER TABLE replications ADD COLUMN peer_port INTEGER;
+    """,
 ]
 
 

@@ -1,0 +1,445 @@
+"""Failover: planned (prepare on the primary, then fail over), unplanned (to a chosen recovery
+point), test (a "<VM> - Test" VM beside the replica), and reversing the direction.
+
+A failover VM always runs on new overlays above a recovery point, never on the chain itself: a
+failover to "Latest" first freezes ``tip`` into a point. The point is pinned (recorded in the
+replication row) so pruning leaves it alone until the failover is stopped, completed or
+reversed. Each operation records its intent in the ``journal`` before touching files, and
+:meth:`FailoverService.recover` rolls an interrupted one back (or finishes it) on restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from vmreplica._internal.config import HostConfig
+from vmreplica._internal.engine import repl_store as rs
+from vmreplica._internal.engine.connect import peer_address
+from vmreplica._internal.engine.events import EventLog, now_iso
+from vmreplica._internal.engine.primary import PrimaryEngine
+from vmreplica._internal.engine.replica import ReplicaEngine
+from vmreplica._internal.engine.server import Authorization
+from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.hypervisor import blockjobs, tracking
+from vmreplica._internal.hypervisor.qsd import node_name
+from vmreplica._internal.store.chain import ReplicaChain
+from vmreplica._internal.store.db import Database
+from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport.peer import PeerClient
+from vmreplica.errors import InvalidArgument, InvalidState, NotFound, ResyncRequired, VmrError
+
+log = logging.getLogger("vmreplica.failover")
+
+TEST_SUFFIX = " - Test"
+
+
+class FailoverService:
+    def __init__(
+        self, db: Database, events: EventLog, config: HostConfig, vms: VmService, primary: PrimaryEngine,
+        replica: ReplicaEngine,
+    ) -> None:  # fmt: skip
+        self._db = db
+        self._events = events
+        self._config = config
+        self._vms = vms
+        self._primary = primary
+        self._replica = replica
+        self.store = primary.store
+
+    def _row(self, name: str) -> tuple[VmRecord, rs.ReplicationRow]:
+        rec = self._vms.find(name)
+        return rec, self.store.get(rec.id, name)
+
+    def _journal(self, kind: str, vm_id: str, data: dict[str, Any]) -> None:
+        with self._db.tx() as conn:
+            conn.execute(
+                "INSERT INTO journal(kind, subject, step, data, created) VALUES(?, ?, 'start', ?, ?)",
+                (kind, vm_id, json.dumps(data), now_iso()),
+            )
+
+    def _unjournal(self, kind: str, vm_id: str) -> None:
+        with self._db.tx() as conn:
+            conn.execute("DELETE FROM journal WHERE kind=? AND subject=?", (kind, vm_id))
+
+    # -- start -----------------------------------------------------------------------------
+
+    async def start(
+        self, name: str, prepare: bool, as_test: bool, point: str | None, force: bool
+    ) -> rs.ReplicationRow:
+        rec, row = self._row(name)
+        if prepare:
+            return await self._prepare(rec, row)
+        if row.mode != rs.REPLICA:
+            raise InvalidState(
+                f"VM {name} is the primary here: fail over on its replica server {row.replica_server} "
+                f"(on this host, `failover start {name} --prepare` prepares a planned failover)"
+            )
+        if row.state in (rs.WAITING_FOR_INITIAL,):
+            raise InvalidState(
+                f"replica VM {name} has no data yet: initial replication is not finished"
+            )
+        if as_test:
+            return await self._test(rec, row, point)
+        if row.state != rs.REPLICATING:
+            raise InvalidState(f"replica VM {name} cannot fail over in state {row.state}")
+        await self._split_brain_guard(row, force)
+        async with self._replica.lock(row.vm_id):
+            chosen = await self._choose_point(row, point)
+            self._journal("failover", row.vm_id, {"point": chosen})
+            overlays = await self._overlays(row, chosen, "failover")
+            with self._db.tx() as conn:
+                self._vms.set_disks(conn, row.vm_id, overlays)
+                self.store.update(
+                    row.vm_id, conn, state=rs.FAILED_OVER_WAITING, failover_point=chosen
+                )
+                conn.execute(
+                    "DELETE FROM journal WHERE kind='failover' AND subject=?", (row.vm_id,)
+                )
+                self._events.record(
+                    "failover-started",
+                    f"{name} failed over to recovery point {chosen}; start it with `vm start {name}`, then "
+                    "complete, stop or reverse the failover",
+                    name,
+                    conn=conn,
+                )
+        return self.store.get(row.vm_id, name)
+
+    async def _prepare(self, rec: VmRecord, row: rs.ReplicationRow) -> rs.ReplicationRow:
+        if row.mode != rs.PRIMARY:
+            raise InvalidState(
+                f"--prepare runs on the primary server of {rec.name}; this host holds its replica"
+            )
+        if rec.state != "Off":
+            raise InvalidState(
+                f"VM {rec.name} is running: a planned failover needs it off first (`vm stop {rec.name}`)"
+            )
+        if row.state != rs.REPLICATING:
+            raise InvalidState(
+                f"replication of {rec.name} must be Replicating to prepare a failover (it is {row.state})"
+            )
+        await self._primary.sync(rec.name)
+        self.store.update(row.vm_id, state=rs.PREPARED_FOR_FAILOVER)
+        self._events.record(
+            "failover-prepared",
+            f"planned failover of {rec.name} prepared: every change is on {row.replica_server}; fail over there now",
+            rec.name,
+        )
+        return self.store.get(row.vm_id, rec.name)
+
+    async def _split_brain_guard(self, row: rs.ReplicationRow, force: bool) -> None:
+        if force or row.peer_port is None:
+            return
+        try:
+            async with PeerClient(
+                peer_address(self._config, row.primary_server, row.peer_port), self._config.tls, 5
+            ) as c:
+                answer = await c.call("/replication/v1/vm-state", {"vm_id": row.vm_id})
+        except VmrError:
+            return  # the primary is unreachable: that is what an unplanned failover is for
+        if answer.get("state") == "Running":
+            raise InvalidState(
+                f"VM {row.vm_name} is running on its primary server {row.primary_server}: failing over now "
+                "would run it twice (split brain); stop it there, or use --force"
+            )
+
+    async def _choose_point(self, row: rs.ReplicationRow, point: str | None) -> int:
+        """The point to run on; "Latest" freezes ``tip`` first, as it is never a backing file."""
+        if point is None or point.lower() == "latest":
+            return await self._replica.freeze(row, "Standard")
+        if not point.isdigit():
+            raise InvalidArgument(
+                f"invalid --recovery-point {point!r}: a point id from `recovery-point list`, or Latest"
+            )
+        ids = [
+            r["id"]
+            for r in self._db.query("SELECT id FROM recovery_points WHERE vm_id=?", (row.vm_id,))
+        ]
+        if int(point) not in ids:
+            raise NotFound(
+                f"no recovery point {point} for {row.vm_name}: see `recovery-point list {row.vm_name}`"
+            )
+        return int(point)
+
+    async def _overlays(self, row: rs.ReplicationRow, point: int, kind: str) -> list[Path]:
+        root = Path(str(row.storage_dir)) / kind
+        shutil.rmtree(root, ignore_errors=True)
+        return [
+            await chain.overlay_for(point, root / f"disk{i}.qcow2")
+            for i, chain in enumerate(self._replica.chains(row))
+        ]
+
+    async def _test(
+        self, rec: VmRecord, row: rs.ReplicationRow, point: str | None
+    ) -> rs.ReplicationRow:
+        if row.test_vm_id is not None:
+            raise InvalidState(
+                f"a test failover of {rec.name} is already running: `failover stop {rec.name}` first"
+            )
+        test_name = rec.name + TEST_SUFFIX
+        if self._db.query_one("SELECT 1 FROM vms WHERE name=?", (test_name,)):
+            raise InvalidState(f"a VM named {test_name!r} already exists")
+        async with self._replica.lock(row.vm_id):
+            chosen = await self._choose_point(row, point)
+            test_id = str(uuid.uuid4())
+            self._journal("test-failover", row.vm_id, {"point": chosen, "test_vm_id": test_id})
+            overlays = await self._overlays(row, chosen, "test")
+            with self._db.tx() as conn:
+                self._vms.register(
+                    conn, test_id, test_name, rec.cpus, rec.memory_mb, Path(str(row.storage_dir)) / "test", overlays,
+                    rec.kernel, rec.initrd, rec.append,
+                )  # fmt: skip
+                self.store.update(row.vm_id, conn, test_vm_id=test_id, test_point=chosen)
+                conn.execute(
+                    "DELETE FROM journal WHERE kind='test-failover' AND subject=?", (row.vm_id,)
+                )
+                self._events.record(
+                    "test-failover-started",
+                    f"test VM {test_name!r} created on recovery point {chosen}",
+                    rec.name,
+                    conn=conn,
+                )
+        return self.store.get(row.vm_id, rec.name)
+
+    # -- stop and complete -----------------------------------------------------------------
+
+    async def stop(self, name: str) -> rs.ReplicationRow:
+        _rec, row = self._row(name)
+        if row.test_vm_id is not None:
+            await self._stop_test(row)
+        elif row.mode == rs.REPLICA and row.state == rs.FAILED_OVER_WAITING:
+            await self._vms.ensure_off(row.vm_id)
+            chains = self._replica.chains(row)
+            with self._db.tx() as conn:
+                self._vms.set_disks(conn, row.vm_id, [c.tip for c in chains])
+                self.store.update(row.vm_id, conn, state=rs.REPLICATING, failover_point=None)
+                self._events.record(
+                    "failover-stopped",
+                    f"failover of {name} cancelled; the replica is as it was",
+                    name,
+                    conn=conn,
+                )
+            shutil.rmtree(Path(str(row.storage_dir)) / "failover", ignore_errors=True)
+        elif row.mode == rs.PRIMARY and row.state == rs.PREPARED_FOR_FAILOVER:
+            self.store.update(row.vm_id, state=rs.REPLICATING)
+            self._primary.resume_schedule(row.vm_id)
+            self._events.record("failover-stopped", f"planned failover of {name} cancelled", name)
+        else:
+            raise InvalidState(f"there is no failover of {name} to stop (state {row.state})")
+        return self.store.get(row.vm_id, name)
+
+    async def _stop_test(self, row: rs.ReplicationRow) -> None:
+        assert row.test_vm_id is not None
+        await self._vms.unregister(row.test_vm_id)
+        shutil.rmtree(Path(str(row.storage_dir)) / "test", ignore_errors=True)
+        self.store.update(row.vm_id, test_vm_id=None, test_point=None)
+        self._events.record(
+            "test-failover-stopped", f"test VM of {row.vm_name} removed", row.vm_name
+        )
+
+    async def complete(self, name: str) -> rs.ReplicationRow:
+        _rec, row = self._row(name)
+        if (
+            row.mode != rs.REPLICA
+            or row.state != rs.FAILED_OVER_WAITING
+            or row.failover_point is None
+        ):
+            raise InvalidState(f"there is no failover of {name} to complete (state {row.state})")
+        point = row.failover_point
+        for chain in self._replica.chains(row):
+            for other in chain.point_ids():
+                if other > point:
+                    chain.rp_path(other).unlink(missing_ok=True)
+            chain.tip.unlink(missing_ok=True)
+        with self._db.tx() as conn:
+            conn.execute("DELETE FROM recovery_points WHERE vm_id=? AND id<>?", (row.vm_id, point))
+            self.store.update(row.vm_id, conn, state=rs.FAILED_OVER)
+            self._events.record(
+                "failover-completed",
+                f"failover of {name} completed on point {point}; other recovery points deleted",
+                name,
+                conn=conn,
+            )
+        return self.store.get(row.vm_id, name)
+
+    # -- reverse ---------------------------------------------------------------------------
+
+    async def reverse(
+        self, name: str, replica_server: str | None, replica_port: int | None
+    ) -> rs.ReplicationRow:
+        """On the failed-over host: become the primary, the old primary becomes the replica.
+
+        Only what the VM wrote since the failover point travels: the top of its overlays.
+        """
+        rec, row = self._row(name)
+        if row.mode != rs.REPLICA or row.state not in (rs.FAILED_OVER_WAITING, rs.FAILED_OVER):
+            raise InvalidState(
+                f"reverse replication runs on the host {name} failed over to (state here: {row.state})"
+            )
+        server = replica_server or row.primary_server
+        port = replica_port or row.peer_port
+        if port is None:
+            raise InvalidArgument(
+                f"give --replica-port: the certificate port of {server} is not known here"
+            )
+        peer = peer_address(self._config, server, port)
+        own_port = self._primary.own_port()
+        async with PeerClient(peer, self._config.tls) as client:
+            answer = await client.call(
+                "/replication/v1/reverse",
+                {"vm_id": row.vm_id, "vm_name": name, "new_primary_port": own_port},
+            )
+        chains = self._replica.chains(row)
+        with self._db.tx() as conn:
+            conn.execute("DELETE FROM recovery_points WHERE vm_id=?", (row.vm_id,))
+            self.store.update(
+                row.vm_id, conn, mode=rs.PRIMARY, primary_server=self._config.name, replica_server=peer.fqdn,
+                replica_port=peer.port, sequence=0, acked_sequence=0, generation=0, failover_point=None,
+                peer_port=None, trust_group=None, auth_entry=None,
+                state=rs.REPLICATING if answer.get("tracking_intact") else rs.WAITING_FOR_RESYNC,
+                last_error=None if answer.get("tracking_intact") else answer.get("reason"),
+            )  # fmt: skip
+            self._events.record(
+                "replication-reversed",
+                f"{name} now replicates from {self._config.name} to {peer.fqdn}",
+                name,
+                conn=conn,
+            )
+        del chains
+        if not answer.get("tracking_intact"):
+            raise ResyncRequired(
+                f"replication of {name} is reversed, but {peer.fqdn} has changes that were never replicated "
+                f"({answer.get('reason')}): a resynchronization is required"
+            )
+        row = self.store.get(row.vm_id, name)
+        delta_dir = self._primary.pending_dir(row.vm_id) / "1"
+        shutil.rmtree(self._primary.pending_dir(row.vm_id), ignore_errors=True)
+        delta_dir.mkdir(parents=True)
+        rec = self._vms.find(name)
+        async with self._vms.lock(rec.id), self._primary.target(rec) as target:
+            nodes = [node_name(i) for i in row.disks]
+            await tracking.start_from_top(
+                target, nodes, [delta_dir / f"disk{n}.qcow2" for n in range(len(nodes))]
+            )
+        await wire.build_manifest(
+            delta_dir,
+            row.vm_id,
+            1,
+            "CrashConsistent",
+            "zstd" if row.settings.compression else "none",
+        )
+        self.store.update(row.vm_id, sequence=1, generation=1)
+        self._primary.resume_schedule(row.vm_id)
+        await self._primary.sync_pending(name)
+        return self.store.get(row.vm_id, name)
+
+    async def become_replica(
+        self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
+    ) -> dict[str, Any]:
+        """On the old primary, asked by the host the VM failed over to."""
+        vm_id = str(req["vm_id"])
+        row = self.store.find(vm_id)
+        if row is None or row.mode != rs.PRIMARY:
+            raise NotFound(f"{self._config.name} is not the primary of VM {req.get('vm_name')}")
+        if row.replica_server not in peer_names:
+            raise InvalidState(
+                f"VM {row.vm_name} replicates to {row.replica_server}, not to {peer_names[0]}"
+            )
+        rec = self._vms.find(row.vm_name)
+        if rec.state != "Off":
+            raise InvalidState(
+                f"VM {row.vm_name} is running on {self._config.name}: stop it before reversing"
+            )
+        await self._primary.stop_schedule(vm_id)
+        intact, reason = await self._tracking_intact(rec, row)
+        storage = authz.storage_location / row.vm_name
+        root = storage / f"rev-{uuid.uuid4().hex[:8]}"
+        chains: list[Path] = []
+        for n, i in enumerate(row.disks):
+            chain_dir = root / f"disk{n}"
+            chain_dir.mkdir(parents=True)
+            os.replace(rec.disks[i], chain_dir / "base.qcow2")
+            chain = ReplicaChain(chain_dir)
+            await chain.recover()  # creates tip.qcow2 above the existing base
+            chains.append(chain.tip)
+        with self._db.tx() as conn:
+            self._vms.set_disks(conn, vm_id, chains)
+            conn.execute("DELETE FROM cycles WHERE vm_id=?", (vm_id,))
+            self.store.update(
+                vm_id, conn, mode=rs.REPLICA, state=rs.REPLICATING, primary_server=peer_names[0],
+                replica_server=self._config.name, sequence=0, acked_sequence=0, generation=0,
+                storage_dir=str(root), trust_group=authz.trust_group, auth_entry=authz.entry,
+                peer_port=req.get("new_primary_port"), last_replication_time=now_iso(), send_failure=None,
+                last_error=None, disks=json.dumps(list(range(len(row.disks)))),
+            )  # fmt: skip
+            self._events.record(
+                "replication-reversed",
+                f"{row.vm_name} is now a replica of {peer_names[0]}",
+                row.vm_name,
+                conn=conn,
+            )
+        shutil.rmtree(self._primary.vm_dir(vm_id), ignore_errors=True)
+        return {"tracking_intact": intact, "reason": reason}
+
+    async def _tracking_intact(
+        self, rec: VmRecord, row: rs.ReplicationRow
+    ) -> tuple[bool, str | None]:
+        """Delta failback is exact only if this host has nothing the replica lacks."""
+        if row.state == rs.WAITING_FOR_RESYNC:
+            return False, "its change tracking was lost"
+        if self._primary.pending(row.vm_id):
+            return False, "its pending log still holds deltas the replica never applied"
+        try:
+            async with self._primary.target(rec) as target:
+                nodes = [node_name(i) for i in row.disks]
+                await tracking.settle(target, nodes, row.generation)
+                statuses = await blockjobs.bitmap_status(
+                    target, nodes, tracking.name(row.generation)
+                )
+                dirty = sum(s.dirty_bytes for s in statuses)
+                await tracking.remove_all(target, nodes)
+        except ResyncRequired as e:
+            return False, e.message
+        if dirty:
+            return False, f"{dirty} bytes were written after the last replication"
+        return True, None
+
+    # -- state of a VM, for a peer's split-brain check -------------------------------------
+
+    async def vm_state(
+        self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
+    ) -> dict[str, Any]:
+        rec = self._vms.by_id(str(req["vm_id"]))
+        if rec is None:
+            return {"state": "Unknown"}
+        return {"state": rec.state}
+
+    def start_guard(self, vm: VmRecord) -> None:
+        row = self.store.find(vm.id)
+        if row is not None and row.mode == rs.PRIMARY and row.state == rs.PREPARED_FOR_FAILOVER:
+            raise InvalidState(
+                f"VM {vm.name} is prepared for a planned failover and cannot start here: fail it over on "
+                f"{row.replica_server}, or cancel with `failover stop {vm.name}`"
+            )
+
+    async def recover(self) -> None:
+        """Roll back a failover or test failover that a crash interrupted before it was recorded."""
+        for j in self._db.query("SELECT * FROM journal WHERE kind IN ('failover','test-failover')"):
+            row = self.store.find(j["subject"])
+            data = json.loads(j["data"])
+            if row is not None and row.storage_dir:
+                kind = "failover" if j["kind"] == "failover" else "test"
+                shutil.rmtree(Path(row.storage_dir) / kind, ignore_errors=True)
+                if j["kind"] == "test-failover" and data.get("test_vm_id"):
+                    await self._vms.unregister(str(data["test_vm_id"]))
+                self._events.record(
+                    "recovered",
+                    f"rolled back an interrupted {j['kind']} of {row.vm_name}",
+                    row.vm_name,
+                )
+            self._unjournal(j["kind"], j["subject"])
