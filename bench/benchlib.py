@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -225,7 +227,13 @@ class Pair:
 @contextlib.contextmanager
 def replication_pair() -> Iterator[Pair]:
     """Two real agents on loopback, the replica server set up as the integration tests do."""
-    cluster = Cluster.create(names=(REPLICA, PRIMARY))
+    # Not /tmp/vmr…: other sessions on a shared machine clean those up with a glob.
+    base = Path(tempfile.mkdtemp(prefix="rbench-", dir="/tmp"))
+    try:
+        cluster = Cluster.create(names=(REPLICA, PRIMARY), base=base)
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     try:
         cluster.start_all()
         port = cluster.hosts[REPLICA].replica_port

@@ -156,9 +156,12 @@ def build_methods(
 
     async def replication_set(args: dict[str, Any]) -> Any:
         if a.opt_bool(args, "reverse"):
-            raise InvalidArgument(
-                "--reverse comes with failover, which this version does not have yet"
+            reversed_row = await failover.reverse(
+                a.req_str(args, "vm"),
+                a.opt_str(args, "replica_server"),
+                a.opt_int(args, "replica_port"),
             )
+            return replication.to_model(reversed_row)
         row = await replication.primary.set(a.req_str(args, "vm"), settings_changes(args))
         return replication.to_model(row)
 

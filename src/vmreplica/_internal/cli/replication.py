@@ -126,7 +126,11 @@ def enable(
 @common
 @click.argument("vm")
 @click.option("--reverse", is_flag=True, help="Reverse the direction after a failover.")
-@click.option("--replica-server", metavar="FQDN", help="With --reverse: the new replica (default: old primary).")
+@click.option(
+    "--replica-server",
+    metavar="FQDN",
+    help="With --reverse: the new replica (default: old primary).",
+)
 @click.option("--replica-port", type=int, help="With --reverse: its certificate port.")
 @_settings_options
 def set_cmd(

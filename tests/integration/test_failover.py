@@ -1,0 +1,136 @@
+"""Failover through the CLI: planned with reverse and fail-back, unplanned to a chosen point,
+test failover, and every refusal the failover issue names."""
+
+from __future__ import annotations
+
+import time
+
+from tests.integration.replication_env import PRIMARY, REPLICA, Pair, make_pair
+from vmreplica._internal.localcluster import Cluster
+
+
+def two_way(cluster: Cluster) -> Pair:
+    """vmhost1 accepts vmhost2 and vmhost2 accepts vmhost1, so replication can be reversed."""
+    pair = make_pair(cluster)
+    port = cluster.hosts[PRIMARY].replica_port
+    cluster.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port", str(port),
+                host=PRIMARY)  # fmt: skip
+    cluster.cli("auth", "new", "--allowed-primary", REPLICA, "--storage-location",
+                str(cluster.base / "vmhost2-replicas"), "--trust-group", "Production", host=PRIMARY)  # fmt: skip
+    return pair
+
+
+def reads(cluster: Cluster, host: str, vm: str, pattern: int, offset: str, length: str) -> bool:
+    out = cluster.cli(
+        "vm", "monitor", vm, f'qemu-io disk0 "read -P {pattern:#x} {offset} {length}"', host=host
+    ).stdout
+    return "Pattern verification failed" not in out and "read " in out
+
+
+def state(cluster: Cluster, host: str, vm: str = "contoso2") -> tuple[str, str]:
+    row = cluster.cli_json("replication", "get", vm, host=host)[0]
+    return str(row["mode"]), str(row["state"])
+
+
+def test_planned_failover_reverse_and_fail_back(cluster: Cluster) -> None:
+    pair = two_way(cluster)
+    cluster.cli("vm", "new", "contoso2", "--disk", "64M", host=PRIMARY)
+    cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+    pair.write("contoso2", 0, 0x11, "0", "1M")
+    pair.enable("contoso2")
+    pair.start("contoso2")
+    pair.write("contoso2", 0, 0x22, "2M", "1M")
+
+    refused = cluster.cli("failover", "start", "contoso2", "--prepare", host=PRIMARY, check=False)
+    assert refused.returncode == 4 and "vm stop contoso2" in refused.stderr
+    cluster.cli("vm", "stop", "contoso2", "--force", host=PRIMARY)
+    cluster.cli("failover", "start", "contoso2", "--prepare", host=PRIMARY)
+    assert state(cluster, PRIMARY) == ("Primary", "PreparedForFailover")
+    blocked = cluster.cli("vm", "start", "contoso2", host=PRIMARY, check=False)
+    assert blocked.returncode == 4 and "prepared for a planned failover" in blocked.stderr
+
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    assert state(cluster, REPLICA) == ("Replica", "FailedOverWaitingCompletion")
+    assert pair.measure("contoso2", REPLICA)["health"] == "Warning"
+
+    cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA)
+    assert state(cluster, REPLICA) == ("Primary", "Replicating")
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    # Only the changes since the failover travelled: nothing was written, so almost nothing.
+    assert int(pair.measure("contoso2", REPLICA)["last_replication_size"]) < 1024 * 1024
+
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    assert reads(cluster, REPLICA, "contoso2", 0x11, "0", "1M")
+    assert reads(cluster, REPLICA, "contoso2", 0x22, "2M", "1M")
+    pair.write("contoso2", 0, 0x33, "3M", "512k", host=REPLICA)
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+
+    # Fail back the same way: the original layout again, still without a full copy.
+    cluster.cli("vm", "stop", "contoso2", "--force", host=REPLICA)
+    cluster.cli("failover", "start", "contoso2", "--prepare", host=REPLICA)
+    cluster.cli("failover", "start", "contoso2", host=PRIMARY)
+    cluster.cli("replication", "set", "contoso2", "--reverse", host=PRIMARY)
+    assert state(cluster, PRIMARY) == ("Primary", "Replicating")
+    assert state(cluster, REPLICA) == ("Replica", "Replicating")
+    assert int(pair.measure("contoso2", PRIMARY)["last_replication_size"]) < 1024 * 1024
+    cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+    for pattern, offset, length in ((0x11, "0", "1M"), (0x22, "2M", "1M"), (0x33, "3M", "512k")):
+        assert reads(cluster, PRIMARY, "contoso2", pattern, offset, length)
+    pair.write("contoso2", 0, 0x44, "5M", "64k")
+    cluster.cli("replication", "sync", "contoso2", host=PRIMARY)
+    assert pair.measure("contoso2", REPLICA)["health"] == "Normal"
+
+
+def test_unplanned_and_test_failover(cluster: Cluster) -> None:
+    pair = two_way(cluster)
+    cluster.cli("vm", "new", "contoso2", "--disk", "64M", host=PRIMARY)
+    cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+    pair.write("contoso2", 0, 0x10, "0", "64k")
+    pair.enable("contoso2", "--recovery-history", "4", "--recovery-point-interval", "1")
+    pair.start("contoso2")
+    for pattern in (0x21, 0x22, 0x23):
+        time.sleep(1.1)
+        pair.write("contoso2", 0, pattern, "1M", "64k")
+        cluster.cli("replication", "sync", "contoso2", host=PRIMARY)
+    points = cluster.cli_json("recovery-point", "list", "contoso2", host=REPLICA)
+    ids = [p["id"] for p in points if p["kind"] != "Latest"]
+    assert len(ids) >= 2
+
+    # Test failover on an older point: a separate VM; replication goes on meanwhile.
+    cluster.cli(
+        "failover", "start", "contoso2", "--as-test", "--recovery-point", ids[-2], host=REPLICA
+    )
+    test_vm = cluster.cli_json("vm", "get", "contoso2 - Test", host=REPLICA)[0]
+    assert test_vm["state"] == "Off"
+    second = cluster.cli("failover", "start", "contoso2", "--as-test", host=REPLICA, check=False)
+    assert second.returncode == 4 and "already running" in second.stderr
+    cluster.cli("vm", "start", "contoso2 - Test", host=REPLICA)
+    pair.write("contoso2", 0, 0x30, "4M", "64k")
+    cluster.cli("replication", "sync", "contoso2", host=PRIMARY)
+    assert state(cluster, REPLICA) == ("Replica", "Replicating")
+    cluster.cli("failover", "stop", "contoso2", host=REPLICA)
+    names = [v["name"] for v in cluster.cli_json("vm", "list", host=REPLICA)]
+    assert names == ["contoso2"]
+
+    # Split brain guard: the VM still runs on the primary.
+    guarded = cluster.cli("failover", "start", "contoso2", host=REPLICA, check=False)
+    assert guarded.returncode == 4 and "split brain" in guarded.stderr
+    nothing = cluster.cli("failover", "complete", "contoso2", "--yes", host=REPLICA, check=False)
+    assert nothing.returncode == 4 and "no failover" in nothing.stderr
+
+    # The primary site is lost: fail over to an older point, look, cancel, then the latest.
+    cluster.kill(PRIMARY)
+    older = ids[0]
+    cluster.cli("failover", "start", "contoso2", "--recovery-point", older, host=REPLICA)
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    assert reads(cluster, REPLICA, "contoso2", 0x10, "0", "64k")
+    cluster.cli("failover", "stop", "contoso2", host=REPLICA)
+    assert state(cluster, REPLICA) == ("Replica", "Replicating")
+    assert cluster.cli_json("vm", "get", "contoso2", host=REPLICA)[0]["state"] == "Off"
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    assert reads(cluster, REPLICA, "contoso2", 0x30, "4M", "64k")
+    cluster.cli("failover", "complete", "contoso2", "--yes", host=REPLICA)
+    assert state(cluster, REPLICA) == ("Replica", "FailedOver")
+    remaining = cluster.cli_json("recovery-point", "list", "contoso2", host=REPLICA)
+    assert len([p for p in remaining if p["kind"] != "Latest"]) == 1
