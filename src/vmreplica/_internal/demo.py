@@ -24,7 +24,7 @@ GUEST_CACHE = Path(os.environ.get("VMREPLICA_GUEST_CACHE", "~/.cache/vmreplica/g
 
 class Demo:
     def __init__(self) -> None:
-        self.agents: list[subprocess.Popen[bytes]] = []
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.env = dict(
             os.environ,
             VMREPLICA_CONFIG=str(BASE / "cli.toml"),
@@ -48,36 +48,47 @@ class Demo:
 
     def serve(self, name: str) -> None:
         ready = BASE / name / "ready"
+        ready.unlink(missing_ok=True)
         print(f"$ vmreplica host serve --config {BASE / name / 'host.toml'} &", flush=True)
         env = dict(self.env, VMREPLICA_READY_FILE=str(ready))
         with open(BASE / name / "agent.log", "ab") as log:
-            self.agents.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "vmreplica",
-                        "host",
-                        "serve",
-                        "--config",
-                        str(BASE / name / "host.toml"),
-                    ],
-                    stdout=log,
-                    stderr=log,
-                    env=env,
-                    start_new_session=True,
-                )
+            self.agents[name] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "vmreplica",
+                    "host",
+                    "serve",
+                    "--config",
+                    str(BASE / name / "host.toml"),
+                ],
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
             )
         deadline = time.monotonic() + 30
         while not ready.exists():
-            if time.monotonic() > deadline or self.agents[-1].poll() is not None:
+            if time.monotonic() > deadline or self.agents[name].poll() is not None:
                 raise SystemExit(f"agent {name} did not start: see {BASE / name / 'agent.log'}")
             time.sleep(0.05)
 
     def stop_all(self) -> None:
-        for agent in self.agents:
+        for agent in self.agents.values():
             agent.send_signal(signal.SIGTERM)
             agent.wait(30)
+        # The VMs outlive their agents by design; the demo leaves nothing running.
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if (
+                entry.name.isdigit()
+                and cmdline.startswith(b"qemu")
+                and str(BASE).encode() in cmdline
+            ):
+                os.kill(int(entry.name), signal.SIGKILL)
 
     def main(self) -> None:
         if BASE.exists():
@@ -131,86 +142,104 @@ class Demo:
             f"(the CLI config {BASE / 'cli.toml'} maps -c vmhost1/vmhost2 to their management URLs)"
         )
 
-        replica_port = str(ports["vmhost2"][1])
-        self.say("vmhost2 becomes a replica server that accepts vmhost1, in trust group Production")
-        self.run(
-            "server",
-            "set",
-            "-c",
-            "vmhost2",
-            "--enabled",
-            "true",
-            "--auth",
-            "certificate",
-            "--certificate-port",
-            replica_port,
-        )
-        self.run(
-            "auth",
-            "new",
-            "-c",
-            "vmhost2",
-            "--allowed-primary",
-            "vmhost1",
-            "--storage-location",
-            f"{BASE}/vmhost2/replicas",
-            "--trust-group",
-            "Production",
-        )
-        self.run("auth", "get", "-c", "vmhost2")
-        self.run(
-            "server",
-            "get",
-            "-c",
-            "vmhost1",
-            "-c",
-            "vmhost2",
-            "--property",
-            "computer_name,replication_enabled,allowed_authentication_type,certificate_authentication_port",
-        )
-        self.run(
-            "replication",
-            "test-connection",
-            "-c",
-            "vmhost1",
-            "--replica-server",
-            "vmhost2",
-            "--replica-port",
-            replica_port,
-            "--auth",
-            "certificate",
+        port1, port2 = str(ports["vmhost1"][1]), str(ports["vmhost2"][1])
+        self.say("Both hosts accept replication from each other (trust group Production)")
+        for host, port, peer in (("vmhost1", port1, "vmhost2"), ("vmhost2", port2, "vmhost1")):
+            self.cmd(
+                f"server set -c {host} --enabled true --auth certificate --certificate-port {port}"
+            )
+            self.cmd(f"auth new -c {host} --allowed-primary {peer} --storage-location {BASE}/{host}/replicas "
+                     "--trust-group Production")  # fmt: skip
+        self.cmd("server get -c vmhost1 -c vmhost2 --property "
+                 "computer_name,replication_enabled,allowed_authentication_type,certificate_authentication_port")  # fmt: skip
+        self.cmd(
+            f"replication test-connection -c vmhost2 --replica-server vmhost1 --replica-port {port1} --auth certificate"
         )
 
-        self.say("A real Linux guest on vmhost1, writing checksummed records to an ext4 disk")
+        self.say(
+            "contoso2: a real Linux guest on vmhost2 that appends checksummed records to ext4 and syncs"
+        )
         assets = guest.build_guest_assets(GUEST_CACHE)
-        guest.make_data_disk(BASE / "contoso2-data.qcow2", 64)
-        self.run(
-            "vm",
-            "new",
-            "contoso2",
-            "-c",
-            "vmhost1",
-            "--memory",
-            "256M",
-            "--disk-path",
-            str(BASE / "contoso2-data.qcow2"),
-            "--kernel",
-            str(assets.kernel),
-            "--initrd",
-            str(assets.initrd),
-            "--append",
-            guest.kernel_cmdline(),
-        )
-        self.run("vm", "start", "contoso2", "-c", "vmhost1")
-        time.sleep(8)
-        self.run("vm", "list", "-c", "vmhost1", "-c", "vmhost2")
-        self.run("vm", "stop", "contoso2", "-c", "vmhost1")
-        report = guest.verify_records(BASE / "contoso2-data.qcow2")
-        print(f"records on the disk: {report.details} (fsck clean: {report.fsck_clean})")
+        data = BASE / "contoso2-data.qcow2"
+        guest.make_data_disk(data, 64)
+        self.run("vm", "new", "contoso2", "-c", "vmhost2", "--memory", "256M", "--disk-path", str(data),
+                 "--kernel", str(assets.kernel), "--initrd", str(assets.initrd), "--append", guest.kernel_cmdline())  # fmt: skip
+        self.cmd("vm start contoso2 -c vmhost2")
 
-        self.say("What happened, from vmhost2's event log")
-        self.run("event", "list", "-c", "vmhost2", "--property", "time,kind,message")
-        self.say("Done: replication and failover of this VM come with the next releases")
+        self.say("Replicate it to vmhost1 every 30 s, keeping recovery points")
+        self.cmd(f"replication enable contoso2 -c vmhost2 --replica-server vmhost1 --replica-port {port1} "
+                 "--auth certificate --frequency 30 --recovery-history 4 --recovery-point-interval 20")  # fmt: skip
+        self.cmd("replication get -c vmhost2 -c vmhost1")
+        self.cmd("replication start-initial contoso2 -c vmhost2 --wait", capture=False)
+        print("(waiting for two scheduled cycles, about a minute)", flush=True)
+        time.sleep(65)
+        self.cmd("replication measure contoso2 -c vmhost2 -o list")
+        self.cmd("recovery-point list contoso2 -c vmhost1")
+
+        self.say("Test failover on vmhost1: a separate VM on its own overlay; replication goes on")
+        self.cmd("failover start contoso2 -c vmhost1 --as-test")
+        self.cmd("vm list -c vmhost1")
+        test_disk = self.replica_storage("vmhost1") / "test" / "disk0.qcow2"
+        report = guest.verify_records(test_disk)
+        print(
+            f"the test VM's disk: {report.details}; fsck clean after journal replay: {report.fsck_clean}"
+        )
+        self.cmd("failover stop contoso2 -c vmhost1")
+
+        self.say(
+            "Disaster drill: vmhost2's agent is cut off (its VM runs on); unplanned failover on vmhost1"
+        )
+        self.stop_agent("vmhost2")
+        self.cmd("failover start contoso2 -c vmhost1")
+        overlay = self.replica_storage("vmhost1") / "failover" / "disk0.qcow2"
+        report = guest.verify_records(overlay)
+        print(f"the failed-over disk: {report.details}; fsck clean after journal replay: {report.fsck_clean}; "
+              f"records form an unbroken prefix: {not report.errors}")  # fmt: skip
+        self.cmd("replication get contoso2 -c vmhost1")
+        self.say("The drill is over: cancel the failover, bring vmhost2's agent back")
+        self.cmd("failover stop contoso2 -c vmhost1")
+        self.serve("vmhost2")
+        self.cmd("replication sync contoso2 -c vmhost2")
+
+        self.say("Planned failover to vmhost1, with no data loss, and reverse replication")
+        self.cmd("vm stop contoso2 -c vmhost2")
+        before = guest.verify_records(data)
+        print(f"records on vmhost2 when it stopped: {before.count}")
+        self.cmd("failover start contoso2 -c vmhost2 --prepare")
+        self.cmd("failover start contoso2 -c vmhost1")
+        self.cmd("replication set contoso2 -c vmhost1 --reverse")
+        self.cmd("vm start contoso2 -c vmhost1")
+        time.sleep(10)
+        self.cmd("replication sync contoso2 -c vmhost1")
+        self.cmd("replication get contoso2 -c vmhost1 -c vmhost2")
+        self.cmd("vm stop contoso2 -c vmhost1")
+        after = guest.verify_records(overlay)
+        print(f"records on vmhost1: {after.count} (it went on from {before.count}, as it should: "
+              f"{after.count > before.count and not after.errors}); fsck clean: {after.fsck_clean}")  # fmt: skip
+        self.cmd("replication measure contoso2 -c vmhost1 -o list --property "
+                 "vm_name,state,health,health_details,last_replication_size,successful_replication_count")  # fmt: skip
+
+        self.say("What happened, from vmhost1's event log")
+        self.cmd("event list -c vmhost1 --property time,kind,message")
+        self.say("Done")
+
+    def cmd(self, line: str, capture: bool = True) -> str:
+        args = shlex.split(line)
+        if capture:
+            return self.run(*args)
+        print(f"$ vmreplica {line}", flush=True)
+        if subprocess.run([sys.executable, "-m", "vmreplica", *args], env=self.env).returncode != 0:
+            raise SystemExit(f"demo step failed: vmreplica {line}")
+        return ""
+
+    def replica_storage(self, host: str) -> Path:
+        return BASE / host / "replicas" / "contoso2"
+
+    def stop_agent(self, name: str) -> None:
+        print(f"$ kill {name}'s agent", flush=True)
+        agent = self.agents.pop(name)
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
 
 
 def main() -> None:

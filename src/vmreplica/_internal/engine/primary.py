@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -255,14 +255,15 @@ class PrimaryEngine:
             event.set()
 
     async def _loop(self, vm_id: str) -> None:
-        """One VM's scheduler: a cycle every ``frequency_sec``; an overrun counts missed cycles."""
-        scheduled = datetime.now(UTC)
+        """One VM's scheduler: a cycle every ``frequency_sec`` on a fixed grid. Periods that pass
+        while a cycle is still busy are missed, and are counted with the next cycle."""
+        due = datetime.now(UTC)
+        missed = 0
         while True:
             row = self.store.find(vm_id)
             if row is None or row.mode != rs.PRIMARY:
                 return
             started = datetime.now(UTC)
-            missed = count_missed(scheduled, started, row.settings.frequency_sec)
             try:
                 if row.state == rs.INITIAL_IN_PROGRESS:
                     await self._initial(row)
@@ -272,11 +273,21 @@ class PrimaryEngine:
                 raise
             except Exception as e:
                 self._failed(row, started, e, missed)
+            finished = datetime.now(UTC)
+            frequency = row.settings.frequency_sec
+            next_due = due + timedelta(seconds=frequency)
+            missed = (
+                count_missed(next_due, finished, frequency) if row.state == rs.REPLICATING else 0
+            )
+            due = next_cycle_at(next_due, finished, frequency)
             wake = self._wake.setdefault(vm_id, asyncio.Event())
-            scheduled = next_cycle_at(scheduled, datetime.now(UTC), row.settings.frequency_sec)
-            delay = max(0.0, (scheduled - datetime.now(UTC)).total_seconds())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), delay)
+            try:
+                await asyncio.wait_for(
+                    wake.wait(), max(0.0, (due - datetime.now(UTC)).total_seconds())
+                )
+                due = datetime.now(UTC)  # woken early (resume, settings): a new grid from now
+            except TimeoutError:
+                pass
             wake.clear()
 
     def _failed(

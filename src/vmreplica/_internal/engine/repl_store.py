@@ -7,10 +7,9 @@ import dataclasses
 import json
 import sqlite3
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.health import Cycle
 from vmreplica._internal.store.db import Database
 from vmreplica.errors import NotFound
@@ -198,7 +197,7 @@ class ReplicationStore:
     ) -> None:
         conn.execute(
             "INSERT INTO cycles(vm_id, sequence, start, end, size, ok, missed, error) VALUES(?,?,?,?,?,?,?,?)",
-            (vm_id, sequence, start, now_iso(), size, int(ok), missed, error),
+            (vm_id, sequence, start, datetime.now(UTC).isoformat(), size, int(ok), missed, error),
         )
 
     def cycles(self, vm_id: str, since: str) -> Sequence[Cycle]:
