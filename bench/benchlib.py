@@ -93,10 +93,11 @@ def random_bytes(n: int) -> bytes:
 
 
 _WORDS = (
-    "the kernel started session for user root on tty1 link eth0 is up and running with "
-    "carrier detected while systemd reached target network online after dhcp lease renewed "
-    "from server in the local domain and the backup job wrote its report to the log file"
-).split()
+    "the", "kernel", "started", "session", "for", "user", "root", "on", "tty1", "link", "eth0",
+    "is", "up", "and", "running", "with", "carrier", "detected", "while", "systemd", "reached",
+    "target", "network", "online", "after", "dhcp", "lease", "renewed", "from", "server", "in",
+    "local", "domain", "backup", "job", "wrote", "its", "report", "to", "log", "file",
+)  # fmt: skip
 
 
 def text_bytes(n: int, rng: random.Random) -> bytes:
@@ -104,7 +105,9 @@ def text_bytes(n: int, rng: random.Random) -> bytes:
     on every line (logs and documents compress well, but never into nothing)."""
     out = bytearray()
     while len(out) < n:
-        stamp = f"2025-01-{rng.randrange(1, 29):02d} {rng.randrange(24):02d}:{rng.randrange(60):02d}"
+        stamp = (
+            f"2025-01-{rng.randrange(1, 29):02d} {rng.randrange(24):02d}:{rng.randrange(60):02d}"
+        )
         words = " ".join(rng.choices(_WORDS, k=rng.randrange(6, 14)))
         out += f"{stamp} host{rng.randrange(8)} {words} id={os.urandom(6).hex()}\n".encode()
     return bytes(out[:n])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -105,3 +106,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.25)
+
+
+def restart_with_faults(cluster: Cluster, host: str, faults: str) -> None:
+    """Restart an agent with fault injection points armed (see vmreplica._internal.faults)."""
+    cluster.stop(host)
+    os.environ["VMREPLICA_FAULTS"] = faults
+    try:
+        cluster.start(host)
+    finally:
+        del os.environ["VMREPLICA_FAULTS"]

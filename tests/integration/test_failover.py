@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from tests.integration.replication_env import PRIMARY, REPLICA, Pair, make_pair
+from tests.integration.replication_env import PRIMARY, REPLICA, Pair, make_pair, restart_with_faults
 from vmreplica._internal.localcluster import Cluster
 
 
@@ -134,3 +134,112 @@ def test_unplanned_and_test_failover(cluster: Cluster) -> None:
     assert state(cluster, REPLICA) == ("Replica", "FailedOver")
     remaining = cluster.cli_json("recovery-point", "list", "contoso2", host=REPLICA)
     assert len([p for p in remaining if p["kind"] != "Latest"]) == 1
+
+
+def _prepared(cluster: Cluster) -> Pair:
+    pair = two_way(cluster)
+    cluster.cli("vm", "new", "contoso2", "--disk", "64M", host=PRIMARY)
+    cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+    pair.write("contoso2", 0, 0x11, "0", "1M")
+    pair.enable("contoso2")
+    pair.start("contoso2")
+    pair.write("contoso2", 0, 0x22, "2M", "1M")
+    cluster.cli("vm", "stop", "contoso2", "--force", host=PRIMARY)
+    cluster.cli("failover", "start", "contoso2", "--prepare", host=PRIMARY)
+    return pair
+
+
+def _killed_at(cluster: Cluster, host: str, point: str, *command: str) -> None:
+    restart_with_faults(cluster, host, f"{point}=kill")
+    assert cluster.cli(*command, check=False).returncode != 0
+    process = cluster.hosts[host].process
+    assert process is not None and process.wait(10) == -9
+    cluster.hosts[host].process = None
+    cluster.start(host)
+
+
+def test_kill_replica_agent_during_failover_start(cluster: Cluster) -> None:
+    _prepared(cluster)
+    _killed_at(
+        cluster, REPLICA, "failover.after_overlays", "failover", "start", "contoso2", "-c", REPLICA
+    )
+    assert state(cluster, REPLICA) == ("Replica", "Replicating"), "rolled back"
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA)
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    assert reads(cluster, REPLICA, "contoso2", 0x22, "2M", "1M")
+
+
+def test_kill_old_primary_during_reverse(cluster: Cluster) -> None:
+    _prepared(cluster)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    _killed_at(
+        cluster,
+        PRIMARY,
+        "reverse.after_convert",
+        "replication",
+        "set",
+        "contoso2",
+        "--reverse",
+        "-c",
+        REPLICA,
+    )
+    # The old primary rolled back: still the primary, prepared, its disk where it was.
+    assert state(cluster, PRIMARY) == ("Primary", "PreparedForFailover")
+    assert state(cluster, REPLICA) == ("Replica", "FailedOverWaitingCompletion")
+    cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA)
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    assert reads(cluster, REPLICA, "contoso2", 0x22, "2M", "1M")
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+
+
+def test_kill_new_primary_during_reverse(cluster: Cluster) -> None:
+    pair = _prepared(cluster)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    _killed_at(
+        cluster,
+        REPLICA,
+        "reverse.after_local",
+        "replication",
+        "set",
+        "contoso2",
+        "--reverse",
+        "-c",
+        REPLICA,
+    )
+    # On restart the new primary finishes the reverse: the failback delta is cut and sent.
+    assert state(cluster, REPLICA) == ("Primary", "Replicating")
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x33, "3M", "64k", host=REPLICA)
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    assert pair.measure("contoso2", PRIMARY)["successful_replication_count"] >= 2
+
+
+def test_refusals(cluster: Cluster) -> None:
+    pair = make_pair(cluster)  # one way only: vmhost2 does not accept vmhost1
+    cluster.cli("vm", "new", "contoso2", "--disk", "32M", host=PRIMARY)
+    pair.enable("contoso2")
+    pair.start("contoso2")
+    cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+    wrong_side = cluster.cli("failover", "start", "contoso2", host=PRIMARY, check=False)
+    assert wrong_side.returncode == 4 and "fail over on its replica server" in wrong_side.stderr
+    cluster.cli("vm", "stop", "contoso2", "--force", host=PRIMARY)
+    cluster.cli("failover", "start", "contoso2", "--prepare", host=PRIMARY)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    # vmhost2 has replication disabled: the reverse is refused with the reason, nothing changes.
+    no_port = cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA, check=False)
+    assert no_port.returncode == 2 and "--replica-port" in no_port.stderr
+    port = str(cluster.hosts[PRIMARY].replica_port)
+    cluster.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port", port,
+                host=PRIMARY)  # fmt: skip
+    unauthorized = cluster.cli("replication", "set", "contoso2", "--reverse", "--replica-port", port,
+                               host=REPLICA, check=False)  # fmt: skip
+    assert unauthorized.returncode == 5 and "not authorized" in unauthorized.stderr
+    assert state(cluster, REPLICA) == ("Replica", "FailedOverWaitingCompletion")
+    assert state(cluster, PRIMARY) == ("Primary", "PreparedForFailover")
+    cluster.cli("failover", "stop", "contoso2", host=REPLICA)
+    cluster.cli("failover", "stop", "contoso2", host=PRIMARY)
+    assert state(cluster, PRIMARY) == ("Primary", "Replicating")
+    cluster.cli("vm", "start", "contoso2", host=PRIMARY)

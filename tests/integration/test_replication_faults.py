@@ -24,6 +24,7 @@ from tests.integration.replication_env import (
     REPLICA,
     Pair,
     make_pair,
+    restart_with_faults,
     wait_for,
 )
 from vmreplica._internal.config import TlsFiles
@@ -45,15 +46,6 @@ def replicated_vm(pair: Pair, name: str = "app", *extra: str) -> None:
 def verified_equal(pair: Pair, name: str = "app") -> None:
     asyncio.run(ReplicaChain(pair.tip(name, 0).parent).verify())
     assert pair.equal(name, 0)
-
-
-def restart_with_faults(cluster: Cluster, host: str, faults: str) -> None:
-    cluster.stop(host)
-    os.environ["VMREPLICA_FAULTS"] = faults
-    try:
-        cluster.start(host)
-    finally:
-        del os.environ["VMREPLICA_FAULTS"]
 
 
 @pytest.mark.parametrize(

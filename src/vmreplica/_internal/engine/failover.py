@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from vmreplica._internal import faults
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine.connect import peer_address
@@ -93,6 +94,7 @@ class FailoverService:
             chosen = await self._choose_point(row, point)
             self._journal("failover", row.vm_id, {"point": chosen})
             overlays = await self._overlays(row, chosen, "failover")
+            faults.hit("failover.after_overlays")
             with self._db.tx() as conn:
                 self._vms.set_disks(conn, row.vm_id, overlays)
                 self.store.update(
@@ -276,7 +278,7 @@ class FailoverService:
 
         Only what the VM wrote since the failover point travels: the top of its overlays.
         """
-        rec, row = self._row(name)
+        _rec, row = self._row(name)
         if row.mode != rs.REPLICA or row.state not in (rs.FAILED_OVER_WAITING, rs.FAILED_OVER):
             raise InvalidState(
                 f"reverse replication runs on the host {name} failed over to (state here: {row.state})"
@@ -294,8 +296,12 @@ class FailoverService:
                 "/replication/v1/reverse",
                 {"vm_id": row.vm_id, "vm_name": name, "new_primary_port": own_port},
             )
-        chains = self._replica.chains(row)
         with self._db.tx() as conn:
+            if answer.get("tracking_intact"):
+                conn.execute(
+                    "INSERT INTO journal(kind, subject, step, data, created) VALUES('reverse', ?, 'start', '{}', ?)",
+                    (row.vm_id, now_iso()),
+                )
             conn.execute("DELETE FROM recovery_points WHERE vm_id=?", (row.vm_id,))
             self.store.update(
                 row.vm_id, conn, mode=rs.PRIMARY, primary_server=self._config.name, replica_server=peer.fqdn,
@@ -310,33 +316,33 @@ class FailoverService:
                 name,
                 conn=conn,
             )
-        del chains
         if not answer.get("tracking_intact"):
             raise ResyncRequired(
                 f"replication of {name} is reversed, but {peer.fqdn} has changes that were never replicated "
                 f"({answer.get('reason')}): a resynchronization is required"
             )
-        row = self.store.get(row.vm_id, name)
-        delta_dir = self._primary.pending_dir(row.vm_id) / "1"
-        shutil.rmtree(self._primary.pending_dir(row.vm_id), ignore_errors=True)
+        faults.hit("reverse.after_local")
+        await self._failback_delta(row.vm_id, name)
+        await self._primary.sync_pending(name)
+        return self.store.get(row.vm_id, name)
+
+    async def _failback_delta(self, vm_id: str, name: str) -> None:
+        """Delta 1 of the reversed relationship: what the VM wrote since the failover point."""
+        row = self.store.get(vm_id, name)
+        delta_dir = self._primary.pending_dir(vm_id) / "1"
+        shutil.rmtree(self._primary.pending_dir(vm_id), ignore_errors=True)
         delta_dir.mkdir(parents=True)
         rec = self._vms.find(name)
         async with self._vms.lock(rec.id), self._primary.target(rec) as target:
             nodes = [node_name(i) for i in row.disks]
-            await tracking.start_from_top(
-                target, nodes, [delta_dir / f"disk{n}.qcow2" for n in range(len(nodes))]
-            )
-        await wire.build_manifest(
-            delta_dir,
-            row.vm_id,
-            1,
-            "CrashConsistent",
-            "zstd" if row.settings.compression else "none",
-        )
-        self.store.update(row.vm_id, sequence=1, generation=1)
-        self._primary.resume_schedule(row.vm_id)
-        await self._primary.sync_pending(name)
-        return self.store.get(row.vm_id, name)
+            dests = [delta_dir / f"disk{n}.qcow2" for n in range(len(nodes))]
+            await tracking.start_from_top(target, nodes, dests)
+        compression = "zstd" if row.settings.compression else "none"
+        await wire.build_manifest(delta_dir, vm_id, 1, "CrashConsistent", compression)
+        with self._db.tx() as conn:
+            self.store.update(vm_id, conn, sequence=1, generation=1)
+            conn.execute("DELETE FROM journal WHERE kind='reverse' AND subject=?", (vm_id,))
+        self._primary.resume_schedule(vm_id)
 
     async def become_replica(
         self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
@@ -359,15 +365,21 @@ class FailoverService:
         intact, reason = await self._tracking_intact(rec, row)
         storage = authz.storage_location / row.vm_name
         root = storage / f"rev-{uuid.uuid4().hex[:8]}"
+        moves = [
+            (str(rec.disks[i]), str(root / f"disk{n}" / "base.qcow2"))
+            for n, i in enumerate(row.disks)
+        ]
+        self._journal("become-replica", vm_id, {"root": str(root), "moves": moves})
         chains: list[Path] = []
-        for n, i in enumerate(row.disks):
-            chain_dir = root / f"disk{n}"
-            chain_dir.mkdir(parents=True)
-            os.replace(rec.disks[i], chain_dir / "base.qcow2")
-            chain = ReplicaChain(chain_dir)
+        for src, dst in moves:
+            Path(dst).parent.mkdir(parents=True)
+            os.replace(src, dst)
+            chain = ReplicaChain(Path(dst).parent)
             await chain.recover()  # creates tip.qcow2 above the existing base
             chains.append(chain.tip)
+        faults.hit("reverse.after_convert")
         with self._db.tx() as conn:
+            conn.execute("DELETE FROM journal WHERE kind='become-replica' AND subject=?", (vm_id,))
             self._vms.set_disks(conn, vm_id, chains)
             conn.execute("DELETE FROM cycles WHERE vm_id=?", (vm_id,))
             self.store.update(
@@ -402,7 +414,6 @@ class FailoverService:
                     target, nodes, tracking.name(row.generation)
                 )
                 dirty = sum(s.dirty_bytes for s in statuses)
-                await tracking.remove_all(target, nodes)
         except ResyncRequired as e:
             return False, e.message
         if dirty:
@@ -428,7 +439,30 @@ class FailoverService:
             )
 
     async def recover(self) -> None:
-        """Roll back a failover or test failover that a crash interrupted before it was recorded."""
+        """Roll back a failover, test failover or conversion to a replica that a crash
+        interrupted before it was recorded; finish a reverse whose failback delta was not cut."""
+        for j in self._db.query("SELECT * FROM journal WHERE kind='become-replica'"):
+            data = json.loads(j["data"])
+            for src, dst in data["moves"]:
+                if Path(dst).exists() and not Path(src).exists():
+                    os.replace(dst, src)
+            shutil.rmtree(data["root"], ignore_errors=True)
+            self._unjournal("become-replica", j["subject"])
+            row = self.store.find(j["subject"])
+            if row is not None:
+                self._primary.resume_schedule(row.vm_id)
+                self._events.record(
+                    "recovered", f"rolled back an interrupted reverse of {row.vm_name}", row.vm_name
+                )
+        for j in self._db.query("SELECT * FROM journal WHERE kind='reverse'"):
+            row = self.store.find(j["subject"])
+            if row is None or row.mode != rs.PRIMARY:
+                self._unjournal("reverse", j["subject"])
+                continue
+            await self._failback_delta(row.vm_id, row.vm_name)
+            self._events.record(
+                "recovered", f"finished an interrupted reverse of {row.vm_name}", row.vm_name
+            )
         for j in self._db.query("SELECT * FROM journal WHERE kind IN ('failover','test-failover')"):
             row = self.store.find(j["subject"])
             data = json.loads(j["data"])
