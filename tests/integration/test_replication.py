@@ -115,3 +115,64 @@ def test_replicate_vm_that_is_off(cluster: Cluster) -> None:
     cluster.cli("vm", "stop", "off1", "--force", host=PRIMARY)
     cluster.cli("replication", "sync", "off1", host=PRIMARY)
     assert pair.equal("off1", 0)
+
+
+def test_enable_refusals_leave_nothing_behind(cluster: Cluster) -> None:
+    pair = make_pair(cluster)
+    cluster.cli("vm", "new", "db", "--disk", "32M", "--disk", "16M", host=PRIMARY)
+    bad = {
+        ("--recovery-history", "25"): (2, "0<=x<=24"),
+        ("--snapshot-frequency", "2"): (2, "needs --recovery-history above 0"),
+        ("--exclude-disk", "/nonexistent.qcow2"): (2, "not a disk of VM db"),
+        ("--frequency", "60"): (2, "'60' is not one of"),
+        ("--auth", "kerberos"): (2, "kerberos authentication is not available"),
+    }
+    for extra, (code, text) in bad.items():
+        result = cluster.cli("replication", "enable", "db", "--replica-server", REPLICA, "--replica-port",
+                             str(pair.port), *extra, host=PRIMARY, check=False)  # fmt: skip
+        assert result.returncode == code and text in result.stderr, (extra, result.stderr)
+    disks = pair.json("vm", "get", "db")[0]["disks"]
+    every = [x for d in disks for x in ("--exclude-disk", d)]
+    none_left = cluster.cli("replication", "enable", "db", "--replica-server", REPLICA, "--replica-port",
+                            str(pair.port), *every, host=PRIMARY, check=False)  # fmt: skip
+    assert none_left.returncode == 2 and "no disk left" in none_left.stderr
+    # Not authorized (vmhost3 has no entry) and unreachable: nothing on either host.
+    cluster.cli("vm", "new", "db", "--disk", "32M", host="vmhost3")
+    refused = cluster.cli("replication", "enable", "db", "--replica-server", REPLICA, "--replica-port",
+                          str(pair.port), host="vmhost3", check=False)  # fmt: skip
+    assert refused.returncode == 5 and "not authorized" in refused.stderr
+    unreachable = cluster.cli("replication", "enable", "db", "--replica-server", REPLICA, "--replica-port",
+                              str(cluster.hosts["vmhost3"].replica_port), host=PRIMARY, check=False)  # fmt: skip
+    assert unreachable.returncode == 6 and "unreachable" in unreachable.stderr
+    for host in (PRIMARY, "vmhost3"):
+        assert pair.json("replication", "get", host=host) == []
+    assert pair.json("replication", "get", host=REPLICA) == []
+    assert [v["name"] for v in pair.json("vm", "list", host=REPLICA)] == []
+    assert not (pair.storage / "db").exists()
+
+
+def test_exclude_disk_and_settings_changes(cluster: Cluster) -> None:
+    pair = make_pair(cluster)
+    cluster.cli("vm", "new", "web", "--disk", "32M", "--disk", "16M", host=PRIMARY)
+    scratch = pair.json("vm", "get", "web")[0]["disks"][1]
+    enabled = pair.enable("web", "--exclude-disk", scratch)
+    assert enabled["replicated_disks"] == [pair.json("vm", "get", "web")[0]["disks"][0]]
+    assert enabled["frequency_sec"] == 300 and enabled["recovery_history"] == 0
+    assert enabled["compression_enabled"] is True
+    assert len(pair.json("vm", "get", "web", host=REPLICA)[0]["disks"]) == 1
+    pair.start("web")
+    changed = pair.json("replication", "set", "web", "--frequency", "900", "--compression", "false",
+                        "--recovery-history", "3")[0]  # fmt: skip
+    assert (
+        changed["frequency_sec"],
+        changed["compression_enabled"],
+        changed["recovery_history"],
+    ) == (900, False, 3)
+    cluster.cli("vm", "start", "web", host=PRIMARY)
+    pair.write("web", 0, 0x42, "1M", "1M")
+    cluster.cli("replication", "sync", "web", host=PRIMARY)
+    assert pair.equal("web", 0)
+    # The replica learnt the new history with that cycle.
+    assert pair.replication("web", REPLICA)["recovery_history"] == 3
+    filtered = pair.json("replication", "get", "--mode", "Primary", "--health", "Normal")
+    assert [r["vm_name"] for r in filtered] == ["web"]
