@@ -89,6 +89,8 @@ def test_replicate_running_vm(cluster: Cluster) -> None:
     kinds = [e["kind"] for e in cluster.cli_json("event", "list", host=PRIMARY)]
     assert "replication-enabled" in kinds and "initial-replication-done" in kinds
     # Removing: each side separately; the replica VM stays as an ordinary VM.
+    guarded = cluster.cli("vm", "remove", "app", "--force", host=PRIMARY, check=False)
+    assert guarded.returncode == 4 and "replication remove app" in guarded.stderr
     cluster.cli("replication", "remove", "app", host=REPLICA)
     vm = pair.json("vm", "get", "app", host=REPLICA)[0]
     assert vm["replication_state"] == "Disabled"

@@ -14,7 +14,7 @@ from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine.primary import PrimaryEngine
 from vmreplica._internal.engine.replica import ReplicaEngine
 from vmreplica._internal.engine.server import ServerService
-from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.models import Measurement, Replication
 from vmreplica.errors import InvalidArgument, InvalidState
 
@@ -35,6 +35,13 @@ class ReplicationService:
         self.replica = replica
         self.store = primary.store
         vms.replication_info = self.vm_columns
+        vms.remove_guards.append(self._remove_guard)
+
+    def _remove_guard(self, vm: VmRecord) -> None:
+        if self.store.find(vm.id) is not None:
+            raise InvalidState(
+                f"VM {vm.name} is replicated: run `replication remove {vm.name}` first"
+            )
 
     def _window(self, row: rs.ReplicationRow, now: datetime) -> health.Window:
         settings = self._server.get()

@@ -90,6 +90,7 @@ class VmService:
         self.replication_info: ReplicationInfo = lambda _id: ("Disabled", None, None)
         # Hooks for the replication engine: a VM about to start, and a VM that went off.
         self.start_guards: list[Callable[[VmRecord], None]] = []
+        self.remove_guards: list[Callable[[VmRecord], None]] = []
         self.on_off: list[Callable[[VmRecord, bool], None]] = []
 
     @property
@@ -333,6 +334,8 @@ class VmService:
         rec = self.find(name)
         async with self.lock(rec.id):
             rec = self.find(name)
+            for guard in self.remove_guards:
+                guard(rec)
             if rec.state == RUNNING:
                 if not force:
                     raise InvalidState(f"VM {name} is running: stop it first, or use --force")
