@@ -18,6 +18,7 @@ from vmreplica._internal.engine.health import (
     HealthInput,
     Stats,
     Window,
+    after_cycle,
     count_missed,
     evaluate,
     expected_cycles,
@@ -590,3 +591,14 @@ def test_resync_required_with_send_failure() -> None:
 def test_unknown_mode_or_state_is_refused(mode: str, state: str) -> None:
     with pytest.raises(ValueError, match="unknown replication"):
         health(mode=mode, state=state)
+
+
+def test_after_cycle_keeps_the_grid_and_counts_overruns() -> None:
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    on_time = after_cycle(t0, t0 + timedelta(seconds=5), 30)
+    assert on_time == (t0 + timedelta(seconds=30), 0)
+    # Busy until t=70: the periods at 30 and 60 are missed; the next runs at 90.
+    late = after_cycle(t0, t0 + timedelta(seconds=70), 30)
+    assert late == (t0 + timedelta(seconds=90), 2)
+    exactly = after_cycle(t0, t0 + timedelta(seconds=30), 30)
+    assert exactly == (t0 + timedelta(seconds=30), 0)

@@ -203,6 +203,15 @@ def next_cycle_at(scheduled_at: datetime, started_at: datetime, frequency_sec: i
     return scheduled_at + missed * timedelta(seconds=frequency_sec)
 
 
+def after_cycle(due: datetime, finished: datetime, frequency_sec: int) -> tuple[datetime, int]:
+    """The scheduler's step: the cycle due at ``due`` ended at ``finished``; when does the next
+    one run, and how many periods passed while this one was busy (each a missed cycle)?"""
+    next_due = due + timedelta(seconds=frequency_sec)
+    return next_cycle_at(next_due, finished, frequency_sec), count_missed(
+        next_due, finished, frequency_sec
+    )
+
+
 @dataclass(frozen=True)
 class HealthInput:
     """One VM's replication at ``now``. ``last_success``: last successful send (primary) or

@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.events import EventLog, now_iso
-from vmreplica._internal.engine.health import count_missed, next_cycle_at
+from vmreplica._internal.engine.health import after_cycle
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.hypervisor import qemu_img, tracking
 from vmreplica._internal.hypervisor.qsd import node_name, start_storage_daemon
@@ -274,12 +274,9 @@ class PrimaryEngine:
             except Exception as e:
                 self._failed(row, started, e, missed)
             finished = datetime.now(UTC)
-            frequency = row.settings.frequency_sec
-            next_due = due + timedelta(seconds=frequency)
-            missed = (
-                count_missed(next_due, finished, frequency) if row.state == rs.REPLICATING else 0
-            )
-            due = next_cycle_at(next_due, finished, frequency)
+            due, missed = after_cycle(due, finished, row.settings.frequency_sec)
+            if row.state != rs.REPLICATING:
+                missed = 0
             wake = self._wake.setdefault(vm_id, asyncio.Event())
             try:
                 await asyncio.wait_for(
