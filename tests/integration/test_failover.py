@@ -3,9 +3,21 @@ test failover, and every refusal the failover issue names."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
+from pathlib import Path
 
-from tests.integration.replication_env import PRIMARY, REPLICA, Pair, make_pair, restart_with_faults
+from tests.integration.replication_env import (
+    PRIMARY,
+    REPLICA,
+    Pair,
+    make_pair,
+    restart_with_faults,
+    same_content,
+    wait_for,
+)
 from vmreplica._internal.localcluster import Cluster
 
 
@@ -243,3 +255,151 @@ def test_refusals(cluster: Cluster) -> None:
     cluster.cli("failover", "stop", "contoso2", host=PRIMARY)
     assert state(cluster, PRIMARY) == ("Primary", "Replicating")
     cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+
+
+# -- delta failback after an unplanned failover -----------------------------------------------
+
+
+def file_reads(path: Path, pattern: int, offset: str, length: str) -> bool:
+    """An image file (its VM off) reads ``pattern`` there, through its backing chain."""
+    done = subprocess.run(
+        ["qemu-io", "-r", "-U", "-f", "qcow2", "-c", f"read -P {pattern:#x} {offset} {length}", str(path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode in (0, 1) and not done.stderr, done.stderr  # 1: a mismatch
+    return done.returncode == 0 and "Pattern verification failed" not in done.stdout
+
+
+def disk_of(cluster: Cluster, host: str, vm: str = "contoso2") -> Path:
+    return Path(str(cluster.cli_json("vm", "get", vm, host=host)[0]["disks"][0]))
+
+
+def _replicated_with_unshipped_write(cluster: Cluster) -> Pair:
+    """contoso2 replicated from vmhost2, then 0x99@8M written there and never shipped; off."""
+    pair = two_way(cluster)
+    cluster.cli("vm", "new", "contoso2", "--disk", "64M", host=PRIMARY)
+    cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+    pair.write("contoso2", 0, 0x11, "0", "1M")
+    pair.enable("contoso2", "--frequency", "900")
+    pair.start("contoso2")
+    pair.write("contoso2", 0, 0x22, "2M", "1M")
+    cluster.cli("replication", "sync", "contoso2", host=PRIMARY)
+    pair.write("contoso2", 0, 0x99, "8M", "1M")
+    # A clean close: the bitmap holding the 0x99 write is stored, tracking stays intact.
+    cluster.cli("vm", "stop", "contoso2", "--force", host=PRIMARY)
+    return pair
+
+
+def _assert_failed_back(cluster: Cluster) -> None:
+    """The old primary's disk is now its chain tip and reads exactly as the new primary's."""
+    assert state(cluster, REPLICA) == ("Primary", "Replicating")
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    tip = disk_of(cluster, PRIMARY)
+    assert tip.name == "tip.qcow2"
+    for pattern, offset, length in ((0x11, "0", "1M"), (0x22, "2M", "1M"), (0x33, "3M", "64k")):
+        assert file_reads(tip, pattern, offset, length), (pattern, offset)
+    assert file_reads(tip, 0, "8M", "1M"), "the unshipped 0x99 write must be gone"
+    assert same_content(disk_of(cluster, REPLICA), tip)
+
+
+def test_unplanned_failover_delta_failback(cluster: Cluster) -> None:
+    """The old primary held a write never shipped, and its agent was down at the failover: the
+    reverse sends what the old primary changed as well, instead of asking for a resync."""
+    pair = _replicated_with_unshipped_write(cluster)
+    cluster.stop(PRIMARY)  # unplanned: the split-brain guard cannot reach it
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x33, "3M", "64k", host=REPLICA)
+    cluster.cli("vm", "stop", "contoso2", "--force", host=REPLICA)
+    # Back, it cuts the 0x99 write into its pending log but cannot send it (the replica failed
+    # over): the failback finds it there rather than in the bitmap.
+    cluster.start(PRIMARY)
+    unsent = cluster.cli("replication", "sync", "contoso2", host=PRIMARY, check=False)
+    assert unsent.returncode != 0
+    assert pair.measure("contoso2")["pending_replication_size"] > 0
+    cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA)
+    _assert_failed_back(cluster)
+    events = cluster.cli_json("event", "list", host=REPLICA)
+    assert not any(e["kind"] == "resync-required" for e in events)
+
+    # Replication goes on from the new primary.
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x44, "5M", "64k", host=REPLICA)
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+    cluster.cli("vm", "stop", "contoso2", "--force", host=REPLICA)
+    assert same_content(disk_of(cluster, REPLICA), disk_of(cluster, PRIMARY))
+
+
+def test_reverse_refused_while_vm_runs(cluster: Cluster) -> None:
+    """Refused with the reason and nothing changed; once the VM is off the failback reads the
+    unshipped write from the old primary's bitmap (its agent never went down, so no cycle cut
+    it into the pending log)."""
+    pair = _replicated_with_unshipped_write(cluster)
+    primary_disk = disk_of(cluster, PRIMARY)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x33, "3M", "64k", host=REPLICA)
+    refused = cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA, check=False)
+    assert refused.returncode == 4, refused.stderr
+    assert "vm stop contoso2" in refused.stderr and "running" in refused.stderr
+    assert state(cluster, REPLICA) == ("Replica", "FailedOverWaitingCompletion")
+    assert state(cluster, PRIMARY) == ("Primary", "Replicating")
+    assert disk_of(cluster, PRIMARY) == primary_disk and file_reads(primary_disk, 0x99, "8M", "1M")
+
+    cluster.cli("vm", "stop", "contoso2", "--force", host=REPLICA)
+    cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA)
+    _assert_failed_back(cluster)
+
+
+def test_failback_to_an_older_point_after_complete(cluster: Cluster) -> None:
+    """A failover to an older recovery point, completed: the old primary still holds what the
+    deleted newer points held, and the failback delta overwrites it with the older content."""
+    pair = two_way(cluster)
+    cluster.cli("vm", "new", "contoso2", "--disk", "64M", host=PRIMARY)
+    cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+    pair.write("contoso2", 0, 0x11, "0", "1M")
+    pair.enable("contoso2", "--recovery-history", "4", "--recovery-point-interval", "1")
+    pair.start("contoso2")
+    for pattern, at in ((0x21, "1M"), (0x22, "18M")):
+        time.sleep(1.1)
+        pair.write("contoso2", 0, pattern, "1M", "64k")
+        pair.write("contoso2", 0, pattern, at, "64k")
+        cluster.cli("replication", "sync", "contoso2", host=PRIMARY)
+    points = cluster.cli_json("recovery-point", "list", "contoso2", host=REPLICA)
+    ids = [p["id"] for p in points if p["kind"] != "Latest"]
+    cluster.cli("vm", "stop", "contoso2", "--force", host=PRIMARY)
+    # The oldest point with the 0x21 writes, not the 0x22 ones.
+    older = next(i for i in ids if _point_reads(cluster, pair, i, 0x21))
+    cluster.cli("failover", "start", "contoso2", "--recovery-point", str(older), host=REPLICA)
+    cluster.cli("failover", "complete", "contoso2", "--yes", host=REPLICA)
+    cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA)
+    assert state(cluster, REPLICA) == ("Primary", "Replicating")
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    tip = disk_of(cluster, PRIMARY)
+    assert file_reads(tip, 0x21, "1M", "64k") and file_reads(tip, 0, "18M", "64k")
+    assert same_content(disk_of(cluster, REPLICA), tip)
+
+
+def _point_reads(cluster: Cluster, pair: Pair, point: str, pattern: int) -> bool:
+    rp = pair.storage / "contoso2" / "disk0" / f"rp-{point}.qcow2"
+    return file_reads(rp, pattern, "1M", "64k")
+
+
+def test_reverse_after_tracking_lost_requires_resync(cluster: Cluster) -> None:
+    """The old primary's QEMU was killed: its bitmap cannot be trusted, so no delta is exact."""
+    pair = two_way(cluster)
+    cluster.cli("vm", "new", "contoso2", "--disk", "64M", host=PRIMARY)
+    cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+    pair.write("contoso2", 0, 0x11, "0", "1M")
+    pair.enable("contoso2")
+    pair.start("contoso2")
+    marker = str(cluster.hosts[PRIMARY].state_dir).encode()
+    for pid in cluster.qemu_pids():
+        if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: state(cluster, PRIMARY)[1] == "WaitingForStartResynchronize", 30, "resync")
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    answer = cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA, check=False)
+    assert answer.returncode == 9 and "resynchronization is required" in answer.stderr
+    assert state(cluster, REPLICA) == ("Primary", "WaitingForStartResynchronize")
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")

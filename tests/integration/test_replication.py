@@ -53,6 +53,17 @@ def test_replicate_running_vm(cluster: Cluster) -> None:
         "a scheduled cycle",
     )
     assert pair.equal("app", 0)
+    # After an agent restart the schedule resumes by itself.
+    cluster.stop(PRIMARY)
+    cluster.start(PRIMARY)
+    pair.write("app", 0, 0x56, "10M", "64k")
+    before = pair.measure("app")["successful_replication_count"]
+    wait_for(
+        lambda: pair.measure("app")["successful_replication_count"] != before,
+        45,
+        "a cycle after restart",
+    )
+    assert pair.equal("app", 0)
 
     # Recovery points: every 3 s a new one, at most 2 kept, plus Latest.
     for pattern in (0x61, 0x62, 0x63):

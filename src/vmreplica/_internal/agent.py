@@ -110,6 +110,7 @@ class Agent:
         await self.listener.apply(self.server.get(), self.server.listener_files())
         await self._serve_unix(make_app(methods, frozenset()))
         await self._serve_https(make_app(methods, frozenset(self.config.admins)))
+        await self.primary.start()
         self.events.record(
             "agent-started", f"host agent {self.config.name} started (pid {os.getpid()})"
         )

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,27 @@ from vmreplica._internal.engine.primary import PrimaryEngine
 from vmreplica._internal.engine.replica import ReplicaEngine
 from vmreplica._internal.engine.server import Authorization
 from vmreplica._internal.engine.vms import VmRecord, VmService
-from vmreplica._internal.hypervisor import blockjobs, tracking
+from vmreplica._internal.hypervisor import blockjobs, nbd_extents, qemu_img, tracking
+from vmreplica._internal.hypervisor.nbd_extents import Extent
 from vmreplica._internal.hypervisor.qsd import node_name
 from vmreplica._internal.store.chain import ReplicaChain
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport.peer import PeerClient
-from vmreplica.errors import InvalidArgument, InvalidState, NotFound, ResyncRequired, VmrError
+from vmreplica.errors import (
+    IntegrityError,
+    InvalidArgument,
+    InvalidState,
+    NotFound,
+    ResyncRequired,
+    VmrError,
+)
 
 log = logging.getLogger("vmreplica.failover")
 
 TEST_SUFFIX = " - Test"
+FAILBACK_FILE = "failback-extents.json"  # in a completed failover's storage directory
+NBD_SOCKET = "nbd.sock"  # in the VM's run directory, beside the storage daemon's monitor
 
 
 class FailoverService:
@@ -253,6 +264,7 @@ class FailoverService:
         ):
             raise InvalidState(f"there is no failover of {name} to complete (state {row.state})")
         point = row.failover_point
+        await self._save_changes_above_point(row)
         for chain in self._replica.chains(row):
             for other in chain.point_ids():
                 if other > point:
@@ -269,6 +281,30 @@ class FailoverService:
             )
         return self.store.get(row.vm_id, name)
 
+    async def _save_changes_above_point(self, row: rs.ReplicationRow) -> None:
+        """Before completing deletes the images above the failover point: which ranges they
+        held, for a later delta failback (the old primary has that data, the VM does not).
+
+        A repeated complete (a crash mid-delete) merges with what an earlier run saved, since
+        the images it already deleted are no longer there to read.
+        """
+        changes = await self._changes_above_point(row)
+        assert changes is not None
+        path = Path(str(row.storage_dir)) / FAILBACK_FILE
+        if path.exists():
+            earlier = _parse_extents(json.loads(path.read_text()), len(row.disks))
+            changes = {
+                n: nbd_extents.coalesce([*changes.get(n, []), *earlier.get(n, [])])
+                for n in range(len(row.disks))
+            }
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(_extents_json(changes), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        blockjobs._fsync_dir(path.parent)
+
     # -- reverse ---------------------------------------------------------------------------
 
     async def reverse(
@@ -276,13 +312,15 @@ class FailoverService:
     ) -> rs.ReplicationRow:
         """On the failed-over host: become the primary, the old primary becomes the replica.
 
-        Only what the VM wrote since the failover point travels: the top of its overlays.
+        Only what differs between the two travels (a delta failback): what the VM wrote since
+        the failover point (the top of its overlays), what the old primary holds that never
+        reached the failover point (its unshipped writes, and the deltas the chain holds above
+        that point), all read from this host's disks. The VM must be off: those extra ranges are
+        read after the instant tracking starts, which only gives one consistent instant when
+        nothing writes. It stays locked off until delta 1 is cut.
         """
-        _rec, row = self._row(name)
-        if row.mode != rs.REPLICA or row.state not in (rs.FAILED_OVER_WAITING, rs.FAILED_OVER):
-            raise InvalidState(
-                f"reverse replication runs on the host {name} failed over to (state here: {row.state})"
-            )
+        rec, row = self._row(name)
+        self._check_reversible(row)
         server = replica_server or row.primary_server
         port = replica_port or row.peer_port
         if port is None:
@@ -290,53 +328,130 @@ class FailoverService:
                 f"give --replica-port: the certificate port of {server} is not known here"
             )
         peer = peer_address(self._config, server, port)
-        own_port = self._primary.own_port()
-        async with PeerClient(peer, self._config.tls) as client:
-            answer = await client.call(
-                "/replication/v1/reverse",
-                {"vm_id": row.vm_id, "vm_name": name, "new_primary_port": own_port},
-            )
-        with self._db.tx() as conn:
-            if answer.get("tracking_intact"):
-                conn.execute(
-                    "INSERT INTO journal(kind, subject, step, data, created) VALUES('reverse', ?, 'start', '{}', ?)",
-                    (row.vm_id, now_iso()),
+        async with self._vms.lock(rec.id):
+            rec, row = self._row(name)
+            self._check_reversible(row)
+            if rec.state != "Off":
+                raise InvalidState(
+                    f"VM {name} is running on {self._config.name}: stop it (`vm stop {name}`), then "
+                    "reverse replication; the failback reads the disks at one instant, with nothing "
+                    "writing to them, and the VM can start again right after"
                 )
-            conn.execute("DELETE FROM recovery_points WHERE vm_id=?", (row.vm_id,))
-            self.store.update(
-                row.vm_id, conn, mode=rs.PRIMARY, primary_server=self._config.name, replica_server=peer.fqdn,
-                replica_port=peer.port, sequence=0, acked_sequence=0, generation=0, failover_point=None,
-                peer_port=None, trust_group=None, auth_entry=None,
-                state=rs.REPLICATING if answer.get("tracking_intact") else rs.WAITING_FOR_RESYNC,
-                last_error=None if answer.get("tracking_intact") else answer.get("reason"),
-            )  # fmt: skip
-            self._events.record(
-                "replication-reversed",
-                f"{name} now replicates from {self._config.name} to {peer.fqdn}",
-                name,
-                conn=conn,
-            )
-        if not answer.get("tracking_intact"):
-            raise ResyncRequired(
-                f"replication of {name} is reversed, but {peer.fqdn} has changes that were never replicated "
-                f"({answer.get('reason')}): a resynchronization is required"
-            )
-        faults.hit("reverse.after_local")
-        await self._failback_delta(row.vm_id, name)
+            here = await self._changes_above_point(row)
+            request = {
+                "vm_id": row.vm_id, "vm_name": name, "new_primary_port": self._primary.own_port(),
+                "failback_extents": True,  # this host takes the ranges of a delta failback
+            }  # fmt: skip
+            async with PeerClient(peer, self._config.tls) as client:
+                answer = await client.call("/replication/v1/reverse", request)
+            extents, reason = _failback_extents(answer, here, len(row.disks))
+            with self._db.tx() as conn:
+                if reason is None:
+                    data = json.dumps({"extents": _extents_json(extents)})
+                    conn.execute(
+                        "INSERT INTO journal(kind, subject, step, data, created) VALUES('reverse', ?, 'start', ?, ?)",
+                        (row.vm_id, data, now_iso()),
+                    )
+                conn.execute("DELETE FROM recovery_points WHERE vm_id=?", (row.vm_id,))
+                self.store.update(
+                    row.vm_id, conn, mode=rs.PRIMARY, primary_server=self._config.name, replica_server=peer.fqdn,
+                    replica_port=peer.port, sequence=0, acked_sequence=0, generation=0, failover_point=None,
+                    peer_port=None, trust_group=None, auth_entry=None,
+                    state=rs.REPLICATING if reason is None else rs.WAITING_FOR_RESYNC, last_error=reason,
+                )  # fmt: skip
+                self._events.record(
+                    "replication-reversed",
+                    f"{name} now replicates from {self._config.name} to {peer.fqdn}",
+                    name,
+                    conn=conn,
+                )
+            if row.storage_dir:  # what it said is in the journal now
+                (Path(row.storage_dir) / FAILBACK_FILE).unlink(missing_ok=True)
+            if reason is not None:
+                raise ResyncRequired(
+                    f"replication of {name} is reversed, but {peer.fqdn} cannot be brought up to date "
+                    f"by a delta ({reason}): a resynchronization is required"
+                )
+            faults.hit("reverse.after_local")
+            await self._failback_delta(row.vm_id, name, extents)
         await self._primary.sync_pending(name)
         return self.store.get(row.vm_id, name)
 
-    async def _failback_delta(self, vm_id: str, name: str) -> None:
-        """Delta 1 of the reversed relationship: what the VM wrote since the failover point."""
+    @staticmethod
+    def _check_reversible(row: rs.ReplicationRow) -> None:
+        if row.mode != rs.REPLICA or row.state not in (rs.FAILED_OVER_WAITING, rs.FAILED_OVER):
+            raise InvalidState(
+                f"reverse replication runs on the host {row.vm_name} failed over to (state here: {row.state})"
+            )
+
+    async def _changes_above_point(self, row: rs.ReplicationRow) -> dict[int, list[Extent]] | None:
+        """Per disk, what the replica chain received after the failover point: the old primary
+        has it, the failed-over VM does not (it runs on that point). None when no longer known.
+
+        Empty for a failover to "Latest", whose point was frozen from ``tip`` itself. A completed
+        failover deleted those images, so :meth:`complete` saved their ranges first.
+        """
+        if row.state == rs.FAILED_OVER:
+            saved = Path(str(row.storage_dir)) / FAILBACK_FILE
+            try:
+                return _parse_extents(json.loads(saved.read_text()), len(row.disks))
+            except FileNotFoundError:
+                return None  # completed by a version that did not save them
+            except (OSError, ValueError, IntegrityError) as exc:
+                log.warning("cannot read %s: %s", saved, exc)
+                return None
+        point = row.failover_point
+        if point is None:
+            return None
+        changes: dict[int, list[Extent]] = {}
+        for n, chain in enumerate(self._replica.chains(row)):
+            layers = [chain.rp_path(k) for k in chain.point_ids() if k > point] + [chain.tip]
+            found: list[Extent] = []
+            for layer in layers:
+                if layer.exists():
+                    found += await _allocated(layer)
+            changes[n] = nbd_extents.coalesce(found)
+        return changes
+
+    async def _failback_delta(
+        self, vm_id: str, name: str, extents: Mapping[int, Sequence[Extent]]
+    ) -> None:
+        """Delta 1 of the reversed relationship, cut with the VM's lock held: the top of the
+        overlays (what the VM wrote since the failover point) plus ``extents``, the ranges the
+        new replica may hold differently, copied from this host's disks as they read now.
+
+        Tracking generation 1 starts at the copy's instant; the extra ranges are read after it,
+        which is the same instant only while nothing writes, hence a VM that is off. Should it
+        run anyway (started between an interrupted reverse and its recovery), the delta cannot
+        be exact and the relationship waits for a resynchronization instead.
+        """
         row = self.store.get(vm_id, name)
+        rec = self._vms.find(name)
+        extra = {n: list(e) for n, e in extents.items() if e}
+        if extra and self._vms.process(rec.id) is not None:
+            reason = (
+                f"VM {name} was started before the failback delta was cut, so the ranges "
+                f"{row.replica_server} changed after the failover point cannot be read at one instant"
+            )
+            with self._db.tx() as conn:
+                self.store.update(vm_id, conn, state=rs.WAITING_FOR_RESYNC, last_error=reason)
+                conn.execute("DELETE FROM journal WHERE kind='reverse' AND subject=?", (vm_id,))
+                self._events.record(
+                    "resync-required", f"{reason}: a resynchronization is required", name, "error",
+                    conn=conn,
+                )  # fmt: skip
+            raise ResyncRequired(f"{reason}: a resynchronization is required")
         delta_dir = self._primary.pending_dir(vm_id) / "1"
         shutil.rmtree(self._primary.pending_dir(vm_id), ignore_errors=True)
         delta_dir.mkdir(parents=True)
-        rec = self._vms.find(name)
-        async with self._vms.lock(rec.id), self._primary.target(rec) as target:
+        async with self._primary.target(rec) as target:
             nodes = [node_name(i) for i in row.disks]
             dests = [delta_dir / f"disk{n}.qcow2" for n in range(len(nodes))]
             await tracking.start_from_top(target, nodes, dests)
+            if extra:
+                socket = self._vms.run_dir(rec.id) / NBD_SOCKET
+                copied = await nbd_extents.copy_ranges(target, nodes, dests, extra, socket)
+                log.info("failback delta of %s: %d bytes the old primary changed", name, copied)
         compression = "zstd" if row.settings.compression else "none"
         await wire.build_manifest(delta_dir, vm_id, 1, "CrashConsistent", compression)
         with self._db.tx() as conn:
@@ -347,7 +462,11 @@ class FailoverService:
     async def become_replica(
         self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
     ) -> dict[str, Any]:
-        """On the old primary, asked by the host the VM failed over to."""
+        """On the old primary, asked by the host the VM failed over to.
+
+        The answer names what this host may hold that the new primary does not (the ranges of
+        a delta failback), or says that tracking was lost and only a resynchronization helps.
+        """
         vm_id = str(req["vm_id"])
         row = self.store.find(vm_id)
         if row is None or row.mode != rs.PRIMARY:
@@ -362,7 +481,26 @@ class FailoverService:
                 f"VM {row.vm_name} is running on {self._config.name}: stop it before reversing"
             )
         await self._primary.stop_schedule(vm_id)
-        intact, reason = await self._tracking_intact(rec, row)
+        async with self._vms.lock(rec.id):  # no start, and no cycle, while the disks move
+            rec, row = self._vms.find(row.vm_name), self.store.get(vm_id, row.vm_name)
+            if rec.state != "Off":
+                self._primary.resume_schedule(vm_id)
+                raise InvalidState(
+                    f"VM {row.vm_name} is running on {self._config.name}: stop it before reversing"
+                )
+            intact, reason, extents = await self._tracking_intact(rec, row)
+            if intact and any(extents.values()) and not req.get("failback_extents"):
+                # An older new primary would ignore the ranges and silently leave them stale.
+                intact, reason, extents = False, "it holds writes that were never replicated", {}
+            await self._convert_to_replica(authz, peer_names, req, rec, row)
+        return {"tracking_intact": intact, "reason": reason, "extents": extents}
+
+    async def _convert_to_replica(
+        self, authz: Authorization, peer_names: list[str], req: dict[str, Any], rec: VmRecord,
+        row: rs.ReplicationRow,
+    ) -> None:  # fmt: skip
+        """Journaled: the disks move into replica chains; :meth:`recover` moves them back."""
+        vm_id = row.vm_id
         storage = authz.storage_location / row.vm_name
         root = storage / f"rev-{uuid.uuid4().hex[:8]}"
         moves = [
@@ -396,29 +534,37 @@ class FailoverService:
                 conn=conn,
             )
         shutil.rmtree(self._primary.vm_dir(vm_id), ignore_errors=True)
-        return {"tracking_intact": intact, "reason": reason}
 
     async def _tracking_intact(
         self, rec: VmRecord, row: rs.ReplicationRow
-    ) -> tuple[bool, str | None]:
-        """Delta failback is exact only if this host has nothing the replica lacks."""
+    ) -> tuple[bool, str | None, dict[str, list[list[int]]]]:
+        """Whether this host can name every range the replica may lack, and those ranges.
+
+        They are the bits of the current tracking generation (writes since the last delta was
+        cut) and the clusters of the deltas still in the pending log (cut, maybe never applied).
+        A delta failback over them is exact; without tracking, only a resynchronization is.
+        """
         if row.state == rs.WAITING_FOR_RESYNC:
-            return False, "its change tracking was lost"
-        if self._primary.pending(row.vm_id):
-            return False, "its pending log still holds deltas the replica never applied"
+            return False, "its change tracking was lost", {}
+        nodes = [node_name(i) for i in row.disks]
         try:
             async with self._primary.target(rec) as target:
-                nodes = [node_name(i) for i in row.disks]
                 await tracking.settle(target, nodes, row.generation)
-                statuses = await blockjobs.bitmap_status(
-                    target, nodes, tracking.name(row.generation)
+                socket = self._vms.run_dir(rec.id) / NBD_SOCKET
+                changed = await nbd_extents.dirty_extents(
+                    target, nodes, tracking.name(row.generation), socket
                 )
-                dirty = sum(s.dirty_bytes for s in statuses)
         except ResyncRequired as e:
-            return False, e.message
-        if dirty:
-            return False, f"{dirty} bytes were written after the last replication"
-        return True, None
+            return False, e.message, {}
+        for sequence, delta_dir in self._primary.pending(row.vm_id):
+            if not (delta_dir / wire.MANIFEST).exists():
+                continue  # never committed: the bitmap still holds its bits (settle)
+            for n in range(len(nodes)):
+                try:
+                    changed[n] += await _allocated(delta_dir / f"disk{n}.qcow2")
+                except VmrError as e:
+                    return False, f"pending delta {sequence} cannot be read ({e})", {}
+        return True, None, _extents_json(dict(enumerate(changed)))
 
     # -- state of a VM, for a peer's split-brain check -------------------------------------
 
@@ -459,7 +605,13 @@ class FailoverService:
             if row is None or row.mode != rs.PRIMARY:
                 self._unjournal("reverse", j["subject"])
                 continue
-            await self._failback_delta(row.vm_id, row.vm_name)
+            extents = _parse_extents(json.loads(j["data"]).get("extents", {}), len(row.disks))
+            rec = self._vms.find(row.vm_name)
+            try:
+                async with self._vms.lock(rec.id):
+                    await self._failback_delta(row.vm_id, row.vm_name, extents)
+            except ResyncRequired:
+                continue  # recorded, and the state says so
             self._events.record(
                 "recovered", f"finished an interrupted reverse of {row.vm_name}", row.vm_name
             )
@@ -477,3 +629,61 @@ class FailoverService:
                     row.vm_name,
                 )
             self._unjournal(j["kind"], j["subject"])
+
+
+async def _allocated(image: Path) -> list[Extent]:
+    """The ranges ``image`` itself holds, data or zero clusters (a zeroed range is a change too);
+    not what shows through from below, nor the unallocated rest, which ``qemu-img map`` also
+    reports as zero."""
+    return nbd_extents.coalesce(
+        (e.start, e.length) for e in await qemu_img.map(image) if e.present and e.depth == 0
+    )
+
+
+def _extents_json(extents: Mapping[int, Sequence[Extent]]) -> dict[str, list[list[int]]]:
+    """Keyed by the disk's position in the replication (``disk{n}`` of a delta)."""
+    return {
+        str(n): [[offset, length] for offset, length in nbd_extents.coalesce(e)]
+        for n, e in extents.items()
+    }
+
+
+def _parse_extents(data: object, disks: int) -> dict[int, list[Extent]]:
+    """Inverse of :func:`_extents_json`; anything else is refused, never half used."""
+    if not isinstance(data, dict):
+        raise IntegrityError("failback ranges are not an object")
+    out: dict[int, list[Extent]] = {}
+    for key, ranges in data.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < disks):
+            raise IntegrityError(f"failback ranges name an unknown disk {key!r}")
+        if not isinstance(ranges, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(type(v) is int and v >= 0 for v in r)
+            for r in ranges
+        ):
+            raise IntegrityError(f"failback ranges of disk {key} are malformed")
+        out[int(key)] = nbd_extents.coalesce(ranges)
+    return out
+
+
+def _failback_extents(
+    answer: Mapping[str, Any], here: Mapping[int, Sequence[Extent]] | None, disks: int
+) -> tuple[dict[int, list[Extent]], str | None]:
+    """What delta 1 must carry beyond the overlays' top, or why no delta can be exact.
+
+    The union of what the old primary says it holds unshipped and what the replica chain
+    received after the failover point; both are read from this host's disks.
+    """
+    if not answer.get("tracking_intact"):
+        return {}, str(answer.get("reason") or "its change tracking was lost")
+    if here is None:
+        return {}, (
+            "the failover was completed, and the recovery points after its point were deleted "
+            "without recording what they changed"
+        )
+    try:
+        there = _parse_extents(answer.get("extents") or {}, disks)
+    except IntegrityError as exc:
+        return {}, f"its answer was unusable: {exc}"
+    return {
+        n: nbd_extents.coalesce([*here.get(n, []), *there.get(n, [])]) for n in range(disks)
+    }, None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 from collections.abc import AsyncIterable
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from vmreplica._internal.engine import validate
 from vmreplica._internal.engine.events import EventLog, now_iso
 from vmreplica._internal.engine.server import Authorization
 from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.hypervisor import qemu_img
 from vmreplica._internal.models import RecoveryPoint
 from vmreplica._internal.store.chain import ReplicaChain
 from vmreplica._internal.store.db import Database
@@ -205,11 +207,24 @@ class ReplicaEngine:
         self, row: rs.ReplicationRow, sequence: int, staging: Path, started: str
     ) -> None:
         """Apply a staged, verified delta; idempotent, so recovery simply calls it again."""
-        chains = self.chains(row)
-        for i, chain in enumerate(chains):
-            await chain.apply_delta(staging / f"disk{i}.qcow2", missing_ok=True)
+        manifest_file = staging / "manifest.json"
+        size = 0
+        if manifest_file.exists():
+            size = sum(
+                d.file_size for d in wire.DeltaManifest.from_json(manifest_file.read_bytes()).disks
+            )
+        initial = row.state == rs.WAITING_FOR_INITIAL
+        for i, chain in enumerate(self.chains(row)):
+            delta = staging / f"disk{i}.qcow2"
+            if initial:
+                # The first delta is a standalone full image and the chain is still empty: it
+                # becomes the base as it is (the empty tip reads through it), instead of being
+                # committed block by block into the tip.
+                if delta.exists():
+                    await _adopt_as_base(delta, chain)
+            else:
+                await chain.apply_delta(delta, missing_ok=True)
             faults.hit("replica.mid_apply")
-        size = sum(p.stat().st_size for p in staging.glob("*.qcow2")) if staging.exists() else 0
         now = now_iso()
         with self._db.tx() as conn:
             state = rs.REPLICATING if row.state == rs.WAITING_FOR_INITIAL else row.state
@@ -392,6 +407,19 @@ class ReplicaEngine:
                     row.vm_name,
                     conn=conn,
                 )
+
+
+async def _adopt_as_base(delta: Path, chain: ReplicaChain) -> None:
+    if chain.point_ids() or (await qemu_img.info(chain.tip)).get("actual-size", 0) > 1024 * 1024:
+        # Not an empty chain after all: apply it the ordinary way.
+        await chain.apply_delta(delta)
+        return
+    os.replace(delta, chain.base)
+    fd = os.open(chain.dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _opt_int(value: object) -> int | None:
