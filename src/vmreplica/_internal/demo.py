@@ -6,6 +6,7 @@ nothing running: agents and VMs are stopped at the end, also on failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -187,40 +188,53 @@ class Demo:
         self.cmd("failover stop contoso2 -c vmhost1")
 
         self.say(
-            "Disaster drill: vmhost2's agent is cut off (its VM runs on); unplanned failover on vmhost1"
+            "Disaster: vmhost2 loses power (the VM is cut off, then its agent); unplanned failover"
         )
+        self.cmd("vm stop contoso2 -c vmhost2 --force")
+        lost = guest.verify_records(data)
         self.stop_agent("vmhost2")
+        print(
+            f"(vmhost2's disk holds {lost.count} records; those written after the last cycle never left it)"
+        )
         self.cmd("failover start contoso2 -c vmhost1")
         overlay = self.replica_storage("vmhost1") / "failover" / "disk0.qcow2"
         report = guest.verify_records(overlay)
         print(f"the failed-over disk: {report.details}; fsck clean after journal replay: {report.fsck_clean}; "
               f"records form an unbroken prefix: {not report.errors}")  # fmt: skip
         self.cmd("replication get contoso2 -c vmhost1")
-        self.say("The drill is over: cancel the failover, bring vmhost2's agent back")
-        self.cmd("failover stop contoso2 -c vmhost1")
-        self.serve("vmhost2")
-        self.cmd("replication sync contoso2 -c vmhost2")
 
-        self.say("Planned failover to vmhost1, with no data loss, and reverse replication")
-        self.cmd("vm stop contoso2 -c vmhost2")
-        before = guest.verify_records(data)
-        print(f"records on vmhost2 when it stopped: {before.count}")
-        self.cmd("failover start contoso2 -c vmhost2 --prepare")
-        self.cmd("failover start contoso2 -c vmhost1")
+        self.say("vmhost2 is back: reverse replication (delta failback), run contoso2 on vmhost1")
+        self.serve("vmhost2")
         self.cmd("replication set contoso2 -c vmhost1 --reverse")
         self.cmd("vm start contoso2 -c vmhost1")
         time.sleep(10)
         self.cmd("replication sync contoso2 -c vmhost1")
         self.cmd("replication get contoso2 -c vmhost1 -c vmhost2")
+
+        self.say("Planned failover back to vmhost2, with no data loss, and reverse again")
         self.cmd("vm stop contoso2 -c vmhost1")
-        after = guest.verify_records(overlay)
-        print(f"records on vmhost1: {after.count} (it went on from {before.count}, as it should: "
-              f"{after.count > before.count and not after.errors}); fsck clean: {after.fsck_clean}")  # fmt: skip
-        self.cmd("replication measure contoso2 -c vmhost1 -o list --property "
+        before = guest.verify_records(overlay)
+        print(f"records on vmhost1 when it stopped: {before.count}")
+        self.cmd("failover start contoso2 -c vmhost1 --prepare")
+        self.cmd("failover start contoso2 -c vmhost2")
+        self.cmd("replication set contoso2 -c vmhost2 --reverse")
+        back = self.vm_disk("vmhost2")
+        arrived = guest.verify_records(back)
+        print(f"records on vmhost2 after failing back: {arrived.count} "
+              f"(none lost: {arrived.count == before.count and not arrived.errors})")  # fmt: skip
+        self.cmd("vm start contoso2 -c vmhost2")
+        time.sleep(10)
+        self.cmd("vm stop contoso2 -c vmhost2")
+        after = guest.verify_records(back)
+        print(f"records on vmhost2 now: {after.count} (the guest went on from {arrived.count}: "
+              f"{after.count > arrived.count and not after.errors}); fsck clean: {after.fsck_clean}")  # fmt: skip
+        self.cmd("replication sync contoso2 -c vmhost2")
+        self.cmd("replication get contoso2 -c vmhost1 -c vmhost2")
+        self.cmd("replication measure contoso2 -c vmhost2 -o list --property "
                  "vm_name,state,health,health_details,last_replication_size,successful_replication_count")  # fmt: skip
 
-        self.say("What happened, from vmhost1's event log")
-        self.cmd("event list -c vmhost1 --property time,kind,message")
+        self.say("What happened, from vmhost2's event log")
+        self.cmd("event list -c vmhost2 --property time,kind,message")
         self.say("Done")
 
     def cmd(self, line: str, capture: bool = True) -> str:
@@ -231,6 +245,10 @@ class Demo:
         if subprocess.run([sys.executable, "-m", "vmreplica", *args], env=self.env).returncode != 0:
             raise SystemExit(f"demo step failed: vmreplica {line}")
         return ""
+
+    def vm_disk(self, host: str) -> Path:
+        out = self.run("vm", "get", "contoso2", "-c", host, "-o", "json", show=False)
+        return Path(json.loads(out)[0]["disks"][0])
 
     def replica_storage(self, host: str) -> Path:
         return BASE / host / "replicas" / "contoso2"
