@@ -54,8 +54,10 @@ def verified_equal(pair: Pair, name: str = "app") -> None:
 def test_kill_primary_agent_mid_cycle(cluster: Cluster, point: str) -> None:
     pair = make_pair(cluster)
     replicated_vm(pair)
-    restart_with_faults(cluster, PRIMARY, f"{point}=kill")
     pair.write("app", 0, 0x22, "2M", "512k")
+    restart_with_faults(cluster, PRIMARY, f"{point}=kill")
+    # A restarted agent resumes its schedule at once: that cycle (or this sync, whichever comes
+    # first) reaches the fault point and the agent dies there.
     result = cluster.cli("replication", "sync", "app", host=PRIMARY, check=False)
     assert result.returncode != 0
     process = cluster.hosts[PRIMARY].process

@@ -303,7 +303,7 @@ class FailoverService:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        blockjobs._fsync_dir(path.parent)
+        blockjobs.fsync_dir(path.parent)
 
     # -- reverse ---------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from vmreplica.errors import (
 
 BITMAP = "vmreplica"
 _POLL = 0.2
-_END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
+END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
 
 Progress = Callable[[int, int], None]
 
@@ -72,7 +72,7 @@ class BitmapStatus:
 
 
 @dataclass
-class _Job:
+class Job:
     node: str
     dest: Path
     job_id: str
@@ -85,7 +85,7 @@ class _Job:
     operation: str | None = None  # "read" (the disk) or "write" (the copy) of the first error
 
 
-async def _block_nodes(target: QmpTarget, nodes: Sequence[str]) -> dict[str, dict[str, Any]]:
+async def block_nodes(target: QmpTarget, nodes: Sequence[str]) -> dict[str, dict[str, Any]]:
     """query-named-block-nodes entries of ``nodes``; a missing node is a caller bug or a gone disk."""
     result = await target.execute("query-named-block-nodes", {"flat": True})
     found = {
@@ -110,7 +110,7 @@ async def bitmap_status(
     target: QmpTarget, nodes: Sequence[str], bitmap: str = BITMAP
 ) -> list[BitmapStatus]:
     """The bitmap as QEMU holds it now: ``qemu-img info`` cannot see an open image's state."""
-    found = await _block_nodes(target, nodes)
+    found = await block_nodes(target, nodes)
     return [_status(node, found[node], bitmap) for node in nodes]
 
 
@@ -183,11 +183,11 @@ async def _copy(
 ) -> None:
     if not nodes or len(nodes) != len(dest_files) or len(set(nodes)) != len(nodes):
         raise InvalidArgument("give one destination file per disk, each disk once")
-    found = await _block_nodes(target, nodes)
+    found = await block_nodes(target, nodes)
     if not full:
         _check_tracking([_status(n, found[n], bitmap) for n in nodes], bitmap)
     jobs = [
-        _Job(node, Path(dest).absolute(), f"{job_prefix}-j{i}", f"{job_prefix}-t{i}")
+        Job(node, Path(dest).absolute(), f"{job_prefix}-j{i}", f"{job_prefix}-t{i}")
         for i, (node, dest) in enumerate(zip(nodes, dest_files, strict=True))
     ]
     for job in jobs:
@@ -213,7 +213,7 @@ async def _copy(
             await target.execute("blockdev-del", {"node-name": added[-1]})
             added.pop()
         for parent in sorted({job.dest.parent for job in jobs}):
-            _fsync_dir(parent)
+            fsync_dir(parent)
     except BaseException as exc:
         for name in added:
             with contextlib.suppress(VmrError):
@@ -236,7 +236,7 @@ async def _copy(
 
 
 async def _run_jobs(
-    target: QmpTarget, jobs: list[_Job], bitmap: str, progress: Progress | None, full: bool
+    target: QmpTarget, jobs: list[Job], bitmap: str, progress: Progress | None, full: bool
 ) -> None:
     """Start all jobs in one transaction and wait until each has ended; raise if any failed."""
     actions: list[dict[str, object]] = []
@@ -252,17 +252,17 @@ async def _run_jobs(
         args["properties"] = {"completion-mode": "grouped"}
     what = ", ".join(job.node for job in jobs)
     # Subscribed before the jobs exist, so that no end event can be missed.
-    with target.subscribe(_END_EVENTS) as events:
+    with target.subscribe(END_EVENTS) as events:
         try:
             await target.execute("transaction", args)
         except QmpCommandError as exc:
             raise VmrError(f"cannot start the copy of {what}: {exc.desc}") from exc
         try:
-            await _wait(target, events, jobs, progress)
+            await wait_jobs(target, events, jobs, progress)
         except BaseException:
             # Cancelled or the monitor failed: stop the copies so the targets can be closed.
             with contextlib.suppress(VmrError, TimeoutError):
-                await asyncio.wait_for(_cancel(target, events, jobs), 30.0)
+                await asyncio.wait_for(cancel_jobs(target, events, jobs), 30.0)
             raise
     if failed := [job for job in jobs if job.error is not None]:
         job, error = failed[0], str(failed[0].error)
@@ -275,8 +275,8 @@ async def _run_jobs(
         raise Interrupted(f"the copy of {what} was cancelled")
 
 
-async def _wait(
-    target: QmpTarget, events: EventSubscription, jobs: list[_Job], progress: Progress | None
+async def wait_jobs(
+    target: QmpTarget, events: EventSubscription, jobs: list[Job], progress: Progress | None
 ) -> None:
     by_id = {job.job_id: job for job in jobs}
     loop = asyncio.get_running_loop()
@@ -307,7 +307,7 @@ async def _wait(
         progress(sum(j.offset for j in jobs), sum(j.length for j in jobs))
 
 
-async def _poll(target: QmpTarget, by_id: Mapping[str, _Job]) -> None:
+async def _poll(target: QmpTarget, by_id: Mapping[str, Job]) -> None:
     result = await target.execute("query-block-jobs")
     for info in result if isinstance(result, list) else []:
         job = by_id.get(str(info.get("device")))
@@ -315,7 +315,7 @@ async def _poll(target: QmpTarget, by_id: Mapping[str, _Job]) -> None:
             job.offset, job.length = _int(info.get("offset")), _int(info.get("len"))
 
 
-async def _cancel(target: QmpTarget, events: EventSubscription, jobs: list[_Job]) -> None:
+async def cancel_jobs(target: QmpTarget, events: EventSubscription, jobs: list[Job]) -> None:
     """Cancel the jobs still running and wait until QEMU reports each one ended."""
     await _request_cancel(target, jobs)
     running = {job.job_id for job in jobs if not job.ended}
@@ -325,7 +325,7 @@ async def _cancel(target: QmpTarget, events: EventSubscription, jobs: list[_Job]
             running.discard(str(event.data.get("device")))
 
 
-async def _request_cancel(target: QmpTarget, jobs: list[_Job]) -> None:
+async def _request_cancel(target: QmpTarget, jobs: list[Job]) -> None:
     for job in jobs:
         if not job.ended:
             with contextlib.suppress(QmpCommandError):  # it ended meanwhile
@@ -336,7 +336,7 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) else 0
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:

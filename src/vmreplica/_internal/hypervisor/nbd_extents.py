@@ -283,7 +283,7 @@ async def copy_ranges(
                     "blockdev-add", {"driver": "qcow2", "node-name": dest_node, "file": file}
                 )
                 added.append(dest_node)
-                info = (await blockjobs._block_nodes(target, [dest_node]))[dest_node]["image"]
+                info = (await blockjobs.block_nodes(target, [dest_node]))[dest_node]["image"]
                 cluster = int(info.get("cluster-size") or 65536)
                 ranges = align(extents[n], cluster, int(info["virtual-size"]))
                 async with (
@@ -299,5 +299,5 @@ async def copy_ranges(
             with contextlib.suppress(VmrError):
                 await target.execute("blockdev-del", {"node-name": dest_node})
     for parent in sorted({dest.parent for _, _, dest in work}):
-        blockjobs._fsync_dir(parent)
+        blockjobs.fsync_dir(parent)
     return copied

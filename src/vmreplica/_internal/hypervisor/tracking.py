@@ -45,7 +45,7 @@ def name(generation: int) -> str:
 
 
 async def _generations(target: QmpTarget, node: str) -> dict[int, dict[str, Any]]:
-    found = await blockjobs._block_nodes(target, [node])
+    found = await blockjobs.block_nodes(target, [node])
     out: dict[int, dict[str, Any]] = {}
     for bitmap in found[node].get("dirty-bitmaps") or []:
         match = _NAME_RE.match(str(bitmap.get("name")))
@@ -67,9 +67,9 @@ async def _clear_leftovers(target: QmpTarget) -> None:
     for job in jobs if isinstance(jobs, list) else []:
         device = str(job.get("device", ""))
         if device.startswith(f"{JOB_PREFIX}-"):
-            with target.subscribe(blockjobs._END_EVENTS) as events:
-                stale = blockjobs._Job(str(job.get("device")), Path(), device, "")
-                await asyncio.wait_for(blockjobs._cancel(target, events, [stale]), 60)
+            with target.subscribe(blockjobs.END_EVENTS) as events:
+                stale = blockjobs.Job(str(job.get("device")), Path(), device, "")
+                await asyncio.wait_for(blockjobs.cancel_jobs(target, events, [stale]), 60)
     nodes = await target.execute("query-named-block-nodes", {"flat": True})
     for node in nodes if isinstance(nodes, list) else []:
         node_name = str(node.get("node-name", ""))
@@ -122,7 +122,7 @@ async def rotate(target: QmpTarget, nodes: Sequence[str], generation: int, dests
     """
     current, following = name(generation), name(generation + 1)
 
-    def actions(job: blockjobs._Job) -> list[dict[str, object]]:
+    def actions(job: blockjobs.Job) -> list[dict[str, object]]:
         return [
             {"type": "block-dirty-bitmap-add", "data": {"node": job.node, "name": following, "persistent": True}},
             {"type": "block-dirty-bitmap-disable", "data": {"node": job.node, "name": current}},
@@ -145,7 +145,7 @@ async def start_from_top(target: QmpTarget, nodes: Sequence[str], dests: Sequenc
     top image's clusters), and generation 1 of tracking from that same instant."""
     await remove_all(target, nodes)
 
-    def actions(job: blockjobs._Job) -> list[dict[str, object]]:
+    def actions(job: blockjobs.Job) -> list[dict[str, object]]:
         return [
             {"type": "block-dirty-bitmap-add", "data": {"node": job.node, "name": name(1), "persistent": True}},
             {"type": "blockdev-backup", "data": {
@@ -165,13 +165,13 @@ async def _copy(
     target: QmpTarget,
     nodes: Sequence[str],
     dests: Sequence[Path],
-    actions_for: Callable[[blockjobs._Job], list[dict[str, object]]],
+    actions_for: Callable[[blockjobs.Job], list[dict[str, object]]],
     progress: Progress | None,
 ) -> None:
     """One transaction of block jobs into new standalone qcow2 files; all or nothing."""
-    found = await blockjobs._block_nodes(target, nodes)
+    found = await blockjobs.block_nodes(target, nodes)
     jobs = [
-        blockjobs._Job(node, Path(dest).absolute(), f"{JOB_PREFIX}-j{i}", f"{JOB_PREFIX}-t{i}")
+        blockjobs.Job(node, Path(dest).absolute(), f"{JOB_PREFIX}-j{i}", f"{JOB_PREFIX}-t{i}")
         for i, (node, dest) in enumerate(zip(nodes, dests, strict=True))
     ]
     added: list[str] = []
@@ -191,16 +191,16 @@ async def _copy(
             )
             added.append(job.target_node)
         actions = [action for job in jobs for action in actions_for(job)]
-        with target.subscribe(blockjobs._END_EVENTS) as events:
+        with target.subscribe(blockjobs.END_EVENTS) as events:
             try:
                 await target.execute("transaction", {"actions": actions})
             except QmpCommandError as exc:
                 raise VmrError(f"cannot start the copy of {', '.join(nodes)}: {exc.desc}") from exc
             try:
-                await blockjobs._wait(target, events, jobs, progress)
+                await blockjobs.wait_jobs(target, events, jobs, progress)
             except BaseException:
                 with contextlib.suppress(VmrError, TimeoutError):
-                    await asyncio.wait_for(blockjobs._cancel(target, events, jobs), 30)
+                    await asyncio.wait_for(blockjobs.cancel_jobs(target, events, jobs), 30)
                 raise
         failed = [job for job in jobs if job.error is not None or job.cancelled]
         if failed:
@@ -217,7 +217,7 @@ async def _copy(
             for job in jobs:
                 job.dest.unlink(missing_ok=True)
     for parent in sorted({job.dest.parent for job in jobs}):
-        blockjobs._fsync_dir(parent)
+        blockjobs.fsync_dir(parent)
 
 
 async def drop(target: QmpTarget, nodes: Sequence[str], generation: int) -> None:
