@@ -1,8 +1,14 @@
-"""The replication protocol's routes on the certificate listener (replica side)."""
+"""The replication protocol's routes on the certificate listener.
+
+Every route but ``delta`` takes a JSON object and answers ``{"result": …}``; ``delta`` streams the
+delta in the body, with the VM id in the query string.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -14,28 +20,22 @@ from vmreplica.errors import InvalidArgument
 
 CHUNK = 4 * 1024 * 1024
 
+EngineCall = Callable[[Authorization, list[str], dict[str, Any]], Awaitable[dict[str, Any]]]
 
-def peer_routes(replica: ReplicaEngine, failover: FailoverService) -> dict[str, PeerHandler]:
-    async def body(request: web.Request) -> dict[str, object]:
+
+def _json_route(call: EngineCall) -> PeerHandler:
+    async def handler(
+        request: web.Request, authz: Authorization, names: list[str]
+    ) -> web.StreamResponse:
         data = json.loads(await request.read() or b"{}")
         if not isinstance(data, dict):
             raise InvalidArgument("request body must be a JSON object")
-        return data
+        return web.json_response({"result": await call(authz, names, data)})
 
-    async def enable(
-        request: web.Request, authz: Authorization, names: list[str]
-    ) -> web.StreamResponse:
-        return web.json_response(
-            {"result": await replica.enable(authz, names, await body(request))}
-        )
+    return handler
 
-    async def status(
-        request: web.Request, authz: Authorization, names: list[str]
-    ) -> web.StreamResponse:
-        return web.json_response(
-            {"result": await replica.status(authz, names, await body(request))}
-        )
 
+def peer_routes(replica: ReplicaEngine, failover: FailoverService) -> dict[str, PeerHandler]:
     async def delta(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
@@ -45,24 +45,10 @@ def peer_routes(replica: ReplicaEngine, failover: FailoverService) -> dict[str, 
         result = await replica.receive(authz, names, vm_id, request.content.iter_chunked(CHUNK))
         return web.json_response({"result": result})
 
-    async def vm_state(
-        request: web.Request, authz: Authorization, names: list[str]
-    ) -> web.StreamResponse:
-        return web.json_response(
-            {"result": await failover.vm_state(authz, names, await body(request))}
-        )
-
-    async def reverse(
-        request: web.Request, authz: Authorization, names: list[str]
-    ) -> web.StreamResponse:
-        return web.json_response(
-            {"result": await failover.become_replica(authz, names, await body(request))}
-        )
-
     return {
-        "/replication/v1/vm-state": vm_state,
-        "/replication/v1/reverse": reverse,
-        "/replication/v1/enable": enable,
-        "/replication/v1/status": status,
+        "/replication/v1/vm-state": _json_route(failover.vm_state),
+        "/replication/v1/reverse": _json_route(failover.become_replica),
+        "/replication/v1/enable": _json_route(replica.enable),
+        "/replication/v1/status": _json_route(replica.status),
         "/replication/v1/delta": delta,
     }
