@@ -149,6 +149,7 @@ class Agent:
 
     async def stop(self) -> None:
         await self.primary.stop()
+        await self.replica.close_all_imports()
         await self.listener.close()
         for runner in reversed(self._runners):
             await runner.cleanup()

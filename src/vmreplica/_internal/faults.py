@@ -1,12 +1,15 @@
 """Fault injection points, as first-class tooling for tests (in the manner of borg's).
 
 An agent started with ``VMREPLICA_FAULTS="primary.after_cut=kill,replica.mid_apply=error"`` dies
-with SIGKILL, or raises, when it reaches the named point. Without the variable every point is a
-dictionary lookup that finds nothing.
+with SIGKILL, or raises, when it reaches the named point. At a point reached through
+:func:`ahit`, ``sleep:SECONDS`` also holds that one task there (the agent goes on serving), so a
+test can act inside a window that is otherwise too short to hit. Without the variable every point
+is a dictionary lookup that finds nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -31,3 +34,11 @@ def hit(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "error":
         raise VmrError(f"injected fault at {point}")
+
+
+async def ahit(point: str) -> None:
+    action = _FAULTS.get(point, "")
+    if action.startswith("sleep:"):
+        await asyncio.sleep(float(action.removeprefix("sleep:")))
+    else:
+        hit(point)

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 
 from vmreplica._internal.api.errors import Handler, error_middleware
 from vmreplica._internal.certs import peer_dns_names, server_ssl_context
@@ -36,6 +37,26 @@ def peer_names(request: web.Request) -> list[str]:
     if not isinstance(ssl_object, ssl.SSLObject):
         raise AccessDenied("not authorized: no client certificate was presented")
     return peer_dns_names(ssl_object.getpeercert() or {})
+
+
+def peer_identity(request: web.Request) -> str:
+    """The client certificate's subject as RFC 4514 text, the form QEMU's authz-simple compares
+    (GnuTLS prints distinguished names in RFC 4514 order too)."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = (
+        ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
+    )
+    if not der:
+        raise AccessDenied("not authorized: no client certificate was presented")
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+
+def local_address(request: web.Request) -> str:
+    """The address this request arrived on: the one the peer can reach."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not sockname:
+        raise ConnectionFailed("cannot tell which address the request arrived on")
+    return str(sockname[0])
 
 
 def _wrap(server: ServerService, handler: PeerHandler) -> Handler:

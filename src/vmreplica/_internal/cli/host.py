@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from vmreplica._internal.agent import serve
 from vmreplica._internal.config import (
     HostConfig,
     TlsFiles,
@@ -95,4 +94,7 @@ def init(
 )
 def serve_cmd(config_path: Path) -> None:
     """Run the host agent in the foreground until SIGTERM."""
+    # The agent pulls in the whole engine: only `host serve` pays for it.
+    from vmreplica._internal.agent import serve
+
     serve(load_host_config(config_path))

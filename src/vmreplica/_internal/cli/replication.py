@@ -211,18 +211,32 @@ def _wait_initial(client: Client, vm: str) -> Replication:
     with Progress(TextColumn("initial replication of {task.description}"), BarColumn(),
                   TaskProgressColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as bar:  # fmt: skip
         task = bar.add_task(vm, total=100)
+        polls = 0
         while True:
             row = client.replication_get(vm)[0]
             bar.update(task, completed=row.initial_replication_progress or 0)
             if row.state != "InitialReplicationInProgress":
                 break
-            time.sleep(0.5)
+            polls += 1
+            if polls % 5 == 0:
+                _raise_if_failing(client, vm)
+            time.sleep(0.2)
     if row.state != "Replicating":
         detail = client.replication_measure(vm)[0].health_details
         raise VmrError(
             f"initial replication of {vm} did not finish (state {row.state}): {'; '.join(detail)}"
         )
     return row
+
+
+def _raise_if_failing(client: Client, vm: str) -> None:
+    """A copy that failed is retried on the replication schedule; waiting for it helps nobody."""
+    measured = client.replication_measure(vm)[0]
+    failures = [d for d in measured.health_details if "cannot send" in d]
+    if failures:
+        raise VmrError(
+            f"initial replication of {vm} failed, and is retried on its schedule: {failures[0]}"
+        )
 
 
 def _simple(name: str, doc: str, call: Callable[[Client, str], Replication]) -> None:

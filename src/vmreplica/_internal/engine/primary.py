@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import shutil
 import time
@@ -28,7 +30,7 @@ from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.events import EventLog, now_iso
 from vmreplica._internal.engine.health import after_cycle
 from vmreplica._internal.engine.vms import VmRecord, VmService
-from vmreplica._internal.hypervisor import qemu_img, tracking
+from vmreplica._internal.hypervisor import nbd_copy, qemu_img, tracking
 from vmreplica._internal.hypervisor.qsd import node_name, start_storage_daemon
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.transport import delta as wire
@@ -196,6 +198,12 @@ class PrimaryEngine:
             raise InvalidState(
                 f"VM {name} is a replica here: start initial replication on its primary server"
             )
+        if row.state == rs.INITIAL_IN_PROGRESS:
+            # A copy that failed waits for the schedule to retry it: start it again now.
+            self.store.update(rec.id, send_failure=None, last_error=None)
+            self._spawn(rec.id)
+            self._kick(rec.id)
+            return self.store.get(rec.id, name)
         if row.state != rs.READY_FOR_INITIAL:
             raise InvalidState(f"initial replication of {name} cannot start in state {row.state}")
         self.store.update(
@@ -208,36 +216,120 @@ class PrimaryEngine:
         return self.store.get(rec.id, name)
 
     async def _initial(self, row: rs.ReplicationRow) -> None:
-        rec = self._vms.find(row.vm_name)
-        async with self._client(row) as client:
+        """Copy every replicated disk to the replica and start tracking at the same instant.
+
+        The data goes over NBD with TLS, straight from a point-in-time export of the disks into
+        the replica's new base images (hypervisor/nbd_copy.py); the HTTPS calls only open and
+        close the import. A copy that fails or is interrupted is started over.
+        """
+        started = datetime.now(UTC)
+        async with self._client(row, timeout=120.0) as client:
             answer = await client.call("/replication/v1/status", {"vm_id": row.vm_id})
-        delta_dir = self.pending_dir(row.vm_id) / "1"
-        if int(answer.get("sequence", 0)) >= 1:
-            # The replica already applied the full copy before a crash lost our acknowledgement.
-            shutil.rmtree(delta_dir, ignore_errors=True)
-        else:
-            shutil.rmtree(self.pending_dir(row.vm_id), ignore_errors=True)
-            delta_dir.mkdir(parents=True)
-            last = [0.0]
-
-            def progress(done: int, total: int) -> None:
-                now = time.monotonic()
-                if now - last[0] > 0.5 and total:
-                    last[0] = now
-                    self.store.update(row.vm_id, initial_progress=round(90.0 * done / total, 1))
-
-            async with self._vms.lock(rec.id), self.target(rec) as target:
-                await tracking.start_full(
-                    target, self._nodes(row), _delta_files(delta_dir, row), progress=progress
-                )
-            manifest = await wire.build_manifest(
-                delta_dir, row.vm_id, 1, "CrashConsistent", _compression(row)
-            )
-            size = sum(d.file_size for d in manifest.disks)
+            if int(answer.get("sequence", 0)) >= 1:
+                # The replica adopted the copy before a crash lost its acknowledgement here. The
+                # bitmap of generation 1 was added when that copy began; settle() checks it.
+                size = row.initial_size or 0
+            else:
+                size = await self._copy_initial(row, client)
+        now = now_iso()
+        with self._db.tx() as conn:
             self.store.update(
-                row.vm_id, sequence=1, generation=1, initial_size=size, initial_progress=90.0
+                row.vm_id, conn, state=rs.REPLICATING, sequence=1, generation=1, acked_sequence=1,
+                initial_progress=100.0, initial_size=size, last_replication_time=now,
+                last_replication_size=size, send_failure=None, last_error=None,
+            )  # fmt: skip
+            self.store.record_cycle(conn, row.vm_id, started.isoformat(), True, 1, size, 0)
+            self._events.record(
+                "initial-replication-done",
+                f"initial replication of {row.vm_name} done ({size} bytes)",
+                row.vm_name,
+                conn=conn,
             )
-        await self._send_pending(self.store.get(row.vm_id, row.vm_name), datetime.now(UTC))
+        shutil.rmtree(self.pending_dir(row.vm_id), ignore_errors=True)
+
+    async def _copy_initial(self, row: rs.ReplicationRow, client: PeerClient) -> int:
+        rec = self._vms.find(row.vm_name)
+        peer = peer_address(self._config, row.replica_server, row.replica_port)
+        run_dir = self._vms.run_dir(rec.id) / "initial"
+        tls_dir = nbd_copy.tls_creds_dir(run_dir / "tls", self._config.tls, "client")
+        nodes, disks = self._nodes(row), [rec.disks[i] for i in row.disks]
+        progress = self._initial_progress(row, [await _virtual_size(d) for d in disks])
+        marks = [time.monotonic()]
+        # The replica prepares its images while tracking starts here.
+        opening = asyncio.ensure_future(
+            client.call("/replication/v1/initial-open", {"vm_id": row.vm_id})
+        )
+        closed = False
+        try:
+            async with self._vms.lock(rec.id):
+                process = self._vms.process(rec.id)
+                if process is None:
+                    # Off, and kept off by the lock: qemu-img reads the images themselves.
+                    await _start_tracking_offline(disks)
+                    source = nbd_copy.file_source(disks)
+                else:
+                    await tracking.remove_all(process, nodes)
+                    source = await nbd_copy.export_source(process, nodes, run_dir, tracking.name(1))
+                try:
+                    await faults.ahit("primary.before_initial_copy")
+                    opened = await opening
+                    marks.append(time.monotonic())
+                    port, exports = int(opened["port"]), [str(e) for e in opened["exports"]]
+                    if len(exports) != len(nodes):
+                        raise InvalidState(
+                            f"the replica offers {len(exports)} disks, {row.vm_name} has {len(nodes)}"
+                        )
+                    for disk, export in enumerate(exports):
+                        await nbd_copy.convert(
+                            source, disk, peer.address, port, export, tls_dir, peer.fqdn,
+                            functools.partial(progress, disk),
+                        )  # fmt: skip
+                    marks.append(time.monotonic())
+                finally:
+                    if process is not None:
+                        with contextlib.suppress(VmrError, TimeoutError):
+                            await nbd_copy.close_source(process, source)
+            faults.hit("primary.after_initial_copy")
+            answer = await client.call(
+                "/replication/v1/initial-close", {"vm_id": row.vm_id, "ok": True}
+            )
+            closed = True
+            marks.append(time.monotonic())
+            prepare, copy, finish = (b - a for a, b in itertools.pairwise(marks))
+            log.info(
+                "initial copy of %s: prepare %.2f s, copy %.2f s, finish %.2f s",
+                row.vm_name, prepare, copy, finish,
+            )  # fmt: skip
+            return int(answer.get("size", 0))
+        finally:
+            if not opening.done():
+                opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
+            if not closed and opening.done() and not opening.cancelled():
+                with contextlib.suppress(VmrError):
+                    await client.call(
+                        "/replication/v1/initial-close", {"vm_id": row.vm_id, "ok": False}
+                    )
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _initial_progress(
+        self, row: rs.ReplicationRow, sizes: list[int]
+    ) -> Callable[[int, float], None]:
+        """Per-disk percentages in, the VM's weighted percentage stored (at most twice a second)."""
+        weights = [s / (sum(sizes) or 1) for s in sizes]
+        done = [0.0] * len(sizes)
+        last = [0.0]
+
+        def progress(disk: int, percent: float) -> None:
+            done[disk] = percent
+            now = time.monotonic()
+            if now - last[0] > 0.5:
+                last[0] = now
+                total = sum(w * d for w, d in zip(weights, done, strict=True))
+                self.store.update(row.vm_id, initial_progress=round(min(total, 99.0), 1))
+
+        return progress
 
     # -- cycles ----------------------------------------------------------------------------
 
@@ -528,6 +620,19 @@ class PrimaryEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+
+
+async def _virtual_size(disk: Path) -> int:
+    return await qemu_img.virtual_size(disk, force_share=True)
+
+
+async def _start_tracking_offline(disks: list[Path]) -> None:
+    """Generation 1 of tracking on images nothing has open; older generations go."""
+    for disk in disks:
+        for bitmap in await qemu_img.bitmaps(disk):
+            if bitmap.name.startswith(tracking.PREFIX):
+                await qemu_img.bitmap_remove(disk, bitmap.name)
+        await qemu_img.bitmap_add(disk, tracking.name(1))
 
 
 def _settings_json(s: rs.Settings) -> dict[str, Any]:

@@ -27,12 +27,20 @@ from vmreplica._internal.engine import validate
 from vmreplica._internal.engine.events import EventLog, now_iso
 from vmreplica._internal.engine.server import Authorization
 from vmreplica._internal.engine.vms import VmRecord, VmService
-from vmreplica._internal.hypervisor import qemu_img
+from vmreplica._internal.hypervisor import nbd_copy, qemu_img
+from vmreplica._internal.hypervisor.qsd import StorageDaemon, node_name, start_storage_daemon
 from vmreplica._internal.models import RecoveryPoint
 from vmreplica._internal.store.chain import ReplicaChain
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.transport import delta as wire
-from vmreplica.errors import AccessDenied, IntegrityError, InvalidState, NotFound, ResyncRequired
+from vmreplica.errors import (
+    AccessDenied,
+    IntegrityError,
+    InvalidState,
+    NotFound,
+    ResyncRequired,
+    StorageError,
+)
 
 log = logging.getLogger("vmreplica.replica")
 
@@ -45,6 +53,8 @@ class ReplicaEngine:
         self._vms = vms
         self.store = rs.ReplicationStore(db)
         self._locks: dict[str, asyncio.Lock] = {}
+        # Open initial-copy imports: the daemon serving the new images, and when it started.
+        self._imports: dict[str, tuple[StorageDaemon, str]] = {}
 
     def lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
@@ -147,6 +157,113 @@ class ReplicaEngine:
                 self.store.update(row.vm_id, settings=settings)
         return {"sequence": row.sequence, "state": row.state}
 
+    # -- initial copy ----------------------------------------------------------------------
+
+    async def open_initial(
+        self,
+        authz: Authorization,
+        peer_names: list[str],
+        req: dict[str, Any],
+        *,
+        listen_host: str,
+        peer_identity: str,
+    ) -> dict[str, Any]:
+        """Serve new, empty images for the sender's ``qemu-img convert`` (see nbd_copy).
+
+        Whatever an earlier attempt left (its daemon, its images) is discarded first: an
+        initial copy that did not finish is started over, never resumed.
+        """
+        row = self._replica_row(str(req["vm_id"]))
+        self._check_sender(row, authz, peer_names)
+        async with self.lock(row.vm_id):
+            row = self._replica_row(row.vm_id)
+            if row.state != rs.WAITING_FOR_INITIAL or row.sequence != 0:
+                raise InvalidState(
+                    f"replica VM {row.vm_name} already has its initial copy (state {row.state})"
+                )
+            await self._close_import(row.vm_id)
+            staging = self._initial_staging(row)
+            run_dir = self._vms.run_dir(row.vm_id) / "initial"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            files = tuple(staging / f"disk{i}.qcow2" for i in range(len(row.disks)))
+            try:
+                staging.mkdir(parents=True)
+                for chain, file in zip(self.chains(row), files, strict=True):
+                    await qemu_img.create(file, await chain.virtual_size())
+                direct = nbd_copy.supports_direct_io(staging)
+                daemon = await start_storage_daemon(
+                    files, run_dir, row.vm_name, direct=direct, env=nbd_copy.BULK_ENV
+                )
+            except OSError as e:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise StorageError(f"cannot prepare the initial copy of {row.vm_name}: {e}") from e
+            self._imports[row.vm_id] = (daemon, now_iso())
+            try:
+                tls_dir = nbd_copy.tls_creds_dir(run_dir / "tls", self._config.tls, "server")
+                nodes = [node_name(i) for i in range(len(files))]
+                port, exports = await nbd_copy.serve_import(
+                    daemon, nodes, tls_dir, peer_identity, listen_host
+                )
+            except BaseException:
+                await self._close_import(row.vm_id)
+                raise
+        log.info("initial copy of %s: serving %d images on port %d", row.vm_name, len(files), port)
+        return {"port": port, "exports": list(exports)}
+
+    async def close_initial(
+        self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The sender's copy ended: adopt the images as the chains' base, or drop them."""
+        row = self._replica_row(str(req["vm_id"]))
+        self._check_sender(row, authz, peer_names)
+        async with self.lock(row.vm_id):
+            row = self._replica_row(row.vm_id)
+            if not req.get("ok"):
+                await self._close_import(row.vm_id)
+                return {"sequence": row.sequence}
+            if row.sequence >= 1:  # a retried close: it was applied already
+                return {"sequence": row.sequence, "size": row.initial_size or 0}
+            opened = self._imports.pop(row.vm_id, None)
+            if opened is None:
+                raise InvalidState(
+                    f"no initial copy of {row.vm_name} is open on {self._config.name} (did it "
+                    "restart?): the copy starts over"
+                )
+            daemon, started = opened
+            staging = self._initial_staging(row)
+            try:
+                await daemon.stop()  # closes the images: metadata written, flushed
+            except BaseException:
+                await daemon.kill()
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            size = await asyncio.to_thread(_sync_files, staging)
+            with self._db.tx() as conn:
+                conn.execute(
+                    "INSERT INTO journal(kind, subject, step, data, created) VALUES('apply', ?, 'staged', ?, ?)",
+                    (row.vm_id, json.dumps({"sequence": 1, "staging": str(staging), "size": size,
+                                            "started": started}), now_iso()),
+                )  # fmt: skip
+            faults.hit("replica.after_stage")
+            await self._finish_apply(row, 1, staging, started, size)
+            return {"sequence": 1, "size": size}
+
+    def _initial_staging(self, row: rs.ReplicationRow) -> Path:
+        return Path(str(row.storage_dir)) / "staging" / "1"
+
+    async def _close_import(self, vm_id: str) -> None:
+        opened = self._imports.pop(vm_id, None)
+        if opened is not None:
+            await opened[0].kill()
+        row = self.store.find(vm_id)
+        if row is not None and row.storage_dir is not None and row.sequence == 0:
+            shutil.rmtree(self._initial_staging(row), ignore_errors=True)
+
+    async def close_all_imports(self) -> None:
+        for vm_id in list(self._imports):
+            await self._close_import(vm_id)
+
     # -- deltas ----------------------------------------------------------------------------
 
     async def receive(
@@ -204,11 +321,17 @@ class ReplicaEngine:
             return {"sequence": manifest.sequence}
 
     async def _finish_apply(
-        self, row: rs.ReplicationRow, sequence: int, staging: Path, started: str
+        self,
+        row: rs.ReplicationRow,
+        sequence: int,
+        staging: Path,
+        started: str,
+        size: int | None = None,
     ) -> None:
         """Apply a staged, verified delta; idempotent, so recovery simply calls it again."""
         manifest_file = staging / "manifest.json"
-        size = 0
+        if size is None:
+            size = 0
         if manifest_file.exists():
             size = sum(
                 d.file_size for d in wire.DeltaManifest.from_json(manifest_file.read_bytes()).disks
@@ -367,7 +490,11 @@ class ReplicaEngine:
             log.info("finishing interrupted %s of %s", j["kind"], row.vm_name)
             if j["kind"] == "apply":
                 await self._finish_apply(
-                    row, int(data["sequence"]), Path(data["staging"]), str(data["started"])
+                    row,
+                    int(data["sequence"]),
+                    Path(data["staging"]),
+                    str(data["started"]),
+                    _opt_int(data.get("size")),
                 )
             elif j["kind"] == "freeze":
                 await self._finish_freeze(row, int(data["point"]), str(data["kind"]))
@@ -399,6 +526,7 @@ class ReplicaEngine:
     async def remove(self, row: rs.ReplicationRow) -> None:
         """The replica VM stays, as an ordinary VM on its latest point."""
         async with self.lock(row.vm_id):
+            await self._close_import(row.vm_id)
             with self._db.tx() as conn:
                 self.store.delete(conn, row.vm_id)
                 self._events.record(
@@ -420,6 +548,24 @@ async def _adopt_as_base(delta: Path, chain: ReplicaChain) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_files(directory: Path) -> int:
+    """fsync the images and their names; the space they take is the size of the copy."""
+    size = 0
+    for path in sorted(directory.glob("disk*.qcow2")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size += os.fstat(fd).st_blocks * 512
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
 
 
 def _opt_int(value: object) -> int | None:

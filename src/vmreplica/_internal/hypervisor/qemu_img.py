@@ -275,3 +275,12 @@ async def bitmaps(path: str | os.PathLike[str], *, force_share: bool = False) ->
         )
         for b in data.get("bitmaps", [])
     ]
+
+
+async def bitmap_add(path: str | os.PathLike[str], name: str) -> None:
+    """Add an enabled persistent bitmap to an image nothing has open."""
+    await _run("bitmap", str(path), ["bitmap", "--add", "-f", "qcow2", str(path), name])
+
+
+async def bitmap_remove(path: str | os.PathLike[str], name: str) -> None:
+    await _run("bitmap", str(path), ["bitmap", "--remove", "-f", "qcow2", str(path), name])

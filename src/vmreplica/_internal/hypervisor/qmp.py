@@ -274,6 +274,7 @@ class PidProcess:
         stderr: IO[bytes],
         new_session: bool,
         preexec_fn: Callable[[], None] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> PidProcess:
         try:
             popen = subprocess.Popen(
@@ -284,6 +285,7 @@ class PidProcess:
                 cwd="/",
                 start_new_session=new_session,
                 preexec_fn=preexec_fn,
+                env=env,
             )
         except OSError as exc:
             raise VmrError(f"cannot run {argv[0]}: {exc.strerror}") from exc

@@ -46,16 +46,17 @@ def node_name(index: int) -> str:
     return f"disk{index}"
 
 
-def blockdev_options(disks: tuple[Path, ...]) -> list[str]:
+def blockdev_options(disks: tuple[Path, ...], direct: bool = False) -> list[str]:
     """``-blockdev`` JSON for each disk: a file node ``diskN-file`` under a qcow2 node ``diskN``.
 
     JSON rather than key=value, because a path may contain commas. Backing files open from the
-    image header, so a differencing disk needs nothing more.
+    image header, so a differencing disk needs nothing more. ``direct`` bypasses the page cache
+    (O_DIRECT), for images written in bulk that nobody reads soon.
     """
     options: list[str] = []
     for i, path in enumerate(disks):
         file: dict[str, object] = {"driver": "file", "node-name": f"{node_name(i)}-file"}
-        file |= {"filename": str(path.absolute()), "cache": {"direct": False}}
+        file |= {"filename": str(path.absolute()), "cache": {"direct": direct}}
         options.append(json.dumps(file))
         options.append(
             json.dumps({"driver": "qcow2", "node-name": node_name(i), "file": file["node-name"]})
@@ -86,7 +87,7 @@ def check_disks(disks: tuple[Path, ...], owner: str) -> None:
             raise InvalidArgument(f"{owner}: disk {path} is not a qcow2 image")
 
 
-def _die_with_parent() -> Callable[[], None]:
+def die_with_parent() -> Callable[[], None]:
     """A pre-exec hook that makes the kernel SIGTERM the daemon when the agent dies.
 
     SIGTERM, not SIGKILL: the daemon then exits through its normal path and closes the images,
@@ -186,10 +187,13 @@ async def start_storage_daemon(
     run_dir: Path,
     vm_name: str | None = None,
     timeout: float = 30.0,
+    direct: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> StorageDaemon:
     """Open ``disks`` in a new qemu-storage-daemon whose monitor is ``run_dir/qsd.sock``.
 
-    ``vm_name`` only makes error messages name the VM the disks belong to.
+    ``vm_name`` only makes error messages name the VM the disks belong to; ``direct``: see
+    :func:`blockdev_options`; ``env``: the daemon's environment, the agent's by default.
     """
     what = f"storage daemon of VM '{vm_name}'" if vm_name else f"storage daemon in {run_dir}"
     if not disks:
@@ -204,7 +208,7 @@ async def start_storage_daemon(
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()  # left by a daemon that was killed
     argv = [QEMU_STORAGE_DAEMON]
-    for options in blockdev_options(disks):
+    for options in blockdev_options(disks, direct):
         argv += ["--blockdev", options]
     # The monitor comes after the disks, so that it only appears once they are open.
     path = str(sock).replace(",", ",,")  # key=value syntax
@@ -213,7 +217,9 @@ async def start_storage_daemon(
     log_path = run / "qsd.log"
     with open(log_path, "ab") as log, open(os.devnull, "wb") as out:
         log_start = log.tell()
-        proc = PidProcess.spawn(argv, out, log, new_session=False, preexec_fn=_die_with_parent())
+        proc = PidProcess.spawn(
+            argv, out, log, new_session=False, preexec_fn=die_with_parent(), env=env
+        )
     try:
         session = await connect_when_ready(sock, what, proc, timeout, "query-version")
     except BaseException:

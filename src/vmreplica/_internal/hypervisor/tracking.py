@@ -30,7 +30,6 @@ __all__ = [
     "rotate",
     "settle",
     "start_from_top",
-    "start_full",
 ]
 
 PREFIX = "vmreplica-"
@@ -52,13 +51,6 @@ async def _generations(target: QmpTarget, node: str) -> dict[int, dict[str, Any]
         if match:
             out[int(match.group(1))] = bitmap
     return out
-
-
-async def start_full(target: QmpTarget, nodes: Sequence[str], dests: Sequence[Path],
-                     progress: Progress | None = None) -> None:  # fmt: skip
-    """Initial replication: a full copy and generation 1 of tracking, started at one instant."""
-    await remove_all(target, nodes)
-    await blockjobs.full_copy_with_tracking(target, nodes, dests, name(1), progress, JOB_PREFIX)
 
 
 async def _clear_leftovers(target: QmpTarget) -> None:

@@ -1,0 +1,204 @@
+"""Initial replication over NBD with TLS (hypervisor/nbd_copy.py), against real agents, QEMU and
+qemu-storage-daemon: the copy is the disk at the instant tracking began, kill -9 of either agent
+at the copy's edges, a full replica disk, and a certificate the import does not admit."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.fault import tmpfs
+from tests.integration.replication_env import (
+    PRIMARY,
+    REPLICA,
+    Pair,
+    make_pair,
+    restart_with_faults,
+    wait_for,
+)
+from vmreplica._internal.config import TlsFiles
+from vmreplica._internal.localcluster import Cluster
+from vmreplica._internal.store.chain import ReplicaChain
+from vmreplica._internal.transport.peer import PeerAddress, PeerClient
+
+OLD, Y_NEW, X_NEW = 0x11, 0xB1, 0xB2
+Y_AT, X_AT = "1M", "100M"  # Y is written first, X second; a copy reads Y first too
+
+
+def image_with_data(path: Path, size: str, allocated: str) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {OLD:#x} 0 {allocated}", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+def reads(image: Path, pattern: int, offset: str, length: str = "64k") -> bool:
+    """Whether ``image`` holds ``pattern`` over the range, read through QEMU."""
+    done = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-r", "-U", "-c", f"read -P {pattern:#x} {offset} {length}",
+         str(image)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if "Pattern verification failed" in done.stdout:
+        return False
+    assert done.returncode == 0, done.stdout + done.stderr
+    return True
+
+
+def guest_write(pair: Pair, pattern: int, offset: str, name: str = "app") -> None:
+    """Write through the guest's own virtio device (``-d``, the virtio-blk backend), as the guest would: while a
+    backup job fleeces the disk, its node takes no writer that bypasses the job's filter."""
+    out = pair.cluster.cli(
+        "vm",
+        "monitor",
+        name,
+        f'qemu-io -d /machine/peripheral/vblk0/virtio-backend "write -P {pattern:#x} {offset} 64k"',
+        host=PRIMARY,
+    ).stdout
+    assert "wrote" in out, out
+
+
+def verified_equal(pair: Pair, name: str = "app") -> None:
+    asyncio.run(ReplicaChain(pair.tip(name, 0).parent).verify())
+    assert pair.equal(name, 0)
+
+
+def running_vm(pair: Pair, name: str = "app") -> None:
+    disk = image_with_data(pair.cluster.base / f"{name}.qcow2", "256M", "128M")
+    pair.cli("vm", "new", name, "--disk-path", str(disk))
+    pair.cli("vm", "start", name)
+    pair.enable(name)
+
+
+def test_copy_is_the_disk_at_the_instant_tracking_began(cluster: Cluster) -> None:
+    """Writes made after tracking began, while the copy runs, are not in the copy (so it is a
+    crash-consistent point, not a smear of old and new), and the next cycle carries them."""
+    pair = make_pair(cluster)
+    running_vm(pair)
+    restart_with_faults(cluster, PRIMARY, "primary.before_initial_copy=sleep:6")
+    pair.cli("replication", "start-initial", "app")
+    run_dir = cluster.hosts[PRIMARY].state_dir / "run"
+    wait_for(lambda: any(run_dir.glob("*/initial/nbd.sock")), 20, "the point-in-time export")
+    guest_write(pair, Y_NEW, Y_AT)
+    guest_write(pair, X_NEW, X_AT)
+    row = pair.replication("app")
+    assert (
+        row["state"] == "InitialReplicationInProgress" and not row["initial_replication_progress"]
+    ), "the writes must land while the copy is held at its start"
+    wait_for(lambda: pair.replication("app")["state"] == "Replicating", 120, "the initial copy")
+    tip = pair.tip("app", 0)
+    assert reads(tip, OLD, Y_AT) and reads(tip, OLD, X_AT), "the copy must predate both writes"
+    assert reads(tip, OLD, "64M", "1M")
+    pair.cli("replication", "sync", "app")
+    assert reads(tip, Y_NEW, Y_AT) and reads(tip, X_NEW, X_AT)
+    verified_equal(pair)
+
+
+@pytest.mark.parametrize("point", ["primary.before_initial_copy", "primary.after_initial_copy"])
+def test_kill_primary_agent_mid_initial_copy(cluster: Cluster, point: str) -> None:
+    """Killed with its export and fleecing overlays open in the VM's QEMU (before), or with the
+    replica's import still open (after): the restarted agent clears them and copies again."""
+    pair = make_pair(cluster)
+    running_vm(pair)
+    restart_with_faults(cluster, PRIMARY, f"{point}=kill")
+    pair.cli("replication", "start-initial", "app")
+    process = cluster.hosts[PRIMARY].process
+    assert process is not None and process.wait(60) == -signal.SIGKILL
+    cluster.hosts[PRIMARY].process = None
+    cluster.start(PRIMARY)
+    wait_for(lambda: pair.replication("app")["state"] == "Replicating", 120, "the copy again")
+    assert not list((cluster.hosts[PRIMARY].state_dir / "run").glob("*/initial"))
+    pair.write("app", 0, 0x5C, "200M", "1M")
+    pair.cli("replication", "sync", "app")
+    verified_equal(pair)
+    assert reads(pair.tip("app", 0), 0x5C, "200M", "1M")
+
+
+def test_kill_replica_agent_after_import(cluster: Cluster) -> None:
+    """The replica dies with the copy staged and journaled: it adopts the copy on restart, and
+    the primary, told the copy is there, does not send it again."""
+    pair = make_pair(cluster)
+    running_vm(pair)
+    restart_with_faults(cluster, REPLICA, "replica.after_stage=kill")
+    failed = cluster.cli("replication", "start-initial", "app", "--wait", host=PRIMARY, check=False)
+    assert failed.returncode != 0 and "retried" in failed.stderr, failed.stderr
+    process = cluster.hosts[REPLICA].process
+    assert process is not None and process.wait(10) == -signal.SIGKILL
+    cluster.hosts[REPLICA].process = None
+    cluster.start(REPLICA)
+    assert pair.replication("app", host=REPLICA)["state"] == "Replicating"
+    pair.cli("replication", "start-initial", "app", "--wait")
+    kinds = [e["kind"] for e in cluster.cli_json("event", "list", host=REPLICA)]
+    assert "recovered" in kinds
+    pair.write("app", 0, 0x6D, "130M", "1M")
+    pair.cli("replication", "sync", "app")
+    verified_equal(pair)
+
+
+def test_replica_disk_full_during_initial_copy(cluster: Cluster) -> None:
+    pair = make_pair(cluster)
+    small = cluster.base / "small"
+    with tmpfs(small, "48M"):
+        cluster.cli("auth", "set", "--allowed-primary", PRIMARY, "--storage-location", str(small),
+                    host=REPLICA)  # fmt: skip
+        pair.storage = small
+        running_vm(pair)  # 128 MiB of data
+        full = cluster.cli(
+            "replication", "start-initial", "app", "--wait", host=PRIMARY, check=False
+        )
+        assert full.returncode != 0 and "disk full" in full.stderr, full.stderr
+        assert "Traceback" not in full.stderr
+        assert pair.replication("app", host=REPLICA)["state"] == "WaitingForInitialReplication"
+        assert not list(small.glob("app/staging/*/*")), "nothing of the failed copy is kept"
+        subprocess.run(["mount", "-o", "remount,size=512M", str(small)], check=True)
+        pair.cli("replication", "start-initial", "app", "--wait")
+        verified_equal(pair)
+
+
+def test_import_admits_only_the_authorized_sender(cluster: Cluster) -> None:
+    """The replica's NBD server checks the client certificate's name, not only its CA: vmhost3
+    holds a certificate from the same CA and is refused; vmhost2, the primary, is admitted."""
+    pair = make_pair(cluster)
+    cluster.cli("vm", "new", "app", "--disk", "32M", host=PRIMARY)
+    pair.enable("app")
+    vm_id = pair.replication("app")["vm_id"]
+    tls = TlsFiles(
+        *(cluster.hosts[PRIMARY].dir / "tls" / f for f in ("ca.pem", "cert.pem", "key.pem"))
+    )
+
+    async def open_import() -> dict[str, object]:
+        peer = PeerAddress(REPLICA, "127.0.0.1", pair.port)
+        async with PeerClient(peer, tls) as client:
+            answer = await client.call("/replication/v1/initial-open", {"vm_id": vm_id})
+            assert isinstance(answer, dict)
+            return answer
+
+    opened = asyncio.run(open_import())
+    port, export = int(str(opened["port"])), str(opened["exports"][0])  # type: ignore[index]
+
+    def connect(host: str) -> subprocess.CompletedProcess[str]:
+        creds = cluster.base / f"creds-{host}"
+        creds.mkdir(exist_ok=True)
+        for name, file in (("ca-cert.pem", "ca.pem"), ("client-cert.pem", "cert.pem"),
+                           ("client-key.pem", "key.pem")):  # fmt: skip
+            (creds / name).unlink(missing_ok=True)
+            (creds / name).symlink_to(cluster.hosts[host].dir / "tls" / file)
+        return subprocess.run(
+            ["qemu-img", "info", "--object", f"tls-creds-x509,id=t,dir={creds},endpoint=client",
+             "--image-opts", f"driver=nbd,server.type=inet,server.host=127.0.0.1,"
+             f"server.port={port},export={export},tls-creds=t,tls-hostname={REPLICA}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    refused = connect("vmhost3")
+    assert refused.returncode != 0, refused.stdout
+    admitted = connect(PRIMARY)
+    assert admitted.returncode == 0, admitted.stderr
+    assert "virtual size: 32 MiB" in admitted.stdout
