@@ -5,6 +5,8 @@ at the copy's edges, a full replica disk, and a certificate the import does not 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -202,3 +204,46 @@ def test_import_admits_only_the_authorized_sender(cluster: Cluster) -> None:
     admitted = connect(PRIMARY)
     assert admitted.returncode == 0, admitted.stderr
     assert "virtual size: 32 MiB" in admitted.stdout
+
+
+def test_import_lost_mid_copy(cluster: Cluster) -> None:
+    """The replica's import daemon dies before the data arrives (as when the network between the
+    sites drops the NBD connection): one clear error, the VM's QEMU is left with no export or
+    fleecing overlay, and the copy succeeds when started again."""
+    pair = make_pair(cluster)
+    running_vm(pair)
+    restart_with_faults(cluster, PRIMARY, "primary.before_initial_copy=sleep:3")
+    pair.cli("replication", "start-initial", "app")
+    staging = pair.storage / "app" / "staging" / "1" / "disk0.qcow2"
+
+    def import_daemons() -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if str(staging).encode() in (proc / "cmdline").read_bytes():
+                        found.append(int(proc.name))
+        return found
+
+    def serving() -> bool:
+        listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+        return any(f"pid={pid}," in listening for pid in import_daemons())
+
+    wait_for(serving, 20, "the replica's import daemon to listen")
+    for pid in import_daemons():
+        os.kill(pid, signal.SIGKILL)
+
+    def failures() -> list[str]:
+        events = cluster.cli_json("event", "list", host=PRIMARY)
+        return [e["message"] for e in events if e["kind"] == "replication-cycle-failed"]
+
+    wait_for(lambda: bool(failures()), 30, "the failure")
+    assert "initial copy of disk 0" in failures()[0], failures()
+    failed = cluster.cli("replication", "start-initial", "app", "--wait", host=PRIMARY, check=False)
+    # That retry is held 3 s at the same point, then copies: it succeeds.
+    assert failed.returncode == 0, failed.stderr
+    assert pair.replication("app")["state"] == "Replicating"
+    assert not list((cluster.hosts[PRIMARY].state_dir / "run").glob("*/initial"))
+    pair.write("app", 0, 0x7E, "210M", "1M")
+    pair.cli("replication", "sync", "app")
+    verified_equal(pair)

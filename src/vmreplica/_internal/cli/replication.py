@@ -218,9 +218,9 @@ def _wait_initial(client: Client, vm: str) -> Replication:
             if row.state != "InitialReplicationInProgress":
                 break
             polls += 1
-            if polls % 5 == 0:
+            if polls % 10 == 0:
                 _raise_if_failing(client, vm)
-            time.sleep(0.2)
+            time.sleep(0.1)
     if row.state != "Replicating":
         detail = client.replication_measure(vm)[0].health_details
         raise VmrError(

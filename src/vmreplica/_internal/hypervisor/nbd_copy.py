@@ -340,6 +340,9 @@ def _convert_error(message: str, disk: int, where: str) -> VmrError:
         return StorageError(
             f"disk full on the replica during the initial copy of disk {disk}: {reason}"
         )
-    if "write" in message.lower() and "error" in message.lower():
-        return StorageError(f"initial copy of disk {disk} failed writing to the replica: {reason}")
+    if "error while writing" in message:
+        # The replica's storage, or the connection to it: NBD reports both as an I/O error.
+        return ConnectionFailed(
+            f"initial copy of disk {disk} failed writing to the replica: {reason}"
+        )
     return ConnectionFailed(f"initial copy of disk {disk} to {where} failed: {reason}")

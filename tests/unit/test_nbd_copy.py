@@ -1,0 +1,87 @@
+"""Pure pieces of the initial copy: how qemu-img's output becomes progress and errors, the
+option escaping, the credential directory layout QEMU expects, and the fault-point sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from vmreplica._internal import faults
+from vmreplica._internal.config import TlsFiles
+from vmreplica._internal.hypervisor import nbd_copy
+from vmreplica.errors import ConnectionFailed, StorageError, VmrError
+
+
+def test_progress_is_read_from_carriage_return_separated_updates() -> None:
+    chunk = b"    (0.00/100%)\r    (12.50/100%)\r    (99.99/100%)\r"
+    assert [float(p) for p in nbd_copy._PROGRESS_RE.findall(chunk)] == [0.0, 12.5, 99.99]
+    assert nbd_copy._PROGRESS_RE.findall(b"(100/100%)") == [b"100"]
+
+
+@pytest.mark.parametrize(
+    ("stderr", "kind", "words"),
+    [
+        ("qemu-img: error while writing at byte 1048576: No space left on device", StorageError,
+         "disk full on the replica"),
+        ("qemu-img: error while writing at byte 0: Input/output error", ConnectionFailed,
+         "failed writing to the replica"),
+        ("qemu-img: Could not open 'driver=nbd,...': Failed to connect to '127.0.0.1:1': "
+         "Connection refused", ConnectionFailed, "to 127.0.0.1:1 failed"),
+        ("qemu-img: Could not open 'driver=nbd,...': TLS handshake failed: The TLS connection was "
+         "non-properly terminated.", ConnectionFailed, "TLS handshake failed"),
+        ("", ConnectionFailed, "qemu-img convert failed"),
+    ],
+)  # fmt: skip
+def test_convert_errors_become_one_line_errors_of_the_right_class(
+    stderr: str, kind: type[Exception], words: str
+) -> None:
+    err = nbd_copy._convert_error(stderr, 0, "127.0.0.1:1")
+    assert type(err) is kind
+    assert words in err.message and "\n" not in err.message
+    assert "qemu-img: qemu-img" not in err.message
+
+
+def test_option_values_escape_commas() -> None:
+    assert nbd_copy._kv("/srv/a,b/disk.qcow2") == "/srv/a,,b/disk.qcow2"
+    source = nbd_copy.file_source([Path("/x,y/d.qcow2")])
+    assert source.image_opts == ("driver=qcow2,file.driver=file,file.filename=/x,,y/d.qcow2",)
+
+
+def test_tls_creds_dir_has_the_names_qemu_expects(tmp_path: Path) -> None:
+    files = TlsFiles(*(tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem")))
+    for f in (files.ca, files.cert, files.key):
+        f.write_text(f.name)
+    creds = nbd_copy.tls_creds_dir(tmp_path / "creds", files, "client")
+    names = sorted(p.name for p in creds.iterdir())
+    assert names == ["ca-cert.pem", "client-cert.pem", "client-key.pem"]
+    assert (creds / "client-key.pem").read_text() == "key.pem"
+    assert oct(creds.stat().st_mode & 0o777) == oct(0o700)
+    # Made again (a retry), it replaces the links rather than failing.
+    nbd_copy.tls_creds_dir(tmp_path / "creds", files, "client")
+
+
+def test_direct_io_probe_leaves_nothing(tmp_path: Path) -> None:
+    assert isinstance(nbd_copy.supports_direct_io(tmp_path), bool)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_sleep_fault_holds_only_its_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(faults, "_FAULTS", {"x.point": "sleep:0.3"})
+
+    async def run() -> tuple[float, float]:
+        began = time.monotonic()
+        finished: list[float] = []
+        other = asyncio.create_task(asyncio.sleep(0.05))
+        other.add_done_callback(lambda _: finished.append(time.monotonic() - began))
+        await faults.ahit("x.point")
+        return time.monotonic() - began, finished[0]
+
+    held, other_done = asyncio.run(run())
+    assert held >= 0.3 and other_done < 0.25
+    monkeypatch.setattr(faults, "_FAULTS", {"x.point": "error"})
+    with pytest.raises(VmrError, match=r"injected fault at x\.point"):
+        asyncio.run(faults.ahit("x.point"))
