@@ -1,7 +1,7 @@
 """Initial replication of a VM that is off, agent to agent over TLS on loopback, next to
 ``qemu-img convert -O qcow2`` of the same disk measured in the same run.
 
-Run: ``.venv/bin/python bench/bench_initial.py [--quick] [--disk-gib 4] [--alloc-gib 2]``.
+Run: ``.venv/bin/python bench/bench_initial.py [--quick] [--repeat 3] [--disk-gib 4] [--alloc-gib 2]``.
 
 Each data set is a qcow2 disk of --disk-gib with --alloc-gib allocated as --chunk-mib pieces
 spread evenly over it: qemu-io ``write -P`` patterns (compress to almost nothing) and random
@@ -9,8 +9,8 @@ bytes (``write -s`` from fresh os.urandom files: the honest case). Each is repli
 compression on (the default) and off, each time as a new VM (``vm new --disk-path`` on its own
 copy of the disk). Timed: the wall time of ``vmreplica replication start-initial VM --wait``
 (CLI start-up included), and of the baseline ``qemu-img convert -O qcow2`` of the same disk to a
-local file, alone and followed by an fsync of the copy (vmreplica fsyncs what it stages and
-what it commits, and qemu-img convert by default does not). Every timing starts after a
+local file, alone and followed by an fsync of the copy (vmreplica's replica writes with O_DIRECT
+and fsyncs before it acknowledges; qemu-img convert by default does neither). Every timing starts after a
 ``sync``; the disk is warm in the page cache for both. The replica is checked with
 ``qemu-img compare``.
 """

@@ -23,7 +23,7 @@ from tests.integration.replication_env import (
     wait_for,
 )
 from vmreplica._internal.config import TlsFiles
-from vmreplica._internal.localcluster import Cluster
+from vmreplica._internal.localcluster import Cluster, free_port
 from vmreplica._internal.store.chain import ReplicaChain
 from vmreplica._internal.transport.peer import PeerAddress, PeerClient
 
@@ -168,6 +168,12 @@ def test_import_admits_only_the_authorized_sender(cluster: Cluster) -> None:
     """The replica's NBD server checks the client certificate's name, not only its CA: vmhost3
     holds a certificate from the same CA and is refused; vmhost2, the primary, is admitted."""
     pair = make_pair(cluster)
+    # The replica serves initial copies on the one port its host.toml allows.
+    allowed = free_port()
+    config = cluster.hosts[REPLICA].config
+    config.write_text(f'initial_copy_ports = "{allowed}-{allowed}"\n' + config.read_text())
+    cluster.stop(REPLICA)
+    cluster.start(REPLICA)
     cluster.cli("vm", "new", "app", "--disk", "32M", host=PRIMARY)
     pair.enable("app")
     vm_id = pair.replication("app")["vm_id"]
@@ -184,6 +190,7 @@ def test_import_admits_only_the_authorized_sender(cluster: Cluster) -> None:
 
     opened = asyncio.run(open_import())
     port, export = int(str(opened["port"])), str(opened["exports"][0])  # type: ignore[index]
+    assert port == allowed
 
     def connect(host: str) -> subprocess.CompletedProcess[str]:
         creds = cluster.base / f"creds-{host}"

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from vmreplica._internal import faults
-from vmreplica._internal.config import TlsFiles
+from vmreplica._internal.config import TlsFiles, parse_port_range
 from vmreplica._internal.hypervisor import nbd_copy
-from vmreplica.errors import ConnectionFailed, StorageError, VmrError
+from vmreplica.errors import ConnectionFailed, InvalidArgument, StorageError, VmrError
 
 
 def test_progress_is_read_from_carriage_return_separated_updates() -> None:
@@ -85,3 +86,21 @@ def test_a_sleep_fault_holds_only_its_task(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(faults, "_FAULTS", {"x.point": "error"})
     with pytest.raises(VmrError, match=r"injected fault at x\.point"):
         asyncio.run(faults.ahit("x.point"))
+
+
+def test_port_ranges() -> None:
+    assert parse_port_range("10900-10999") == (10900, 10999)
+    assert parse_port_range("10900") == (10900, 10900)
+    for bad in ("10999-10900", "0-5", "a-b", "10900-70000", ""):
+        with pytest.raises(InvalidArgument, match="invalid port range"):
+            parse_port_range(bad)
+
+
+def test_candidate_ports_skip_the_taken_ones() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert nbd_copy._candidates("127.0.0.1", (port, port)) == []
+    assert nbd_copy._candidates("127.0.0.1", (port, port)) == [port]
+    assert len(set(nbd_copy._candidates("127.0.0.1", None))) >= 1

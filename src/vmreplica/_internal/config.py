@@ -38,6 +38,9 @@ class HostConfig:
     admins: tuple[str, ...] = ()
     resolve: Mapping[str, str] = field(default_factory=dict)
     accel: str = "tcg"
+    # TCP ports a replica serves initial copies on (NBD with TLS), for a firewall to allow;
+    # None: any free port.
+    initial_copy_ports: tuple[int, int] | None = None
 
     def resolve_address(self, fqdn: str) -> str:
         """The address to dial for a peer: the ``[resolve]`` override, else the name itself."""
@@ -53,7 +56,11 @@ class HostConfig:
             "admins": list(self.admins),
             "tls": {"ca": str(self.tls.ca), "cert": str(self.tls.cert), "key": str(self.tls.key)},
             "resolve": dict(self.resolve),
-        }
+        } | (
+            {"initial_copy_ports": "{}-{}".format(*self.initial_copy_ports)}
+            if self.initial_copy_ports
+            else {}
+        )
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -61,6 +68,17 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidArgument(f"invalid listen address {value!r}: expected ADDRESS:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_port_range(value: str) -> tuple[int, int]:
+    """``FIRST-LAST`` (or one port) as an inclusive range."""
+    first, _, last = value.partition("-")
+    last = last or first
+    if not (first.isdigit() and last.isdigit() and 0 < int(first) <= int(last) < 65536):
+        raise InvalidArgument(
+            f"invalid port range {value!r}: expected FIRST-LAST, e.g. 10900-10999"
+        )
+    return int(first), int(last)
 
 
 def parse_resolve(items: list[str]) -> dict[str, str]:
@@ -129,7 +147,19 @@ def load_host_config(path: Path) -> HostConfig:
         admins=tuple(admins),
         resolve={k.lower(): v for k, v in resolve.items()},
         accel=str(data.get("accel", "tcg")),
+        initial_copy_ports=_port_range(data.get("initial_copy_ports"), path),
     )
+
+
+def _port_range(value: object, path: Path) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{path}: 'initial_copy_ports' must be a string like \"10900-10999\"")
+    try:
+        return parse_port_range(value)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{path}: 'initial_copy_ports': {e.message}") from None
 
 
 @dataclass(frozen=True)

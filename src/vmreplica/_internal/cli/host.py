@@ -11,6 +11,7 @@ from vmreplica._internal.config import (
     TlsFiles,
     load_host_config,
     parse_listen,
+    parse_port_range,
     parse_resolve,
     write_toml_atomic,
 )
@@ -55,6 +56,11 @@ def group() -> None:
     help="QEMU accelerator for VMs.",
 )
 @click.option(
+    "--initial-copy-ports",
+    metavar="FIRST-LAST",
+    help="TCP ports this host, as a replica, serves initial copies on (default: any free port).",
+)
+@click.option(
     "--out", default=Path("host.toml"), type=click.Path(path_type=Path), show_default=True
 )
 def init(
@@ -68,6 +74,7 @@ def init(
     admins: tuple[str, ...],
     resolve: tuple[str, ...],
     accel: str,
+    initial_copy_ports: str | None,
     out: Path,
 ) -> None:
     """Write host.toml for a new host agent."""
@@ -83,6 +90,7 @@ def init(
         admins=tuple(a.lower() for a in admins),
         resolve=parse_resolve(list(resolve)),
         accel=accel,
+        initial_copy_ports=parse_port_range(initial_copy_ports) if initial_copy_ports else None,
     )
     write_toml_atomic(out, config.to_toml())
     click.echo(f"wrote {out}")

@@ -203,8 +203,9 @@ class ReplicaEngine:
                 tls_dir = nbd_copy.tls_creds_dir(run_dir / "tls", self._config.tls, "server")
                 nodes = [node_name(i) for i in range(len(files))]
                 port, exports = await nbd_copy.serve_import(
-                    daemon, nodes, tls_dir, peer_identity, listen_host
-                )
+                    daemon, nodes, tls_dir, peer_identity, listen_host,
+                    self._config.initial_copy_ports,
+                )  # fmt: skip
             except BaseException:
                 await self._close_import(row.vm_id)
                 raise

@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -233,20 +233,41 @@ async def close_source(target: QmpTarget, source: Source) -> None:
 # -- replica side --------------------------------------------------------------------------
 
 
-def _free_port(host: str) -> int:
+def _bindable(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _candidates(host: str, ports: tuple[int, int] | None) -> list[int]:
+    """Ports to try in turn: the configured range, else five free ones the kernel picks."""
+    if ports is not None:
+        return [p for p in range(ports[0], ports[1] + 1) if _bindable(host, p)]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    picked = []
+    for _ in range(5):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            picked.append(int(s.getsockname()[1]))
+    return picked
 
 
 async def serve_import(
-    target: QmpTarget, nodes: Sequence[str], tls_dir: Path, identity: str, host: str
+    target: QmpTarget,
+    nodes: Sequence[str],
+    tls_dir: Path,
+    identity: str,
+    host: str,
+    ports: tuple[int, int] | None = None,
 ) -> tuple[int, tuple[str, ...]]:
     """Export ``nodes`` writable over NBD+TLS on ``host``, to ``identity`` (an X.509 DN) only.
 
-    Returns the port and the export names; the names are random, so that knowing a VM is not
-    enough to write into its import.
+    Returns the port (from ``ports`` if given) and the export names; the names are random, so
+    that knowing a VM is not enough to write into its import.
     """
     await target.execute(
         "object-add",
@@ -256,17 +277,22 @@ async def serve_import(
     await target.execute(
         "object-add", {"qom-type": "authz-simple", "id": _AUTHZ_ID, "identity": identity}
     )
-    for attempt in range(5):
-        port = _free_port(host)
+    listening = None
+    for port in _candidates(host, ports):
         address = {"type": "inet", "data": {"host": host, "port": str(port)}}
         try:
             await target.execute(
                 "nbd-server-start", {"addr": address, "tls-creds": _TLS_ID, "tls-authz": _AUTHZ_ID}
             )
-            break
         except QmpCommandError as exc:
-            if attempt == 4 or "in use" not in exc.desc.lower():
+            if "in use" not in exc.desc.lower():
                 raise VmrError(f"cannot listen for the initial copy on {host}: {exc.desc}") from exc
+            continue  # taken meanwhile
+        listening = port
+        break
+    if listening is None:
+        where = f"in initial_copy_ports {ports[0]}-{ports[1]}" if ports else "(all taken)"
+        raise VmrError(f"no free port {where} on {host} to serve the initial copy")
     names = tuple(f"vmr-{secrets.token_hex(12)}" for _ in nodes)
     for i, (node, name) in enumerate(zip(nodes, names, strict=True)):
         await target.execute(
@@ -274,7 +300,7 @@ async def serve_import(
             {"type": "nbd", "id": f"{_EXPORT_PREFIX}{i}", "node-name": node, "name": name,
              "writable": True},
         )  # fmt: skip
-    return port, names
+    return listening, names
 
 
 # -- the copy ------------------------------------------------------------------------------
@@ -294,6 +320,7 @@ async def convert(
     tls_dir: Path,
     tls_hostname: str,
     progress: Progress | None = None,
+    env: Mapping[str, str] = BULK_ENV,
 ) -> None:
     """Copy disk ``disk`` of ``source`` into the replica's NBD export; progress in percent.
 
@@ -313,7 +340,7 @@ async def convert(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         preexec_fn=die_with_parent(),
-        env=BULK_ENV,
+        env=env,
     )
     assert proc.stdout is not None and proc.stderr is not None
     errors = asyncio.ensure_future(proc.stderr.read())

@@ -1,0 +1,168 @@
+"""The initial copy's data path alone, piece by piece, next to ``qemu-img convert`` of the same
+disk: where the time of ``bench_initial.py``'s copy phase goes.
+
+Run: ``.venv/bin/python bench/bench_nbd_copy.py [--quick] [--repeat 3]``.
+
+One qcow2 disk (4 GiB, 2 GiB of random data in 64 MiB pieces, warm in the page cache) is copied
+seven ways, each timed after a ``sync`` (best of --repeat):
+
+- ``convert``: ``qemu-img convert -O qcow2`` to a local file, page cache, no fsync (the
+  baseline of bench_initial);
+- ``convert+fsync``: the same, then an fsync of the copy;
+- ``convert -t none``: the same with O_DIRECT writes (durable without a long fsync);
+- ``nbd``: ``qemu-img convert -n -W -m 16 --target-is-zero`` into a qemu-storage-daemon NBD
+  export on loopback TCP, target opened with O_DIRECT, no TLS;
+- ``nbd+tls``: the same with TLS and authz-simple, through ``nbd_copy.serve_import`` and
+  ``nbd_copy.convert``: exactly vmreplica's copy phase;
+- ``nbd+tls buffered``: the same with a page-cache target (why vmreplica uses O_DIRECT);
+- ``nbd+tls, glibc defaults``: vmreplica's copy without ``BULK_ENV`` (why it sets it).
+
+No agents, no CLI: the setup (daemon start, certificates) is outside the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+from bench_initial import Sizes, make_disk
+from benchlib import GiB, MiB, compare, exit_cleanly_on_sigterm, fsync_file, run, table, timed
+
+from vmreplica._internal import certs
+from vmreplica._internal.config import TlsFiles
+from vmreplica._internal.hypervisor import nbd_copy
+from vmreplica._internal.hypervisor.qsd import start_storage_daemon
+
+
+async def into_daemon(
+    source: Path, target: Path, work: Path, *, tls: bool, direct: bool,
+    env: Mapping[str, str] = nbd_copy.BULK_ENV,
+) -> float:  # fmt: skip
+    """Seconds of the copy of ``source`` into a new image served by a storage daemon."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(target), str(_virtual_size(source)))
+    daemon = await start_storage_daemon((target,), work / "run", direct=direct, env=env)
+    try:
+        if tls:
+            server = TlsFiles(*(work / "replica" / f for f in ("ca.pem", "cert.pem", "key.pem")))
+            client = TlsFiles(*(work / "primary" / f for f in ("ca.pem", "cert.pem", "key.pem")))
+            server_dir = nbd_copy.tls_creds_dir(work / "run" / "tls", server, "server")
+            client_dir = nbd_copy.tls_creds_dir(work / "client-tls", client, "client")
+            port, exports = await nbd_copy.serve_import(
+                daemon, ["disk0"], server_dir, "CN=primary.bench", "127.0.0.1"
+            )
+
+            async def copy() -> None:
+                await nbd_copy.convert(
+                    nbd_copy.file_source([source]), 0, "127.0.0.1", port, exports[0], client_dir,
+                    "replica.bench", env=env,
+                )  # fmt: skip
+        else:
+            port = nbd_copy._candidates("127.0.0.1", None)[0]
+            address = {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}
+            await daemon.execute("nbd-server-start", {"addr": address})
+            await daemon.execute(
+                "block-export-add",
+                {"type": "nbd", "id": "e0", "node-name": "disk0", "name": "d", "writable": True},
+            )
+
+            async def copy() -> None:
+                proc = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-W", "-m", "16", "--target-is-zero",
+                    "-f", "qcow2", str(source), "--target-image-opts",
+                    f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=d",
+                    env=env,
+                )  # fmt: skip
+                if await proc.wait():
+                    raise RuntimeError("qemu-img convert into NBD failed")
+
+        return await _timed_async(copy)
+    finally:
+        await daemon.stop()
+
+
+async def _timed_async(fn: Callable[[], Awaitable[None]]) -> float:
+    os.sync()
+    start = time.perf_counter()
+    await fn()
+    return time.perf_counter() - start
+
+
+def _virtual_size(image: Path) -> int:
+    return int(
+        json.loads(run("qemu-img", "info", "--output=json", str(image)).stdout)["virtual-size"]
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="512 MiB disk, 256 MiB allocated")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    sizes = Sizes(4 * GiB, 2 * GiB, 64 * MiB)
+    if args.quick:
+        sizes = Sizes(512 * MiB, 256 * MiB, 16 * MiB)
+    exit_cleanly_on_sigterm()
+    work = Path(tempfile.mkdtemp(prefix="rbench-nbd-", dir="/tmp"))
+    try:
+        certs.new_ca(work / "ca")
+        certs.issue(work / "ca", ["primary.bench"], work / "primary")
+        certs.issue(work / "ca", ["replica.bench"], work / "replica")
+        source = work / "source.qcow2"
+        make_disk(source, "random", sizes)
+        out = work / "out.qcow2"
+        glibc_defaults = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+        def local(*extra: str, sync: bool = False) -> float:
+            def copy() -> None:
+                run("qemu-img", "convert", *extra, "-O", "qcow2", str(source), str(out))
+                if sync:
+                    fsync_file(out)
+
+            seconds = timed(copy)
+            out.unlink()
+            return seconds
+
+        def nbd(**how: object) -> float:
+            seconds = asyncio.run(into_daemon(source, out, work, **how))  # type: ignore[arg-type]
+            if not compare(source, out):
+                raise RuntimeError(f"copy {how} differs from the source")
+            out.unlink()
+            shutil.rmtree(work / "run", ignore_errors=True)
+            return seconds
+
+        cases: list[tuple[str, Callable[[], float]]] = [
+            ("convert", lambda: local()),
+            ("convert+fsync", lambda: local(sync=True)),
+            ("convert -t none", lambda: local("-t", "none")),
+            ("nbd", lambda: nbd(tls=False, direct=True)),
+            ("nbd+tls (vmreplica)", lambda: nbd(tls=True, direct=True)),
+            ("nbd+tls buffered", lambda: nbd(tls=True, direct=False)),
+            ("nbd+tls, glibc defaults", lambda: nbd(tls=True, direct=True, env=glibc_defaults)),
+        ]
+        print(
+            f"copy of {sizes.alloc / GiB:g} GiB of random data ({sizes.disk / GiB:g} GiB disk), "
+            f"best of {args.repeat}; {os.cpu_count()} CPUs",
+            flush=True,
+        )
+        results: dict[str, float] = {}
+        for name, case in cases:
+            results[name] = min(case() for _ in range(args.repeat))
+            print(f"  {name}: {results[name]:.2f} s", flush=True)
+        base = results["convert"]
+        table(
+            ["path", "seconds", "MiB/s", "convert/this"],
+            [[n, s, sizes.alloc / MiB / s, base / s] for n, s in results.items()],
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
