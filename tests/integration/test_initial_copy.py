@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -144,7 +145,8 @@ def test_kill_replica_agent_after_import(cluster: Cluster) -> None:
     verified_equal(pair)
 
 
-def test_replica_disk_full_during_initial_copy(cluster: Cluster) -> None:
+def test_initial_copy_refused_when_the_replica_lacks_space(cluster: Cluster) -> None:
+    """Checked before a byte moves (the primary sends what the copy needs): one clear error."""
     pair = make_pair(cluster)
     small = cluster.base / "small"
     with tmpfs(small, "48M"):
@@ -156,10 +158,40 @@ def test_replica_disk_full_during_initial_copy(cluster: Cluster) -> None:
             "replication", "start-initial", "app", "--wait", host=PRIMARY, check=False
         )
         assert full.returncode != 0 and "disk full" in full.stderr, full.stderr
-        assert "Traceback" not in full.stderr
+        assert "needs" in full.stderr and "Traceback" not in full.stderr
         assert pair.replication("app", host=REPLICA)["state"] == "WaitingForInitialReplication"
-        assert not list(small.glob("app/staging/*/*")), "nothing of the failed copy is kept"
+        assert not list(small.glob("app/staging/*/*")), "nothing of the refused copy is kept"
         subprocess.run(["mount", "-o", "remount,size=512M", str(small)], check=True)
+        pair.cli("replication", "start-initial", "app", "--wait")
+        verified_equal(pair)
+
+
+def test_replica_disk_fills_during_initial_copy(cluster: Cluster) -> None:
+    """The space is there when the copy starts and gone before it ends: the copy fails with a
+    clear error, its partial images are dropped, and it succeeds once space is back."""
+    pair = make_pair(cluster)
+    small = cluster.base / "small"
+    with tmpfs(small, "256M"):
+        cluster.cli("auth", "set", "--allowed-primary", PRIMARY, "--storage-location", str(small),
+                    host=REPLICA)  # fmt: skip
+        pair.storage = small
+        running_vm(pair)  # 128 MiB of data
+        restart_with_faults(cluster, PRIMARY, "primary.before_initial_copy=sleep:3")
+        pair.cli("replication", "start-initial", "app")
+        wait_for(lambda: any(small.glob("app/staging/1/disk0.qcow2")), 20, "the import")
+        filler = small / "filler"
+        subprocess.run(["fallocate", "-l", str(shutil.disk_usage(small).free - (32 << 20)),
+                        str(filler)], check=True)  # fmt: skip
+
+        def failed() -> list[str]:
+            events = cluster.cli_json("event", "list", host=PRIMARY)
+            return [e["message"] for e in events if e["kind"] == "replication-cycle-failed"]
+
+        wait_for(lambda: bool(failed()), 60, "the copy to fail")
+        assert "disk full on the replica" in failed()[0], failed()
+        assert pair.replication("app", host=REPLICA)["state"] == "WaitingForInitialReplication"
+        wait_for(lambda: not list(small.glob("app/staging/*/*")), 10, "the partial copy to go")
+        filler.unlink()
         pair.cli("replication", "start-initial", "app", "--wait")
         verified_equal(pair)
 

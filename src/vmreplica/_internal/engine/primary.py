@@ -255,9 +255,12 @@ class PrimaryEngine:
         nodes, disks = self._nodes(row), [rec.disks[i] for i in row.disks]
         progress = self._initial_progress(row, [await _virtual_size(d) for d in disks])
         marks = [time.monotonic()]
+        required = sum([await qemu_img.measure_required(d) for d in disks])
         # The replica prepares its images while tracking starts here.
         opening = asyncio.ensure_future(
-            client.call("/replication/v1/initial-open", {"vm_id": row.vm_id})
+            client.call(
+                "/replication/v1/initial-open", {"vm_id": row.vm_id, "required_bytes": required}
+            )
         )
         closed = False
         try:

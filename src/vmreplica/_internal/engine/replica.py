@@ -183,6 +183,7 @@ class ReplicaEngine:
                 )
             await self._close_import(row.vm_id)
             staging = self._initial_staging(row)
+            _check_space(row, staging.parent.parent, _opt_int(req.get("required_bytes")) or 0)
             run_dir = self._vms.run_dir(row.vm_id) / "initial"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -549,6 +550,16 @@ async def _adopt_as_base(delta: Path, chain: ReplicaChain) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _check_space(row: rs.ReplicationRow, storage: Path, required: int) -> None:
+    """Refuse a copy that cannot fit before it starts, rather than hours into it."""
+    free = shutil.disk_usage(storage).free
+    if required > free:
+        raise StorageError(
+            f"disk full: the initial copy of {row.vm_name} needs {required} bytes on the replica, "
+            f"{free} are free in {storage}"
+        )
 
 
 def _sync_files(directory: Path) -> int:

@@ -172,6 +172,16 @@ async def virtual_size(
     return int((await info(path, fmt=fmt, force_share=force_share))["virtual-size"])
 
 
+async def measure_required(path: str | os.PathLike[str], *, fmt: str = FORMAT) -> int:
+    """Bytes a qcow2 copy of the image's whole content (backing files included) needs; it
+    reads only allocation metadata, and may be run on an image a running QEMU holds."""
+    args = ["measure", "--output=json", "-O", FORMAT, "-f", fmt, "-U", _arg(path)]
+    result = await _json("measure", _arg(path), args)
+    if not isinstance(result, dict) or not isinstance(result.get("required"), int):
+        raise VmrError(f"qemu-img measure {path}: unexpected output")
+    return int(result["required"])
+
+
 async def _rebase(
     path: str | os.PathLike[str], backing: str | os.PathLike[str] | None, unsafe: bool
 ) -> None:
