@@ -391,10 +391,12 @@ class PrimaryEngine:
         fields: dict[str, Any] = {"last_error": message}
         if isinstance(err, ResyncRequired):
             fields["state"] = rs.WAITING_FOR_RESYNC
-        elif isinstance(err, ConnectionFailed | AccessDenied | StorageError):
-            fields["send_failure"] = message
         elif isinstance(err, IntegrityError | InvalidState) and row.state == rs.INITIAL_IN_PROGRESS:
             fields["state"] = rs.ERROR
+        elif isinstance(err, ConnectionFailed | AccessDenied | StorageError):
+            fields["send_failure"] = message
+        elif row.state == rs.INITIAL_IN_PROGRESS:
+            fields["send_failure"] = message  # whatever failed, the copy did not get there
         with self._db.tx() as conn:
             self.store.update(row.vm_id, conn, **fields)
             self.store.record_cycle(
