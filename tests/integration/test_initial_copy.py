@@ -286,3 +286,50 @@ def test_import_lost_mid_copy(cluster: Cluster) -> None:
     pair.write("app", 0, 0x7E, "210M", "1M")
     pair.cli("replication", "sync", "app")
     verified_equal(pair)
+
+
+def test_remove_during_initial_copy_leaves_nothing(cluster: Cluster) -> None:
+    """`replication remove` while a copy is in flight. On the primary: the copy stops, the VM's
+    QEMU keeps no export, overlay or bitmap, and the primary closes the replica's import. On the
+    replica, with the primary gone: the import daemon and its images go."""
+    pair = make_pair(cluster)
+    running_vm(pair)
+    restart_with_faults(cluster, PRIMARY, "primary.before_initial_copy=sleep:30")
+    run_dir = cluster.hosts[PRIMARY].state_dir / "run"
+    staging = pair.storage / "app" / "staging" / "1" / "disk0.qcow2"
+
+    def import_open() -> bool:
+        return any(str(staging).encode() in p.read_bytes() for p in _cmdlines())
+
+    pair.cli("replication", "start-initial", "app")
+    wait_for(lambda: any(run_dir.glob("*/initial/nbd.sock")), 20, "the point-in-time export")
+    wait_for(import_open, 20, "the replica's import")
+    pair.cli("replication", "remove", "app")
+    assert not list(run_dir.glob("*/initial"))
+    blocks = cluster.cli("vm", "monitor", "app", "info block -n", host=PRIMARY).stdout
+    assert "vmr-f" not in blocks and "fleece" not in blocks, blocks
+    info = cluster.cli("vm", "monitor", "app", "info block -v disk0", host=PRIMARY).stdout
+    assert "vmreplica-" not in info, info
+    assert not import_open() and not staging.exists()
+    assert pair.json("vm", "get", "app")[0]["state"] == "Running"
+
+    # Another VM, and the primary dies mid-copy: only the replica's own remove can close it.
+    running_vm(pair, "db")
+    staging = pair.storage / "db" / "staging" / "1" / "disk0.qcow2"
+    pair.cli("replication", "start-initial", "db")
+    wait_for(import_open, 20, "the replica's import")
+    cluster.kill(PRIMARY)
+    assert import_open()
+    pair.cli("replication", "remove", "db", host=REPLICA)
+    assert not import_open() and not staging.exists()
+
+
+def _cmdlines() -> list[Path]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        cmdline = proc / "cmdline"
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline.read_bytes()
+                found.append(cmdline)
+    return found

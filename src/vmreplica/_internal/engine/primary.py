@@ -504,14 +504,6 @@ class PrimaryEngine:
                         "acked_sequence": sequence, "last_replication_time": now, "last_replication_size": size,
                         "send_failure": None, "last_error": None,
                     }  # fmt: skip
-                    if self.store.get(row.vm_id, row.vm_name).state == rs.INITIAL_IN_PROGRESS:
-                        fields.update(state=rs.REPLICATING, initial_progress=100.0)
-                        self._events.record(
-                            "initial-replication-done",
-                            f"initial replication of {row.vm_name} done",
-                            row.vm_name,
-                            conn=conn,
-                        )
                     self.store.update(row.vm_id, conn, **fields)
                     self.store.record_cycle(
                         conn, row.vm_id, started.isoformat(), True, sequence, size, missed
