@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.fault import tmpfs
 from vmreplica._internal import certs
-from vmreplica.errors import InvalidArgument, NotFound, StorageError
+from vmreplica.errors import AccessDenied, InvalidArgument, NotFound, StorageError
 
 SERVER = "replica.example"
 CLIENT = "primary.example"
@@ -527,3 +527,19 @@ def test_failed_reissue_keeps_previous_files(
         certs.issue(pki.ca.cert.parent, ["other.example"], tmp_path / "host")
     assert {p.name: p.read_bytes() for p in (first.cert, first.key, first.ca)} == before
     assert _tree(tmp_path / "host") == ["ca.pem", "cert.pem", "key.pem"]
+
+
+def test_subject_identity_is_rfc4514_and_refuses_an_empty_subject(tmp_path: Path) -> None:
+    certs.new_ca(tmp_path / "ca")
+    short = certs.issue(tmp_path / "ca", [CLIENT], tmp_path / "short")
+    der = x509.load_pem_x509_certificate(short.cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert certs.subject_identity(der) == f"CN={CLIENT}"
+    long_name = ".".join(["a" * 30] * 3) + ".example"  # over 64 characters: no commonName
+    long = certs.issue(tmp_path / "ca", [long_name], tmp_path / "long")
+    der = x509.load_pem_x509_certificate(long.cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    with pytest.raises(AccessDenied, match="empty subject"):
+        certs.subject_identity(der)

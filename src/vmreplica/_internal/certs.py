@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
 from cryptography.x509.oid import NameOID
 
-from vmreplica.errors import InvalidArgument, NotFound, StorageError
+from vmreplica.errors import AccessDenied, InvalidArgument, NotFound, StorageError
 
 PathArg = str | os.PathLike[str]
 _Signer = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -118,6 +118,19 @@ def cert_thumbprint(cert_pem_path: PathArg) -> str:
     """SHA-1 of the DER in upper-case hex, as Hyper-V shows operators (CertificateThumbprint)."""
     cert = _read_cert(Path(cert_pem_path), "certificate")[0]
     return cert.fingerprint(hashes.SHA1()).hex().upper()
+
+
+def subject_identity(cert_der: bytes) -> str:
+    """A certificate's subject as RFC 4514 text: what QEMU's ``authz-simple`` compares (GnuTLS
+    prints distinguished names in that order too). An empty subject (a name too long for a
+    commonName) would match every other empty subject from the same CA, so it is refused."""
+    subject = x509.load_der_x509_certificate(cert_der).subject.rfc4514_string()
+    if not subject:
+        raise AccessDenied(
+            "the peer certificate has an empty subject, which cannot be told apart from others "
+            f"for the initial copy: issue it for a name of at most {_CN_MAX} characters"
+        )
+    return subject
 
 
 def peer_dns_names(peercert: Mapping[str, object] | None) -> list[str]:

@@ -14,10 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from cryptography import x509
 
 from vmreplica._internal.api.errors import Handler, error_middleware
-from vmreplica._internal.certs import peer_dns_names, server_ssl_context
+from vmreplica._internal.certs import peer_dns_names, server_ssl_context, subject_identity
 from vmreplica._internal.engine.server import Authorization, ListenerFiles, ServerService
 from vmreplica._internal.models import ServerSettings
 from vmreplica.errors import AccessDenied, ConnectionFailed
@@ -40,15 +39,14 @@ def peer_names(request: web.Request) -> list[str]:
 
 
 def peer_identity(request: web.Request) -> str:
-    """The client certificate's subject as RFC 4514 text, the form QEMU's authz-simple compares
-    (GnuTLS prints distinguished names in RFC 4514 order too)."""
+    """The client certificate's subject, as QEMU's authz-simple compares it."""
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     der = (
         ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
     )
     if not der:
         raise AccessDenied("not authorized: no client certificate was presented")
-    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    return subject_identity(der)
 
 
 def local_address(request: web.Request) -> str:
