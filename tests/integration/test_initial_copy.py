@@ -176,7 +176,7 @@ def test_replica_disk_fills_during_initial_copy(cluster: Cluster) -> None:
                     host=REPLICA)  # fmt: skip
         pair.storage = small
         running_vm(pair)  # 128 MiB of data
-        restart_with_faults(cluster, PRIMARY, "primary.before_initial_copy=sleep:3")
+        restart_with_faults(cluster, PRIMARY, "primary.before_initial_copy=sleep:5")
         pair.cli("replication", "start-initial", "app")
         wait_for(lambda: any(small.glob("app/staging/1/disk0.qcow2")), 20, "the import")
         filler = small / "filler"
@@ -251,7 +251,7 @@ def test_import_lost_mid_copy(cluster: Cluster) -> None:
     fleecing overlay, and the copy succeeds when started again."""
     pair = make_pair(cluster)
     running_vm(pair)
-    restart_with_faults(cluster, PRIMARY, "primary.before_initial_copy=sleep:3")
+    restart_with_faults(cluster, PRIMARY, "primary.before_initial_copy=sleep:5")
     pair.cli("replication", "start-initial", "app")
     staging = pair.storage / "app" / "staging" / "1" / "disk0.qcow2"
 
@@ -279,7 +279,7 @@ def test_import_lost_mid_copy(cluster: Cluster) -> None:
     wait_for(lambda: bool(failures()), 30, "the failure")
     assert "initial copy of disk 0" in failures()[0], failures()
     failed = cluster.cli("replication", "start-initial", "app", "--wait", host=PRIMARY, check=False)
-    # That retry is held 3 s at the same point, then copies: it succeeds.
+    # That retry is held 5 s at the same point, then copies: it succeeds.
     assert failed.returncode == 0, failed.stderr
     assert pair.replication("app")["state"] == "Replicating"
     assert not list((cluster.hosts[PRIMARY].state_dir / "run").glob("*/initial"))
