@@ -39,6 +39,7 @@ from vmreplica._internal import certs
 from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.hypervisor import nbd_copy
 from vmreplica._internal.hypervisor.qsd import start_storage_daemon
+from vmreplica._internal.localcluster import free_port
 
 
 async def into_daemon(
@@ -64,7 +65,7 @@ async def into_daemon(
                     "replica.bench", env=env,
                 )  # fmt: skip
         else:
-            port = nbd_copy._candidates("127.0.0.1", None)[0]
+            port = free_port()
             address = {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}
             await daemon.execute("nbd-server-start", {"addr": address})
             await daemon.execute(

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,34 @@ def running_vm(pair: Pair, name: str = "app") -> None:
     pair.enable(name)
 
 
+@contextlib.contextmanager
+def small_replica_storage(pair: Pair, size: str) -> Iterator[Path]:
+    """The replica stores this primary's VMs on a tmpfs of ``size``."""
+    small = pair.cluster.base / "small"
+    with tmpfs(small, size):
+        pair.cluster.cli("auth", "set", "--allowed-primary", PRIMARY, "--storage-location",
+                         str(small), host=REPLICA)  # fmt: skip
+        pair.storage = small
+        yield small
+
+
+def cycle_failures(cluster: Cluster) -> list[str]:
+    """Messages of the primary's failed-cycle events."""
+    events = cluster.cli_json("event", "list", host=PRIMARY)
+    return [e["message"] for e in events if e["kind"] == "replication-cycle-failed"]
+
+
+def processes_naming(path: Path) -> list[int]:
+    """Pids of the processes whose command line names ``path`` (the replica's import daemon)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(path).encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+    return found
+
+
 def test_copy_is_the_disk_at_the_instant_tracking_began(cluster: Cluster) -> None:
     """Writes made after tracking began, while the copy runs, are not in the copy (so it is a
     crash-consistent point, not a smear of old and new), and the next cycle carries them."""
@@ -148,11 +177,7 @@ def test_kill_replica_agent_after_import(cluster: Cluster) -> None:
 def test_initial_copy_refused_when_the_replica_lacks_space(cluster: Cluster) -> None:
     """Checked before a byte moves (the primary sends what the copy needs): one clear error."""
     pair = make_pair(cluster)
-    small = cluster.base / "small"
-    with tmpfs(small, "48M"):
-        cluster.cli("auth", "set", "--allowed-primary", PRIMARY, "--storage-location", str(small),
-                    host=REPLICA)  # fmt: skip
-        pair.storage = small
+    with small_replica_storage(pair, "48M") as small:
         running_vm(pair)  # 128 MiB of data
         full = cluster.cli(
             "replication", "start-initial", "app", "--wait", host=PRIMARY, check=False
@@ -170,11 +195,7 @@ def test_replica_disk_fills_during_initial_copy(cluster: Cluster) -> None:
     """The space is there when the copy starts and gone before it ends: the copy fails with a
     clear error, its partial images are dropped, and it succeeds once space is back."""
     pair = make_pair(cluster)
-    small = cluster.base / "small"
-    with tmpfs(small, "256M"):
-        cluster.cli("auth", "set", "--allowed-primary", PRIMARY, "--storage-location", str(small),
-                    host=REPLICA)  # fmt: skip
-        pair.storage = small
+    with small_replica_storage(pair, "256M") as small:
         running_vm(pair)  # 128 MiB of data
         restart_with_faults(cluster, PRIMARY, "primary.before_initial_copy=sleep:5")
         pair.cli("replication", "start-initial", "app")
@@ -182,13 +203,8 @@ def test_replica_disk_fills_during_initial_copy(cluster: Cluster) -> None:
         filler = small / "filler"
         subprocess.run(["fallocate", "-l", str(shutil.disk_usage(small).free - (32 << 20)),
                         str(filler)], check=True)  # fmt: skip
-
-        def failed() -> list[str]:
-            events = cluster.cli_json("event", "list", host=PRIMARY)
-            return [e["message"] for e in events if e["kind"] == "replication-cycle-failed"]
-
-        wait_for(lambda: bool(failed()), 60, "the copy to fail")
-        assert "disk full on the replica" in failed()[0], failed()
+        wait_for(lambda: bool(cycle_failures(cluster)), 60, "the copy to fail")
+        assert "disk full on the replica" in cycle_failures(cluster)[0], cycle_failures(cluster)
         assert pair.replication("app", host=REPLICA)["state"] == "WaitingForInitialReplication"
         wait_for(lambda: not list(small.glob("app/staging/*/*")), 10, "the partial copy to go")
         filler.unlink()
@@ -255,29 +271,16 @@ def test_import_lost_mid_copy(cluster: Cluster) -> None:
     pair.cli("replication", "start-initial", "app")
     staging = pair.storage / "app" / "staging" / "1" / "disk0.qcow2"
 
-    def import_daemons() -> list[int]:
-        found = []
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if str(staging).encode() in (proc / "cmdline").read_bytes():
-                        found.append(int(proc.name))
-        return found
-
     def serving() -> bool:
         listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-        return any(f"pid={pid}," in listening for pid in import_daemons())
+        return any(f"pid={pid}," in listening for pid in processes_naming(staging))
 
     wait_for(serving, 20, "the replica's import daemon to listen")
-    for pid in import_daemons():
+    for pid in processes_naming(staging):
         os.kill(pid, signal.SIGKILL)
 
-    def failures() -> list[str]:
-        events = cluster.cli_json("event", "list", host=PRIMARY)
-        return [e["message"] for e in events if e["kind"] == "replication-cycle-failed"]
-
-    wait_for(lambda: bool(failures()), 30, "the failure")
-    assert "initial copy of disk 0" in failures()[0], failures()
+    wait_for(lambda: bool(cycle_failures(cluster)), 30, "the failure")
+    assert "initial copy of disk 0" in cycle_failures(cluster)[0], cycle_failures(cluster)
     failed = cluster.cli("replication", "start-initial", "app", "--wait", host=PRIMARY, check=False)
     # That retry is held 5 s at the same point, then copies: it succeeds.
     assert failed.returncode == 0, failed.stderr
@@ -299,7 +302,7 @@ def test_remove_during_initial_copy_leaves_nothing(cluster: Cluster) -> None:
     staging = pair.storage / "app" / "staging" / "1" / "disk0.qcow2"
 
     def import_open() -> bool:
-        return any(str(staging).encode() in p.read_bytes() for p in _cmdlines())
+        return bool(processes_naming(staging))
 
     pair.cli("replication", "start-initial", "app")
     wait_for(lambda: any(run_dir.glob("*/initial/nbd.sock")), 20, "the point-in-time export")
@@ -322,14 +325,3 @@ def test_remove_during_initial_copy_leaves_nothing(cluster: Cluster) -> None:
     assert import_open()
     pair.cli("replication", "remove", "db", host=REPLICA)
     assert not import_open() and not staging.exists()
-
-
-def _cmdlines() -> list[Path]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        cmdline = proc / "cmdline"
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError):
-                cmdline.read_bytes()
-                found.append(cmdline)
-    return found

@@ -24,14 +24,18 @@ CHUNK = 4 * 1024 * 1024
 EngineCall = Callable[[Authorization, list[str], dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    data = json.loads(await request.read() or b"{}")
+    if not isinstance(data, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    return data
+
+
 def _json_route(call: EngineCall) -> PeerHandler:
     async def handler(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
-        data = json.loads(await request.read() or b"{}")
-        if not isinstance(data, dict):
-            raise InvalidArgument("request body must be a JSON object")
-        return web.json_response({"result": await call(authz, names, data)})
+        return web.json_response({"result": await call(authz, names, await _json_body(request))})
 
     return handler
 
@@ -49,11 +53,8 @@ def peer_routes(replica: ReplicaEngine, failover: FailoverService) -> dict[str, 
     async def initial_open(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
-        data = json.loads(await request.read() or b"{}")
-        if not isinstance(data, dict):
-            raise InvalidArgument("request body must be a JSON object")
         result = await replica.open_initial(
-            authz, names, data, listen_host=local_address(request),
+            authz, names, await _json_body(request), listen_host=local_address(request),
             peer_identity=peer_identity(request),
         )  # fmt: skip
         return web.json_response({"result": result})
