@@ -183,7 +183,7 @@ class ReplicaEngine:
                 )
             await self._close_import(row.vm_id)
             staging = self._initial_staging(row)
-            _check_space(row, staging.parent.parent, _opt_int(req.get("required_bytes")) or 0)
+            _check_space(row, Path(str(row.storage_dir)), _opt_int(req.get("required_bytes")) or 0)
             run_dir = self._vms.run_dir(row.vm_id) / "initial"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -240,7 +240,11 @@ class ReplicaEngine:
                 await daemon.kill()
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            size = await asyncio.to_thread(_sync_files, staging)
+            try:
+                size = await asyncio.to_thread(_sync_files, staging)
+            except OSError as e:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise StorageError(f"cannot sync the initial copy of {row.vm_name}: {e}") from e
             with self._db.tx() as conn:
                 conn.execute(
                     "INSERT INTO journal(kind, subject, step, data, created) VALUES('apply', ?, 'staged', ?, ?)",
