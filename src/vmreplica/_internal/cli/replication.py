@@ -199,7 +199,10 @@ def measure(
 def start_initial(
     computer_names: tuple[str, ...], output: str, properties: str | None, vm: str, wait: bool
 ) -> None:
-    """Copy the VM's disks to the replica in full (run on the primary)."""
+    """Copy the VM's disks to the replica in full (run on the primary).
+
+    Run it again on a copy that failed to retry it now rather than on the schedule.
+    """
     for client in clients(computer_names):
         row = client.replication_start_initial(vm)
         if wait:
