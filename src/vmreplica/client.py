@@ -257,8 +257,10 @@ class Client:
     def vm_stop(self, name: str, force: bool = False, timeout: float | None = None) -> Vm:
         return self._model(Vm, "vm.stop", {"name": name, "force": force, "timeout": timeout})
 
-    def vm_remove(self, name: str, force: bool = False) -> Vm:
-        return self._model(Vm, "vm.remove", {"name": name, "force": force})
+    def vm_remove(self, name: str, force: bool = False, delete_storage: bool = False) -> Vm:
+        return self._model(
+            Vm, "vm.remove", {"name": name, "force": force, "delete_storage": delete_storage}
+        )
 
     def vm_monitor(self, name: str, command: str) -> str:
         return str(self.call("vm.monitor", {"name": name, "command": command})["output"])

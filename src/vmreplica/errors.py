@@ -31,6 +31,8 @@ class VmrError(Exception):
     http_status = 500
 
     def __init__(self, message: str) -> None:
+        # One line, always: a name or path with a newline in it may end up in a message.
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(message)
         self.message = message
 

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from tests.integration.peer_tools import state_db
 from tests.integration.replication_env import PRIMARY, REPLICA, wait_for
 from tests.integration.test_failover import state, two_way
 from vmreplica._internal import guest
@@ -24,6 +25,13 @@ def test_real_guest_every_recovery_point_then_planned_failover(cluster: Cluster)
     cluster.cli("vm", "new", "contoso2", "--disk-path", str(data), "--kernel", str(assets.kernel),
                 "--initrd", str(assets.initrd), "--append", guest.kernel_cmdline(), host=PRIMARY)  # fmt: skip
     cluster.cli("vm", "start", "contoso2", host=PRIMARY)
+    # Every recovery point must hold records, the first one too: the guest writes before it.
+    booted = next((cluster.hosts[PRIMARY].state_dir / "run").iterdir()) / "serial.log"
+    wait_for(
+        lambda: booted.exists() and "vmr: records:" in booted.read_text(errors="replace"),
+        60,
+        "the guest's first records",
+    )
     pair.enable(
         "contoso2", "--frequency", "30", "--recovery-history", "4", "--recovery-point-interval", "2"
     )
@@ -56,6 +64,12 @@ def test_real_guest_every_recovery_point_then_planned_failover(cluster: Cluster)
     cluster.cli("failover", "start", "contoso2", host=REPLICA)
     arrived = guest.verify_records(overlay)
     assert (arrived.count, arrived.last_seq) == (written.count, written.last_seq), "no data loss"
+    # The replica boots its own copy of the kernel and initrd, never a path the primary named.
+    with state_db(cluster, REPLICA) as conn:
+        boot = conn.execute("SELECT kernel, initrd FROM vms WHERE name='contoso2'").fetchone()
+    for copied, original in zip(boot, (assets.kernel, assets.initrd), strict=True):
+        assert Path(copied).parent == pair.storage / "contoso2" / "boot"
+        assert Path(copied).read_bytes() == original.read_bytes()
     cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA)
     cluster.cli("vm", "start", "contoso2", host=REPLICA)
     serial = next((cluster.hosts[REPLICA].state_dir / "run").iterdir()) / "serial.log"

@@ -31,6 +31,7 @@ from vmreplica._internal.engine.replica import ReplicaEngine
 from vmreplica._internal.engine.replication import ReplicationService
 from vmreplica._internal.engine.server import ServerService
 from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.hypervisor import children
 from vmreplica._internal.store.db import Database
 from vmreplica.errors import ConnectionFailed, StorageError
 
@@ -101,6 +102,16 @@ class Agent:
         return settings.certificate_authentication_port if settings.replication_enabled else None
 
     async def start(self) -> None:
+        # Helpers an earlier agent left running would hold the image locks recovery needs.
+        storage = [Path(r.storage_dir) for r in self.replica.store.all() if r.storage_dir]
+        ended = await asyncio.to_thread(children.end_leftovers, [self.config.state_dir, *storage])
+        if ended:
+            self.events.record(
+                "leftovers-ended",
+                f"ended {len(ended)} helper process(es) an earlier agent left running "
+                f"(pids {', '.join(map(str, ended))})",
+                level="warning",
+            )
         await self.vms.recover()
         await self.replica.recover()
         await self.failover.recover()
@@ -181,4 +192,7 @@ class Agent:
 
 def serve(config: HostConfig) -> None:
     setup_logging()
+    # Every file and directory the agent and its children make is private, whatever the mode
+    # of the directory it lands in: replica images are copies of the guests' disks.
+    os.umask(0o077)
     asyncio.run(Agent(config).run())

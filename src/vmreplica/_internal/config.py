@@ -41,25 +41,36 @@ class HostConfig:
     # TCP ports a replica serves initial copies on (NBD with TLS), for a firewall to allow;
     # None: any free port.
     initial_copy_ports: tuple[int, int] | None = None
+    # Test tooling: `vm monitor` may run HMP `qemu-io` (guest-disk writes through QEMU's block
+    # layer). Off, as it must be on a real host: only read-only `info` commands run.
+    allow_qemu_io: bool = False
 
     def resolve_address(self, fqdn: str) -> str:
         """The address to dial for a peer: the ``[resolve]`` override, else the name itself."""
         return self.resolve.get(fqdn, fqdn)
 
     def to_toml(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "state_dir": str(self.state_dir),
-            "socket": str(self.socket),
-            "mgmt_listen": f"{self.mgmt_listen[0]}:{self.mgmt_listen[1]}",
-            "accel": self.accel,
-            "admins": list(self.admins),
-            "tls": {"ca": str(self.tls.ca), "cert": str(self.tls.cert), "key": str(self.tls.key)},
-            "resolve": dict(self.resolve),
-        } | (
-            {"initial_copy_ports": "{}-{}".format(*self.initial_copy_ports)}
-            if self.initial_copy_ports
-            else {}
+        return (
+            {
+                "name": self.name,
+                "state_dir": str(self.state_dir),
+                "socket": str(self.socket),
+                "mgmt_listen": f"{self.mgmt_listen[0]}:{self.mgmt_listen[1]}",
+                "accel": self.accel,
+                "admins": list(self.admins),
+                "tls": {
+                    "ca": str(self.tls.ca),
+                    "cert": str(self.tls.cert),
+                    "key": str(self.tls.key),
+                },
+                "resolve": dict(self.resolve),
+            }
+            | (
+                {"initial_copy_ports": "{}-{}".format(*self.initial_copy_ports)}
+                if self.initial_copy_ports
+                else {}
+            )
+            | ({"allow_qemu_io": True} if self.allow_qemu_io else {})
         )
 
 
@@ -148,7 +159,15 @@ def load_host_config(path: Path) -> HostConfig:
         resolve={k.lower(): v for k, v in resolve.items()},
         accel=str(data.get("accel", "tcg")),
         initial_copy_ports=_port_range(data.get("initial_copy_ports"), path),
+        allow_qemu_io=_flag(data, "allow_qemu_io", path),
     )
+
+
+def _flag(data: Mapping[str, Any], key: str, path: Path) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{path}: '{key}' must be true or false")
+    return value
 
 
 def _port_range(value: object, path: Path) -> tuple[int, int] | None:

@@ -5,6 +5,14 @@ with SIGKILL, or raises, when it reaches the named point. At a point reached thr
 :func:`ahit`, ``sleep:SECONDS`` also holds that one task there (the agent goes on serving), so a
 test can act inside a window that is otherwise too short to hit. Without the variable every point
 is a dictionary lookup that finds nothing.
+
+Points reached through :func:`child_hit` (``qemu-img.<command>``, right after the agent started
+that child process) take two more actions:
+
+- ``kill-child-once``: SIGKILL the child, the first time only, as an operator or the OOM killer
+  might; the step that ran it fails, and what runs it again finds the point disarmed.
+- ``orphan``: stop the child (SIGSTOP), then SIGKILL the agent, leaving the child behind still
+  holding its images, which is what a child that does not die with the agent does.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ def _parse(spec: str) -> dict[str, str]:
 
 
 _FAULTS = _parse(os.environ.get("VMREPLICA_FAULTS", ""))
+_FIRED: set[str] = set()
 
 
 def hit(point: str) -> None:
@@ -40,5 +49,18 @@ async def ahit(point: str) -> None:
     action = _FAULTS.get(point, "")
     if action.startswith("sleep:"):
         await asyncio.sleep(float(action.removeprefix("sleep:")))
+    else:
+        hit(point)
+
+
+def child_hit(point: str, pid: int) -> None:
+    """A child process ``pid`` was just started at ``point``."""
+    action = _FAULTS.get(point)
+    if action == "kill-child-once" and point not in _FIRED:
+        _FIRED.add(point)
+        os.kill(pid, signal.SIGKILL)
+    elif action == "orphan":
+        os.kill(pid, signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGKILL)
     else:
         hit(point)

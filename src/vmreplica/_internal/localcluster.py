@@ -107,6 +107,7 @@ class Cluster:
                     for k, f in (("ca", "ca.pem"), ("cert", "cert.pem"), ("key", "key.pem"))
                 },
                 "resolve": resolve,
+                "allow_qemu_io": True,  # tests write guest data with `vm monitor … qemu-io`
             }
             host.config.write_text(tomli_w.dumps(config))
             cli_hosts[name] = {

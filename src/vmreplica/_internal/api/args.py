@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from vmreplica.errors import InvalidArgument
@@ -21,9 +22,14 @@ def opt_str(args: dict[str, Any], key: str) -> str | None:
     return value
 
 
+_INT64 = 1 << 63
+
+
 def opt_int(args: dict[str, Any], key: str) -> int | None:
     value = args.get(key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not -_INT64 <= value < _INT64
+    ):
         raise InvalidArgument(f"invalid argument {key!r}: an integer is required")
     return value
 
@@ -37,8 +43,10 @@ def opt_bool(args: dict[str, Any], key: str) -> bool | None:
 
 def opt_float(args: dict[str, Any], key: str) -> float | None:
     value = args.get(key)
-    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
-        raise InvalidArgument(f"invalid argument {key!r}: a number is required")
+    if value is not None and (
+        not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
+    ):
+        raise InvalidArgument(f"invalid argument {key!r}: a finite number is required")
     return None if value is None else float(value)
 
 

@@ -80,7 +80,7 @@ def build_methods(
         req = VmRequest(
             name=a.req_str(args, "name"),
             memory=a.opt_str(args, "memory") or "256M",
-            cpus=a.opt_int(args, "cpus") or 1,
+            cpus=1 if (cpus := a.opt_int(args, "cpus")) is None else cpus,
             disks=tuple(disks),
             kernel=a.opt_str(args, "kernel"),
             initrd=a.opt_str(args, "initrd"),
@@ -99,14 +99,18 @@ def build_methods(
 
     async def vm_stop(args: dict[str, Any]) -> Any:
         timeout = a.opt_float(args, "timeout")
-        if timeout is not None and timeout <= 0:
-            raise InvalidArgument("--timeout must be positive")
+        if timeout is not None and not 0 < timeout <= 86400:
+            raise InvalidArgument("--timeout must be from 0 to 86400 seconds")
         return await vms.stop(
             a.req_str(args, "name"), bool(a.opt_bool(args, "force")), timeout or 60.0
         )
 
     async def vm_remove(args: dict[str, Any]) -> Any:
-        return await vms.remove(a.req_str(args, "name"), bool(a.opt_bool(args, "force")))
+        return await vms.remove(
+            a.req_str(args, "name"),
+            bool(a.opt_bool(args, "force")),
+            bool(a.opt_bool(args, "delete_storage")),
+        )
 
     async def vm_monitor(args: dict[str, Any]) -> Any:
         return {"output": await vms.monitor(a.req_str(args, "name"), a.req_str(args, "command"))}

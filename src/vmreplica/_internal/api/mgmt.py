@@ -12,17 +12,17 @@ are the guard.
 from __future__ import annotations
 
 import dataclasses
-import json
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from vmreplica._internal.api.body import MAX_JSON_BODY, read_object
 from vmreplica._internal.api.errors import Handler, error_middleware
 from vmreplica._internal.certs import peer_dns_names
 from vmreplica._internal.models import Model
-from vmreplica.errors import AccessDenied, InvalidArgument, NotFound
+from vmreplica.errors import AccessDenied, NotFound
 
 Method = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -47,11 +47,7 @@ async def _call(request: web.Request) -> web.Response:
     method = request.app[METHODS_KEY].get(name)
     if method is None:
         raise NotFound(f"unknown management method {name!r} (is the agent older than this CLI?)")
-    body = await request.read()
-    args = json.loads(body) if body else {}
-    if not isinstance(args, dict):
-        raise InvalidArgument("request body must be a JSON object")
-    result = await method(args)
+    result = await method(await read_object(request))
     return web.json_response({"result": to_jsonable(result)})
 
 
@@ -71,7 +67,7 @@ async def _admin_only(request: web.Request, handler: Handler) -> web.StreamRespo
 
 def make_app(methods: dict[str, Method], admins: frozenset[str]) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, _admin_only], client_max_size=16 * 1024 * 1024
+        middlewares=[error_middleware, _admin_only], client_max_size=MAX_JSON_BODY
     )
     app[ADMINS_KEY] = frozenset(a.lower() for a in admins)
     app[METHODS_KEY] = methods

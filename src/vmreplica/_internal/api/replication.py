@@ -15,10 +15,12 @@ from typing import Any
 
 from aiohttp import web
 
+from vmreplica._internal.api.body import MAX_JSON_BODY, read_object
 from vmreplica._internal.api.errors import Handler, error_middleware
 from vmreplica._internal.certs import peer_dns_names, server_ssl_context, subject_identity
 from vmreplica._internal.engine.server import Authorization, ListenerFiles, ServerService
 from vmreplica._internal.models import ServerSettings
+from vmreplica._internal.transport import protocol
 from vmreplica.errors import AccessDenied, ConnectionFailed
 
 log = logging.getLogger("vmreplica.listener")
@@ -69,6 +71,7 @@ def _wrap(server: ServerService, handler: PeerHandler) -> Handler:
 async def _hello(
     request: web.Request, authz: Authorization, names: list[str]
 ) -> web.StreamResponse:
+    await read_object(request)  # it takes no field, but garbage is refused like anywhere else
     settings = request.app[SERVER_KEY].get()
     result: dict[str, Any] = {
         "replica_server": settings.computer_name,
@@ -86,13 +89,13 @@ class CertificateListener:
         self, server: ServerService, extra_routes: dict[str, PeerHandler] | None = None
     ) -> None:
         self._server = server
-        self.routes: dict[str, PeerHandler] = {"/replication/v1/hello": _hello}
+        self.routes: dict[str, PeerHandler] = {protocol.HELLO: _hello}
         self.routes.update(extra_routes or {})
         self._runner: web.AppRunner | None = None
         self._key: tuple[int, ListenerFiles] | None = None
 
     def _app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware], client_max_size=1024**3)
+        app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
         app[SERVER_KEY] = self._server
         for path, handler in self.routes.items():
             app.router.add_post(path, _wrap(self._server, handler))
@@ -103,6 +106,13 @@ class CertificateListener:
         return self._key[0] if self._key else None
 
     async def apply(self, settings: ServerSettings, files: ListenerFiles) -> None:
+        """Open, move or close the listener; on failure the listener stays as it was.
+
+        The new listener is opened before the old one closes, so a refused change (a port in
+        use, an unreadable key) never leaves the host without its listener. Only a change of
+        certificate on the same port must free the port first; should the new one then fail to
+        open, the old one is opened again.
+        """
         wanted = settings.replication_enabled and settings.allowed_authentication_type in (
             "certificate",
             "both",
@@ -110,22 +120,41 @@ class CertificateListener:
         key = (settings.certificate_authentication_port, files)
         if wanted and self._key == key:
             return
-        await self.close()
         if not wanted:
+            await self.close()
             return
-        context = server_ssl_context(files.ca, files.cert, files.key)
+        context = server_ssl_context(files.ca, files.cert, files.key)  # bad files: nothing moves
+        old_runner, old_key = self._runner, self._key
+        if old_key is not None and old_key[0] == key[0]:
+            await self.close()
+            try:
+                self._runner = await self._open(key[0], context)
+            except ConnectionFailed:
+                old_files = old_key[1]
+                old_context = server_ssl_context(old_files.ca, old_files.cert, old_files.key)
+                self._runner = await self._open(old_key[0], old_context)
+                self._key = old_key
+                raise
+        else:
+            self._runner = await self._open(key[0], context)
+            if old_runner is not None:
+                await old_runner.cleanup()
+                log.info("certificate listener on port %s closed", old_key[0] if old_key else None)
+        self._key = key
+        log.info("certificate listener open on port %d", key[0])
+
+    async def _open(self, port: int, context: ssl.SSLContext) -> web.AppRunner:
         runner = web.AppRunner(self._app(), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host=None, port=key[0], ssl_context=context, reuse_address=True)
+        site = web.TCPSite(runner, host=None, port=port, ssl_context=context, reuse_address=True)
         try:
             await site.start()
         except OSError as e:
             await runner.cleanup()
             raise ConnectionFailed(
-                f"cannot open the certificate listener on port {key[0]}: {e.strerror or e}"
+                f"cannot open the certificate listener on port {port}: {e.strerror or e}"
             ) from e
-        self._runner, self._key = runner, key
-        log.info("certificate listener open on port %d", key[0])
+        return runner
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -278,7 +278,11 @@ def resume(
     vm: str,
     resynchronize: bool,
 ) -> None:
-    """Resume a suspended (or failed) replication."""
+    """Resume a suspended (or failed) replication on the primary.
+
+    On a replica host, it retries the recovery of a replica that takes no changes after a
+    failed step (health Critical, "takes no changes"), once its cause is fixed.
+    """
     rows = [c.replication_resume(vm, resynchronize) for c in clients(computer_names)]
     render(rows, Replication, output, properties)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import click
@@ -163,6 +164,12 @@ def stop(
 @stdin_option
 @click.argument("name", required=False)
 @click.option("--force", is_flag=True, help="Kill the VM first if it runs.")
+@click.option(
+    "--delete-storage",
+    is_flag=True,
+    help="A (former) replica VM: also delete its replica storage, every recovery point included.",
+)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation (--delete-storage).")
 def remove(
     computer_names: tuple[str, ...],
     output: str,
@@ -170,9 +177,24 @@ def remove(
     from_stdin: bool,
     name: str | None,
     force: bool,
+    delete_storage: bool,
+    yes: bool,
 ) -> None:
     """Remove a VM and the disks it created (images given with --disk-path are kept)."""
-    rows = _each_vm(name, from_stdin, computer_names, lambda c, n: c.vm_remove(n, force))
+    if delete_storage and not yes:
+        if not sys.stdin.isatty() or from_stdin:
+            raise InvalidArgument(
+                "--delete-storage deletes the replica's data and every recovery point: confirm "
+                "with --yes"
+            )
+        click.confirm(
+            f"Delete the replica storage of {name}, every recovery point included?",
+            abort=True,
+            err=True,
+        )
+    rows = _each_vm(
+        name, from_stdin, computer_names, lambda c, n: c.vm_remove(n, force, delete_storage)
+    )
     render(rows, Vm, output, properties)
 
 
@@ -183,5 +205,7 @@ def remove(
 @click.argument("name")
 @click.argument("command")
 def monitor(computer_name: str | None, name: str, command: str) -> None:
-    """Run an HMP monitor command in a running VM (diagnostics, test writes with qemu-io)."""
+    """Run a read-only HMP `info` command in a running VM (diagnostics, like virsh
+    qemu-monitor-command --hmp). Hosts whose host.toml sets allow_qemu_io (test hosts) also
+    run `qemu-io DISK "…"`; nothing else runs, since HMP can run commands on the host."""
     click.echo(Client.connect(computer_name).vm_monitor(name, command), nl=False)

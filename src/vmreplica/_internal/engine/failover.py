@@ -34,8 +34,10 @@ from vmreplica._internal.hypervisor.qsd import node_name
 from vmreplica._internal.store.chain import ReplicaChain
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.transport import delta as wire
-from vmreplica._internal.transport.peer import PeerClient
+from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.peer import UNREACHABLE, PeerClient, PeerConnectionFailed
 from vmreplica.errors import (
+    AccessDenied,
     IntegrityError,
     InvalidArgument,
     InvalidState,
@@ -49,6 +51,7 @@ log = logging.getLogger("vmreplica.failover")
 TEST_SUFFIX = " - Test"
 FAILBACK_FILE = "failback-extents.json"  # in a completed failover's storage directory
 NBD_SOCKET = "nbd.sock"  # in the VM's run directory, beside the storage daemon's monitor
+_OVERLAY_DIRS = {"failover": "failover", "test-failover": "test"}  # in the replica storage
 
 
 class FailoverService:
@@ -100,7 +103,7 @@ class FailoverService:
             return await self._test(rec, row, point)
         if row.state != rs.REPLICATING:
             raise InvalidState(f"replica VM {name} cannot fail over in state {row.state}")
-        await self._split_brain_guard(row, force)
+        primary_check = await self._split_brain_guard(row, force)
         async with self._replica.lock(row.vm_id):
             chosen = await self._choose_point(row, point)
             self._journal("failover", row.vm_id, {"point": chosen})
@@ -116,8 +119,8 @@ class FailoverService:
                 )
                 self._events.record(
                     "failover-started",
-                    f"{name} failed over to recovery point {chosen}; start it with `vm start {name}`, then "
-                    "complete, stop or reverse the failover",
+                    f"{name} failed over to recovery point {chosen} ({primary_check}); start it "
+                    f"with `vm start {name}`, then complete, stop or reverse the failover",
                     name,
                     conn=conn,
                 )
@@ -145,21 +148,47 @@ class FailoverService:
         )
         return self.store.get(row.vm_id, rec.name)
 
-    async def _split_brain_guard(self, row: rs.ReplicationRow, force: bool) -> None:
-        if force or row.peer_port is None:
-            return
-        try:
-            async with PeerClient(
-                peer_address(self._config, row.primary_server, row.peer_port), self._config.tls, 5
-            ) as c:
-                answer = await c.call("/replication/v1/vm-state", {"vm_id": row.vm_id})
-        except VmrError:
-            return  # the primary is unreachable: that is what an unplanned failover is for
-        if answer.get("state") == "Running":
+    async def _split_brain_guard(self, row: rs.ReplicationRow, force: bool) -> str:
+        """Ask the primary whether the VM runs there; returns what was found, in words.
+
+        Failing over is refused while the VM runs on its primary, and also whenever the
+        primary cannot be asked for another reason than being unreachable: its port unknown,
+        TLS or authorization refused, an error. Only an unreachable primary (the disaster an
+        unplanned failover is for) lets the failover go on without ``--force``.
+        """
+        primary = row.primary_server
+        if force:
+            return f"the primary {primary} was not asked whether {row.vm_name} runs there (--force)"
+        if row.peer_port is None:
             raise InvalidState(
-                f"VM {row.vm_name} is running on its primary server {row.primary_server}: failing over now "
+                f"cannot ask the primary {primary} whether {row.vm_name} runs there: it had no "
+                "certificate listener when replication was enabled, so its port is unknown. Make "
+                f"sure the VM is off on {primary}, then fail over with --force"
+            )
+        request = p.VmRequest(row.vm_id).to_json()
+        try:
+            address = peer_address(self._config, primary, row.peer_port)
+            async with PeerClient(address, self._config.tls, 5) as c:
+                answer = await c.call(p.VM_STATE, request)
+        except PeerConnectionFailed as e:
+            if e.stage != UNREACHABLE:
+                raise InvalidState(
+                    f"cannot ask the primary {primary} whether {row.vm_name} runs there "
+                    f"({e.message}); make sure it is off there, then fail over with --force"
+                ) from e
+            return f"the primary {primary} is unreachable ({e.message}), so it was not asked"
+        except VmrError as e:
+            raise InvalidState(
+                f"cannot ask the primary {primary} whether {row.vm_name} runs there "
+                f"({e.message}); make sure it is off there, then fail over with --force"
+            ) from e
+        state = answer.get("state")
+        if state == "Running":
+            raise InvalidState(
+                f"VM {row.vm_name} is running on its primary server {primary}: failing over now "
                 "would run it twice (split brain); stop it there, or use --force"
             )
+        return f"the primary {primary} says {row.vm_name} is {state}"
 
     async def _choose_point(self, row: rs.ReplicationRow, point: str | None) -> int:
         """The point to run on; "Latest" freezes ``tip`` first, as it is never a backing file."""
@@ -338,12 +367,12 @@ class FailoverService:
                     "writing to them, and the VM can start again right after"
                 )
             here = await self._changes_above_point(row)
-            request = {
-                "vm_id": row.vm_id, "vm_name": name, "new_primary_port": self._primary.own_port(),
-                "failback_extents": True,  # this host takes the ranges of a delta failback
-            }  # fmt: skip
+            request = p.ReverseRequest(
+                vm_id=row.vm_id, vm_name=name, new_primary_port=self._primary.own_port(),
+                failback_extents=True,  # this host takes the ranges of a delta failback
+            )  # fmt: skip
             async with PeerClient(peer, self._config.tls) as client:
-                answer = await client.call("/replication/v1/reverse", request)
+                answer = await client.call(p.REVERSE, request.to_json())
             extents, reason = _failback_extents(answer, here, len(row.disks))
             with self._db.tx() as conn:
                 if reason is None:
@@ -460,17 +489,17 @@ class FailoverService:
         self._primary.resume_schedule(vm_id)
 
     async def become_replica(
-        self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
+        self, authz: Authorization, peer_names: list[str], req: p.ReverseRequest
     ) -> dict[str, Any]:
         """On the old primary, asked by the host the VM failed over to.
 
         The answer names what this host may hold that the new primary does not (the ranges of
         a delta failback), or says that tracking was lost and only a resynchronization helps.
         """
-        vm_id = str(req["vm_id"])
+        vm_id = req.vm_id
         row = self.store.find(vm_id)
         if row is None or row.mode != rs.PRIMARY:
-            raise NotFound(f"{self._config.name} is not the primary of VM {req.get('vm_name')}")
+            raise NotFound(f"{self._config.name} is not the primary of VM {req.vm_name}")
         if row.replica_server not in peer_names:
             raise InvalidState(
                 f"VM {row.vm_name} replicates to {row.replica_server}, not to {peer_names[0]}"
@@ -489,14 +518,14 @@ class FailoverService:
                     f"VM {row.vm_name} is running on {self._config.name}: stop it before reversing"
                 )
             intact, reason, extents = await self._tracking_intact(rec, row)
-            if intact and any(extents.values()) and not req.get("failback_extents"):
+            if intact and any(extents.values()) and not req.failback_extents:
                 # An older new primary would ignore the ranges and silently leave them stale.
                 intact, reason, extents = False, "it holds writes that were never replicated", {}
             await self._convert_to_replica(authz, peer_names, req, rec, row)
         return {"tracking_intact": intact, "reason": reason, "extents": extents}
 
     async def _convert_to_replica(
-        self, authz: Authorization, peer_names: list[str], req: dict[str, Any], rec: VmRecord,
+        self, authz: Authorization, peer_names: list[str], req: p.ReverseRequest, rec: VmRecord,
         row: rs.ReplicationRow,
     ) -> None:  # fmt: skip
         """Journaled: the disks move into replica chains; :meth:`recover` moves them back."""
@@ -524,7 +553,7 @@ class FailoverService:
                 vm_id, conn, mode=rs.REPLICA, state=rs.REPLICATING, primary_server=peer_names[0],
                 replica_server=self._config.name, sequence=0, acked_sequence=0, generation=0,
                 storage_dir=str(root), trust_group=authz.trust_group, auth_entry=authz.entry,
-                peer_port=req.get("new_primary_port"), last_replication_time=now_iso(), send_failure=None,
+                peer_port=req.new_primary_port, last_replication_time=now_iso(), send_failure=None,
                 last_error=None, disks=json.dumps(list(range(len(row.disks)))),
             )  # fmt: skip
             self._events.record(
@@ -569,12 +598,23 @@ class FailoverService:
     # -- state of a VM, for a peer's split-brain check -------------------------------------
 
     async def vm_state(
-        self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
+        self, authz: Authorization, peer_names: list[str], req: p.VmRequest
     ) -> dict[str, Any]:
-        rec = self._vms.by_id(str(req["vm_id"]))
-        if rec is None:
-            return {"state": "Unknown"}
-        return {"state": rec.state}
+        """For a peer's split-brain check: only a peer this VM replicates with, or one of the
+        replica's trust group, may learn whether it runs."""
+        row = self.store.find(req.vm_id)
+        related = row is not None and (
+            row.replica_server in peer_names
+            or row.primary_server in peer_names
+            or (row.trust_group is not None and row.trust_group == authz.trust_group)
+        )
+        if row is None or not related:
+            raise AccessDenied(
+                f"not authorized: {peer_names[0] if peer_names else 'this peer'} has no "
+                f"replication relationship with VM {req.vm_id} on {self._config.name}"
+            )
+        rec = self._vms.by_id(req.vm_id)
+        return {"state": "Unknown" if rec is None else rec.state}
 
     def start_guard(self, vm: VmRecord) -> None:
         row = self.store.find(vm.id)
@@ -586,49 +626,70 @@ class FailoverService:
 
     async def recover(self) -> None:
         """Roll back a failover, test failover or conversion to a replica that a crash
-        interrupted before it was recorded; finish a reverse whose failback delta was not cut."""
-        for j in self._db.query("SELECT * FROM journal WHERE kind='become-replica'"):
-            data = json.loads(j["data"])
-            for src, dst in data["moves"]:
-                if Path(dst).exists() and not Path(src).exists():
-                    os.replace(dst, src)
-            shutil.rmtree(data["root"], ignore_errors=True)
-            self._unjournal("become-replica", j["subject"])
-            row = self.store.find(j["subject"])
-            if row is not None:
-                self._primary.resume_schedule(row.vm_id)
-                self._events.record(
-                    "recovered", f"rolled back an interrupted reverse of {row.vm_name}", row.vm_name
-                )
-        for j in self._db.query("SELECT * FROM journal WHERE kind='reverse'"):
-            row = self.store.find(j["subject"])
-            if row is None or row.mode != rs.PRIMARY:
-                self._unjournal("reverse", j["subject"])
-                continue
-            extents = _parse_extents(json.loads(j["data"]).get("extents", {}), len(row.disks))
-            rec = self._vms.find(row.vm_name)
-            try:
-                async with self._vms.lock(rec.id):
-                    await self._failback_delta(row.vm_id, row.vm_name, extents)
-            except ResyncRequired:
-                continue  # recorded, and the state says so
+        interrupted before it was recorded; finish a reverse whose failback delta was not cut.
+
+        Each journal row is handled on its own: one that fails is reported and kept for the
+        next start, and the agent starts anyway.
+        """
+        handlers = {
+            "become-replica": self._recover_become_replica,
+            "reverse": self._recover_reverse,
+            "failover": self._recover_failover,
+            "test-failover": self._recover_failover,
+        }
+        for kind, handler in handlers.items():
+            for j in self._db.query("SELECT * FROM journal WHERE kind=?", (kind,)):
+                try:
+                    await handler(j["kind"], str(j["subject"]), json.loads(j["data"]))
+                except Exception as e:
+                    if not isinstance(e, VmrError):
+                        log.exception("recovery of an interrupted %s failed", kind)
+                    self._events.record(
+                        "recovery-failed",
+                        f"cannot finish an interrupted {kind} of VM {j['subject']} (retried at "
+                        f"the next start): {e}",
+                        level="error",
+                    )
+
+    async def _recover_become_replica(self, kind: str, vm_id: str, data: dict[str, Any]) -> None:
+        for src, dst in data["moves"]:
+            if Path(dst).exists() and not Path(src).exists():
+                os.replace(dst, src)
+        shutil.rmtree(data["root"], ignore_errors=True)
+        self._unjournal(kind, vm_id)
+        row = self.store.find(vm_id)
+        if row is not None:
+            self._primary.resume_schedule(row.vm_id)
             self._events.record(
-                "recovered", f"finished an interrupted reverse of {row.vm_name}", row.vm_name
+                "recovered", f"rolled back an interrupted reverse of {row.vm_name}", row.vm_name
             )
-        for j in self._db.query("SELECT * FROM journal WHERE kind IN ('failover','test-failover')"):
-            row = self.store.find(j["subject"])
-            data = json.loads(j["data"])
-            if row is not None and row.storage_dir:
-                kind = "failover" if j["kind"] == "failover" else "test"
-                shutil.rmtree(Path(row.storage_dir) / kind, ignore_errors=True)
-                if j["kind"] == "test-failover" and data.get("test_vm_id"):
-                    await self._vms.unregister(str(data["test_vm_id"]))
-                self._events.record(
-                    "recovered",
-                    f"rolled back an interrupted {j['kind']} of {row.vm_name}",
-                    row.vm_name,
-                )
-            self._unjournal(j["kind"], j["subject"])
+
+    async def _recover_reverse(self, kind: str, vm_id: str, data: dict[str, Any]) -> None:
+        row = self.store.find(vm_id)
+        if row is None or row.mode != rs.PRIMARY:
+            self._unjournal(kind, vm_id)
+            return
+        extents = _parse_extents(data.get("extents", {}), len(row.disks))
+        rec = self._vms.find(row.vm_name)
+        try:
+            async with self._vms.lock(rec.id):
+                await self._failback_delta(row.vm_id, row.vm_name, extents)
+        except ResyncRequired:
+            return  # recorded, and the state says so
+        self._events.record(
+            "recovered", f"finished an interrupted reverse of {row.vm_name}", row.vm_name
+        )
+
+    async def _recover_failover(self, kind: str, vm_id: str, data: dict[str, Any]) -> None:
+        row = self.store.find(vm_id)
+        if row is not None and row.storage_dir:
+            shutil.rmtree(Path(row.storage_dir) / _OVERLAY_DIRS[kind], ignore_errors=True)
+            if kind == "test-failover" and data.get("test_vm_id"):
+                await self._vms.unregister(str(data["test_vm_id"]))
+            self._events.record(
+                "recovered", f"rolled back an interrupted {kind} of {row.vm_name}", row.vm_name
+            )
+        self._unjournal(kind, vm_id)
 
 
 async def _allocated(image: Path) -> list[Extent]:

@@ -216,7 +216,8 @@ def after_cycle(due: datetime, finished: datetime, frequency_sec: int) -> tuple[
 class HealthInput:
     """One VM's replication at ``now``. ``last_success``: last successful send (primary) or
     receive (replica). ``send_failure``: why the primary's last cycle could not send, in words.
-    ``paused_on_replica``: the replica side suspended. ``failover_pending``: a failover started,
+    ``paused_on_replica``: the replica side suspended. ``quarantine``: why the replica's recovery
+    failed, so that it refuses changes. ``failover_pending``: a failover started,
     neither completed nor cancelled, that the state alone does not show."""
 
     mode: str
@@ -225,6 +226,7 @@ class HealthInput:
     last_success: datetime | None
     stats: Stats
     send_failure: str | None = None
+    quarantine: str | None = None
     paused_on_replica: bool = False
     failover_pending: bool = False
 
@@ -276,6 +278,11 @@ def evaluate(inp: HealthInput) -> Health:
         )
     if state == "Error":
         critical.append("replication stopped after an error; resume replication to retry")
+    if inp.quarantine:
+        critical.append(
+            f"the replica takes no changes: {inp.quarantine}; fix the cause, then resume "
+            "replication on the replica server"
+        )
     if inp.paused_on_replica or (state == "Suspended" and replica_side):
         critical.append("replication is paused on the replica server")
 

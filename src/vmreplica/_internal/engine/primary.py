@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import blake3
+
 from vmreplica._internal import faults
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine import repl_store as rs
@@ -34,10 +36,9 @@ from vmreplica._internal.hypervisor import nbd_copy, qemu_img, tracking
 from vmreplica._internal.hypervisor.qsd import node_name, start_storage_daemon
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import PeerClient
 from vmreplica.errors import (
-    AccessDenied,
-    ConnectionFailed,
     IntegrityError,
     InvalidArgument,
     InvalidState,
@@ -48,27 +49,7 @@ from vmreplica.errors import (
 
 log = logging.getLogger("vmreplica.primary")
 
-FREQUENCIES = (30, 300, 900)
 RESYNC_PENDING_FRACTION = 0.5
-
-
-def check_settings(s: rs.Settings) -> rs.Settings:
-    if s.frequency_sec not in FREQUENCIES:
-        raise InvalidArgument(
-            f"invalid replication frequency {s.frequency_sec}: use 30, 300 or 900 seconds"
-        )
-    if not 0 <= s.recovery_history <= 24:
-        raise InvalidArgument(
-            f"invalid recovery history {s.recovery_history}: use 0 to 24 additional points"
-        )
-    if s.snapshot_frequency_hour is not None:
-        if not 1 <= s.snapshot_frequency_hour <= 12:
-            raise InvalidArgument("invalid --snapshot-frequency: use 1 to 12 hours")
-        if s.recovery_history == 0:
-            raise InvalidArgument("--snapshot-frequency needs --recovery-history above 0")
-    if s.recovery_point_interval < 1:
-        raise InvalidArgument("--recovery-point-interval must be at least 1 second")
-    return s
 
 
 class PrimaryEngine:
@@ -136,7 +117,7 @@ class PrimaryEngine:
             raise InvalidArgument(
                 f"{auth} authentication is not available in this version of vmreplica: use --auth certificate"
             )
-        check_settings(settings)
+        rs.check_settings(settings)
         rec = self._vms.find(name)
         if self.store.find(rec.id) is not None:
             raise InvalidState(f"replication is already enabled for VM {name}")
@@ -158,15 +139,27 @@ class PrimaryEngine:
             initial_size=None, enabled_time=now_iso(), stats_since=now_iso(), last_error=None,
             send_failure=None, last_rp_time=None, next_rp_id=1,
         )  # fmt: skip
-        payload = {
-            "vm_id": rec.id, "vm_name": name, "cpus": rec.cpus, "memory_mb": rec.memory_mb,
-            "kernel": rec.kernel, "initrd": rec.initrd, "append": rec.append, "disk_sizes": sizes,
-            "settings": _settings_json(settings), "replica_port": peer.port,
-            "primary_port": self.own_port(),
-        }  # fmt: skip
+        boot = {
+            kind: Path(path)
+            for kind, path in (("kernel", rec.kernel), ("initrd", rec.initrd))
+            if path is not None
+        }
+        digests = {kind: await asyncio.to_thread(_digest, path) for kind, path in boot.items()}
+        request = p.EnableRequest(
+            vm_id=rec.id, vm_name=name, cpus=rec.cpus, memory_mb=rec.memory_mb,
+            disk_sizes=tuple(sizes), settings=p.SettingsBody(**_settings_json(settings)),
+            replica_port=peer.port, primary_port=self.own_port(), append=rec.append,
+            kernel=digests.get("kernel"), initrd=digests.get("initrd"),
+        )  # fmt: skip
         async with self._client(row) as client:
-            await client.call("/replication/v1/hello")
-            answer = await client.call("/replication/v1/enable", payload)
+            await client.call(p.HELLO)
+            answer = await client.call(p.ENABLE, request.to_json())
+            for kind, path in boot.items():  # the replica boots its own copy after a failover
+                await client.call(
+                    f"{p.BOOT_FILE}?vm_id={rec.id}&kind={kind}",
+                    data=_file_chunks(path),
+                    headers={"Content-Type": "application/octet-stream"},
+                )
         with self._db.tx() as conn:
             self.store.insert(conn, row)
             self._events.record(
@@ -183,7 +176,7 @@ class PrimaryEngine:
         row = self.store.get(rec.id, name)
         current = _settings_json(row.settings)
         current.update({k: v for k, v in changes.items() if v is not None})
-        settings = check_settings(rs.Settings(**current))
+        settings = rs.check_settings(rs.Settings(**current))
         self.store.update(rec.id, settings=settings)
         self._events.record("replication-changed", f"replication settings of {name} changed", name)
         self._kick(rec.id)
@@ -224,7 +217,7 @@ class PrimaryEngine:
         """
         started = datetime.now(UTC)
         async with self._client(row, timeout=120.0) as client:
-            answer = await client.call("/replication/v1/status", {"vm_id": row.vm_id})
+            answer = await client.call(p.STATUS, p.StatusRequest(row.vm_id).to_json())
             if int(answer.get("sequence", 0)) >= 1:
                 # The replica adopted the copy before a crash lost its acknowledgement here. The
                 # bitmap of generation 1 was added when that copy began; settle() checks it.
@@ -258,9 +251,7 @@ class PrimaryEngine:
         required = sum([await qemu_img.measure_required(d) for d in disks])
         # The replica prepares its images while tracking starts here.
         opening = asyncio.ensure_future(
-            client.call(
-                "/replication/v1/initial-open", {"vm_id": row.vm_id, "required_bytes": required}
-            )
+            client.call(p.INITIAL_OPEN, p.InitialOpenRequest(row.vm_id, required).to_json())
         )
         closed = False
         try:
@@ -294,7 +285,7 @@ class PrimaryEngine:
                             await nbd_copy.close_source(process, source)
             faults.hit("primary.after_initial_copy")
             answer = await client.call(
-                "/replication/v1/initial-close", {"vm_id": row.vm_id, "ok": True}
+                p.INITIAL_CLOSE, p.InitialCloseRequest(row.vm_id, ok=True).to_json()
             )
             closed = True
             marks.append(time.monotonic())
@@ -314,7 +305,7 @@ class PrimaryEngine:
                 # its lock on the VM puts this close after the open.
                 with contextlib.suppress(VmrError):
                     await client.call(
-                        "/replication/v1/initial-close", {"vm_id": row.vm_id, "ok": False}
+                        p.INITIAL_CLOSE, p.InitialCloseRequest(row.vm_id, ok=False).to_json()
                     )
             shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -395,10 +386,10 @@ class PrimaryEngine:
             fields["state"] = rs.WAITING_FOR_RESYNC
         elif isinstance(err, IntegrityError | InvalidState) and row.state == rs.INITIAL_IN_PROGRESS:
             fields["state"] = rs.ERROR
-        elif isinstance(err, ConnectionFailed | AccessDenied | StorageError):
+        else:
+            # Whatever else failed (the network, storage, a replica that refuses), the changes
+            # did not get there: the primary cannot send, which is Critical.
             fields["send_failure"] = message
-        elif row.state == rs.INITIAL_IN_PROGRESS:
-            fields["send_failure"] = message  # whatever failed, the copy did not get there
         with self._db.tx() as conn:
             self.store.update(row.vm_id, conn, **fields)
             self.store.record_cycle(
@@ -482,8 +473,10 @@ class PrimaryEngine:
         lock = self._send_locks.setdefault(row.vm_id, asyncio.Lock())
         async with lock, self._client(row, timeout=60.0) as client:
             status = await client.call(
-                "/replication/v1/status",
-                {"vm_id": row.vm_id, "settings": _settings_json(row.settings)},
+                p.STATUS,
+                p.StatusRequest(
+                    row.vm_id, p.SettingsBody(**_settings_json(row.settings))
+                ).to_json(),
             )
             replica_sequence = int(status.get("sequence", 0))
             for sequence, delta_dir in self.pending(row.vm_id):
@@ -495,7 +488,7 @@ class PrimaryEngine:
                 manifest = wire.DeltaManifest.from_json((delta_dir / "manifest.json").read_bytes())
                 faults.hit("primary.before_send")
                 await client.call(
-                    f"/replication/v1/delta?vm_id={row.vm_id}",
+                    f"{p.DELTA}?vm_id={row.vm_id}",
                     data=wire.iter_stream(delta_dir, manifest),
                     headers={"Content-Type": "application/octet-stream"},
                 )
@@ -632,6 +625,21 @@ async def _start_tracking_offline(disks: list[Path]) -> None:
             if bitmap.name.startswith(tracking.PREFIX):
                 await qemu_img.bitmap_remove(disk, bitmap.name)
         await qemu_img.bitmap_add(disk, tracking.name(1))
+
+
+def _digest(path: Path) -> p.BootFileInfo:
+    try:
+        size = path.stat().st_size
+        digest = blake3.blake3().update_mmap(str(path)).hexdigest()
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+    return p.BootFileInfo(size, digest)
+
+
+async def _file_chunks(path: Path, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while data := await asyncio.to_thread(f.read, chunk):
+            yield data
 
 
 def _settings_json(s: rs.Settings) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from vmreplica._internal.engine.health import Cycle
 from vmreplica._internal.store.db import Database
-from vmreplica.errors import NotFound
+from vmreplica.errors import InvalidArgument, NotFound
 
 PRIMARY, REPLICA, TEST_REPLICA = "Primary", "Replica", "TestReplica"
 
@@ -41,6 +41,33 @@ class Settings:
     compression: bool = True
     auto_resynchronize: bool = False
     recovery_point_interval: int = 3600
+
+
+FREQUENCIES = (30, 300, 900)
+MAX_RECOVERY_POINT_INTERVAL = 86400
+
+
+def check_settings(s: Settings) -> Settings:
+    """Hyper-V's rules for per-VM settings, for ``enable``/``set`` and for what a peer sends."""
+    if s.frequency_sec not in FREQUENCIES:
+        raise InvalidArgument(
+            f"invalid replication frequency {s.frequency_sec}: use 30, 300 or 900 seconds"
+        )
+    if not 0 <= s.recovery_history <= 24:
+        raise InvalidArgument(
+            f"invalid recovery history {s.recovery_history}: use 0 to 24 additional points"
+        )
+    if s.snapshot_frequency_hour is not None:
+        if not 1 <= s.snapshot_frequency_hour <= 12:
+            raise InvalidArgument("invalid --snapshot-frequency: use 1 to 12 hours")
+        if s.recovery_history == 0:
+            raise InvalidArgument("--snapshot-frequency needs --recovery-history above 0")
+    if not 1 <= s.recovery_point_interval <= MAX_RECOVERY_POINT_INTERVAL:
+        raise InvalidArgument(
+            f"invalid --recovery-point-interval {s.recovery_point_interval}: use 1 to "
+            f"{MAX_RECOVERY_POINT_INTERVAL} seconds"
+        )
+    return s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +102,10 @@ class ReplicationRow:
     test_vm_id: str | None = None
     test_point: int | None = None
     peer_port: int | None = None
+    # Why the replica's recovery failed; set, the replica takes nothing until it is retried.
+    quarantine: str | None = None
+    # The kernel and initrd the primary announced, by kind: {"size": N, "blake3": HEX}.
+    boot_files: str | None = None
 
     @property
     def pinned(self) -> set[int]:
@@ -121,6 +152,8 @@ def _row(r: sqlite3.Row) -> ReplicationRow:
         test_vm_id=r["test_vm_id"],
         test_point=r["test_point"],
         peer_port=r["peer_port"],
+        quarantine=r["quarantine"],
+        boot_files=r["boot_files"],
     )
 
 
@@ -148,13 +181,13 @@ class ReplicationStore:
             "replica_port, authentication_type, frequency_sec, recovery_history, "
             "snapshot_frequency_hour, compression, disks, auto_resynchronize, "
             "recovery_point_interval, trust_group, auth_entry, storage_dir, enabled_time, stats_since, "
-            "peer_port) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "peer_port, boot_files) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 row.vm_id, row.vm_name, row.mode, row.state, row.primary_server, row.replica_server,
                 row.replica_port, row.authentication_type, s.frequency_sec, s.recovery_history,
                 s.snapshot_frequency_hour, int(s.compression), json.dumps(list(row.disks)),
                 int(s.auto_resynchronize), s.recovery_point_interval, row.trust_group, row.auth_entry,
-                row.storage_dir, row.enabled_time, row.stats_since, row.peer_port,
+                row.storage_dir, row.enabled_time, row.stats_since, row.peer_port, row.boot_files,
             ),
         )  # fmt: skip
 

@@ -1,11 +1,14 @@
 """The replica side of replication: placeholder VMs, receiving and applying deltas into each
-disk's chain, recovery points, and recovery of what a crash interrupted.
+disk's chain, recovery points, and recovery of what a crash or a failed step interrupted.
 
 A delta is refused before a byte is stored when the sender is not the server that created the
-replica VM and not in its trust group, or when its sequence number is not exactly the next one.
-Applying is journaled (``journal`` rows of kind ``apply``/``freeze``/``prune``) in the same
-transaction that records the staged delta, so :meth:`ReplicaEngine.recover` finishes it after a
-kill -9; every step is idempotent.
+replica VM and not in its trust group, or when its sequence number is not exactly the next one;
+once staged, it is refused (and removed) unless every disk of the VM is in it as a standalone
+qcow2 of the disk's size. Only then is it journaled (``journal`` rows of kind
+``apply``/``freeze``/``prune``), and the journal is replayed by one routine, :meth:`_replay`,
+both at start-up and right after a journaled step failed in a running agent. A relationship
+whose replay fails is quarantined: it refuses deltas and shows Critical with the reason until
+``replication resume`` on this host retries it; the agent and every other VM carry on.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import blake3
+
 from vmreplica._internal import faults
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine import validate
 from vmreplica._internal.engine.events import EventLog, now_iso
-from vmreplica._internal.engine.server import Authorization
+from vmreplica._internal.engine.server import Authorization, warn_if_shared
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.hypervisor import nbd_copy, qemu_img
 from vmreplica._internal.hypervisor.qsd import StorageDaemon, node_name, start_storage_daemon
@@ -33,16 +38,21 @@ from vmreplica._internal.models import RecoveryPoint
 from vmreplica._internal.store.chain import ReplicaChain
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import (
     AccessDenied,
     IntegrityError,
+    InvalidArgument,
     InvalidState,
     NotFound,
     ResyncRequired,
     StorageError,
+    VmrError,
 )
 
 log = logging.getLogger("vmreplica.replica")
+
+BOOT_DIR = "boot"  # in the replica VM's storage: the kernel and initrd copied from the primary
 
 
 class ReplicaEngine:
@@ -87,49 +97,66 @@ class ReplicaEngine:
         )
         raise err
 
+    def _check_not_quarantined(self, row: rs.ReplicationRow) -> None:
+        if row.quarantine is not None:
+            raise InvalidState(
+                f"replica VM {row.vm_name} on {self._config.name} takes no changes: "
+                f"{row.quarantine}; fix the cause, then run `vmreplica replication resume "
+                f"{row.vm_name}` on {self._config.name}"
+            )
+
     # -- enable ----------------------------------------------------------------------------
 
     async def enable(
-        self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
+        self, authz: Authorization, peer_names: list[str], req: p.EnableRequest
     ) -> dict[str, Any]:
-        vm_id, name = str(req["vm_id"]), validate.vm_name(str(req["vm_name"]))
-        sizes = [int(s) for s in req["disk_sizes"]]
-        existing = self.store.find(vm_id)
+        name = validate.vm_name(req.vm_name)
+        settings = rs.check_settings(rs.Settings(**req.settings.to_json()))
+        existing = self.store.find(req.vm_id)
         if existing is not None:
             if existing.mode == rs.REPLICA and existing.primary_server in peer_names:
                 return {"storage_dir": existing.storage_dir, "already": True}
             raise InvalidState(
-                f"VM {name} ({vm_id}) already has a replication relationship on {self._config.name}"
+                f"VM {name} ({req.vm_id}) already has a replication relationship on {self._config.name}"
             )
-        if self._db.query_one("SELECT 1 FROM vms WHERE name=? OR id=?", (name, vm_id)):
+        if self._db.query_one("SELECT 1 FROM vms WHERE name=? OR id=?", (name, req.vm_id)):
             raise InvalidState(
                 f"a VM named {name} already exists on replica server {self._config.name}"
             )
         storage = validate.child_path(authz.storage_location, name)
         if storage.exists():
-            raise InvalidState(f"replica storage {storage} already exists on {self._config.name}")
-        settings = rs.Settings(**req["settings"])
+            raise InvalidState(
+                f"replica storage {storage} already exists on {self._config.name}, left by an "
+                f"earlier replica of {name}: remove that VM with its storage there (`vmreplica vm "
+                f"remove {name} --delete-storage`), or delete the directory if the VM is gone"
+            )
+        boot = {k: v for k, v in (("kernel", req.kernel), ("initrd", req.initrd)) if v}
+        boot_dir = storage / BOOT_DIR
         try:
-            for i, size in enumerate(sizes):
+            for i, size in enumerate(req.disk_sizes):
                 await ReplicaChain.create(storage / f"disk{i}", size)
+            if boot:
+                boot_dir.mkdir(mode=0o700)
             with self._db.tx() as conn:
                 self._vms.register(
-                    conn, vm_id, name, int(req["cpus"]), int(req["memory_mb"]), storage,
-                    [storage / f"disk{i}" / "tip.qcow2" for i in range(len(sizes))],
-                    _existing_file(req.get("kernel")), _existing_file(req.get("initrd")), req.get("append"),
+                    conn, req.vm_id, name, req.cpus, req.memory_mb, storage,
+                    [storage / f"disk{i}" / "tip.qcow2" for i in range(len(req.disk_sizes))],
+                    str(boot_dir / "kernel") if req.kernel else None,
+                    str(boot_dir / "initrd") if req.initrd else None, req.append,
                 )  # fmt: skip
                 self.store.insert(
                     conn,
                     rs.ReplicationRow(
-                        vm_id=vm_id, vm_name=name, mode=rs.REPLICA, state=rs.WAITING_FOR_INITIAL,
+                        vm_id=req.vm_id, vm_name=name, mode=rs.REPLICA, state=rs.WAITING_FOR_INITIAL,
                         primary_server=peer_names[0], replica_server=self._config.name,
-                        replica_port=int(req["replica_port"]), authentication_type="certificate",
-                        settings=settings, disks=tuple(range(len(sizes))), trust_group=authz.trust_group,
+                        replica_port=req.replica_port, authentication_type="certificate",
+                        settings=settings, disks=tuple(range(len(req.disk_sizes))), trust_group=authz.trust_group,
                         auth_entry=authz.entry, storage_dir=str(storage), sequence=0, acked_sequence=0,
                         generation=0, last_replication_time=None, last_replication_size=None,
                         initial_progress=None, initial_size=None, enabled_time=now_iso(),
                         stats_since=now_iso(), last_error=None, send_failure=None, last_rp_time=None,
-                        next_rp_id=1, peer_port=_opt_int(req.get("primary_port")),
+                        next_rp_id=1, peer_port=req.primary_port,
+                        boot_files=json.dumps({k: {"size": v.size, "blake3": v.blake3} for k, v in boot.items()}),
                     ),
                 )  # fmt: skip
                 self._events.record(
@@ -142,17 +169,74 @@ class ReplicaEngine:
         except BaseException:
             shutil.rmtree(storage, ignore_errors=True)
             raise
+        warn_if_shared(self._events, authz.storage_location)
         return {"storage_dir": str(storage), "already": False}
+
+    async def receive_boot_file(
+        self,
+        authz: Authorization,
+        peer_names: list[str],
+        vm_id: str,
+        kind: str,
+        chunks: AsyncIterable[bytes],
+    ) -> dict[str, Any]:
+        """A copy of the kernel or initrd that ``enable`` announced, checked against its hash.
+
+        The replica never boots a file named by a peer: it boots its own copy, from the
+        replica VM's storage, and only one whose size and blake3 match the announcement.
+        """
+        row = self._replica_row(vm_id)
+        self._check_sender(row, authz, peer_names)
+        expected = json.loads(row.boot_files or "{}").get(kind)
+        if expected is None:
+            raise InvalidArgument(f"replication of {row.vm_name} announced no {kind}")
+        size, digest = int(expected["size"]), str(expected["blake3"])
+        target = Path(str(row.storage_dir)) / BOOT_DIR / kind
+        if await asyncio.to_thread(_file_digest, target) == (size, digest):
+            return {"size": size}  # a retried enable: this copy is already here
+        if row.state != rs.WAITING_FOR_INITIAL:
+            raise InvalidState(
+                f"the {kind} of replica VM {row.vm_name} can only be sent before its initial copy"
+            )
+        part = target.with_name(kind + ".part")
+        hasher, written = blake3.blake3(), 0
+        try:
+            with open(part, "wb") as f:
+                async for chunk in chunks:
+                    written += len(chunk)
+                    if written > size:
+                        raise IntegrityError(
+                            f"the {kind} of {row.vm_name} is larger than announced"
+                        )
+                    hasher.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if written != size or hasher.hexdigest() != digest:
+                raise IntegrityError(
+                    f"the {kind} of {row.vm_name} does not match what enable announced "
+                    "(corrupted in transit?)"
+                )
+            validate.boot_image(part, kind)
+            os.replace(part, target)
+            _fsync_dir(target.parent)
+        except OSError as e:
+            raise StorageError(
+                f"cannot store the {kind} of {row.vm_name}: {e.strerror or e}"
+            ) from e
+        finally:
+            part.unlink(missing_ok=True)
+        return {"size": written}
 
     # -- status and settings ---------------------------------------------------------------
 
     async def status(
-        self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
+        self, authz: Authorization, peer_names: list[str], req: p.StatusRequest
     ) -> dict[str, Any]:
-        row = self._replica_row(str(req["vm_id"]))
+        row = self._replica_row(req.vm_id)
         self._check_sender(row, authz, peer_names)
-        if "settings" in req:
-            settings = rs.Settings(**req["settings"])
+        if req.settings is not None:
+            settings = rs.check_settings(rs.Settings(**req.settings.to_json()))
             if settings != row.settings:
                 self.store.update(row.vm_id, settings=settings)
         return {"sequence": row.sequence, "state": row.state}
@@ -163,7 +247,7 @@ class ReplicaEngine:
         self,
         authz: Authorization,
         peer_names: list[str],
-        req: dict[str, Any],
+        req: p.InitialOpenRequest,
         *,
         listen_host: str,
         peer_identity: str,
@@ -173,17 +257,18 @@ class ReplicaEngine:
         Whatever an earlier attempt left (its daemon, its images) is discarded first: an
         initial copy that did not finish is started over, never resumed.
         """
-        row = self._replica_row(str(req["vm_id"]))
+        row = self._replica_row(req.vm_id)
         self._check_sender(row, authz, peer_names)
         async with self.lock(row.vm_id):
             row = self._replica_row(row.vm_id)
+            self._check_not_quarantined(row)
             if row.state != rs.WAITING_FOR_INITIAL or row.sequence != 0:
                 raise InvalidState(
                     f"replica VM {row.vm_name} already has its initial copy (state {row.state})"
                 )
             await self._close_import(row.vm_id)
             staging = self._initial_staging(row)
-            _check_space(row, Path(str(row.storage_dir)), _opt_int(req.get("required_bytes")) or 0)
+            _check_space(row, Path(str(row.storage_dir)), req.required_bytes)
             run_dir = self._vms.run_dir(row.vm_id) / "initial"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -214,14 +299,14 @@ class ReplicaEngine:
         return {"port": port, "exports": list(exports)}
 
     async def close_initial(
-        self, authz: Authorization, peer_names: list[str], req: dict[str, Any]
+        self, authz: Authorization, peer_names: list[str], req: p.InitialCloseRequest
     ) -> dict[str, Any]:
         """The sender's copy ended: adopt the images as the chains' base, or drop them."""
-        row = self._replica_row(str(req["vm_id"]))
+        row = self._replica_row(req.vm_id)
         self._check_sender(row, authz, peer_names)
         async with self.lock(row.vm_id):
             row = self._replica_row(row.vm_id)
-            if not req.get("ok"):
+            if not req.ok:
                 await self._close_import(row.vm_id)
                 return {"sequence": row.sequence}
             if row.sequence >= 1:  # a retried close: it was applied already
@@ -245,14 +330,9 @@ class ReplicaEngine:
             except OSError as e:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise StorageError(f"cannot sync the initial copy of {row.vm_name}: {e}") from e
-            with self._db.tx() as conn:
-                conn.execute(
-                    "INSERT INTO journal(kind, subject, step, data, created) VALUES('apply', ?, 'staged', ?, ?)",
-                    (row.vm_id, json.dumps({"sequence": 1, "staging": str(staging), "size": size,
-                                            "started": started}), now_iso()),
-                )  # fmt: skip
+            self._journal_apply(row.vm_id, 1, staging, started, size=size)
             faults.hit("replica.after_stage")
-            await self._finish_apply(row, 1, staging, started, size)
+            await self._apply_or_recover(row, 1, staging, started, size)
             return {"sequence": 1, "size": size}
 
     def _initial_staging(self, row: rs.ReplicationRow) -> Path:
@@ -279,11 +359,22 @@ class ReplicaEngine:
         self._check_sender(row, authz, peer_names)
         async with self.lock(vm_id):
             row = self._replica_row(vm_id)
+            self._check_not_quarantined(row)
             if row.state in (rs.FAILED_OVER_WAITING, rs.FAILED_OVER):
                 raise InvalidState(
                     f"replica VM {row.vm_name} has failed over: it accepts no more changes"
                 )
+            if row.state == rs.WAITING_FOR_INITIAL:
+                raise InvalidState(
+                    f"replica VM {row.vm_name} is waiting for its initial copy, not for a delta"
+                )
+            if self._journal_rows(vm_id):
+                # A step an earlier request left unfinished: finish it before staging anew.
+                await self._replay_or_quarantine(row.vm_id, "an unfinished step")
+                row = self._replica_row(vm_id)
+                self._check_not_quarantined(row)
             expected = row.sequence + 1
+            disks = list(range(len(row.disks)))
 
             def check(manifest: wire.DeltaManifest) -> None:
                 if manifest.sequence <= row.sequence:
@@ -295,9 +386,10 @@ class ReplicaEngine:
                         f"delta {manifest.sequence} of VM {row.vm_name} is out of sequence (expected "
                         f"{expected}): a resynchronization is required"
                     )
-                if len(manifest.disks) != len(row.disks):
+                if [d.index for d in manifest.disks] != disks:
                     raise IntegrityError(
-                        f"delta {manifest.sequence} has {len(manifest.disks)} disks, the replica has {len(row.disks)}"
+                        f"delta {manifest.sequence} names disks {[d.index for d in manifest.disks]}, "
+                        f"but replica VM {row.vm_name} has disks {disks}: every disk must be in it"
                     )
 
             staging = Path(str(row.storage_dir)) / "staging" / str(expected)
@@ -307,24 +399,55 @@ class ReplicaEngine:
                 manifest = await wire.receive(
                     chunks, staging, expected_vm_id=vm_id, check_manifest=check
                 )
-            except (IntegrityError, ResyncRequired) as e:
-                self._events.record(
-                    "delta-refused",
-                    f"refused a delta for {row.vm_name}: {e.message}",
-                    row.vm_name,
-                    "warning",
-                )
+                await self._check_staged(row, staging)
+            except BaseException as e:
+                shutil.rmtree(staging, ignore_errors=True)  # a refused delta leaves nothing
+                if isinstance(e, IntegrityError | ResyncRequired):
+                    self._events.record(
+                        "delta-refused",
+                        f"refused a delta for {row.vm_name}: {e.message}",
+                        row.vm_name,
+                        "warning",
+                    )
                 raise
-            with self._db.tx() as conn:
-                conn.execute(
-                    "INSERT INTO journal(kind, subject, step, data, created) VALUES('apply', ?, 'staged', ?, ?)",
-                    (vm_id, json.dumps({"sequence": manifest.sequence, "staging": str(staging),
-                                        "created": manifest.created, "started": started.isoformat(),
-                                        "consistency": manifest.consistency}), now_iso()),
-                )  # fmt: skip
+            self._journal_apply(
+                vm_id, manifest.sequence, staging, started.isoformat(),
+                created=manifest.created, consistency=manifest.consistency,
+            )  # fmt: skip
             faults.hit("replica.after_stage")
-            await self._finish_apply(row, manifest.sequence, staging, started.isoformat())
+            await self._apply_or_recover(row, manifest.sequence, staging, started.isoformat())
             return {"sequence": manifest.sequence}
+
+    async def _check_staged(self, row: rs.ReplicationRow, staging: Path) -> None:
+        for i, chain in enumerate(self.chains(row)):
+            await chain.check_incoming(staging / f"disk{i}.qcow2")
+
+    def _journal_apply(
+        self, vm_id: str, sequence: int, staging: Path, started: str, **extra: Any
+    ) -> None:
+        data = {"sequence": sequence, "staging": str(staging), "started": started, **extra}
+        with self._db.tx() as conn:
+            conn.execute(
+                "INSERT INTO journal(kind, subject, step, data, created) VALUES('apply', ?, 'staged', ?, ?)",
+                (vm_id, json.dumps(data), now_iso()),
+            )
+
+    async def _apply_or_recover(
+        self, row: rs.ReplicationRow, sequence: int, staging: Path, started: str,
+        size: int | None = None,
+    ) -> None:  # fmt: skip
+        """Apply a journaled delta; should that fail, finish it right here as a restart would,
+        and quarantine the relationship only if that fails too (the error then goes back)."""
+        try:
+            await self._finish_apply(row, sequence, staging, started, size)
+        except VmrError as e:
+            log.warning(
+                "applying delta %d of %s failed (%s): finishing it now", sequence, row.vm_name, e
+            )
+            await self._replay_or_quarantine(row.vm_id, f"applying delta {sequence} failed: {e}")
+            if self._replica_row(row.vm_id).sequence < sequence:
+                raise
+        await self._recovery_point_or_recover(row.vm_id)
 
     async def _finish_apply(
         self,
@@ -334,16 +457,23 @@ class ReplicaEngine:
         started: str,
         size: int | None = None,
     ) -> None:
-        """Apply a staged, verified delta; idempotent, so recovery simply calls it again."""
-        manifest_file = staging / "manifest.json"
+        """Apply a staged, verified delta; idempotent, so recovery simply calls it again.
+
+        A journaled stage is whole: its files were checked before the journal row was written,
+        and they disappear one by one only as each is committed into its chain. So a missing
+        disk file means "applied", and the sequence, statistics and cycle are recorded once,
+        by whichever run gets here first.
+        """
+        current = self._replica_row(row.vm_id)
+        manifest_file = staging / wire.MANIFEST
         if size is None:
             size = 0
         if manifest_file.exists():
             size = sum(
                 d.file_size for d in wire.DeltaManifest.from_json(manifest_file.read_bytes()).disks
             )
-        initial = row.state == rs.WAITING_FOR_INITIAL
-        for i, chain in enumerate(self.chains(row)):
+        initial = current.state == rs.WAITING_FOR_INITIAL
+        for i, chain in enumerate(self.chains(current)):
             delta = staging / f"disk{i}.qcow2"
             if initial:
                 # The first delta is a standalone full image and the chain is still empty: it
@@ -356,28 +486,41 @@ class ReplicaEngine:
             faults.hit("replica.mid_apply")
         now = now_iso()
         with self._db.tx() as conn:
-            state = rs.REPLICATING if row.state == rs.WAITING_FOR_INITIAL else row.state
-            fields: dict[str, Any] = {
-                "sequence": sequence,
-                "last_replication_time": now,
-                "state": state,
-            }
-            if row.state == rs.WAITING_FOR_INITIAL:
-                fields["last_rp_time"] = now
-                fields["initial_size"] = size
-                self._events.record(
-                    "initial-replication-done",
-                    f"initial replication of {row.vm_name} applied",
-                    row.vm_name,
-                    conn=conn,
-                )
-            self.store.update(row.vm_id, conn, last_replication_size=size, **fields)
-            self.store.record_cycle(conn, row.vm_id, started, True, sequence, size)
-            conn.execute("DELETE FROM journal WHERE kind='apply' AND subject=?", (row.vm_id,))
+            if current.sequence < sequence:
+                fields: dict[str, Any] = {
+                    "sequence": sequence,
+                    "last_replication_time": now,
+                    "last_replication_size": size,
+                    "state": rs.REPLICATING if initial else current.state,
+                }
+                if initial:
+                    fields["last_rp_time"] = now
+                    fields["initial_size"] = size
+                    self._events.record(
+                        "initial-replication-done",
+                        f"initial replication of {row.vm_name} applied",
+                        row.vm_name,
+                        conn=conn,
+                    )
+                self.store.update(row.vm_id, conn, **fields)
+                self.store.record_cycle(conn, row.vm_id, started, True, sequence, size)
+            conn.execute(
+                "DELETE FROM journal WHERE kind='apply' AND subject=? AND json_extract(data, "
+                "'$.sequence')<=?",
+                (row.vm_id, sequence),
+            )
         shutil.rmtree(staging, ignore_errors=True)
-        await self._maybe_recovery_point(row.vm_id)
 
     # -- recovery points -------------------------------------------------------------------
+
+    async def _recovery_point_or_recover(self, vm_id: str) -> None:
+        """After an apply: a point, if one is due. The delta is applied and acknowledged either
+        way; a failed freeze or prune is finished right here, or quarantines the relationship."""
+        try:
+            await self._maybe_recovery_point(vm_id)
+        except VmrError as e:
+            log.warning("recovery point of %s failed (%s): finishing it now", vm_id, e)
+            await self._replay_or_quarantine(vm_id, f"creating a recovery point failed: {e}")
 
     async def _maybe_recovery_point(self, vm_id: str) -> None:
         row = self._replica_row(vm_id)
@@ -391,24 +534,28 @@ class ReplicaEngine:
 
     async def freeze(self, row: rs.ReplicationRow, kind: str) -> int:
         point = row.next_rp_id
+        # The point holds tip as it is now: its time is now, even if a restart finishes it.
+        data = {"point": point, "kind": kind, "time": now_iso()}
         with self._db.tx() as conn:
             conn.execute(
                 "INSERT INTO journal(kind, subject, step, data, created) VALUES('freeze', ?, 'start', ?, ?)",
-                (row.vm_id, json.dumps({"point": point, "kind": kind}), now_iso()),
+                (row.vm_id, json.dumps(data), now_iso()),
             )
-        await self._finish_freeze(row, point, kind)
+        faults.hit("replica.mid_freeze")
+        await self._finish_freeze(row, point, kind, str(data["time"]))
         return point
 
-    async def _finish_freeze(self, row: rs.ReplicationRow, point: int, kind: str) -> None:
+    async def _finish_freeze(
+        self, row: rs.ReplicationRow, point: int, kind: str, created: str
+    ) -> None:
         for chain in self.chains(row):
             await chain.freeze_recovery_point(point)
-        now = now_iso()
         with self._db.tx() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO recovery_points(vm_id, id, creation_time, kind) VALUES(?,?,?,?)",
-                (row.vm_id, point, now, kind),
+                (row.vm_id, point, created, kind),
             )
-            self.store.update(row.vm_id, conn, next_rp_id=point + 1, last_rp_time=now)
+            self.store.update(row.vm_id, conn, next_rp_id=point + 1, last_rp_time=created)
             conn.execute("DELETE FROM journal WHERE kind='freeze' AND subject=?", (row.vm_id,))
             self._events.record(
                 "recovery-point-created",
@@ -478,45 +625,127 @@ class ReplicaEngine:
                                  kind="Latest", size=tip_size))  # fmt: skip
         return out
 
-    # -- start-up --------------------------------------------------------------------------
+    # -- recovery: at start-up, after a failed step, and on request ------------------------
 
-    async def recover(self) -> None:
-        """Finish what a crash interrupted: staged deltas, freezes, prunes; drop partial stages."""
-        for j in self._db.query(
-            "SELECT * FROM journal WHERE kind IN ('apply','freeze','prune') ORDER BY id"
-        ):
-            row = self.store.find(j["subject"])
+    def _journal_rows(self, vm_id: str) -> list[Any]:
+        return self._db.query(
+            "SELECT * FROM journal WHERE kind IN ('apply','freeze','prune') AND subject=? "
+            "ORDER BY id",
+            (vm_id,),
+        )
+
+    async def _replay(self, vm_id: str) -> int:
+        """Finish every journaled step of one replica VM, oldest first, and bring its chains to
+        a clean state; the one routine for start-up, a failed step, and ``resume``. Returns how
+        many steps it finished."""
+        finished = 0
+        for j in self._journal_rows(vm_id):
+            row = self.store.find(vm_id)
             data = json.loads(j["data"])
-            if row is None:
+            if row is None or row.storage_dir is None:
                 with self._db.tx() as conn:
                     conn.execute("DELETE FROM journal WHERE id=?", (j["id"],))
                 continue
             for chain in self.chains(row):
                 await chain.recover(row.pinned)
-            log.info("finishing interrupted %s of %s", j["kind"], row.vm_name)
+            log.info("finishing an interrupted %s of %s", j["kind"], row.vm_name)
             if j["kind"] == "apply":
                 await self._finish_apply(
-                    row,
-                    int(data["sequence"]),
-                    Path(data["staging"]),
-                    str(data["started"]),
+                    row, int(data["sequence"]), Path(data["staging"]), str(data["started"]),
                     _opt_int(data.get("size")),
-                )
+                )  # fmt: skip
             elif j["kind"] == "freeze":
-                await self._finish_freeze(row, int(data["point"]), str(data["kind"]))
+                created = str(data.get("time") or j["created"])
+                await self._finish_freeze(row, int(data["point"]), str(data["kind"]), created)
             else:
                 await self._finish_prune(row, int(data["point"]))
-            self._events.record(
-                "recovered",
-                f"finished an interrupted {j['kind']} of {row.vm_name} after a restart",
-                row.vm_name,
-            )
-        for row in self.store.all():
-            if row.mode != rs.REPLICA or row.storage_dir is None:
-                continue
+            finished += 1
+        row = self.store.find(vm_id)
+        if row is not None and row.mode == rs.REPLICA and row.storage_dir is not None:
             for chain in self.chains(row):
                 await chain.recover(row.pinned)
-            shutil.rmtree(Path(row.storage_dir) / "staging", ignore_errors=True)
+            if vm_id not in self._imports:  # nothing staged is needed any more
+                shutil.rmtree(Path(row.storage_dir) / "staging", ignore_errors=True)
+        return finished
+
+    async def _replay_or_quarantine(self, vm_id: str, cause: str) -> bool:
+        """Replay; on failure mark the relationship quarantined (Critical, refusing changes)."""
+        try:
+            finished = await self._replay(vm_id)
+        except Exception as e:  # one relationship must never stop the others, or the agent
+            reason = e.message if isinstance(e, VmrError) else f"internal error: {e!r}"
+            if not isinstance(e, VmrError):
+                log.exception("recovery of replica %s failed", vm_id)
+            self._quarantine(vm_id, f"{cause}, and finishing it failed: {reason}")
+            return False
+        row = self.store.find(vm_id)
+        if finished and row is not None:
+            self._events.record(
+                "recovered",
+                f"finished {finished} interrupted step(s) of {row.vm_name} ({cause})",
+                row.vm_name,
+            )
+        return True
+
+    def _quarantine(self, vm_id: str, reason: str) -> None:
+        row = self.store.find(vm_id)
+        if row is None:
+            return
+        with self._db.tx() as conn:
+            self.store.update(vm_id, conn, quarantine=reason)
+            self._events.record(
+                "replica-quarantined",
+                f"replica VM {row.vm_name} takes no changes until its recovery succeeds: {reason}",
+                row.vm_name,
+                "error",
+                conn=conn,
+            )
+
+    async def recover(self) -> None:
+        """At start-up: finish what a crash interrupted, one relationship at a time; one that
+        cannot be recovered is quarantined and the agent starts anyway."""
+        subjects = [
+            str(r["subject"])
+            for r in self._db.query(
+                "SELECT DISTINCT subject FROM journal WHERE kind IN ('apply','freeze','prune')"
+            )
+        ]
+        replicas = [r.vm_id for r in self.store.all() if r.mode == rs.REPLICA and r.storage_dir]
+        for vm_id in dict.fromkeys([*subjects, *replicas]):
+            row = self.store.find(vm_id)
+            if row is not None and row.quarantine is not None:
+                # Tried again at every start: the cause may have been fixed meanwhile.
+                log.info("retrying the recovery of quarantined replica %s", row.vm_name)
+            recovered = await self._replay_or_quarantine(vm_id, "a restart")
+            if recovered and row is not None and row.quarantine is not None:
+                self._lift_quarantine(row)
+
+    async def retry(self, vm: VmRecord) -> rs.ReplicationRow:
+        """``replication resume`` on the replica: retry the recovery of a quarantined replica."""
+        row = self._replica_row(vm.id)
+        if row.quarantine is None:
+            raise InvalidState(
+                f"replication of {vm.name} runs on its primary server {row.primary_server}: "
+                "resume it there (this host holds its replica, which is not quarantined)"
+            )
+        async with self.lock(vm.id):
+            if not await self._replay_or_quarantine(vm.id, "an operator's resume"):
+                raise InvalidState(
+                    f"recovery of replica VM {vm.name} failed again: "
+                    f"{self._replica_row(vm.id).quarantine}"
+                )
+            self._lift_quarantine(row)
+        return self._replica_row(vm.id)
+
+    def _lift_quarantine(self, row: rs.ReplicationRow) -> None:
+        with self._db.tx() as conn:
+            self.store.update(row.vm_id, conn, quarantine=None)
+            self._events.record(
+                "replica-recovered",
+                f"replica VM {row.vm_name} recovered: it takes changes again",
+                row.vm_name,
+                conn=conn,
+            )
 
     def start_guard(self, vm: VmRecord) -> None:
         row = self.store.find(vm.id)
@@ -535,6 +764,7 @@ class ReplicaEngine:
             await self._close_import(row.vm_id)
             with self._db.tx() as conn:
                 self.store.delete(conn, row.vm_id)
+                conn.execute("DELETE FROM journal WHERE subject=?", (row.vm_id,))
                 self._events.record(
                     "replication-removed",
                     f"replication of {row.vm_name} removed; the VM stays on its latest point",
@@ -549,11 +779,22 @@ async def _adopt_as_base(delta: Path, chain: ReplicaChain) -> None:
         await chain.apply_delta(delta)
         return
     os.replace(delta, chain.base)
-    fd = os.open(chain.dir, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_dir(chain.dir)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _file_digest(path: Path) -> tuple[int, str] | None:
+    try:
+        return path.stat().st_size, blake3.blake3().update_mmap(str(path)).hexdigest()
+    except (OSError, ValueError):
+        return None
 
 
 def _check_space(row: rs.ReplicationRow, storage: Path, required: int) -> None:
@@ -576,17 +817,9 @@ def _sync_files(directory: Path) -> int:
             size += os.fstat(fd).st_blocks * 512
         finally:
             os.close(fd)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(directory)
     return size
 
 
 def _opt_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _existing_file(value: object) -> str | None:
-    return str(value) if isinstance(value, str) and Path(value).is_file() else None

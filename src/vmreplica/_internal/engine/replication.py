@@ -7,6 +7,7 @@ objects, computes health over the monitoring window, and sends each command to t
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine import health
@@ -36,6 +37,24 @@ class ReplicationService:
         self.store = primary.store
         vms.replication_info = self.vm_columns
         vms.remove_guards.append(self._remove_guard)
+        vms.disk_guards.append(self._disk_guard)
+        vms.storage_roots = self._storage_roots
+
+    def _storage_roots(self) -> list[Path]:
+        settings = self._server.get()
+        roots = [Path(e.replica_storage_location) for e in self._server.auth_list()]
+        if settings.default_storage_location:
+            roots.append(Path(settings.default_storage_location))
+        return roots
+
+    def _disk_guard(self, disk: Path) -> None:
+        """A VM's disk is never a file of replica storage: a chain image written from outside
+        would corrupt every recovery point above it."""
+        places = [Path(r.storage_dir) for r in self.store.all() if r.storage_dir]
+        for place in [*places, *self._storage_roots()]:
+            real = place.resolve()
+            if disk == real or real in disk.parents:
+                raise InvalidArgument(f"disk {disk} is in replica storage {place}")
 
     def _remove_guard(self, vm: VmRecord) -> None:
         if self.store.find(vm.id) is not None:
@@ -68,6 +87,7 @@ class ReplicationService:
                 last_success=last,
                 stats=stats,
                 send_failure=row.send_failure,
+                quarantine=row.quarantine,
             )
         )
         return verdict, stats, window
@@ -160,6 +180,9 @@ class ReplicationService:
         return self.to_model(await self.primary.suspend(vm))
 
     async def resume(self, vm: str, resynchronize: bool) -> Replication:
+        row = self._row(vm)
+        if row.mode == rs.REPLICA and not resynchronize:
+            return self.to_model(await self.replica.retry(self._vms.find(vm)))
         self._primary_only(vm, "resume")
         if resynchronize:
             raise InvalidArgument(

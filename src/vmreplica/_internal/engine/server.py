@@ -9,7 +9,6 @@ change, and a change whose listener cannot be opened (port taken, bad certificat
 from __future__ import annotations
 
 import dataclasses
-import os
 import sqlite3
 from pathlib import Path
 from typing import Protocol
@@ -226,6 +225,7 @@ class ServerService:
 
     def _ensure_location(self, path: Path) -> None:
         if path.is_dir():
+            warn_if_shared(self._events, path)
             return
         if path.exists():
             raise InvalidArgument(f"storage location {path} exists and is not a directory")
@@ -351,10 +351,21 @@ class ServerService:
         raise err
 
 
+def warn_if_shared(events: EventLog, location: Path) -> None:
+    """Images are made 0600 in 0700 directories whatever the parent; a location that others can
+    list still shows them which VMs it holds, so the operator is told."""
+    try:
+        mode = location.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        events.record(
+            "storage-location-shared",
+            f"storage location {location} has mode {mode:04o}: other users can list it; "
+            f"`chmod 700 {location}` keeps the names of replica VMs private",
+            level="warning",
+        )
+
+
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-def ensure_private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)

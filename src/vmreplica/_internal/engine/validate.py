@@ -6,14 +6,40 @@ that names the bad value and what would be accepted.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from vmreplica.errors import InvalidArgument
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,99}$")
-_TRUST_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+# Used with fullmatch only: with match, "$" also matches before a final newline.
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+-]{0,99}")
+_TRUST_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+# Trees of the operating system: never replica storage, in whole or in part.
+_SYSTEM_TREES = tuple(
+    Path(p)
+    for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+              "/run", "/sbin", "/sys", "/usr")
+)  # fmt: skip
+# Shared directories that may hold storage below them, but are not storage themselves.
+_SHARED_ROOTS = tuple(
+    Path(p) for p in ("/", "/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var")
+)
+_KERNEL_MAGIC = (0x202, b"HdrS")  # a bzImage's setup header
+_ELF_MAGIC = b"\x7fELF"
+_INITRD_MAGICS = (
+    b"\x1f\x8b",  # gzip
+    b"\x28\xb5\x2f\xfd",  # zstd
+    b"\xfd7zXZ\x00",  # xz
+    b"\x5d\x00\x00",  # lzma
+    b"BZh",  # bzip2
+    b"\x02\x21\x4c\x18",  # lz4 legacy
+    b"\x04\x22\x4d\x18",  # lz4
+    b"\x89LZO",  # lzo
+    b"070701",  # cpio newc
+    b"070702",  # cpio crc
+)
 
 MONITORING_HOURS = (1, 2, 3, 4, 6, 8, 12, 24)
 MONITORING_DAYS = (2, 3, 4, 5, 6, 7)
@@ -23,9 +49,9 @@ ALLOWED_MONITORING_INTERVALS = frozenset(
 
 
 def fqdn(value: str, what: str = "server name") -> str:
-    name = value.strip().lower().rstrip(".")
+    name = value.lower().rstrip(".")
     labels = name.split(".")
-    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise InvalidArgument(
             f"invalid {what} {value!r}: expected a host name such as vmhost1.contoso.com"
         )
@@ -34,7 +60,7 @@ def fqdn(value: str, what: str = "server name") -> str:
 
 def primary_server_pattern(value: str) -> str:
     """An allowed-primary pattern: an FQDN, or ``*.`` followed by one (Hyper-V's only wildcard)."""
-    pattern = value.strip().lower().rstrip(".")
+    pattern = value.lower().rstrip(".")
     if pattern.startswith("*."):
         rest = pattern[2:]
         if "*" in rest:
@@ -61,7 +87,7 @@ def pattern_matches(pattern: str, name: str) -> bool:
 def vm_name(value: str) -> str:
     if "/" in value or "\\" in value or "\0" in value:
         raise InvalidArgument(f"invalid VM name {value!r}: a name may not contain a path separator")
-    if value in (".", "..") or not _VM_NAME.match(value):
+    if value in (".", "..") or not _VM_NAME.fullmatch(value):
         raise InvalidArgument(
             f"invalid VM name {value!r}: use 1-100 letters, digits, spaces, '.', '_', '+' or '-', "
             "starting with a letter or digit"
@@ -70,7 +96,7 @@ def vm_name(value: str) -> str:
 
 
 def trust_group(value: str) -> str:
-    if not _TRUST_GROUP.match(value):
+    if not _TRUST_GROUP.fullmatch(value):
         raise InvalidArgument(
             f"invalid trust group {value!r}: use 1-64 letters, digits, spaces, '.', '_' or '-'"
         )
@@ -107,6 +133,8 @@ def port(value: int, what: str = "port") -> int:
 
 
 def storage_location(value: str) -> Path:
+    """An absolute path for replica storage: not a system tree, not a shared root itself, and
+    not reached through a symbolic link (whose target could be changed under the agent)."""
     if not value or "\0" in value:
         raise InvalidArgument("invalid storage location: empty path")
     path = Path(value)
@@ -114,6 +142,17 @@ def storage_location(value: str) -> Path:
         raise InvalidArgument(f"invalid storage location {value!r}: an absolute path is required")
     if any(part == ".." for part in path.parts):
         raise InvalidArgument(f"invalid storage location {value!r}: '..' is not allowed")
+    path = Path(os.path.normpath(path))
+    if path.resolve() != path:
+        raise InvalidArgument(
+            f"invalid storage location {value!r}: it goes through a symbolic link "
+            f"(to {path.resolve()}); give the real path"
+        )
+    if path in _SHARED_ROOTS or any(path == t or t in path.parents for t in _SYSTEM_TREES):
+        raise InvalidArgument(
+            f"invalid storage location {value!r}: a system directory; use a directory of its "
+            "own, such as /var/lib/vmreplica/replicas"
+        )
     return path
 
 
@@ -123,6 +162,33 @@ def child_path(folder: Path, name: str) -> Path:
     if candidate.parent != folder.resolve():
         raise InvalidArgument(f"name {name!r} would escape its storage folder {folder}")
     return candidate
+
+
+def boot_image(path: Path, kind: str) -> None:
+    """Refuse a file that is not a kernel (bzImage or ELF) or an initrd (cpio, compressed or
+    not): a VM booted with any other file would hand its content to the guest."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x210)
+    except OSError as e:
+        raise InvalidArgument(f"cannot read {kind} {path}: {e.strerror or e}") from None
+    if kind == "kernel":
+        offset, magic = _KERNEL_MAGIC
+        ok = head[offset : offset + len(magic)] == magic or head.startswith(_ELF_MAGIC)
+    else:
+        ok = head.startswith(_INITRD_MAGICS)
+    if not ok:
+        what = "a Linux kernel (bzImage or ELF)" if kind == "kernel" else "an initrd (cpio archive)"
+        raise InvalidArgument(f"--{kind} {path}: not {what}")
+
+
+def host_memory_mb() -> int:
+    """This host's memory: a VM given more could never start here."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise InvalidArgument("cannot read the host's memory size from /proc/meminfo")
 
 
 def boolean(value: str | bool) -> bool:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import re
 import shutil
 import sqlite3
 import uuid
@@ -27,7 +29,7 @@ from vmreplica._internal.engine.events import EventLog, now_iso
 from vmreplica._internal.hypervisor import qemu, qemu_img
 from vmreplica._internal.models import Vm
 from vmreplica._internal.store.db import Database
-from vmreplica.errors import InvalidArgument, InvalidState, NotFound, VmrError
+from vmreplica.errors import AccessDenied, InvalidArgument, InvalidState, NotFound, VmrError
 
 log = logging.getLogger("vmreplica.vms")
 
@@ -37,6 +39,8 @@ CREATING = "Creating"
 REMOVING = "Removing"
 
 DEFAULT_STOP_TIMEOUT = 60.0
+_HMP_INFO = re.compile(r"info(?: +[A-Za-z0-9_-]+)*")
+_HMP_QEMU_IO = re.compile(r'qemu-io +(?:-d +)?[A-Za-z0-9_/-]+ +"[^"]*"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,10 @@ class VmService:
         # Hooks for the replication engine: a VM about to start, and a VM that went off.
         self.start_guards: list[Callable[[VmRecord], None]] = []
         self.remove_guards: list[Callable[[VmRecord], None]] = []
+        # Places a VM's disk may not be (replica storage): each raises to refuse a path.
+        self.disk_guards: list[Callable[[Path], None]] = []
+        # Directories a replica VM's own storage may be in, for `vm remove --delete-storage`.
+        self.storage_roots: Callable[[], list[Path]] = lambda: []
         self.on_off: list[Callable[[VmRecord, bool], None]] = []
 
     @property
@@ -184,11 +192,16 @@ class VmService:
         memory_mb = qemu_img.parse_size(req.memory) // (1024 * 1024)
         if memory_mb < 16:
             raise InvalidArgument(f"invalid memory size {req.memory!r}: at least 16M is needed")
+        if memory_mb > (host_mb := validate.host_memory_mb()):
+            raise InvalidArgument(
+                f"invalid memory size {req.memory!r}: this host has {host_mb} MiB, so the VM "
+                "could never start here"
+            )
         if not 1 <= req.cpus <= 64:
             raise InvalidArgument(f"invalid CPU count {req.cpus}: expected 1 to 64")
         kernel, initrd = (
-            _optional_file(req.kernel, "--kernel"),
-            _optional_file(req.initrd, "--initrd"),
+            _optional_file(req.kernel, "kernel"),
+            _optional_file(req.initrd, "initrd"),
         )
         if initrd and not kernel:
             raise InvalidArgument("--initrd needs --kernel")
@@ -203,9 +216,11 @@ class VmService:
                 plan.append((disk, qemu_img.parse_size(disk.size), None))
             else:
                 image = Path(str(disk.path or disk.parent)).absolute()
+                flag = "--disk-path" if disk.path else "--disk-parent"
                 if not image.is_file():
-                    flag = "--disk-path" if disk.path else "--disk-parent"
                     raise NotFound(f"{flag} {image}: no such image")
+                if disk.path is not None:
+                    self._check_disk_is_free(image, flag)
                 await qemu_img.info(image)
                 plan.append((disk, None, image))
         vm_id = vm_id or str(uuid.uuid4())
@@ -314,6 +329,23 @@ class VmService:
             async with self.lock(vm_id):
                 await self._stop_process(rec, force=True, timeout=0)
 
+    def _check_disk_is_free(self, image: Path, what: str, owner: str | None = None) -> None:
+        """A disk used in place must be no other VM's disk, nor anything the agent keeps (its
+        state directory, replica storage): two writers would corrupt it."""
+        real = image.resolve()
+        if (
+            real == self._config.state_dir.resolve()
+            or self._config.state_dir.resolve() in real.parents
+        ):
+            raise InvalidArgument(f"{what} {image}: a file of the agent's state directory")
+        for row in self._db.query("SELECT vm_id, path FROM vm_disks"):
+            if row["vm_id"] != owner and Path(row["path"]).resolve() == real:
+                other = self.by_id(row["vm_id"])
+                name = other.name if other else row["vm_id"]
+                raise InvalidArgument(f"{what} {image}: it is a disk of VM {name}")
+        for guard in self.disk_guards:
+            guard(real)
+
     def _row(self, vm_id: str) -> sqlite3.Row:
         row = self._db.query_one("SELECT * FROM vms WHERE id=?", (vm_id,))
         assert row is not None
@@ -327,15 +359,23 @@ class VmService:
         if rec.vm_dir.is_dir() and rec.vm_dir.resolve().parent == self.vms_dir.resolve():
             shutil.rmtree(rec.vm_dir, ignore_errors=True)
         shutil.rmtree(self.run_dir(rec.id), ignore_errors=True)
+        for j in self._db.query(
+            "SELECT data FROM journal WHERE kind='delete-storage' AND subject=?", (rec.id,)
+        ):
+            shutil.rmtree(json.loads(j["data"])["path"], ignore_errors=True)
         with self._db.tx() as conn:
             conn.execute("DELETE FROM vms WHERE id=?", (rec.id,))
+            conn.execute("DELETE FROM journal WHERE kind='delete-storage' AND subject=?", (rec.id,))
 
-    async def remove(self, name: str, force: bool = False) -> Vm:
+    async def remove(self, name: str, force: bool = False, delete_storage: bool = False) -> Vm:
+        """Remove a VM and the disks it created; ``delete_storage`` also deletes the replica
+        storage a replica VM had (journaled, so a crash midway finishes the deletion)."""
         rec = self.find(name)
         async with self.lock(rec.id):
             rec = self.find(name)
             for guard in self.remove_guards:
                 guard(rec)
+            storage = self._own_storage(rec) if delete_storage else None
             if rec.state == RUNNING:
                 if not force:
                     raise InvalidState(f"VM {name} is running: stop it first, or use --force")
@@ -343,9 +383,29 @@ class VmService:
             model = self.to_model(rec)
             with self._db.tx() as conn:
                 conn.execute("UPDATE vms SET state=? WHERE id=?", (REMOVING, rec.id))
+                if storage is not None:
+                    conn.execute(
+                        "INSERT INTO journal(kind, subject, step, data, created) "
+                        "VALUES('delete-storage', ?, 'start', ?, ?)",
+                        (rec.id, json.dumps({"path": str(storage)}), now_iso()),
+                    )
             await self._discard(rec)
-            self._events.record("vm-removed", f"removed VM {name}", vm_name=name)
+            what = f"removed VM {name}"
+            if storage is not None:
+                what += f" and its replica storage {storage}"
+            self._events.record("vm-removed", what, vm_name=name)
             return model
+
+    def _own_storage(self, rec: VmRecord) -> Path:
+        """The directory of a (former) replica VM, only if it is one of a storage location's."""
+        roots = [r.resolve() for r in self.storage_roots()]
+        folder = rec.vm_dir.resolve()
+        if folder.parent not in roots or rec.vm_dir.resolve().parent == self.vms_dir.resolve():
+            raise InvalidArgument(
+                f"VM {rec.name} has no replica storage of its own (its folder {rec.vm_dir} is not "
+                "in a replica storage location): --delete-storage applies to replica VMs"
+            )
+        return folder
 
     # -- running ---------------------------------------------------------------------------
 
@@ -361,6 +421,15 @@ class VmService:
                 raise InvalidState(f"VM {name} is already running")
             for guard in self.start_guards:
                 guard(rec)
+            for disk in rec.disks:
+                for row in self._db.query(
+                    "SELECT vm_id FROM vm_disks WHERE path=? AND vm_id<>?", (str(disk), rec.id)
+                ):
+                    other = self.by_id(row["vm_id"])
+                    raise InvalidState(
+                        f"VM {name} cannot start: its disk {disk} is also a disk of VM "
+                        f"{other.name if other else row['vm_id']}"
+                    )
             self.run_dir(rec.id).mkdir(parents=True, exist_ok=True)
             process = await qemu.launch(self.spec(rec))
             self._set_state(rec.id, RUNNING)
@@ -445,38 +514,67 @@ class VmService:
         return self.get(name)
 
     async def monitor(self, name: str, command: str) -> str:
+        """Read-only HMP ``info`` commands; ``qemu-io`` only where host.toml allows it (tests).
+
+        HMP as a whole is root on the host (``migrate "exec:…"`` runs a shell command,
+        ``dump-guest-memory`` writes any file), so nothing else passes.
+        """
+        line = command.strip()
+        allowed = _HMP_INFO.fullmatch(line) is not None or (
+            self._config.allow_qemu_io and _HMP_QEMU_IO.fullmatch(line) is not None
+        )
+        if not allowed:
+            raise AccessDenied(
+                f"vm monitor runs only read-only `info` commands, not {line.split()[0] if line else '(empty)'!r}"
+                + (
+                    ""
+                    if self._config.allow_qemu_io
+                    else " (qemu-io needs allow_qemu_io in host.toml, for tests)"
+                )
+            )
         rec = self.find(name)
         process = self._running.get(rec.id)
         if process is None:
             raise InvalidState(f"VM {name} is not running")
-        return await process.hmp(command)
+        return await process.hmp(line)
 
     # -- agent life cycle ------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Finish interrupted creations and removals; reattach to VMs left running."""
+        """Finish interrupted creations and removals; reattach to VMs left running. One VM that
+        cannot be recovered is reported and left as it is: it must not keep the others down."""
         for rec in self.records():
-            if rec.state in (CREATING, REMOVING):
-                log.info("finishing interrupted %s of VM %s", rec.state.lower(), rec.name)
-                await self._discard(rec)
-                continue
-            if rec.state != RUNNING:
-                continue
-            process = await qemu.attach(self.spec(rec))
-            if process is None:
-                await self._went_off(rec, False, "its QEMU process ended while the agent was down")
-                continue
-            if await process.status() == "shutdown":
-                with contextlib.suppress(VmrError):
-                    await process.quit()
-                await self._went_off(rec, True, "the guest powered off while the agent was down")
-                continue
-            self._adopt(rec, process)
-            self._events.record(
-                "vm-reattached",
-                f"reattached to running VM {rec.name} (pid {process.pid})",
-                rec.name,
-            )
+            try:
+                await self._recover_one(rec)
+            except Exception as e:
+                if not isinstance(e, VmrError):
+                    log.exception("recovery of VM %s failed", rec.name)
+                self._events.record(
+                    "vm-recovery-failed", f"cannot recover VM {rec.name}: {e}", rec.name, "error"
+                )
+
+    async def _recover_one(self, rec: VmRecord) -> None:
+        if rec.state in (CREATING, REMOVING):
+            log.info("finishing interrupted %s of VM %s", rec.state.lower(), rec.name)
+            await self._discard(rec)
+            return
+        if rec.state != RUNNING:
+            return
+        process = await qemu.attach(self.spec(rec))
+        if process is None:
+            await self._went_off(rec, False, "its QEMU process ended while the agent was down")
+            return
+        if await process.status() == "shutdown":
+            with contextlib.suppress(VmrError):
+                await process.quit()
+            await self._went_off(rec, True, "the guest powered off while the agent was down")
+            return
+        self._adopt(rec, process)
+        self._events.record(
+            "vm-reattached",
+            f"reattached to running VM {rec.name} (pid {process.pid})",
+            rec.name,
+        )
 
     async def detach_all(self) -> None:
         """On agent shutdown: let VMs run on, dropping only our QMP connections."""
@@ -489,10 +587,11 @@ class VmService:
         self._running.clear()
 
 
-def _optional_file(value: str | None, flag: str) -> str | None:
+def _optional_file(value: str | None, kind: str) -> str | None:
     if value is None:
         return None
     path = Path(value).absolute()
     if not path.is_file():
-        raise NotFound(f"{flag} {path}: no such file")
+        raise NotFound(f"--{kind} {path}: no such file")
+    validate.boot_image(path, kind)
     return str(path)

@@ -15,11 +15,14 @@ import contextlib
 import json
 import os
 import re
+import signal
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from vmreplica._internal import faults
+from vmreplica._internal.hypervisor.children import die_with_parent
 from vmreplica.errors import InvalidArgument, InvalidState, StorageError, VmrError
 
 QEMU_IMG = "qemu-img"
@@ -100,9 +103,11 @@ async def _run(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )
     except FileNotFoundError as exc:
         raise VmrError("qemu-img is not installed (Debian package qemu-utils)") from exc
+    faults.child_hit(f"qemu-img.{cmd.split()[0]}", proc.pid)
     try:
         out, err = await proc.communicate()
     except asyncio.CancelledError:

@@ -13,13 +13,12 @@ hold the image locks and keep the VM from starting.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
-import signal
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from vmreplica._internal.hypervisor.children import die_with_parent
 from vmreplica._internal.hypervisor.qmp import (
     EventSubscription,
     PidProcess,
@@ -37,7 +36,6 @@ from vmreplica.errors import (
 )
 
 QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
-_PR_SET_PDEATHSIG = 1
 _QCOW2_MAGIC = b"QFI\xfb"
 
 
@@ -85,24 +83,6 @@ def check_disks(disks: tuple[Path, ...], owner: str) -> None:
             raise StorageError(f"{owner}: cannot read disk {path}: {exc.strerror}") from exc
         if magic != _QCOW2_MAGIC:
             raise InvalidArgument(f"{owner}: disk {path} is not a qcow2 image")
-
-
-def die_with_parent() -> Callable[[], None]:
-    """A pre-exec hook that makes the kernel SIGTERM the daemon when the agent dies.
-
-    SIGTERM, not SIGKILL: the daemon then exits through its normal path and closes the images,
-    so their persistent bitmaps are stored rather than left in-use. The kernel watches the
-    thread that forked, so start daemons from the event loop's (long-lived) thread.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-
-    def hook() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the agent died before the hook ran
-            os._exit(1)
-
-    return hook
 
 
 class StorageDaemon:

@@ -172,22 +172,37 @@ class ReplicaChain:
             delta.unlink()
         _fsync_dir(delta.parent)
 
-    async def _check_delta(self, delta: Path) -> None:
+    async def check_incoming(self, delta: str | os.PathLike[str]) -> None:
+        """Refuse a received delta that :meth:`apply_delta` could not apply: not a readable
+        qcow2, another size than this disk, corrupt, an external data file, or any backing
+        file at all (a delta is standalone until the apply points it at ``tip``).
+
+        Run before the delta is recorded as received, so that a bad one leaves nothing behind.
+        """
+        await self._check_delta(Path(delta).absolute(), allow_backing=False)
+        if (problem := await qemu_img.check(delta)) is not None:
+            raise IntegrityError(f"delta {delta} fails qemu-img check: {problem}")
+
+    async def _check_delta(self, delta: Path, allow_backing: bool = True) -> None:
         """Refuse a delta that would not fit tip, or whose header would read foreign files."""
         if delta.resolve().parent == self.dir and self._is_chain_name(delta.name):
             raise InvalidArgument(f"{delta} is part of the replica chain, not a delta")
         try:
             info = await qemu_img.info(delta)
-        except VmrError as exc:
+            data = info.get("format-specific", {}).get("data", {})
+            size = int(info["virtual-size"])
+        except (VmrError, KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"delta {delta} is not a readable qcow2 image: {exc}") from exc
-        data = info.get("format-specific", {}).get("data", {})
-        size, tip_size = int(info["virtual-size"]), await qemu_img.virtual_size(self.tip)
+        tip_size = await qemu_img.virtual_size(self.tip)
         if size != tip_size:
             raise IntegrityError(f"delta {delta} is {size} bytes; the replica disk is {tip_size}")
         if "data-file" in data or data.get("corrupt"):
             raise IntegrityError(f"delta {delta} is corrupt or uses an external data file")
-        backing = info.get("full-backing-filename")
-        if backing is not None and Path(backing).resolve() != self.tip:
+        backing = info.get("backing-filename")
+        full = info.get("full-backing-filename")
+        if backing is not None and not allow_backing:
+            raise IntegrityError(f"delta {delta} has a backing file ({backing}); deltas have none")
+        if backing is not None and (full is None or Path(full).resolve() != self.tip):
             raise IntegrityError(f"delta {delta} has an unexpected backing file {backing}")
 
     async def freeze_recovery_point(self, point_id: int) -> Path:

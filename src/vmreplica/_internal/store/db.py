@@ -119,6 +119,10 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE replications ADD COLUMN test_point INTEGER;
     ALTER TABLE replications ADD COLUMN peer_port INTEGER;
     """,
+    """
+    ALTER TABLE replications ADD COLUMN quarantine TEXT;
+    ALTER TABLE replications ADD COLUMN boot_files TEXT;
+    """,
 ]
 
 

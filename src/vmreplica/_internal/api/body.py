@@ -1,0 +1,72 @@
+"""Request bodies of both listeners: strict JSON objects of bounded size, or a one-line refusal.
+
+Python's ``json`` accepts what an API should not: NaN and Infinity, integers of any length (a
+5,000-digit one raises ValueError deep inside the decoder, a 20-digit one overflows SQLite
+later), and nesting deep enough to raise RecursionError. Each of those is refused here as
+:class:`InvalidArgument`, so no handler ever sees it and no caller ever gets a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from vmreplica.errors import InvalidArgument
+
+MAX_JSON_BODY = 1 << 20  # JSON routes only; deltas and boot files are streamed
+_MAX_INT_DIGITS = 19
+_INT64 = 1 << 63
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise InvalidArgument(f"request body: integer {text[:24]}… is out of range")
+    value = int(text)
+    if not -_INT64 <= value < _INT64:
+        raise InvalidArgument(f"request body: integer {value} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidArgument(f"request body: {name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise InvalidArgument(f"request body: number {text[:24]} is out of range")
+    return value
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is an empty object."""
+    if not raw:
+        return {}
+    try:
+        text = raw.decode("utf-8")
+        data = json.loads(
+            text, parse_int=_bounded_int, parse_constant=_no_constant, parse_float=_finite_float
+        )
+    except UnicodeDecodeError:
+        raise InvalidArgument("request body is not UTF-8") from None
+    except RecursionError:
+        raise InvalidArgument("request body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError is one
+        raise InvalidArgument(f"request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    return data
+
+
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """Read at most :data:`MAX_JSON_BODY` bytes, without buffering more than that first."""
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+        raise InvalidArgument(f"request body is larger than {MAX_JSON_BODY} bytes")
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        raw += chunk
+        if len(raw) > MAX_JSON_BODY:
+            raise InvalidArgument(f"request body is larger than {MAX_JSON_BODY} bytes")
+    return parse_object(bytes(raw))

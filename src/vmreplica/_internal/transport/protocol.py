@@ -1,0 +1,297 @@
+"""The replication protocol between host agents: its routes and the typed body of each.
+
+Route paths are defined here once, for the client (the engine, through
+:mod:`vmreplica._internal.transport.peer`) and the listener (:mod:`vmreplica._internal.api`).
+Every request body is parsed into a frozen dataclass by its ``from_json``, which trusts nothing:
+a peer is authorized, not trusted, so a missing field, a wrong type, an integer out of range or an
+id that is not a canonical UUID is refused with :class:`InvalidArgument` (HTTP 400) before any
+engine code sees it. No path is ever built from a peer's text: VM ids are UUIDs, names are
+checked by the engine, and a replica never takes a file path from a peer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any, Self
+
+from vmreplica.errors import InvalidArgument
+
+PREFIX = "/replication/v1"
+HELLO = f"{PREFIX}/hello"
+ENABLE = f"{PREFIX}/enable"
+STATUS = f"{PREFIX}/status"
+INITIAL_OPEN = f"{PREFIX}/initial-open"
+INITIAL_CLOSE = f"{PREFIX}/initial-close"
+VM_STATE = f"{PREFIX}/vm-state"
+REVERSE = f"{PREFIX}/reverse"
+DELTA = f"{PREFIX}/delta"  # streamed body; ?vm_id=
+BOOT_FILE = f"{PREFIX}/boot-file"  # streamed body; ?vm_id=&kind=
+
+MAX_DISKS = 64
+MAX_DISK_SIZE = 1 << 50  # 1 PiB: qcow2's own limit is lower
+MAX_NAME = 100
+MAX_TEXT = 4096
+MAX_BOOT_FILE = 512 << 20
+INT64 = 1 << 63
+BOOT_KINDS = ("kernel", "initrd")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class Body:
+    """Typed reads of one JSON object; every refusal names the field."""
+
+    def __init__(self, data: Mapping[str, Any], what: str) -> None:
+        self._data = data
+        self._what = what
+
+    def _bad(self, key: str, expected: str) -> InvalidArgument:
+        return InvalidArgument(f"{self._what}: field {key!r} must be {expected}")
+
+    def has(self, key: str) -> bool:
+        return self._data.get(key) is not None
+
+    def string(self, key: str, max_len: int = MAX_TEXT, optional: bool = False) -> str:
+        value = self._data.get(key)
+        if value is None and optional:
+            return ""
+        if not isinstance(value, str) or len(value) > max_len or not value.isprintable():
+            raise self._bad(key, f"a line of at most {max_len} printable characters")
+        return value
+
+    def opt_string(self, key: str, max_len: int = MAX_TEXT) -> str | None:
+        return self.string(key, max_len) if self.has(key) else None
+
+    def integer(self, key: str, low: int = 0, high: int = INT64 - 1) -> int:
+        value = self._data.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self._bad(key, f"an integer from {low} to {high}")
+        return value
+
+    def opt_integer(self, key: str, low: int = 0, high: int = INT64 - 1) -> int | None:
+        return self.integer(key, low, high) if self.has(key) else None
+
+    def boolean(self, key: str, default: bool | None = None) -> bool:
+        value = self._data.get(key, default)
+        if not isinstance(value, bool):
+            raise self._bad(key, "true or false")
+        return value
+
+    def vm_id(self, key: str = "vm_id") -> str:
+        return parse_vm_id(self._data.get(key), f"{self._what}: field {key!r}")
+
+    def sub(self, key: str, optional: bool = False) -> Body | None:
+        value = self._data.get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, dict):
+            raise self._bad(key, "an object")
+        return Body(value, f"{self._what}.{key}")
+
+    def raw(self, key: str) -> object:
+        return self._data.get(key)
+
+    def int_list(self, key: str, low: int, high: int, max_items: int) -> tuple[int, ...]:
+        value = self._data.get(key)
+        if (
+            not isinstance(value, list)
+            or not 1 <= len(value) <= max_items
+            or not all(
+                isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in value
+            )
+        ):
+            raise self._bad(key, f"a list of 1 to {max_items} integers from {low} to {high}")
+        return tuple(value)
+
+
+def parse_vm_id(value: object, what: str = "vm_id") -> str:
+    """A VM id as the peer sent it, only if it is a canonical (lower-case, hyphenated) UUID."""
+    if isinstance(value, str) and len(value) == 36:
+        try:
+            if str(uuid.UUID(value)) == value:
+                return value
+        except ValueError:
+            pass
+    raise InvalidArgument(f"{what} must be a VM id (a canonical UUID)")
+
+
+def parse_port(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise InvalidArgument(f"{what} must be a port from 1 to 65535")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingsBody:
+    """Per-VM settings as they travel; the engine checks them with the management API's rules."""
+
+    frequency_sec: int
+    recovery_history: int
+    snapshot_frequency_hour: int | None
+    compression: bool
+    auto_resynchronize: bool
+    recovery_point_interval: int
+
+    @classmethod
+    def parse(cls, body: Body) -> Self:
+        return cls(
+            frequency_sec=body.integer("frequency_sec", 1, 86400),
+            recovery_history=body.integer("recovery_history", 0, 24),
+            snapshot_frequency_hour=body.opt_integer("snapshot_frequency_hour", 1, 12),
+            compression=body.boolean("compression"),
+            auto_resynchronize=body.boolean("auto_resynchronize"),
+            recovery_point_interval=body.integer("recovery_point_interval", 1, 86400),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BootFileInfo:
+    """A kernel or initrd the primary boots its VM with: the replica copies it, by hash."""
+
+    size: int
+    blake3: str
+
+    @classmethod
+    def parse(cls, body: Body | None) -> Self | None:
+        if body is None:
+            return None
+        digest = body.string("blake3", 64)
+        if not _HEX64.fullmatch(digest):
+            raise InvalidArgument("boot file hash must be 64 lower-case hex digits")
+        return cls(size=body.integer("size", 1, MAX_BOOT_FILE), blake3=digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnableRequest:
+    vm_id: str
+    vm_name: str
+    cpus: int
+    memory_mb: int
+    disk_sizes: tuple[int, ...]
+    settings: SettingsBody
+    replica_port: int
+    primary_port: int | None
+    append: str | None
+    kernel: BootFileInfo | None
+    initrd: BootFileInfo | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        b = Body(data, "enable")
+        settings = b.sub("settings")
+        assert settings is not None
+        primary_port = b.raw("primary_port")
+        return cls(
+            vm_id=b.vm_id(),
+            vm_name=b.string("vm_name", MAX_NAME),
+            cpus=b.integer("cpus", 1, 64),
+            memory_mb=b.integer("memory_mb", 16, 1 << 30),
+            disk_sizes=b.int_list("disk_sizes", 1, MAX_DISK_SIZE, MAX_DISKS),
+            settings=SettingsBody.parse(settings),
+            replica_port=parse_port(b.raw("replica_port"), "enable: field 'replica_port'"),
+            primary_port=None
+            if primary_port is None
+            else parse_port(primary_port, "enable: field 'primary_port'"),
+            append=b.opt_string("append"),
+            kernel=BootFileInfo.parse(b.sub("kernel", optional=True)),
+            initrd=BootFileInfo.parse(b.sub("initrd", optional=True)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusRequest:
+    vm_id: str
+    settings: SettingsBody | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        b = Body(data, "status")
+        settings = b.sub("settings", optional=True)
+        return cls(
+            vm_id=b.vm_id(), settings=None if settings is None else SettingsBody.parse(settings)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm_id": self.vm_id} | (
+            {"settings": self.settings.to_json()} if self.settings else {}
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class VmRequest:
+    """A request that names a VM and nothing else (vm-state)."""
+
+    vm_id: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        return cls(vm_id=Body(data, "request").vm_id())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm_id": self.vm_id}
+
+
+@dataclasses.dataclass(frozen=True)
+class InitialOpenRequest:
+    vm_id: str
+    required_bytes: int = 0
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        b = Body(data, "initial-open")
+        return cls(vm_id=b.vm_id(), required_bytes=b.opt_integer("required_bytes") or 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitialCloseRequest:
+    vm_id: str
+    ok: bool
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        b = Body(data, "initial-close")
+        return cls(vm_id=b.vm_id(), ok=b.boolean("ok", False))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseRequest:
+    vm_id: str
+    vm_name: str
+    new_primary_port: int | None
+    failback_extents: bool
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        b = Body(data, "reverse")
+        port = b.raw("new_primary_port")
+        return cls(
+            vm_id=b.vm_id(),
+            vm_name=b.string("vm_name", MAX_NAME),
+            new_primary_port=None
+            if port is None
+            else parse_port(port, "reverse: field 'new_primary_port'"),
+            failback_extents=b.boolean("failback_extents", False),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_boot_kind(value: object) -> str:
+    if value not in BOOT_KINDS:
+        raise InvalidArgument("boot file kind must be kernel or initrd")
+    return str(value)

@@ -1,0 +1,107 @@
+"""Talking to agents the way a hostile or careless client would: raw peer requests with a host's
+certificate, raw management requests on the unix socket, and a look inside an agent's state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from vmreplica._internal.config import TlsFiles
+from vmreplica._internal.localcluster import Cluster
+from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport.peer import PeerAddress, PeerClient
+
+# The protocol's routes, spelt out: these tests also ran against versions without its module.
+HELLO = "/replication/v1/hello"
+ENABLE = "/replication/v1/enable"
+STATUS = "/replication/v1/status"
+INITIAL_OPEN = "/replication/v1/initial-open"
+INITIAL_CLOSE = "/replication/v1/initial-close"
+VM_STATE = "/replication/v1/vm-state"
+REVERSE = "/replication/v1/reverse"
+DELTA = "/replication/v1/delta"
+
+
+def tls_of(cluster: Cluster, host: str) -> TlsFiles:
+    tls = cluster.hosts[host].dir / "tls"
+    return TlsFiles(tls / "ca.pem", tls / "cert.pem", tls / "key.pem")
+
+
+def peer_call(
+    cluster: Cluster,
+    sender: str,
+    receiver: str,
+    port: int,
+    path: str,
+    body: dict[str, Any] | bytes | None = None,
+) -> dict[str, Any]:
+    """One request of ``sender`` to ``receiver``'s certificate listener; errors raise as the
+    receiver's error class (see PeerClient)."""
+
+    async def call() -> dict[str, Any]:
+        peer = PeerAddress(receiver, "127.0.0.1", port)
+        async with PeerClient(peer, tls_of(cluster, sender), timeout=30) as client:
+            if isinstance(body, bytes):
+                return await client.call(path, data=body)
+            return await client.call(path, body or {})
+
+    return asyncio.run(call())
+
+
+def mgmt_raw(cluster: Cluster, host: str, method: str, body: bytes) -> tuple[int, Any]:
+    """POST raw bytes to the management API on the unix socket: (HTTP status, decoded JSON)."""
+
+    async def call() -> tuple[int, Any]:
+        connector = aiohttp.UnixConnector(path=str(cluster.hosts[host].socket))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.post(f"http://agent/v1/{method}", data=body) as resp,
+        ):
+            raw = await resp.read()
+            return resp.status, json.loads(raw) if raw else None
+
+    return asyncio.run(call())
+
+
+def state_db(cluster: Cluster, host: str) -> sqlite3.Connection:
+    """The agent's state database, read-only (the agent may be running: WAL allows it)."""
+    path = cluster.hosts[host].state_dir / "state.db"
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def journal_rows(cluster: Cluster, host: str) -> list[sqlite3.Row]:
+    with state_db(cluster, host) as conn:
+        return list(conn.execute("SELECT * FROM journal"))
+
+
+def tree(root: Path) -> set[Path]:
+    """Every path below ``root`` (links not followed), for before/after comparisons."""
+    return {p for p in root.rglob("*")} if root.exists() else set()
+
+
+def vm_id(cluster: Cluster, host: str, vm: str) -> str:
+    return str(cluster.cli_json("vm", "get", vm, host=host)[0]["id"])
+
+
+def send_delta(
+    cluster: Cluster, sender: str, port: int, vm: str, delta_dir: Path, sequence: int
+) -> dict[str, Any]:
+    """Hash whatever ``disk{i}.qcow2`` files ``delta_dir`` holds into a manifest and send them
+    as delta ``sequence`` of VM ``vm`` (an id): a well-formed stream around any content."""
+    (delta_dir / wire.MANIFEST).unlink(missing_ok=True)
+
+    async def send() -> dict[str, Any]:
+        manifest = await wire.build_manifest(delta_dir, vm, sequence, "CrashConsistent", "zstd")
+        body = b"".join([c async for c in wire.iter_stream(delta_dir, manifest)])
+        peer = PeerAddress("vmhost1", "127.0.0.1", port)
+        async with PeerClient(peer, tls_of(cluster, sender), timeout=30) as client:
+            return await client.call(f"{DELTA}?vm_id={vm}", data=body)
+
+    return asyncio.run(send())
