@@ -23,7 +23,9 @@ loop is running: the request then runs on a private loop in a worker thread and 
 is left alone (though it stalls while this thread waits: async code should use
 :class:`AsyncClient`).
 
-Errors are :mod:`vmreplica.errors` classes.
+Over HTTPS the host's certificate must be issued for the ``server_name`` of its CLI config entry
+when there is one, else for the host named in the URL, else (the URL holds an IP address) for
+the ``-c`` name. Errors are :mod:`vmreplica.errors` classes.
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
 import aiohttp
 
 from vmreplica._internal.certs import client_ssl_context
-from vmreplica._internal.config import DEFAULT_SOCKET, RemoteHost, load_remote_host
+from vmreplica._internal.config import (
+    DEFAULT_SOCKET,
+    RemoteHost,
+    load_remote_host,
+    tls_server_name,
+)
 from vmreplica._internal.models import (
     AuthEntry,
     ConnectionTest,
@@ -92,6 +99,7 @@ class _Transport:
         # Built once: loading the CA and key is file I/O, and a context is safe to share
         # between the threads and loops that the sync client may run requests on.
         self.ssl = client_ssl_context(remote.ca, remote.cert, remote.key) if remote else None
+        self.server_name = tls_server_name(remote) if remote else None
 
     @property
     def target(self) -> str:
@@ -116,7 +124,7 @@ class _Transport:
                     data=body,
                     headers=headers,
                     ssl=self.ssl or True,
-                    server_hostname=self.remote.name,
+                    server_hostname=self.server_name,
                 ) as resp,
             ):
                 return _result(resp.status, await resp.read())

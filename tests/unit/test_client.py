@@ -1,5 +1,5 @@
 """The SDK against a real aiohttp server: sync and async front ends, from plain code and from
-inside a running event loop, errors rebuilt as their classes."""
+inside a running event loop, errors rebuilt as their classes, and the name TLS checks."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from vmreplica._internal import certs
+from vmreplica._internal.config import RemoteHost, load_remote_host, tls_server_name
 from vmreplica.client import AsyncClient, Client, Vm
-from vmreplica.errors import ConnectionFailed, NotFound
+from vmreplica.errors import ConnectionFailed, InvalidArgument, NotFound
 
 VM = {
     "computer_name": "vmhost1",
@@ -145,3 +147,105 @@ def test_errors_come_back_as_their_class(agent: tuple[Agent, Path], tmp_path: Pa
 
     with pytest.raises(ConnectionFailed, match=r"^cannot reach the local agent at "):
         Client(socket=tmp_path / "absent.sock").vm_list()
+
+
+# -- the name the host's certificate is checked against ---------------------------------------
+
+
+def remote(name: str, url: str, server_name: str | None = None, files: Path = Path()) -> RemoteHost:
+    return RemoteHost(
+        name=name,
+        url=url,
+        ca=files / "admin" / "ca.pem",
+        cert=files / "admin" / "cert.pem",
+        key=files / "admin" / "key.pem",
+        server_name=server_name,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "server_name", "expected"),
+    [
+        ("https://vmhost2.contoso.com:8442", None, "vmhost2.contoso.com"),
+        ("https://VMHost2.Contoso.com:8442", None, "vmhost2.contoso.com"),
+        ("https://127.0.0.1:8442", None, "vmhost2"),
+        ("https://[::1]:8442", None, "vmhost2"),
+        ("https://[2001:db8::7]", None, "vmhost2"),
+        ("https://127.0.0.1:8442", "vmhost2.contoso.com", "vmhost2.contoso.com"),
+        ("https://alias.contoso.com:8442", "vmhost2.contoso.com", "vmhost2.contoso.com"),
+        ("https://[::1:8442", None, "vmhost2"),  # a broken URL: the request reports it
+    ],
+)
+def test_tls_server_name(url: str, server_name: str | None, expected: str) -> None:
+    assert tls_server_name(remote("vmhost2", url, server_name)) == expected
+
+
+def test_cli_config_server_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "cli.toml"
+    monkeypatch.setenv("VMREPLICA_CONFIG", str(config))
+
+    def entry(extra: str) -> str:
+        head = (
+            '[hosts."vmhost2"]\nurl = "https://10.0.0.2:8442/"\nca = "c"\ncert = "e"\nkey = "k"\n'
+        )
+        config.write_text(head + extra)
+        return str(config)
+
+    entry("")
+    assert load_remote_host("vmhost2").server_name is None
+    entry('server_name = "VMHost2.Contoso.com"\n')
+    assert load_remote_host("vmhost2") == RemoteHost(
+        "vmhost2", "https://10.0.0.2:8442", Path("c"), Path("e"), Path("k"), "vmhost2.contoso.com"
+    )
+    for value, why in [
+        ('"*.contoso.com"', "is not a valid DNS name"),
+        ('"10.0.0.2"', "looks like an IP address"),
+        ('""', "empty DNS name"),
+        ("2", "must be a string"),
+    ]:
+        path = entry(f"server_name = {value}\n")
+        with pytest.raises(InvalidArgument) as error:
+            load_remote_host("vmhost2")
+        assert str(error.value).startswith(f'{path}: [hosts."vmhost2"] server_name')
+        assert why in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def https_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int]]:
+    """An HTTPS agent whose certificate names only ``localhost``, and an administrator
+    certificate from the same CA: what a host and the CLI config point at."""
+    pki = tmp_path_factory.mktemp("pki")
+    certs.new_ca(pki / "ca")
+    server = certs.issue(pki / "ca", ["localhost"], pki / "server")
+    certs.issue(pki / "ca", ["admin"], pki / "admin")
+    tls = certs.server_ssl_context(server.ca, server.cert, server.key)  # client cert required
+    with serving(Agent().app(), tls=tls) as port:
+        yield pki, port
+
+
+@pytest.mark.parametrize(
+    ("name", "url_host", "server_name", "trusted"),
+    [
+        ("vmhost9", "localhost", None, True),  # the URL names a host: that name is checked
+        ("vmhost9", "localhost", "vmhost9.contoso.com", False),  # server_name wins
+        ("vmhost9", "127.0.0.1", "localhost", True),
+        ("localhost", "127.0.0.1", None, True),  # an IP address in the URL: NAME is checked
+        ("vmhost9", "127.0.0.1", None, False),
+    ],
+)
+def test_https_checks_the_right_name(
+    https_agent: tuple[Path, int], name: str, url_host: str, server_name: str | None, trusted: bool
+) -> None:
+    pki, port = https_agent
+    client = Client(remote=remote(name, f"https://{url_host}:{port}", server_name, pki))
+    if trusted:
+        assert client.computer_name() == "vmhost1"
+    else:
+        with pytest.raises(ConnectionFailed, match=f"^{name}: its certificate is not trusted"):
+            client.computer_name()
+
+
+def test_async_client_over_https(https_agent: tuple[Path, int]) -> None:
+    pki, port = https_agent
+    client = AsyncClient(remote=remote("vmhost9", f"https://localhost:{port}", files=pki))
+    assert asyncio.run(client.vm_get("web")) == Vm.from_json(VM)
