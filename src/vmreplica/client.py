@@ -8,23 +8,48 @@ The CLI is built on this module and nothing else, so whatever the CLI does a scr
     for vm in host.vm_list():
         print(vm.name, vm.state)
 
-Calls are synchronous; each one is a single HTTP request over the local unix socket or over
-HTTPS with the administrator's client certificate. Errors are :mod:`vmreplica.errors` classes.
+Async code uses :class:`AsyncClient`, which has the same methods as coroutines::
+
+    from vmreplica.client import AsyncClient
+
+    host = AsyncClient.connect("vmhost2")
+    for vm in await host.vm_list():
+        print(vm.name, vm.state)
+
+Each call is a single HTTP request over the local unix socket (``$VMREPLICA_SOCKET``) or over
+HTTPS with the administrator's client certificate; nothing stays open between calls, so there is
+nothing to close. :class:`Client` blocks until the answer comes, also when called where an event
+loop is running: the request then runs on a private loop in a worker thread and the caller's loop
+is left alone (though it stalls while this thread waits: async code should use
+:class:`AsyncClient`).
+
+Over HTTPS the host's certificate must be issued for the ``server_name`` of its CLI config entry
+when there is one, else for the host named in the URL, else (the URL holds an IP address) for
+the ``-c`` name. Errors are :mod:`vmreplica.errors` classes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import os
-import ssl
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
 
 import aiohttp
 
 from vmreplica._internal.certs import client_ssl_context
-from vmreplica._internal.config import DEFAULT_SOCKET, RemoteHost, load_remote_host
+from vmreplica._internal.config import (
+    DEFAULT_SOCKET,
+    RemoteHost,
+    load_remote_host,
+    tls_server_name,
+)
 from vmreplica._internal.models import (
     AuthEntry,
     ConnectionTest,
@@ -39,6 +64,7 @@ from vmreplica._internal.models import (
 from vmreplica.errors import AccessDenied, ConnectionFailed, VmrError, error_from_json
 
 __all__ = [
+    "AsyncClient",
     "AuthEntry",
     "Client",
     "ConnectionTest",
@@ -48,68 +74,57 @@ __all__ = [
     "Replication",
     "ServerSettings",
     "Vm",
+    "VmrError",
 ]
 
 M = TypeVar("M", bound=Model)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def _default_socket() -> Path:
     return Path(os.environ.get("VMREPLICA_SOCKET", DEFAULT_SOCKET))
 
 
-class Client:
-    def __init__(
-        self,
-        socket: Path | None = None,
-        remote: RemoteHost | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        self._socket = socket or _default_socket()
-        self._remote = remote
-        self._ssl: ssl.SSLContext | None = None
-        self._timeout = timeout
-        if remote is not None:
-            self._ssl = client_ssl_context(remote.ca, remote.cert, remote.key)
+# -- transport ------------------------------------------------------------------------------
 
-    @classmethod
-    def connect(cls, computer_name: str | None = None) -> Client:
-        """The local agent when ``computer_name`` is None, else the host the CLI config names."""
-        if computer_name is None:
-            return cls()
-        return cls(remote=load_remote_host(computer_name))
+
+class _Transport:
+    """One management API request per call, on whatever event loop awaits it."""
+
+    def __init__(self, socket: Path | None, remote: RemoteHost | None, timeout: float | None):
+        self.socket = socket or _default_socket()
+        self.remote = remote
+        self.timeout = timeout
+        # Built once: loading the CA and key is file I/O, and a context is safe to share
+        # between the threads and loops that the sync client may run requests on.
+        self.ssl = client_ssl_context(remote.ca, remote.cert, remote.key) if remote else None
+        self.server_name = tls_server_name(remote) if remote else None
 
     @property
     def target(self) -> str:
-        return self._remote.name if self._remote else f"the local agent ({self._socket})"
+        return self.remote.name if self.remote else f"the local agent ({self.socket})"
 
-    # -- transport -------------------------------------------------------------------------
-
-    def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
-        return asyncio.run(
-            self._call(method, {k: v for k, v in (args or {}).items() if v is not None})
-        )
-
-    async def _call(self, method: str, args: dict[str, Any]) -> Any:
-        timeout = aiohttp.ClientTimeout(total=self._timeout)
-        body = json.dumps(args).encode()
+    async def request(self, method: str, args: dict[str, Any] | None) -> Any:
+        body = json.dumps({k: v for k, v in (args or {}).items() if v is not None}).encode()
         headers = {"Content-Type": "application/json"}
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
-            if self._remote is None:
-                connector = aiohttp.UnixConnector(path=str(self._socket))
+            if self.remote is None:
+                connector = aiohttp.UnixConnector(path=str(self.socket))
                 async with (
                     aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
                     session.post(f"http://agent/v1/{method}", data=body, headers=headers) as resp,
                 ):
                     return _result(resp.status, await resp.read())
-            url = f"{self._remote.url}/v1/{method}"
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
                 session.post(
-                    url,
+                    f"{self.remote.url}/v1/{method}",
                     data=body,
                     headers=headers,
-                    ssl=self._ssl or True,
-                    server_hostname=self._remote.name,
+                    ssl=self.ssl or True,
+                    server_hostname=self.server_name,
                 ) as resp,
             ):
                 return _result(resp.status, await resp.read())
@@ -123,47 +138,143 @@ class Client:
                 raise AccessDenied(
                     f"access denied to {self.target}: the management socket is root-only"
                 ) from e
-            if self._remote is None:
+            if self.remote is None:
                 raise ConnectionFailed(
-                    f"cannot reach the local agent at {self._socket}: is `vmreplica host serve` running? "
+                    f"cannot reach the local agent at {self.socket}: is `vmreplica host serve` running? "
                     "(set VMREPLICA_SOCKET or use -c NAME)"
                 ) from e
             raise ConnectionFailed(
-                f"cannot reach {self.target} at {self._remote.url}: {err.strerror or err}"
+                f"cannot reach {self.target} at {self.remote.url}: {err.strerror or err}"
             ) from e
         except (aiohttp.ClientError, TimeoutError) as e:
-            if self._remote is not None and isinstance(
+            if self.remote is not None and isinstance(
                 e, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError
             ):
                 raise AccessDenied(
                     f"{self.target} refused the connection: is the administrator certificate "
-                    f"{self._remote.cert} issued by its CA?"
+                    f"{self.remote.cert} issued by its CA?"
                 ) from e
             raise ConnectionFailed(
                 f"{self.target}: request failed ({e or type(e).__name__})"
             ) from e
 
-    def _models(self, cls: type[M], method: str, args: dict[str, Any] | None = None) -> list[M]:
-        result = self.call(method, args)
-        return [cls.from_json(item) for item in result]
 
-    def _model(self, cls: type[M], method: str, args: dict[str, Any] | None = None) -> M:
-        return cls.from_json(self.call(method, args))
+def _result(status: int, raw: bytes) -> Any:
+    try:
+        decoded = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        decoded = None
+    if status >= 400 or not isinstance(decoded, dict) or "result" not in decoded:
+        raise error_from_json(decoded, status)
+    return decoded["result"]
+
+
+def _wait(request: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run one request to the end from synchronous code."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(request())
+    # Sync code called from async code: asyncio.run refuses to nest, and this thread cannot
+    # await on the running loop without blocking that very loop, so the request gets a loop of
+    # its own in a thread of its own. A thread per call keeps nothing alive between calls.
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            done.set_result(asyncio.run(request()))
+        except BaseException as e:  # every outcome, errors included, belongs to the caller
+            done.set_exception(e)
+
+    threading.Thread(target=work, name="vmreplica-client", daemon=True).start()
+    return done.result()
+
+
+# -- the methods, each described once -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One API call: what to send, and how to turn the ``result`` into the return value."""
+
+    method: str
+    args: dict[str, Any]
+    decode: Callable[[Any], T]
+
+
+def _model(cls: type[M], method: str, args: dict[str, Any] | None = None) -> _Call[M]:
+    return _Call(method, args or {}, cls.from_json)
+
+
+def _models(cls: type[M], method: str, args: dict[str, Any] | None = None) -> _Call[list[M]]:
+    return _Call(method, args or {}, lambda result: [cls.from_json(item) for item in result])
+
+
+class _Endpoint(Generic[P, T]):
+    """A method of both clients, from a function that describes its call: on a
+    :class:`Client` it returns the result, on an :class:`AsyncClient` it is a coroutine.
+    Typed per front end, so each method keeps its signature for mypy and IDEs."""
+
+    def __init__(self, build: Callable[P, _Call[T]]) -> None:
+        self._build = build
+        self.__doc__ = build.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(
+        self, obj: AsyncClient, owner: type[Any]
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+    @overload
+    def __get__(self, obj: Client, owner: type[Any]) -> Callable[P, T]: ...
+    def __get__(self, obj: Any, owner: type[Any]) -> Any:
+        return self if obj is None else obj._bind(self._build)
+
+
+class _Api:
+    """What both clients share: where requests go, and every method of the API.
+
+    A method here is an :class:`_Endpoint` over a function without ``self``: it only describes
+    the call, and each front end's ``_bind`` makes it blocking or a coroutine.
+    """
+
+    def __init__(
+        self,
+        socket: Path | None = None,
+        remote: RemoteHost | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self._transport = _Transport(socket, remote, timeout)
+
+    @classmethod
+    def connect(cls, computer_name: str | None = None) -> Self:
+        """The local agent when ``computer_name`` is None, else the host the CLI config names."""
+        if computer_name is None:
+            return cls()
+        return cls(remote=load_remote_host(computer_name))
+
+    @property
+    def target(self) -> str:
+        return self._transport.target
 
     # -- host, server and authorization ----------------------------------------------------
 
-    def computer_name(self) -> str:
-        return str(self.call("host.info")["computer_name"])
+    @_Endpoint
+    def computer_name() -> _Call[str]:
+        return _Call("host.info", {}, lambda result: str(result["computer_name"]))
 
-    def server_get(self) -> ServerSettings:
-        return self._model(ServerSettings, "server.get")
+    @_Endpoint
+    def server_get() -> _Call[ServerSettings]:
+        return _model(ServerSettings, "server.get")
 
-    def server_set(self, **changes: Any) -> ServerSettings:
+    @_Endpoint
+    def server_set(**changes: Any) -> _Call[ServerSettings]:
         """Keyword names as in ServerChanges: enabled, auth, certificate_port, any_server, …"""
-        return self._model(ServerSettings, "server.set", changes)
+        return _model(ServerSettings, "server.set", changes)
 
-    def auth_new(self, allowed_primary: str, storage_location: str, trust_group: str) -> AuthEntry:
-        return self._model(
+    @_Endpoint
+    def auth_new(allowed_primary: str, storage_location: str, trust_group: str) -> _Call[AuthEntry]:
+        return _model(
             AuthEntry,
             "auth.new",
             {
@@ -173,20 +284,21 @@ class Client:
             },
         )
 
+    @_Endpoint
     def auth_get(
-        self, allowed_primary: str | None = None, trust_group: str | None = None
-    ) -> list[AuthEntry]:
-        return self._models(
+        allowed_primary: str | None = None, trust_group: str | None = None
+    ) -> _Call[list[AuthEntry]]:
+        return _models(
             AuthEntry, "auth.get", {"allowed_primary": allowed_primary, "trust_group": trust_group}
         )
 
+    @_Endpoint
     def auth_set(
-        self,
         allowed_primary: str,
         storage_location: str | None = None,
         trust_group: str | None = None,
-    ) -> AuthEntry:
-        return self._model(
+    ) -> _Call[AuthEntry]:
+        return _model(
             AuthEntry,
             "auth.set",
             {
@@ -196,19 +308,21 @@ class Client:
             },
         )
 
+    @_Endpoint
     def auth_remove(
-        self, allowed_primary: str | None = None, trust_group: str | None = None
-    ) -> list[AuthEntry]:
-        return self._models(
+        allowed_primary: str | None = None, trust_group: str | None = None
+    ) -> _Call[list[AuthEntry]]:
+        return _models(
             AuthEntry,
             "auth.remove",
             {"allowed_primary": allowed_primary, "trust_group": trust_group},
         )
 
+    @_Endpoint
     def test_connection(
-        self, replica_server: str, replica_port: int, auth: str = "certificate"
-    ) -> ConnectionTest:
-        return self._model(
+        replica_server: str, replica_port: int, auth: str = "certificate"
+    ) -> _Call[ConnectionTest]:
+        return _model(
             ConnectionTest,
             "replication.test_connection",
             {
@@ -220,8 +334,8 @@ class Client:
 
     # -- VMs --------------------------------------------------------------------------------
 
+    @_Endpoint
     def vm_new(
-        self,
         name: str,
         memory: str | None = None,
         cpus: int | None = None,
@@ -229,9 +343,9 @@ class Client:
         kernel: str | None = None,
         initrd: str | None = None,
         append: str | None = None,
-    ) -> Vm:
+    ) -> _Call[Vm]:
         """``disks``: a list of ``{"size": "1G"}``, ``{"path": P}`` or ``{"parent": P}``."""
-        return self._model(
+        return _model(
             Vm,
             "vm.new",
             {
@@ -245,114 +359,156 @@ class Client:
             },
         )
 
-    def vm_list(self) -> list[Vm]:
-        return self._models(Vm, "vm.list")
+    @_Endpoint
+    def vm_list() -> _Call[list[Vm]]:
+        return _models(Vm, "vm.list")
 
-    def vm_get(self, name: str) -> Vm:
-        return self._model(Vm, "vm.get", {"name": name})
+    @_Endpoint
+    def vm_get(name: str) -> _Call[Vm]:
+        return _model(Vm, "vm.get", {"name": name})
 
-    def vm_start(self, name: str) -> Vm:
-        return self._model(Vm, "vm.start", {"name": name})
+    @_Endpoint
+    def vm_start(name: str) -> _Call[Vm]:
+        return _model(Vm, "vm.start", {"name": name})
 
-    def vm_stop(self, name: str, force: bool = False, timeout: float | None = None) -> Vm:
-        return self._model(Vm, "vm.stop", {"name": name, "force": force, "timeout": timeout})
+    @_Endpoint
+    def vm_stop(name: str, force: bool = False, timeout: float | None = None) -> _Call[Vm]:
+        return _model(Vm, "vm.stop", {"name": name, "force": force, "timeout": timeout})
 
-    def vm_remove(self, name: str, force: bool = False, delete_storage: bool = False) -> Vm:
-        return self._model(
+    @_Endpoint
+    def vm_remove(name: str, force: bool = False, delete_storage: bool = False) -> _Call[Vm]:
+        return _model(
             Vm, "vm.remove", {"name": name, "force": force, "delete_storage": delete_storage}
         )
 
-    def vm_monitor(self, name: str, command: str) -> str:
-        return str(self.call("vm.monitor", {"name": name, "command": command})["output"])
+    @_Endpoint
+    def vm_monitor(name: str, command: str) -> _Call[str]:
+        return _Call(
+            "vm.monitor",
+            {"name": name, "command": command},
+            lambda result: str(result["output"]),
+        )
 
-    def event_list(self, since: str | None = None) -> list[Event]:
-        return self._models(Event, "event.list", {"since": since})
+    @_Endpoint
+    def event_list(since: str | None = None) -> _Call[list[Event]]:
+        return _models(Event, "event.list", {"since": since})
 
     # -- replication ------------------------------------------------------------------------
 
+    @_Endpoint
     def replication_enable(
-        self,
         vm: str,
         replica_server: str,
         replica_port: int,
         auth: str = "certificate",
         **settings: Any,
-    ) -> Replication:
+    ) -> _Call[Replication]:
         """``settings``: frequency, recovery_history, snapshot_frequency, compression,
         exclude_disks, auto_resynchronize, recovery_point_interval."""
-        return self._model(Replication, "replication.enable", {
+        return _model(Replication, "replication.enable", {
             "vm": vm, "replica_server": replica_server, "replica_port": replica_port, "auth": auth, **settings,
         })  # fmt: skip
 
-    def replication_set(self, vm: str, **settings: Any) -> Replication:
-        return self._model(Replication, "replication.set", {"vm": vm, **settings})
+    @_Endpoint
+    def replication_set(vm: str, **settings: Any) -> _Call[Replication]:
+        return _model(Replication, "replication.set", {"vm": vm, **settings})
 
+    @_Endpoint
     def replication_get(
-        self,
         vm: str | None = None,
         state: str | None = None,
         health: str | None = None,
         mode: str | None = None,
-    ) -> list[Replication]:
-        return self._models(
+    ) -> _Call[list[Replication]]:
+        return _models(
             Replication,
             "replication.get",
             {"vm": vm, "state": state, "health": health, "mode": mode},
         )
 
-    def replication_measure(self, vm: str | None = None) -> list[Measurement]:
-        return self._models(Measurement, "replication.measure", {"vm": vm})
+    @_Endpoint
+    def replication_measure(vm: str | None = None) -> _Call[list[Measurement]]:
+        return _models(Measurement, "replication.measure", {"vm": vm})
 
-    def replication_start_initial(self, vm: str) -> Replication:
-        return self._model(Replication, "replication.start_initial", {"vm": vm})
+    @_Endpoint
+    def replication_start_initial(vm: str) -> _Call[Replication]:
+        return _model(Replication, "replication.start_initial", {"vm": vm})
 
-    def replication_sync(self, vm: str) -> Replication:
-        return self._model(Replication, "replication.sync", {"vm": vm})
+    @_Endpoint
+    def replication_sync(vm: str) -> _Call[Replication]:
+        return _model(Replication, "replication.sync", {"vm": vm})
 
-    def replication_suspend(self, vm: str) -> Replication:
-        return self._model(Replication, "replication.suspend", {"vm": vm})
+    @_Endpoint
+    def replication_suspend(vm: str) -> _Call[Replication]:
+        return _model(Replication, "replication.suspend", {"vm": vm})
 
-    def replication_resume(self, vm: str, resynchronize: bool = False) -> Replication:
-        return self._model(
-            Replication, "replication.resume", {"vm": vm, "resynchronize": resynchronize}
-        )
+    @_Endpoint
+    def replication_resume(vm: str, resynchronize: bool = False) -> _Call[Replication]:
+        return _model(Replication, "replication.resume", {"vm": vm, "resynchronize": resynchronize})
 
-    def replication_remove(self, vm: str) -> Replication:
-        return self._model(Replication, "replication.remove", {"vm": vm})
+    @_Endpoint
+    def replication_remove(vm: str) -> _Call[Replication]:
+        return _model(Replication, "replication.remove", {"vm": vm})
 
-    def replication_reset_statistics(self, vm: str) -> Replication:
-        return self._model(Replication, "replication.reset_statistics", {"vm": vm})
+    @_Endpoint
+    def replication_reset_statistics(vm: str) -> _Call[Replication]:
+        return _model(Replication, "replication.reset_statistics", {"vm": vm})
 
+    @_Endpoint
     def failover_start(
-        self,
         vm: str,
         prepare: bool = False,
         as_test: bool = False,
         recovery_point: str | None = None,
         force: bool = False,
-    ) -> Replication:
-        return self._model(Replication, "failover.start", {
+    ) -> _Call[Replication]:
+        return _model(Replication, "failover.start", {
             "vm": vm, "prepare": prepare, "as_test": as_test, "recovery_point": recovery_point, "force": force,
         })  # fmt: skip
 
-    def failover_stop(self, vm: str) -> Replication:
-        return self._model(Replication, "failover.stop", {"vm": vm})
+    @_Endpoint
+    def failover_stop(vm: str) -> _Call[Replication]:
+        return _model(Replication, "failover.stop", {"vm": vm})
 
-    def failover_complete(self, vm: str) -> Replication:
-        return self._model(Replication, "failover.complete", {"vm": vm})
+    @_Endpoint
+    def failover_complete(vm: str) -> _Call[Replication]:
+        return _model(Replication, "failover.complete", {"vm": vm})
 
-    def recovery_point_list(self, vm: str) -> list[RecoveryPoint]:
-        return self._models(RecoveryPoint, "recovery_point.list", {"vm": vm})
-
-
-def _result(status: int, raw: bytes) -> Any:
-    try:
-        decoded = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        decoded = None
-    if status >= 400 or not isinstance(decoded, dict) or "result" not in decoded:
-        raise error_from_json(decoded, status)
-    return decoded["result"]
+    @_Endpoint
+    def recovery_point_list(vm: str) -> _Call[list[RecoveryPoint]]:
+        return _models(RecoveryPoint, "recovery_point.list", {"vm": vm})
 
 
-__all__ += ["VmrError"]
+# -- front ends -----------------------------------------------------------------------------
+
+
+class AsyncClient(_Api):
+    """The management API for async code: every method is a coroutine."""
+
+    async def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
+        """A raw call: the ``result`` of ``method``; arguments that are None are left out."""
+        return await self._transport.request(method, args)
+
+    def _bind(self, build: Callable[P, _Call[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        @functools.wraps(build)
+        async def method(*args: P.args, **kwargs: P.kwargs) -> T:
+            call = build(*args, **kwargs)
+            return call.decode(await self.call(call.method, call.args))
+
+        return method
+
+
+class Client(_Api):
+    """The management API for synchronous code: every method blocks until the answer comes."""
+
+    def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
+        """A raw call: the ``result`` of ``method``; arguments that are None are left out."""
+        return _wait(functools.partial(self._transport.request, method, args))
+
+    def _bind(self, build: Callable[P, _Call[T]]) -> Callable[P, T]:
+        @functools.wraps(build)
+        def method(*args: P.args, **kwargs: P.kwargs) -> T:
+            call = build(*args, **kwargs)
+            return call.decode(self.call(call.method, call.args))
+
+        return method

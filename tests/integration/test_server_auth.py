@@ -3,11 +3,15 @@ against real agents (the seed scenario of the foundation issue)."""
 
 from __future__ import annotations
 
-import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import tomli_w
+
 from vmreplica._internal import certs
-from vmreplica._internal.localcluster import Cluster
+from vmreplica._internal.localcluster import Cluster, Result
 
 
 def enable_replica(cluster: Cluster, host: str = "vmhost2") -> int:
@@ -415,28 +419,42 @@ def test_cli_contract(cluster: Cluster, tmp_path: Path) -> None:
     assert cluster.hosts["vmhost1"].socket.stat().st_mode & 0o077 == 0
 
     # A certificate of the right CA but not named as an administrator is refused over HTTPS.
+    port = cluster.hosts["vmhost1"].mgmt_port
     certs.issue(cluster.ca_dir, ["intruder.test"], tmp_path / "intruder")
-    config = json.loads(
-        json.dumps({"url": f"https://127.0.0.1:{cluster.hosts['vmhost1'].mgmt_port}"})
-    )
-    cli_config = tmp_path / "cli.toml"
-    cli_config.write_text(
-        '[hosts."vmhost1"]\n'
-        f'url = "{config["url"]}"\n'
-        f'ca = "{cluster.ca_dir / "ca.pem"}"\n'
-        f'cert = "{tmp_path / "intruder" / "cert.pem"}"\n'
-        f'key = "{tmp_path / "intruder" / "key.pem"}"\n'
-    )
-    import os
-    import subprocess
-    import sys
+    intruder = cli_with(cluster, tmp_path, "vmhost1", f"https://127.0.0.1:{port}", "intruder")
+    assert intruder.returncode == 5 and "not an administrator" in one_line_error(intruder.stderr)
 
-    env = dict(os.environ, VMREPLICA_CONFIG=str(cli_config))
+    # The name vmhost1's certificate must carry: server_name, else the URL's host, else -c NAME.
+    named = cli_with(cluster, tmp_path, "box", f"https://127.0.0.1:{port}", server_name="vmhost1")
+    assert named.returncode == 0 and named.json()[0]["computer_name"] == "vmhost1"
+    by_url = cli_with(cluster, tmp_path, "vmhost1", f"https://localhost:{port}")
+    assert by_url.returncode == 6 and "not valid for 'localhost'" in one_line_error(by_url.stderr)
+    both = cli_with(cluster, tmp_path, "box", f"https://localhost:{port}", server_name="vmhost1")
+    assert both.returncode == 0 and both.json()[0]["computer_name"] == "vmhost1"
+
+
+def cli_with(
+    cluster: Cluster,
+    tmp_path: Path,
+    name: str,
+    url: str,
+    admin: str | None = None,
+    server_name: str | None = None,
+) -> Result:
+    """`server get -c NAME` through a CLI config of its own: one entry, NAME → ``url``, with
+    the cluster's administrator certificate unless ``admin`` names a directory under tmp_path."""
+    files = tmp_path / admin if admin else cluster.base / "admin"
+    entry = {"url": url, "ca": str(cluster.ca_dir / "ca.pem")}
+    entry |= {"cert": str(files / "cert.pem"), "key": str(files / "key.pem")}
+    if server_name:
+        entry["server_name"] = server_name
+    config = tmp_path / f"cli-{name}.toml"
+    config.write_text(tomli_w.dumps({"hosts": {name: entry}}))
     proc = subprocess.run(
-        [sys.executable, "-m", "vmreplica", "server", "get", "-c", "vmhost1"],
+        [sys.executable, "-m", "vmreplica", "server", "get", "-c", name, "-o", "json"],
         capture_output=True,
         text=True,
-        env=env,
+        env=dict(os.environ, VMREPLICA_CONFIG=str(config)),
         check=False,
     )
-    assert proc.returncode == 5 and "not an administrator" in one_line_error(proc.stderr)
+    return Result(proc.returncode, proc.stdout, proc.stderr)

@@ -173,23 +173,24 @@ def _finish_context(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> ssl
     return ctx
 
 
+def check_dns_name(raw: str) -> str:
+    """A name a certificate of this CA can carry, lower-cased. Single hosts only: a wildcard
+    would let one stolen key impersonate a whole domain."""
+    name = raw.strip().lower()  # DNS ignores case; authorization compares strings
+    if not name:
+        raise InvalidArgument("empty DNS name")
+    if name.rsplit(".", 1)[-1].isdigit():  # no top-level domain is numeric
+        raise InvalidArgument(f"{raw!r} looks like an IP address; name the host by DNS")
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        rule = "labels of 1-63 letters, digits, inner hyphens; 253 chars at most; no '*'"
+        raise InvalidArgument(f"{raw!r} is not a valid DNS name ({rule})")
+    return name
+
+
 def _check_names(names: Sequence[str]) -> list[str]:
-    """Single hosts only: a wildcard would let one stolen key impersonate a whole domain."""
     if isinstance(names, str) or not names:
         raise InvalidArgument("a certificate needs at least one DNS name")
-    out: list[str] = []
-    for raw in names:
-        name = raw.strip().lower()  # DNS ignores case; authorization compares strings
-        if not name:
-            raise InvalidArgument("empty DNS name")
-        if name.rsplit(".", 1)[-1].isdigit():  # no top-level domain is numeric
-            raise InvalidArgument(f"{raw!r} looks like an IP address; name the host by DNS")
-        if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
-            rule = "labels of 1-63 letters, digits, inner hyphens; 253 chars at most; no '*'"
-            raise InvalidArgument(f"{raw!r} is not a valid DNS name ({rule})")
-        if name not in out:
-            out.append(name)
-    return out
+    return list(dict.fromkeys(check_dns_name(raw) for raw in names))
 
 
 def _days(days: int) -> dt.timedelta:

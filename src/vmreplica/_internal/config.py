@@ -6,15 +6,18 @@ so that a typo is reported at start-up as one line naming the file and the key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import tomli_w
 
+from vmreplica._internal.certs import check_dns_name
 from vmreplica.errors import InvalidArgument, NotFound, StorageError
 
 DEFAULT_SOCKET = "/run/vmreplica/agent.sock"
@@ -190,6 +193,27 @@ class RemoteHost:
     ca: Path
     cert: Path
     key: Path
+    # The name the host's certificate must carry, when it is neither in the URL nor the -c name.
+    server_name: str | None = None
+
+
+def tls_server_name(host: RemoteHost) -> str:
+    """The name the host's certificate is checked against: ``server_name`` when given, else the
+    host in the URL, else (the URL holds an IP address, which certificates here never carry)
+    the ``-c`` name."""
+    if host.server_name:
+        return host.server_name
+    try:
+        url_host = urlsplit(host.url).hostname
+    except ValueError:  # e.g. an unclosed "[": the request itself will report the bad URL
+        url_host = None
+    if not url_host:
+        return host.name
+    try:
+        ipaddress.ip_address(url_host)
+    except ValueError:
+        return url_host
+    return host.name
 
 
 def cli_config_path() -> Path:
@@ -209,4 +233,17 @@ def load_remote_host(name: str) -> RemoteHost:
         ca=Path(_req_str(entry, "ca", path)),
         cert=Path(_req_str(entry, "cert", path)),
         key=Path(_req_str(entry, "key", path)),
+        server_name=_server_name(entry.get("server_name"), path, name),
     )
+
+
+def _server_name(value: object, path: Path, host: str) -> str | None:
+    if value is None:
+        return None
+    where = f'{path}: [hosts."{host}"] server_name'
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where} must be a string (the host name in its certificate)")
+    try:
+        return check_dns_name(value)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{where}: {e.message}") from None
