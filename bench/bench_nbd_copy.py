@@ -33,13 +33,22 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from bench_initial import Sizes, make_disk
-from benchlib import GiB, MiB, compare, exit_cleanly_on_sigterm, fsync_file, run, table, timed
+from benchlib import (
+    GiB,
+    MiB,
+    compare,
+    exit_cleanly_on_sigterm,
+    free_port,
+    fsync_file,
+    run,
+    table,
+    timed,
+)
 
 from vmreplica._internal import certs
 from vmreplica._internal.config import TlsFiles
-from vmreplica._internal.hypervisor import nbd_copy
-from vmreplica._internal.hypervisor.qsd import start_storage_daemon
-from vmreplica._internal.localcluster import free_port
+from vmreplica._internal.drivers.qemu import nbd_copy
+from vmreplica._internal.drivers.qemu.qsd import start_storage_daemon
 
 
 async def into_daemon(

@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -24,7 +25,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from vmreplica._internal.localcluster import Cluster, Result
+# The test cluster lives in the repository's tests/ package, beside this bench/ directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.localcluster import Cluster, Result, free_port
+
+__all__ = ["Cluster", "Result", "free_port"]
 
 PRIMARY, REPLICA = "vmhost2", "vmhost1"
 MiB = 1 << 20

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmreplica._internal.localcluster import Cluster
+from tests.localcluster import Cluster
 
 
 @pytest.fixture

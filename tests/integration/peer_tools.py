@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.localcluster import Cluster
 from vmreplica._internal.config import TlsFiles
-from vmreplica._internal.localcluster import Cluster
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport.peer import PeerAddress, PeerClient
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmreplica._internal.localcluster import Cluster
+from tests.localcluster import Cluster
 
 PRIMARY, REPLICA = "vmhost2", "vmhost1"
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from tests.fault import tmpfs
-from vmreplica._internal.hypervisor import qemu_img
-from vmreplica._internal.hypervisor.blockjobs import (
+from vmreplica._internal.drivers.qemu import qemu_img
+from vmreplica._internal.drivers.qemu.blockjobs import (
     BITMAP,
     BitmapStatus,
     QmpTarget,
@@ -27,10 +27,10 @@ from vmreplica._internal.hypervisor.blockjobs import (
     incremental_copy,
     remove_bitmaps,
 )
-from vmreplica._internal.hypervisor.qemu import QemuVm, VmSpec, launch
-from vmreplica._internal.hypervisor.qmp import EventSubscription
-from vmreplica._internal.hypervisor.qsd import start_storage_daemon
-from vmreplica._internal.store.chain import ReplicaChain
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
+from vmreplica._internal.drivers.qemu.qemu import QemuVm, VmSpec, launch
+from vmreplica._internal.drivers.qemu.qmp import EventSubscription
+from vmreplica._internal.drivers.qemu.qsd import start_storage_daemon
 from vmreplica.errors import InvalidState, ResyncRequired, StorageError, VmrError
 
 MiB = 1 << 20

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.fault import tmpfs
-from vmreplica._internal.hypervisor import qemu_img
-from vmreplica._internal.store.chain import PENDING, ReplicaChain
+from vmreplica._internal.drivers.qemu import qemu_img
+from vmreplica._internal.drivers.qemu.chain import PENDING, ReplicaChain
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, NotFound, StorageError
 
 SIZE = 4 << 20

@@ -8,11 +8,11 @@ import os
 import time
 from pathlib import Path
 
+from tests import guest
 from tests.integration.peer_tools import state_db
 from tests.integration.replication_env import PRIMARY, REPLICA, wait_for
 from tests.integration.test_failover import state, two_way
-from vmreplica._internal import guest
-from vmreplica._internal.localcluster import Cluster
+from tests.localcluster import Cluster
 
 GUEST_CACHE = Path(os.environ.get("VMREPLICA_GUEST_CACHE", "~/.cache/vmreplica/guest")).expanduser()
 

@@ -18,7 +18,7 @@ from tests.integration.replication_env import (
     same_content,
     wait_for,
 )
-from vmreplica._internal.localcluster import Cluster
+from tests.localcluster import Cluster
 
 
 def two_way(cluster: Cluster) -> Pair:

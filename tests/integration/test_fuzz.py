@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from tests.integration.peer_tools import mgmt_raw, tls_of, tree, vm_id
 from tests.integration.replication_env import PRIMARY, REPLICA, Pair, make_pair
+from tests.localcluster import Cluster
 from vmreplica._internal.api.methods import build_methods
-from vmreplica._internal.localcluster import Cluster
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import PeerAddress, PeerClient
 from vmreplica.errors import VmrError

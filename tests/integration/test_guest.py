@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from vmreplica._internal.guest import (
+from tests.guest import (
     GuestAssets,
     build_guest_assets,
     check_records,

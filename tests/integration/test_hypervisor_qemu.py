@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica._internal.hypervisor.qemu import VmEnd, VmSpec, attach, is_vm_process, launch
-from vmreplica._internal.hypervisor.qmp import QmpCommandError
+from vmreplica._internal.drivers.qemu.qemu import VmEnd, VmSpec, attach, is_vm_process, launch
+from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
 from vmreplica.errors import ConnectionFailed, InvalidArgument, InvalidState, NotFound, VmrError
 
 # A boot sector that enables the ACPI power button, prints "R" on the serial port, then polls
@@ -158,7 +158,7 @@ def test_vm_survives_sigkill_of_the_launching_process(root: Path) -> None:
     launcher = (
         "import asyncio, sys, uuid\n"
         "from pathlib import Path\n"
-        "from vmreplica._internal.hypervisor.qemu import VmSpec, launch\n"
+        "from vmreplica._internal.drivers.qemu.qemu import VmSpec, launch\n"
         "async def main():\n"
         f"    spec = VmSpec({spec.id!r}, 'vm1', 1, 64, (Path({str(spec.disks[0])!r}),),\n"
         f"                  Path({str(spec.run_dir)!r}))\n"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica._internal.hypervisor.qemu import VmSpec, launch
-from vmreplica._internal.hypervisor.qmp import QmpCommandError
-from vmreplica._internal.hypervisor.qsd import start_storage_daemon
+from vmreplica._internal.drivers.qemu.qemu import VmSpec, launch
+from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
+from vmreplica._internal.drivers.qemu.qsd import start_storage_daemon
 from vmreplica.errors import InvalidArgument, InvalidState, NotFound, VmrError
 
 
@@ -191,7 +191,7 @@ def test_daemon_ends_cleanly_when_the_agent_is_killed(root: Path) -> None:
     agent_code = (
         "import asyncio\n"
         "from pathlib import Path\n"
-        "from vmreplica._internal.hypervisor.qsd import start_storage_daemon\n"
+        "from vmreplica._internal.drivers.qemu.qsd import start_storage_daemon\n"
         "async def main():\n"
         f"    qsd = await start_storage_daemon((Path({str(disk)!r}),), Path({str(root)!r}))\n"
         "    await qsd.execute('block-dirty-bitmap-add',\n"

@@ -24,9 +24,9 @@ from tests.integration.replication_env import (
     restart_with_faults,
     wait_for,
 )
+from tests.localcluster import Cluster, free_port
 from vmreplica._internal.config import TlsFiles
-from vmreplica._internal.localcluster import Cluster, free_port
-from vmreplica._internal.store.chain import ReplicaChain
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 from vmreplica._internal.transport.peer import PeerAddress, PeerClient
 
 OLD, Y_NEW, X_NEW = 0x11, 0xB1, 0xB2

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.fault import tmpfs
-from vmreplica._internal.hypervisor import qemu_img
+from vmreplica._internal.drivers.qemu import qemu_img
 from vmreplica.errors import InvalidArgument, InvalidState, StorageError
 
 MiB = 1 << 20

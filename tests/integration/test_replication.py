@@ -12,7 +12,7 @@ from tests.integration.replication_env import (
     qemu_img_check,
     wait_for,
 )
-from vmreplica._internal.localcluster import Cluster
+from tests.localcluster import Cluster
 
 
 def test_replicate_running_vm(cluster: Cluster) -> None:

@@ -27,9 +27,9 @@ from tests.integration.replication_env import (
     restart_with_faults,
     wait_for,
 )
+from tests.localcluster import Cluster, free_port
 from vmreplica._internal.config import TlsFiles
-from vmreplica._internal.localcluster import Cluster, free_port
-from vmreplica._internal.store.chain import ReplicaChain
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport.peer import PeerAddress, PeerClient
 from vmreplica.errors import AccessDenied, IntegrityError, ResyncRequired, VmrError

@@ -39,8 +39,8 @@ from tests.integration.replication_env import (
     restart_with_faults,
     wait_for,
 )
-from vmreplica._internal.localcluster import Cluster, free_port
-from vmreplica._internal.store.chain import ReplicaChain
+from tests.localcluster import Cluster, free_port
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 from vmreplica.errors import AccessDenied, IntegrityError, InvalidArgument
 
 STRANGER = "vmhost3"  # authorized on both hosts, in trust group Other

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import tomli_w
 
+from tests.localcluster import Cluster, Result
 from vmreplica._internal import certs
-from vmreplica._internal.localcluster import Cluster, Result
 
 
 def enable_replica(cluster: Cluster, host: str = "vmhost2") -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica._internal import guest
-from vmreplica._internal.localcluster import Cluster
+from tests import guest
+from tests.localcluster import Cluster
 
 GUEST_CACHE = Path(os.environ.get("VMREPLICA_GUEST_CACHE", "~/.cache/vmreplica/guest")).expanduser()
 

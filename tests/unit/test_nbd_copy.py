@@ -13,7 +13,7 @@ import pytest
 
 from vmreplica._internal import faults
 from vmreplica._internal.config import TlsFiles, parse_port_range
-from vmreplica._internal.hypervisor import nbd_copy
+from vmreplica._internal.drivers.qemu import nbd_copy
 from vmreplica.errors import ConnectionFailed, InvalidArgument, StorageError, VmrError
 
 

@@ -18,20 +18,20 @@ from pathlib import Path
 
 from aiohttp import web
 
+from vmreplica._internal.api.listener import CertificateListener
 from vmreplica._internal.api.methods import build_methods
 from vmreplica._internal.api.mgmt import make_app
 from vmreplica._internal.api.peer_routes import peer_routes
-from vmreplica._internal.api.replication import CertificateListener
 from vmreplica._internal.certs import server_ssl_context
 from vmreplica._internal.config import HostConfig
+from vmreplica._internal.drivers.qemu import children
 from vmreplica._internal.engine.events import EventLog
 from vmreplica._internal.engine.failover import FailoverService
 from vmreplica._internal.engine.primary import PrimaryEngine
+from vmreplica._internal.engine.relationships import ReplicationService
 from vmreplica._internal.engine.replica import ReplicaEngine
-from vmreplica._internal.engine.replication import ReplicationService
 from vmreplica._internal.engine.server import ServerService
 from vmreplica._internal.engine.vms import VmService
-from vmreplica._internal.hypervisor import children
 from vmreplica._internal.store.db import Database
 from vmreplica.errors import ConnectionFailed, StorageError
 

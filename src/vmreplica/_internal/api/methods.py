@@ -11,7 +11,7 @@ from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine.connect import test_connection
 from vmreplica._internal.engine.events import EventLog
 from vmreplica._internal.engine.failover import FailoverService
-from vmreplica._internal.engine.replication import ReplicationService
+from vmreplica._internal.engine.relationships import ReplicationService
 from vmreplica._internal.engine.server import ServerChanges, ServerService
 from vmreplica._internal.engine.vms import DiskRequest, VmRequest, VmService
 from vmreplica.errors import InvalidArgument

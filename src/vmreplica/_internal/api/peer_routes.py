@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from vmreplica._internal.api.body import read_object
-from vmreplica._internal.api.replication import PeerHandler, local_address, peer_identity
+from vmreplica._internal.api.listener import PeerHandler, local_address, peer_identity
 from vmreplica._internal.engine.failover import FailoverService
 from vmreplica._internal.engine.replica import ReplicaEngine
 from vmreplica._internal.engine.server import Authorization

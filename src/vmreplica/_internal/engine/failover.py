@@ -21,6 +21,10 @@ from typing import Any
 
 from vmreplica._internal import faults
 from vmreplica._internal.config import HostConfig
+from vmreplica._internal.drivers.qemu import blockjobs, nbd_extents, qemu_img, tracking
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
+from vmreplica._internal.drivers.qemu.nbd_extents import Extent
+from vmreplica._internal.drivers.qemu.qsd import node_name
 from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.events import EventLog, now_iso
@@ -28,10 +32,6 @@ from vmreplica._internal.engine.primary import PrimaryEngine
 from vmreplica._internal.engine.replica import ReplicaEngine
 from vmreplica._internal.engine.server import Authorization
 from vmreplica._internal.engine.vms import VmRecord, VmService
-from vmreplica._internal.hypervisor import blockjobs, nbd_extents, qemu_img, tracking
-from vmreplica._internal.hypervisor.nbd_extents import Extent
-from vmreplica._internal.hypervisor.qsd import node_name
-from vmreplica._internal.store.chain import ReplicaChain
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p

@@ -4,7 +4,7 @@ pending log and sending deltas to the replica.
 The pending log is ``<state>/replication/<vm id>/pending/<sequence>/``: one directory per delta,
 complete once its ``manifest.json`` exists. Deltas leave the log in order, each only after the
 replica acknowledged it (or said it already has it). Change tracking rotates a generation of
-bitmaps per cycle (see :mod:`vmreplica._internal.hypervisor.tracking`): the bitmap a delta was
+bitmaps per cycle (see :mod:`vmreplica._internal.drivers.qemu.tracking`): the bitmap a delta was
 cut from is dropped only after the delta is durably in the log, so a crash at any moment loses no
 write.
 """
@@ -27,13 +27,13 @@ import blake3
 
 from vmreplica._internal import faults
 from vmreplica._internal.config import HostConfig
+from vmreplica._internal.drivers.qemu import nbd_copy, qemu_img, tracking
+from vmreplica._internal.drivers.qemu.qsd import node_name, start_storage_daemon
 from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.events import EventLog, now_iso
 from vmreplica._internal.engine.health import after_cycle
 from vmreplica._internal.engine.vms import VmRecord, VmService
-from vmreplica._internal.hypervisor import nbd_copy, qemu_img, tracking
-from vmreplica._internal.hypervisor.qsd import node_name, start_storage_daemon
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p

@@ -27,15 +27,15 @@ import blake3
 
 from vmreplica._internal import faults
 from vmreplica._internal.config import HostConfig
+from vmreplica._internal.drivers.qemu import nbd_copy, qemu_img
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
+from vmreplica._internal.drivers.qemu.qsd import StorageDaemon, node_name, start_storage_daemon
 from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine import validate
 from vmreplica._internal.engine.events import EventLog, now_iso
 from vmreplica._internal.engine.server import Authorization, warn_if_shared
 from vmreplica._internal.engine.vms import VmRecord, VmService
-from vmreplica._internal.hypervisor import nbd_copy, qemu_img
-from vmreplica._internal.hypervisor.qsd import StorageDaemon, node_name, start_storage_daemon
 from vmreplica._internal.models import RecoveryPoint
-from vmreplica._internal.store.chain import ReplicaChain
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p

@@ -132,7 +132,7 @@ TRANSITIONS: dict[tuple[Side, State, Command], State] = {
             S.WAITING_FOR_RESYNC,
             S.READY_FOR_INITIAL,
         )
-    },  # fmt: skip
+    },
 }
 del S, C, P, R
 

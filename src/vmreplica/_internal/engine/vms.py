@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmreplica._internal.config import HostConfig
+from vmreplica._internal.drivers.qemu import qemu, qemu_img
 from vmreplica._internal.engine import validate
 from vmreplica._internal.engine.events import EventLog, now_iso
-from vmreplica._internal.hypervisor import qemu, qemu_img
 from vmreplica._internal.models import Vm
 from vmreplica._internal.store.db import Database
 from vmreplica.errors import AccessDenied, InvalidArgument, InvalidState, NotFound, VmrError

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from vmreplica._internal import guest
-from vmreplica._internal.localcluster import free_port
+from tests import guest
+from tests.localcluster import free_port
 
 BASE = Path(os.environ.get("VMREPLICA_DEMO_DIR", "/tmp/vmr-demo"))
 GUEST_CACHE = Path(os.environ.get("VMREPLICA_GUEST_CACHE", "~/.cache/vmreplica/guest")).expanduser()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vmreplica._internal.hypervisor import qemu_img
+from vmreplica._internal.drivers.qemu import qemu_img
 from vmreplica.errors import (
     IntegrityError,
     InvalidArgument,

@@ -20,14 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmreplica._internal.hypervisor.qmp import (
+from vmreplica._internal.drivers.qemu.qmp import (
     EventSubscription,
     PidProcess,
     QmpSession,
     connect_when_ready,
     last_error,
 )
-from vmreplica._internal.hypervisor.qsd import blockdev_options, check_disks, node_name
+from vmreplica._internal.drivers.qemu.qsd import blockdev_options, check_disks, node_name
 from vmreplica.errors import (
     ConnectionFailed,
     InvalidArgument,

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmreplica._internal.hypervisor import blockjobs, qemu_img
-from vmreplica._internal.hypervisor.blockjobs import QmpTarget
-from vmreplica._internal.hypervisor.qmp import QmpCommandError
+from vmreplica._internal.drivers.qemu import blockjobs, qemu_img
+from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
+from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
 from vmreplica.errors import InvalidState, ResyncRequired, StorageError, VmrError
 
 __all__ = [

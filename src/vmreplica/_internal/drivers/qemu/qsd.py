@@ -18,8 +18,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from vmreplica._internal.hypervisor.children import die_with_parent
-from vmreplica._internal.hypervisor.qmp import (
+from vmreplica._internal.drivers.qemu.children import die_with_parent
+from vmreplica._internal.drivers.qemu.qmp import (
     EventSubscription,
     PidProcess,
     QmpSession,

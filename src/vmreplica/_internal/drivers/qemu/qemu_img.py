@@ -22,7 +22,7 @@ from fractions import Fraction
 from typing import Any
 
 from vmreplica._internal import faults
-from vmreplica._internal.hypervisor.children import die_with_parent
+from vmreplica._internal.drivers.qemu.children import die_with_parent
 from vmreplica.errors import InvalidArgument, InvalidState, StorageError, VmrError
 
 QEMU_IMG = "qemu-img"

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from vmreplica._internal.hypervisor import qemu_img
-from vmreplica._internal.hypervisor.qmp import EventSubscription, QmpCommandError
+from vmreplica._internal.drivers.qemu import qemu_img
+from vmreplica._internal.drivers.qemu.qmp import EventSubscription, QmpCommandError
 from vmreplica.errors import (
     Interrupted,
     InvalidArgument,

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Literal
 
 from vmreplica._internal.config import TlsFiles
-from vmreplica._internal.hypervisor import blockjobs, qemu_img
-from vmreplica._internal.hypervisor.blockjobs import QmpTarget
-from vmreplica._internal.hypervisor.children import die_with_parent
-from vmreplica._internal.hypervisor.qmp import QmpCommandError
+from vmreplica._internal.drivers.qemu import blockjobs, qemu_img
+from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
+from vmreplica._internal.drivers.qemu.children import die_with_parent
+from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
 from vmreplica.errors import ConnectionFailed, StorageError, VmrError
 
 __all__ = [

@@ -33,9 +33,9 @@ from typing import Any
 
 import nbd
 
-from vmreplica._internal.hypervisor import blockjobs
-from vmreplica._internal.hypervisor.blockjobs import QmpTarget
-from vmreplica._internal.hypervisor.qmp import EventSubscription
+from vmreplica._internal.drivers.qemu import blockjobs
+from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
+from vmreplica._internal.drivers.qemu.qmp import EventSubscription
 from vmreplica.errors import StorageError, VmrError
 
 __all__ = ["Extent", "align", "coalesce", "copy_ranges", "dirty_extents"]
