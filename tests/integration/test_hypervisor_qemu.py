@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica._internal.drivers.qemu.qemu import VmEnd, VmSpec, attach, is_vm_process, launch
+from vmreplica._internal.drivers.qemu.qemu import (
+    VmEnd,
+    VmSpec,
+    attach,
+    is_vm_process,
+    launch,
+    pid_path,
+    qmp_path,
+)
 from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
 from vmreplica.errors import ConnectionFailed, InvalidArgument, InvalidState, NotFound, VmrError
 
@@ -93,7 +101,7 @@ async def guest_armed(spec: VmSpec) -> None:
 
 
 def running(spec: VmSpec) -> bool:
-    text = spec.pid_path.read_text() if spec.pid_path.exists() else ""
+    text = pid_path(spec).read_text() if pid_path(spec).exists() else ""
     return bool(text.strip()) and is_vm_process(int(text), spec)
 
 
@@ -116,7 +124,7 @@ def test_launch_and_qemu_io_write_read_verify(root: Path) -> None:
 
     asyncio.run(scenario())
     assert not running(spec)
-    assert not spec.pid_path.exists()  # QEMU removes it on a clean exit
+    assert not pid_path(spec).exists()  # QEMU removes it on a clean exit
     # The write went through the block layer into the image itself.
     check = subprocess.run(
         ["qemu-io", "-f", "qcow2", "-c", "read -P 0xab 1M 64k", str(disk)],
@@ -206,14 +214,14 @@ def test_attach_after_qemu_was_killed_returns_none_and_relaunch_works(root: Path
         assert await vm.wait_end() is VmEnd.DIED
 
     asyncio.run(crash())
-    assert spec.pid_path.exists() and spec.qmp_path.exists()  # left behind by the crash
+    assert pid_path(spec).exists() and qmp_path(spec).exists()  # left behind by the crash
     asyncio.run(after())
 
 
 def test_pidfile_naming_another_process_is_not_taken_for_the_vm(root: Path) -> None:
     spec = make_spec(root, qcow2(root))
     spec.run_dir.mkdir(parents=True)
-    spec.pid_path.write_text(f"{os.getpid()}\n")
+    pid_path(spec).write_text(f"{os.getpid()}\n")
     assert not is_vm_process(os.getpid(), spec)
     assert asyncio.run(attach(spec)) is None
 

@@ -24,15 +24,13 @@ from vmreplica._internal.api.mgmt import make_app
 from vmreplica._internal.api.peer_routes import peer_routes
 from vmreplica._internal.certs import server_ssl_context
 from vmreplica._internal.config import HostConfig
-from vmreplica._internal.drivers.qemu import children
+from vmreplica._internal.drivers.qemu.driver import QemuDriver
+from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import EventLog
-from vmreplica._internal.engine.failover import FailoverService
-from vmreplica._internal.engine.primary import PrimaryEngine
-from vmreplica._internal.engine.relationships import ReplicationService
-from vmreplica._internal.engine.replica import ReplicaEngine
-from vmreplica._internal.engine.server import ServerService
-from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.engine.journal import Journal
+from vmreplica._internal.engine.services import build as build_engine
 from vmreplica._internal.store.db import Database
+from vmreplica._internal.store.stores import Stores
 from vmreplica.errors import ConnectionFailed, StorageError
 
 log = logging.getLogger("vmreplica.agent")
@@ -77,34 +75,29 @@ class Agent:
                 f"cannot use state directory {config.state_dir}: {e.strerror or e}"
             ) from e
         self.db = Database(config.state_dir / "state.db")
-        self.events = EventLog(self.db, config.name)
-        self.server = ServerService(self.db, self.events, config)
-        self.vms = VmService(self.db, self.events, config)
-        self.primary = PrimaryEngine(self.db, self.events, config, self.vms)
-        self.replica = ReplicaEngine(self.db, self.events, config, self.vms)
-        self.primary.own_port = self._own_port
-        self.replication = ReplicationService(
-            config, self.server, self.vms, self.primary, self.replica
+        stores = Stores.open(self.db)
+        self.events = EventLog(stores.events, config.name)
+        ctx = Context(
+            config, stores, self.events, Journal(stores.journal, self.events),
+            QemuDriver(config.accel), own_port=self._own_port,
+        )  # fmt: skip
+        self.engine = build_engine(ctx)
+        self.listener = CertificateListener(
+            self.engine.server, self.engine.auth, peer_routes(self.engine)
         )
-        self.failover = FailoverService(
-            self.db, self.events, config, self.vms, self.primary, self.replica
-        )
-        self.vms.start_guards.append(self.replica.start_guard)
-        self.vms.start_guards.append(self.failover.start_guard)
-        self.vms.on_off.append(self.primary.on_vm_off)
-        self.listener = CertificateListener(self.server, peer_routes(self.replica, self.failover))
-        self.server.listener = self.listener
+        self.engine.server.listener = self.listener
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
 
     def _own_port(self) -> int | None:
-        settings = self.server.get()
+        settings = self.engine.server.get()
         return settings.certificate_authentication_port if settings.replication_enabled else None
 
     async def start(self) -> None:
         # Helpers an earlier agent left running would hold the image locks recovery needs.
-        storage = [Path(r.storage_dir) for r in self.replica.store.all() if r.storage_dir]
-        ended = await asyncio.to_thread(children.end_leftovers, [self.config.state_dir, *storage])
+        ctx = self.engine.ctx
+        storage = [Path(r.storage_dir) for r in ctx.stores.replications.all() if r.storage_dir]
+        ended = await asyncio.to_thread(ctx.driver.end_leftovers, [self.config.state_dir, *storage])
         if ended:
             self.events.record(
                 "leftovers-ended",
@@ -112,16 +105,12 @@ class Agent:
                 f"(pids {', '.join(map(str, ended))})",
                 level="warning",
             )
-        await self.vms.recover()
-        await self.replica.recover()
-        await self.failover.recover()
-        methods = build_methods(
-            self.config, self.server, self.vms, self.events, self.replication, self.failover
-        )
-        await self.listener.apply(self.server.get(), self.server.listener_files())
+        await self.engine.recover()
+        await self.listener.apply(self.engine.server.get(), self.engine.server.listener_files())
+        methods = build_methods(self.engine)
         await self._serve_unix(make_app(methods, frozenset()))
         await self._serve_https(make_app(methods, frozenset(self.config.admins)))
-        await self.primary.start()
+        await self.engine.primary.scheduler.start()
         self.events.record(
             "agent-started", f"host agent {self.config.name} started (pid {os.getpid()})"
         )
@@ -159,13 +148,13 @@ class Agent:
         self._runners.append(runner)
 
     async def stop(self) -> None:
-        await self.primary.stop()
-        await self.replica.close_all_imports()
+        await self.engine.primary.scheduler.stop()
+        await self.engine.replica.initial.close_all()
         await self.listener.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        await self.vms.detach_all()
+        await self.engine.vms.runtime.detach_all()
         with contextlib.suppress(OSError):
             self.config.socket.unlink()
         self.events.record("agent-stopped", f"host agent {self.config.name} stopped")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
 from vmreplica._internal.api.body import MAX_JSON_BODY, read_object
 from vmreplica._internal.api.errors import Handler, error_middleware
 from vmreplica._internal.certs import peer_dns_names, server_ssl_context, subject_identity
-from vmreplica._internal.engine.server import Authorization, ListenerFiles, ServerService
+from vmreplica._internal.engine.authorization import Authorization, AuthorizationService
+from vmreplica._internal.engine.server_settings import ListenerFiles, ServerService
 from vmreplica._internal.models import ServerSettings
 from vmreplica._internal.transport import protocol
 from vmreplica.errors import AccessDenied, ConnectionFailed
@@ -59,10 +59,10 @@ def local_address(request: web.Request) -> str:
     return str(sockname[0])
 
 
-def _wrap(server: ServerService, handler: PeerHandler) -> Handler:
+def _wrap(auth: AuthorizationService, handler: PeerHandler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         names = peer_names(request)
-        authorization = server.authorize(names)
+        authorization = auth.authorize(names)
         return await handler(request, authorization, names)
 
     return wrapped
@@ -73,22 +73,26 @@ async def _hello(
 ) -> web.StreamResponse:
     await read_object(request)  # it takes no field, but garbage is refused like anywhere else
     settings = request.app[SERVER_KEY].get()
-    result: dict[str, Any] = {
-        "replica_server": settings.computer_name,
-        "peer": names[0] if names else None,
-        "authorization_entry": authz.entry,
-        "trust_group": authz.trust_group,
-    }
-    return web.json_response({"result": result})
+    answer = protocol.HelloAnswer(
+        replica_server=settings.computer_name,
+        peer=names[0] if names else None,
+        authorization_entry=authz.entry,
+        trust_group=authz.trust_group,
+    )
+    return web.json_response({"result": answer.to_json()})
 
 
 class CertificateListener:
     """Keeps the listener's socket in line with the settings (see ServerService.set)."""
 
     def __init__(
-        self, server: ServerService, extra_routes: dict[str, PeerHandler] | None = None
+        self,
+        server: ServerService,
+        auth: AuthorizationService,
+        extra_routes: dict[str, PeerHandler] | None = None,
     ) -> None:
         self._server = server
+        self._auth = auth
         self.routes: dict[str, PeerHandler] = {protocol.HELLO: _hello}
         self.routes.update(extra_routes or {})
         self._runner: web.AppRunner | None = None
@@ -98,7 +102,7 @@ class CertificateListener:
         app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
         app[SERVER_KEY] = self._server
         for path, handler in self.routes.items():
-            app.router.add_post(path, _wrap(self._server, handler))
+            app.router.add_post(path, _wrap(self._auth, handler))
         return app
 
     @property

@@ -6,25 +6,19 @@ from typing import Any
 
 from vmreplica._internal.api import args as a
 from vmreplica._internal.api.mgmt import Method
-from vmreplica._internal.config import HostConfig
-from vmreplica._internal.engine import repl_store as rs
 from vmreplica._internal.engine.connect import test_connection
-from vmreplica._internal.engine.events import EventLog
-from vmreplica._internal.engine.failover import FailoverService
-from vmreplica._internal.engine.relationships import ReplicationService
-from vmreplica._internal.engine.server import ServerChanges, ServerService
-from vmreplica._internal.engine.vms import DiskRequest, VmRequest, VmService
+from vmreplica._internal.engine.server_settings import ServerChanges
+from vmreplica._internal.engine.services import Services
+from vmreplica._internal.engine.vms import DiskRequest, VmRequest
+from vmreplica._internal.store.replications import Settings
 from vmreplica.errors import InvalidArgument
 
 
-def build_methods(
-    config: HostConfig,
-    server: ServerService,
-    vms: VmService,
-    events: EventLog,
-    replication: ReplicationService,
-    failover: FailoverService,
-) -> dict[str, Method]:
+def build_methods(engine: Services) -> dict[str, Method]:
+    config, server, auth, vms = engine.ctx.config, engine.server, engine.auth, engine.vms
+    events, replication, failover = engine.ctx.events, engine.replication, engine.failover
+    primary = engine.primary
+
     async def host_info(args: dict[str, Any]) -> Any:
         return {"computer_name": config.name}
 
@@ -48,26 +42,24 @@ def build_methods(
         return await server.set(changes)
 
     async def auth_new(args: dict[str, Any]) -> Any:
-        return server.auth_new(
+        return auth.auth_new(
             a.req_str(args, "allowed_primary"),
             a.req_str(args, "storage_location"),
             a.req_str(args, "trust_group"),
         )
 
     async def auth_get(args: dict[str, Any]) -> Any:
-        return server.auth_list(a.opt_str(args, "allowed_primary"), a.opt_str(args, "trust_group"))
+        return auth.auth_list(a.opt_str(args, "allowed_primary"), a.opt_str(args, "trust_group"))
 
     async def auth_set(args: dict[str, Any]) -> Any:
-        return server.auth_set(
+        return auth.auth_set(
             a.req_str(args, "allowed_primary"),
             a.opt_str(args, "storage_location"),
             a.opt_str(args, "trust_group"),
         )
 
     async def auth_remove(args: dict[str, Any]) -> Any:
-        return server.auth_remove(
-            a.opt_str(args, "allowed_primary"), a.opt_str(args, "trust_group")
-        )
+        return auth.auth_remove(a.opt_str(args, "allowed_primary"), a.opt_str(args, "trust_group"))
 
     async def vm_new(args: dict[str, Any]) -> Any:
         disks: list[DiskRequest] = []
@@ -95,15 +87,16 @@ def build_methods(
         return vms.get(a.req_str(args, "name"))
 
     async def vm_start(args: dict[str, Any]) -> Any:
-        return await vms.start(a.req_str(args, "name"))
+        await vms.runtime.start(a.req_str(args, "name"))
+        return vms.get(a.req_str(args, "name"))
 
     async def vm_stop(args: dict[str, Any]) -> Any:
         timeout = a.opt_float(args, "timeout")
         if timeout is not None and not 0 < timeout <= 86400:
             raise InvalidArgument("--timeout must be from 0 to 86400 seconds")
-        return await vms.stop(
-            a.req_str(args, "name"), bool(a.opt_bool(args, "force")), timeout or 60.0
-        )
+        name = a.req_str(args, "name")
+        await vms.runtime.stop(name, bool(a.opt_bool(args, "force")), timeout or 60.0)
+        return vms.get(name)
 
     async def vm_remove(args: dict[str, Any]) -> Any:
         return await vms.remove(
@@ -113,7 +106,8 @@ def build_methods(
         )
 
     async def vm_monitor(args: dict[str, Any]) -> Any:
-        return {"output": await vms.monitor(a.req_str(args, "name"), a.req_str(args, "command"))}
+        output = await vms.runtime.monitor(a.req_str(args, "name"), a.req_str(args, "command"))
+        return {"output": output}
 
     async def event_list(args: dict[str, Any]) -> Any:
         return events.list(a.opt_str(args, "since"))
@@ -148,25 +142,25 @@ def build_methods(
         if port is None:
             raise InvalidArgument("missing --replica-port")
         changes = {k: v for k, v in settings_changes(args).items() if v is not None}
-        row = await replication.primary.enable(
+        row = await primary.enable.enable(
             a.req_str(args, "vm"),
             a.req_str(args, "replica_server"),
             port,
             a.opt_str(args, "auth") or "certificate",
-            rs.Settings(**changes),
+            Settings(**changes),
             a.str_list(args, "exclude_disks"),
         )
         return replication.to_model(row)
 
     async def replication_set(args: dict[str, Any]) -> Any:
         if a.opt_bool(args, "reverse"):
-            reversed_row = await failover.reverse(
+            reversed_row = await failover.reverse.reverse(
                 a.req_str(args, "vm"),
                 a.opt_str(args, "replica_server"),
                 a.opt_int(args, "replica_port"),
             )
             return replication.to_model(reversed_row)
-        row = await replication.primary.set(a.req_str(args, "vm"), settings_changes(args))
+        row = await primary.enable.set(a.req_str(args, "vm"), settings_changes(args))
         return replication.to_model(row)
 
     async def replication_get(args: dict[str, Any]) -> Any:
@@ -181,10 +175,10 @@ def build_methods(
         return replication.measure(a.opt_str(args, "vm"))
 
     async def replication_start_initial(args: dict[str, Any]) -> Any:
-        return replication.to_model(await replication.primary.start_initial(a.req_str(args, "vm")))
+        return replication.to_model(await primary.initial.start(a.req_str(args, "vm")))
 
     async def replication_sync(args: dict[str, Any]) -> Any:
-        return replication.to_model(await replication.primary.sync(a.req_str(args, "vm")))
+        return replication.to_model(await primary.cycles.sync(a.req_str(args, "vm")))
 
     async def replication_suspend(args: dict[str, Any]) -> Any:
         return await replication.suspend(a.req_str(args, "vm"))
@@ -201,7 +195,7 @@ def build_methods(
         return await replication.reset_statistics(a.req_str(args, "vm"))
 
     async def recovery_point_list(args: dict[str, Any]) -> Any:
-        return replication.replica.recovery_points(vms.find(a.req_str(args, "vm")))
+        return engine.replica.points.list(vms.find(a.req_str(args, "vm")))
 
     async def failover_start(args: dict[str, Any]) -> Any:
         row = await failover.start(

@@ -10,69 +10,77 @@ Every route but ``delta`` and ``boot-file`` takes a JSON object, parsed into its
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
 from vmreplica._internal.api.body import read_object
 from vmreplica._internal.api.listener import PeerHandler, local_address, peer_identity
-from vmreplica._internal.engine.failover import FailoverService
-from vmreplica._internal.engine.replica import ReplicaEngine
-from vmreplica._internal.engine.server import Authorization
+from vmreplica._internal.engine.authorization import Authorization
+from vmreplica._internal.engine.services import Services
 from vmreplica._internal.transport import protocol as p
 
 CHUNK = 4 * 1024 * 1024
 
 
 R = TypeVar("R")
-EngineCall = Callable[[Authorization, list[str], R], Awaitable[dict[str, Any]]]
+
+
+class Answer(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+
+EngineCall = Callable[[Authorization, list[str], R], Awaitable[Answer]]
+
+
+def _answer(result: Answer | dict[str, Any]) -> web.Response:
+    return web.json_response({"result": result if isinstance(result, dict) else result.to_json()})
 
 
 def _json_route(parse: Callable[[dict[str, Any]], R], call: EngineCall[R]) -> PeerHandler:
     async def handler(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
-        typed = parse(await read_object(request))
-        return web.json_response({"result": await call(authz, names, typed)})
+        return _answer(await call(authz, names, parse(await read_object(request))))
 
     return handler
 
 
-def peer_routes(replica: ReplicaEngine, failover: FailoverService) -> dict[str, PeerHandler]:
+def peer_routes(engine: Services) -> dict[str, PeerHandler]:
+    replica, old_primary = engine.replica, engine.failover.old_primary
+
     async def delta(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
         vm_id = p.parse_vm_id(request.query.get("vm_id"), "query parameter vm_id")
-        result = await replica.receive(authz, names, vm_id, request.content.iter_chunked(CHUNK))
-        return web.json_response({"result": result})
+        chunks = request.content.iter_chunked(CHUNK)
+        return _answer(await replica.receiver.receive(authz, names, vm_id, chunks))
 
     async def boot_file(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
         vm_id = p.parse_vm_id(request.query.get("vm_id"), "query parameter vm_id")
         kind = p.parse_boot_kind(request.query.get("kind"))
-        result = await replica.receive_boot_file(
-            authz, names, vm_id, kind, request.content.iter_chunked(CHUNK)
-        )
-        return web.json_response({"result": result})
+        chunks = request.content.iter_chunked(CHUNK)
+        return _answer(await replica.lifecycle.receive_boot_file(authz, names, vm_id, kind, chunks))
 
     async def initial_open(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
         typed = p.InitialOpenRequest.from_json(await read_object(request))
-        result = await replica.open_initial(
+        answer = await replica.initial.open(
             authz, names, typed, listen_host=local_address(request),
             peer_identity=peer_identity(request),
         )  # fmt: skip
-        return web.json_response({"result": result})
+        return _answer(answer)
 
     return {
         p.INITIAL_OPEN: initial_open,
-        p.INITIAL_CLOSE: _json_route(p.InitialCloseRequest.from_json, replica.close_initial),
-        p.VM_STATE: _json_route(p.VmRequest.from_json, failover.vm_state),
-        p.REVERSE: _json_route(p.ReverseRequest.from_json, failover.become_replica),
-        p.ENABLE: _json_route(p.EnableRequest.from_json, replica.enable),
-        p.STATUS: _json_route(p.StatusRequest.from_json, replica.status),
+        p.INITIAL_CLOSE: _json_route(p.InitialCloseRequest.from_json, replica.initial.close),
+        p.VM_STATE: _json_route(p.VmRequest.from_json, old_primary.vm_state),
+        p.REVERSE: _json_route(p.ReverseRequest.from_json, old_primary.become_replica),
+        p.ENABLE: _json_route(p.EnableRequest.from_json, replica.lifecycle.enable),
+        p.STATUS: _json_route(p.StatusRequest.from_json, replica.lifecycle.status),
         p.DELTA: delta,
         p.BOOT_FILE: boot_file,
     }

@@ -8,8 +8,8 @@ from vmreplica._internal.models import ConnectionTest
 from vmreplica._internal.transport.peer import (
     UNREACHABLE,
     PeerAddress,
-    PeerClient,
     PeerConnectionFailed,
+    open_peer,
 )
 from vmreplica.errors import AccessDenied, InvalidArgument, InvalidState, VmrError
 
@@ -35,10 +35,10 @@ async def test_connection(
     outcome = {"reachable": False, "tls_ok": False, "authorized": False}
     entry = group = reason = None
     try:
-        async with PeerClient(peer, config.tls, timeout=10) as client:
-            answer = await client.call("/replication/v1/hello")
+        async with open_peer(peer, config.tls, timeout=10) as replica:
+            answer = await replica.hello()
         outcome = {"reachable": True, "tls_ok": True, "authorized": True}
-        entry, group = answer.get("authorization_entry"), answer.get("trust_group")
+        entry, group = answer.authorization_entry, answer.trust_group
     except PeerConnectionFailed as e:
         outcome["reachable"] = e.stage != UNREACHABLE
         reason = e.message

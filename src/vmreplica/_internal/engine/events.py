@@ -7,11 +7,11 @@ two never disagree about what happened.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from datetime import UTC, datetime
 
 from vmreplica._internal.models import Event
-from vmreplica._internal.store.db import Database
+from vmreplica._internal.store.db import Tx
+from vmreplica._internal.store.events import EventStore
 from vmreplica.errors import InvalidArgument
 
 log = logging.getLogger("vmreplica.events")
@@ -30,8 +30,8 @@ def parse_iso(value: str, what: str = "time") -> datetime:
 
 
 class EventLog:
-    def __init__(self, db: Database, computer_name: str) -> None:
-        self._db = db
+    def __init__(self, store: EventStore, computer_name: str) -> None:
+        self._store = store
         self._computer_name = computer_name
 
     def record(
@@ -40,16 +40,10 @@ class EventLog:
         message: str,
         vm_name: str | None = None,
         level: str = "info",
-        conn: sqlite3.Connection | None = None,
+        tx: Tx | None = None,
     ) -> None:
-        """Record an event, inside the caller's transaction when ``conn`` is given."""
-        sql = "INSERT INTO events(time, level, kind, vm_name, message) VALUES(?,?,?,?,?)"
-        params = (now_iso(), level, kind, vm_name, message)
-        if conn is not None:
-            conn.execute(sql, params)
-        else:
-            with self._db.tx() as c:
-                c.execute(sql, params)
+        """Record an event, inside the caller's transaction when ``tx`` is given."""
+        self._store.add(kind, message, vm_name, level, tx)
         log.log(
             logging.WARNING if level != "info" else logging.INFO,
             message,
@@ -57,19 +51,18 @@ class EventLog:
         )
 
     def list(self, since: str | None = None, limit: int = 1000) -> list[Event]:
-        rows = self._db.query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
         since_dt = parse_iso(since, "--since") if since else None
         events = [
             Event(
                 computer_name=self._computer_name,
-                id=r["id"],
-                time=r["time"],
-                level=r["level"],
-                kind=r["kind"],
-                vm_name=r["vm_name"],
-                message=r["message"],
+                id=r.id,
+                time=r.time,
+                level=r.level,
+                kind=r.kind,
+                vm_name=r.vm_name,
+                message=r.message,
             )
-            for r in reversed(rows)
+            for r in self._store.newest(limit)
         ]
         if since_dt is not None:
             events = [e for e in events if datetime.fromisoformat(e.time) >= since_dt]

@@ -1,6 +1,6 @@
 """What ``replication get|measure|…`` show and do, whichever side of a relationship this host is.
 
-The primary and replica engines do the work; this module turns their rows into the contract's
+The primary and replica sides do the work; this module turns their rows into the contract's
 objects, computes health over the monitoring window, and sends each command to the right side.
 """
 
@@ -9,32 +9,37 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine import health
-from vmreplica._internal.engine import repl_store as rs
-from vmreplica._internal.engine.primary import PrimaryEngine
-from vmreplica._internal.engine.replica import ReplicaEngine
-from vmreplica._internal.engine.server import ServerService
+from vmreplica._internal.engine.authorization import AuthorizationService
+from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.primary import Primary
+from vmreplica._internal.engine.replica import Replica
+from vmreplica._internal.engine.server_settings import ServerService
+from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.models import Measurement, Replication
+from vmreplica._internal.store.replications import CycleRow, ReplicationRow
 from vmreplica.errors import InvalidArgument, InvalidState
 
 
 class ReplicationService:
     def __init__(
         self,
-        config: HostConfig,
+        ctx: Context,
         server: ServerService,
+        auth: AuthorizationService,
         vms: VmService,
-        primary: PrimaryEngine,
-        replica: ReplicaEngine,
+        primary: Primary,
+        replica: Replica,
     ) -> None:
-        self._config = config
+        self._ctx = ctx
+        self._config = ctx.config
         self._server = server
+        self._auth = auth
         self._vms = vms
         self.primary = primary
         self.replica = replica
-        self.store = primary.store
+        self.store = ctx.stores.replications
         vms.replication_info = self.vm_columns
         vms.remove_guards.append(self._remove_guard)
         vms.disk_guards.append(self._disk_guard)
@@ -42,7 +47,7 @@ class ReplicationService:
 
     def _storage_roots(self) -> list[Path]:
         settings = self._server.get()
-        roots = [Path(e.replica_storage_location) for e in self._server.auth_list()]
+        roots = [Path(e.replica_storage_location) for e in self._auth.auth_list()]
         if settings.default_storage_location:
             roots.append(Path(settings.default_storage_location))
         return roots
@@ -62,7 +67,7 @@ class ReplicationService:
                 f"VM {vm.name} is replicated: run `replication remove {vm.name}` first"
             )
 
-    def _window(self, row: rs.ReplicationRow, now: datetime) -> health.Window:
+    def _window(self, row: ReplicationRow, now: datetime) -> health.Window:
         settings = self._server.get()
         since = datetime.fromisoformat(row.stats_since)
         return health.monitoring_window(
@@ -70,12 +75,11 @@ class ReplicationService:
         )
 
     def _health(
-        self, row: rs.ReplicationRow, now: datetime
+        self, row: ReplicationRow, now: datetime
     ) -> tuple[health.Health, health.Stats, health.Window]:
         window = self._window(row, now)
-        stats = health.statistics(
-            self.store.cycles(row.vm_id, window.start.astimezone(UTC).isoformat()), window
-        )
+        since = window.start.astimezone(UTC).isoformat()
+        stats = health.statistics(_cycles(self._ctx.stores.cycles.since(row.vm_id, since)), window)
         last = (
             datetime.fromisoformat(row.last_replication_time) if row.last_replication_time else None
         )
@@ -95,11 +99,11 @@ class ReplicationService:
     def vm_columns(self, vm_id: str) -> tuple[str, str | None, str | None]:
         row = self.store.find(vm_id)
         if row is None:
-            return rs.DISABLED, None, None
+            return State.DISABLED, None, None
         verdict, _, _ = self._health(row, datetime.now(UTC))
         return row.state, verdict.level, row.mode
 
-    def to_model(self, row: rs.ReplicationRow) -> Replication:
+    def to_model(self, row: ReplicationRow) -> Replication:
         verdict, _, _ = self._health(row, datetime.now(UTC))
         rec = self._vms.by_id(row.vm_id)
         disks = [str(rec.disks[i]) for i in row.disks if rec is not None and i < len(rec.disks)]
@@ -148,8 +152,8 @@ class ReplicationService:
                     health_details=verdict.details,
                     last_replication_time=row.last_replication_time,
                     last_replication_size=row.last_replication_size,
-                    pending_replication_size=self.primary.pending_size(row.vm_id)
-                    if row.mode == rs.PRIMARY
+                    pending_replication_size=self.primary.pending.size(row.vm_id)
+                    if row.mode == "Primary"
                     else 0,
                     average_replication_size=stats.average_replication_size,
                     maximum_replication_size=stats.maximum_replication_size,
@@ -165,41 +169,51 @@ class ReplicationService:
             )
         return out
 
-    def _row(self, vm: str) -> rs.ReplicationRow:
+    def _row(self, vm: str) -> ReplicationRow:
         rec = self._vms.find(vm)
         return self.store.get(rec.id, vm)
 
     def _primary_only(self, vm: str, what: str) -> None:
-        if self._row(vm).mode != rs.PRIMARY:
+        if self._row(vm).mode != "Primary":
             raise InvalidState(
                 f"{what} runs on the primary server of {vm}; this host holds its replica"
             )
 
     async def suspend(self, vm: str) -> Replication:
         self._primary_only(vm, "suspend")
-        return self.to_model(await self.primary.suspend(vm))
+        return self.to_model(await self.primary.control.suspend(vm))
 
     async def resume(self, vm: str, resynchronize: bool) -> Replication:
         row = self._row(vm)
-        if row.mode == rs.REPLICA and not resynchronize:
-            return self.to_model(await self.replica.retry(self._vms.find(vm)))
+        if row.mode == "Replica" and not resynchronize:
+            return self.to_model(await self.replica.recovery.retry(self._vms.find(vm)))
         self._primary_only(vm, "resume")
         if resynchronize:
             raise InvalidArgument(
                 "resynchronization is not available in this version of vmreplica yet"
             )
-        return self.to_model(await self.primary.resume(vm))
+        return self.to_model(await self.primary.control.resume(vm))
 
     async def reset_statistics(self, vm: str) -> Replication:
         row = self._row(vm)
-        await self.primary.reset_statistics(row.vm_id)
+        await self.primary.control.reset_statistics(row.vm_id)
         return self.to_model(self.store.get(row.vm_id, vm))
 
     async def remove(self, vm: str) -> Replication:
         row = self._row(vm)
         model = self.to_model(row)
-        if row.mode == rs.PRIMARY:
-            await self.primary.remove(row)
+        if row.mode == "Primary":
+            await self.primary.control.remove(row)
         else:
-            await self.replica.remove(row)
+            await self.replica.lifecycle.remove(row)
         return model
+
+
+def _cycles(rows: list[CycleRow]) -> list[health.Cycle]:
+    """Cycles as statistics count them: a late cycle also stands for the periods it skipped,
+    each one missed."""
+    out: list[health.Cycle] = []
+    for r in rows:
+        out.append(health.Cycle(r.start, r.end, r.size, r.ok, missed=False, error=r.error))
+        out += [health.Cycle(r.start, None, 0, False, missed=True) for _ in range(r.missed)]
+    return out

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+from fractions import Fraction
 from pathlib import Path
 
+from vmreplica._internal.store.replications import Settings
 from vmreplica.errors import InvalidArgument
 
 # Used with fullmatch only: with match, "$" also matches before a final newline.
@@ -41,11 +43,52 @@ _INITRD_MAGICS = (
     b"070702",  # cpio crc
 )
 
+_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]?)(?:I?B)?\s*", re.IGNORECASE)
+FREQUENCIES = (30, 300, 900)
+MAX_RECOVERY_POINT_INTERVAL = 86400
+
 MONITORING_HOURS = (1, 2, 3, 4, 6, 8, 12, 24)
 MONITORING_DAYS = (2, 3, 4, 5, 6, 7)
 ALLOWED_MONITORING_INTERVALS = frozenset(
     [h * 3600 for h in MONITORING_HOURS] + [d * 86400 for d in MONITORING_DAYS]
 )
+
+
+def size(text: str) -> int:
+    """Bytes from an operator-typed size, with qemu's binary suffixes (``1.5G``, ``512M``)."""
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise InvalidArgument(f"invalid size {text!r}: use a number with K, M, G, T, P or E")
+    value = Fraction(match.group(1)) * (1 << _UNITS[match.group(2).upper()])
+    if value.denominator != 1:
+        raise InvalidArgument(f"invalid size {text!r}: not a whole number of bytes")
+    if value <= 0:
+        raise InvalidArgument(f"invalid size {text!r}: must be greater than zero")
+    return int(value)
+
+
+def replication_settings(s: Settings) -> Settings:
+    """Hyper-V's rules for per-VM settings, for ``enable``/``set`` and for what a peer sends."""
+    if s.frequency_sec not in FREQUENCIES:
+        raise InvalidArgument(
+            f"invalid replication frequency {s.frequency_sec}: use 30, 300 or 900 seconds"
+        )
+    if not 0 <= s.recovery_history <= 24:
+        raise InvalidArgument(
+            f"invalid recovery history {s.recovery_history}: use 0 to 24 additional points"
+        )
+    if s.snapshot_frequency_hour is not None:
+        if not 1 <= s.snapshot_frequency_hour <= 12:
+            raise InvalidArgument("invalid --snapshot-frequency: use 1 to 12 hours")
+        if s.recovery_history == 0:
+            raise InvalidArgument("--snapshot-frequency needs --recovery-history above 0")
+    if not 1 <= s.recovery_point_interval <= MAX_RECOVERY_POINT_INTERVAL:
+        raise InvalidArgument(
+            f"invalid --recovery-point-interval {s.recovery_point_interval}: use 1 to "
+            f"{MAX_RECOVERY_POINT_INTERVAL} seconds"
+        )
+    return s
 
 
 def fqdn(value: str, what: str = "server name") -> str:

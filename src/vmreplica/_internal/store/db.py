@@ -17,6 +17,10 @@ from typing import Any
 
 from vmreplica.errors import StorageError
 
+# A write transaction in progress: what repositories take to make several changes one. The
+# engine passes it along without looking inside.
+Tx = sqlite3.Connection
+
 _MIGRATIONS: list[str] = [
     """
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -164,6 +168,15 @@ class Database:
             except sqlite3.Error as e:
                 self.conn.execute("ROLLBACK")
                 raise StorageError(f"state database write failed: {e}") from e
+
+    @contextmanager
+    def in_tx(self, tx: Tx | None) -> Iterator[Tx]:
+        """The caller's transaction when it has one, else a transaction of its own."""
+        if tx is not None:
+            yield tx
+        else:
+            with self.tx() as own:
+                yield own
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         return list(self.conn.execute(sql, params))

@@ -51,6 +51,10 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+ManifestCheck = Callable[["DeltaManifest"], None]
+"""The receiver's own checks of a manifest, run before a byte of the delta is stored."""
+
+
 @dataclass(frozen=True)
 class DiskEntry:
     index: int
@@ -266,7 +270,7 @@ async def receive(
     staging_dir: StrPath,
     *,
     expected_vm_id: str,
-    check_manifest: Callable[[DeltaManifest], None] | None = None,
+    check_manifest: ManifestCheck | None = None,
     max_file_size: int | None = None,
 ) -> DeltaManifest:
     """Stage a delta in ``staging_dir`` (absent or empty; removed on failure); check_manifest

@@ -9,8 +9,10 @@ replica's own error class and message.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,7 @@ import aiohttp
 
 from vmreplica._internal.certs import client_ssl_context
 from vmreplica._internal.config import TlsFiles
+from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import ConnectionFailed, VmrError, error_from_json
 
 UNREACHABLE = "unreachable"
@@ -155,3 +158,58 @@ class PeerClient:
 def _looks_like_tls_alert(err: BaseException) -> bool:
     text = f"{err} {err.__cause__ or ''}".lower()
     return any(word in text for word in ("alert", "unknown ca", "certificate", "ssl"))
+
+
+class Peer:
+    """The replication protocol as calls: one method per route of the peer's listener, typed
+    requests in and typed answers out (transport/protocol.py). Open with :func:`open_peer`."""
+
+    def __init__(self, client: PeerClient) -> None:
+        self._client = client
+
+    @property
+    def address(self) -> PeerAddress:
+        return self._client.peer
+
+    async def hello(self) -> p.HelloAnswer:
+        return p.HelloAnswer.from_json(await self._client.call(p.HELLO))
+
+    async def enable(self, request: p.EnableRequest) -> p.EnableAnswer:
+        return p.EnableAnswer.from_json(await self._client.call(p.ENABLE, request.to_json()))
+
+    async def boot_file(self, vm_id: str, kind: str, data: AsyncIterator[bytes]) -> None:
+        await self._client.call(
+            f"{p.BOOT_FILE}?vm_id={vm_id}&kind={kind}", data=data, headers=_STREAM
+        )
+
+    async def status(self, request: p.StatusRequest) -> p.StatusAnswer:
+        return p.StatusAnswer.from_json(await self._client.call(p.STATUS, request.to_json()))
+
+    async def initial_open(self, request: p.InitialOpenRequest) -> p.InitialOpenAnswer:
+        answer = await self._client.call(p.INITIAL_OPEN, request.to_json())
+        return p.InitialOpenAnswer.from_json(answer)
+
+    async def initial_close(self, request: p.InitialCloseRequest) -> p.SequenceAnswer:
+        answer = await self._client.call(p.INITIAL_CLOSE, request.to_json())
+        return p.SequenceAnswer.from_json(answer)
+
+    async def delta(self, vm_id: str, stream: AsyncIterator[bytes]) -> p.SequenceAnswer:
+        answer = await self._client.call(f"{p.DELTA}?vm_id={vm_id}", data=stream, headers=_STREAM)
+        return p.SequenceAnswer.from_json(answer)
+
+    async def vm_state(self, request: p.VmRequest) -> p.VmStateAnswer:
+        return p.VmStateAnswer.from_json(await self._client.call(p.VM_STATE, request.to_json()))
+
+    async def reverse(self, request: p.ReverseRequest) -> p.ReverseAnswer:
+        return p.ReverseAnswer.from_json(await self._client.call(p.REVERSE, request.to_json()))
+
+
+_STREAM = {"Content-Type": "application/octet-stream"}
+
+
+@contextlib.asynccontextmanager
+async def open_peer(
+    address: PeerAddress, tls: TlsFiles, timeout: float = 30.0
+) -> AsyncIterator[Peer]:
+    async with PeerClient(address, tls, timeout) as client:
+        yield Peer(client)

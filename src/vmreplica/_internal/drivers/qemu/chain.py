@@ -205,6 +205,21 @@ class ReplicaChain:
         if backing is not None and (full is None or Path(full).resolve() != self.tip):
             raise IntegrityError(f"delta {delta} has an unexpected backing file {backing}")
 
+    async def adopt_as_base(self, image: Path) -> None:
+        """An initial copy (a standalone full image) becomes the base of this empty chain as it
+        is, instead of being committed block by block into the tip it reads through."""
+        async with self._lock:
+            empty = (
+                not self.point_ids()
+                and (await qemu_img.info(self.tip)).get("actual-size", 0) <= 1024 * 1024
+            )
+        if not empty:  # not an empty chain after all: apply it the ordinary way
+            await self.apply_delta(image)
+            return
+        with _fs(f"cannot adopt {image} as {self.base}"):
+            os.replace(image, self.base)
+        _fsync_dir(self.dir)
+
     async def freeze_recovery_point(self, point_id: int) -> Path:
         """``tip`` becomes ``rp-<id>`` and a new empty ``tip`` stands on it.
 

@@ -17,7 +17,6 @@ import itertools
 import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from vmreplica._internal.drivers.qemu.qmp import (
@@ -28,6 +27,7 @@ from vmreplica._internal.drivers.qemu.qmp import (
     last_error,
 )
 from vmreplica._internal.drivers.qemu.qsd import blockdev_options, check_disks, node_name
+from vmreplica._internal.ports.hypervisor import VmSpec as VmSpec
 from vmreplica.errors import (
     ConnectionFailed,
     InvalidArgument,
@@ -39,28 +39,13 @@ from vmreplica.errors import (
 QEMU_SYSTEM = "qemu-system-x86_64"
 
 
-@dataclass(frozen=True)
-class VmSpec:
-    """What QEMU needs to run a VM; ``run_dir`` holds qmp.sock, qemu.pid, the logs."""
+def qmp_path(spec: VmSpec) -> Path:
+    """The VM's QMP monitor socket, in its run directory."""
+    return spec.run_dir.absolute() / "qmp.sock"
 
-    id: str
-    name: str
-    cpus: int
-    memory_mb: int
-    disks: tuple[Path, ...]
-    run_dir: Path
-    kernel: Path | None = None
-    initrd: Path | None = None
-    append: str | None = None
-    accel: str = "tcg"
 
-    @property
-    def qmp_path(self) -> Path:
-        return self.run_dir.absolute() / "qmp.sock"
-
-    @property
-    def pid_path(self) -> Path:
-        return self.run_dir.absolute() / "qemu.pid"
+def pid_path(spec: VmSpec) -> Path:
+    return spec.run_dir.absolute() / "qemu.pid"
 
 
 class VmEnd(enum.Enum):
@@ -101,7 +86,7 @@ def _runs(spec: VmSpec, argv: list[str]) -> bool:
     if not argv or not Path(argv[0]).name.startswith("qemu-system"):
         return False
     opts = dict(itertools.pairwise(argv))
-    pidfile = opts.get("-pidfile") == str(spec.pid_path)
+    pidfile = opts.get("-pidfile") == str(pid_path(spec))
     return pidfile and opts.get("-uuid", "").lower() == spec.id.lower()
 
 
@@ -110,7 +95,7 @@ def _find(spec: VmSpec) -> PidProcess | None:
         return is_vm_process(pid, spec)
 
     with contextlib.suppress(OSError, ValueError):
-        proc = PidProcess.open(int(spec.pid_path.read_text().strip()), matches)
+        proc = PidProcess.open(int(pid_path(spec).read_text().strip()), matches)
         if proc is not None:
             return proc
     # QEMU unlinks its pidfile on exit; one removed by hand must not hide a live VM.
@@ -128,12 +113,12 @@ def _opt(value: str | Path) -> str:
 def _argv(spec: VmSpec) -> list[str]:
     run = spec.run_dir.absolute()
     argv = [QEMU_SYSTEM, "-name", f"guest={_opt(spec.name)}", "-uuid", spec.id]
-    argv += ["-pidfile", str(spec.pid_path), "-nodefaults", "-no-user-config"]
+    argv += ["-pidfile", str(pid_path(spec)), "-nodefaults", "-no-user-config"]
     cpu = "max" if spec.accel == "tcg" else "host"
     argv += ["-machine", "q35", "-accel", spec.accel, "-cpu", cpu]
     argv += ["-smp", str(spec.cpus), "-m", str(spec.memory_mb), "-display", "none"]
     argv += ["-no-shutdown", "-nic", "none"]
-    argv += ["-chardev", f"socket,id=qmp,path={_opt(spec.qmp_path)},server=on,wait=off"]
+    argv += ["-chardev", f"socket,id=qmp,path={_opt(qmp_path(spec))},server=on,wait=off"]
     argv += ["-mon", "chardev=qmp,mode=control"]
     argv += ["-chardev", f"file,id=serial0,path={_opt(run / 'serial.log')}"]
     argv += ["-serial", "chardev:serial0"]
@@ -190,7 +175,7 @@ async def launch(spec: VmSpec, timeout: float = 30.0) -> QemuVm:
         existing.close()
         raise InvalidState(f"VM '{spec.name}' is already running (QEMU pid {existing.pid})")
     with contextlib.suppress(FileNotFoundError):
-        spec.qmp_path.unlink()  # left by a QEMU that was killed
+        qmp_path(spec).unlink()  # left by a QEMU that was killed
     log_path = run / "qemu.log"
     with open(log_path, "ab") as log, open(run / "qemu.out", "ab") as out:
         log_start = log.tell()
@@ -198,7 +183,7 @@ async def launch(spec: VmSpec, timeout: float = 30.0) -> QemuVm:
         proc = PidProcess.spawn(_argv(spec), out, log, new_session=True)
     what = f"VM '{spec.name}'"
     try:
-        session = await connect_when_ready(spec.qmp_path, what, proc, timeout, "query-status")
+        session = await connect_when_ready(qmp_path(spec), what, proc, timeout, "query-status")
         if session is None:
             reason = last_error(log_path, log_start) or f"exit status {proc.returncode}"
             raise VmrError(f"QEMU failed to start {what}: {reason}")
@@ -221,7 +206,7 @@ async def attach(spec: VmSpec, timeout: float = 10.0) -> QemuVm | None:
         return None
     vm = None
     try:
-        session = await QmpSession.connect(spec.qmp_path, f"VM '{spec.name}'", timeout)
+        session = await QmpSession.connect(qmp_path(spec), f"VM '{spec.name}'", timeout)
         vm = await QemuVm._start(spec, proc, session)
         return vm
     except ConnectionFailed:
@@ -319,6 +304,9 @@ class QemuVm:
                 printed = f.read().decode(errors="replace")
         text = (reply if isinstance(reply, str) else "") + printed
         return text.replace("\r\n", "\n")
+
+    async def monitor(self, command: str) -> str:
+        return await self.hmp(command)
 
     async def powerdown(self) -> None:
         """Press the ACPI power button; the guest decides whether and when to power off."""

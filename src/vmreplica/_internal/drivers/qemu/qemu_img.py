@@ -14,11 +14,9 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from vmreplica._internal import faults
@@ -27,9 +25,6 @@ from vmreplica.errors import InvalidArgument, InvalidState, StorageError, VmrErr
 
 QEMU_IMG = "qemu-img"
 FORMAT = "qcow2"
-
-_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -57,19 +52,6 @@ class Bitmap:
     def in_use(self) -> bool:
         """An unclean close left the bitmap inconsistent: it may only be removed, never trusted."""
         return "in-use" in self.flags
-
-
-def parse_size(text: str) -> int:
-    """Bytes from an operator-typed size, with qemu's binary suffixes (``1.5G``, ``512M``)."""
-    match = _SIZE_RE.match(text)
-    if match is None:
-        raise InvalidArgument(f"invalid size {text!r}: use a number with K, M, G, T, P or E")
-    value = Fraction(match.group(1)) * (1 << _UNITS[match.group(2).upper()])
-    if value.denominator != 1:
-        raise InvalidArgument(f"invalid size {text!r}: not a whole number of bytes")
-    if value <= 0:
-        raise InvalidArgument(f"invalid size {text!r}: must be greater than zero")
-    return int(value)
 
 
 def _arg(path: str | os.PathLike[str]) -> str:

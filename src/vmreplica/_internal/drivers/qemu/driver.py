@@ -1,0 +1,248 @@
+"""The QEMU driver: the hypervisor port (ports/hypervisor.py) on qemu-system, qemu-storage-daemon
+and qemu-img, without libvirt. Each piece of the port maps onto one module of this package; this
+one only puts them together and keeps the engine's words (disk positions, generations, run
+directories) apart from QEMU's (node names, bitmaps, sockets).
+
+A session on a running VM talks to its QEMU over QMP; on a VM that is off, it opens the disks in
+a qemu-storage-daemon for the length of the session, the same block layer with the same node
+names, so every tracking operation has one implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmreplica._internal.config import TlsFiles
+from vmreplica._internal.drivers.qemu import (
+    children,
+    nbd_copy,
+    nbd_extents,
+    qemu,
+    qemu_img,
+    tracking,
+)
+from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
+from vmreplica._internal.drivers.qemu.qsd import StorageDaemon, node_name, start_storage_daemon
+from vmreplica._internal.extents import Extent, coalesce
+from vmreplica._internal.ports.hypervisor import (
+    CopySource,
+    DiskOwner,
+    Progress,
+    VmProcess,
+    VmSpec,
+)
+from vmreplica.errors import VmrError
+
+NBD_SOCKET = "nbd.sock"  # in the VM's run directory, beside a storage daemon's monitor
+INITIAL_DIR = "initial"  # in the VM's run directory: what an initial copy needs (TLS links, …)
+
+
+def _target(process: VmProcess | None) -> QmpTarget | None:
+    if process is None:
+        return None
+    assert isinstance(process, qemu.QemuVm), "a process of another driver"
+    return process
+
+
+@dataclass
+class QemuSession:
+    """The replicated disks of one VM, as QMP nodes ``disk{i}`` of its QEMU or storage daemon."""
+
+    target: QmpTarget
+    nodes: tuple[str, ...]
+    run_dir: Path
+
+    async def settle(self, generation: int) -> None:
+        await tracking.settle(self.target, self.nodes, generation)
+
+    async def cut(self, generation: int, dests: Sequence[Path]) -> None:
+        await tracking.rotate(self.target, self.nodes, generation, dests)
+
+    async def drop(self, generation: int) -> None:
+        await tracking.drop(self.target, self.nodes, generation)
+
+    async def stop_tracking(self) -> None:
+        await tracking.remove_all(self.target, self.nodes)
+
+    async def cut_top(self, dests: Sequence[Path]) -> None:
+        await tracking.start_from_top(self.target, self.nodes, dests)
+
+    async def dirty_extents(self, generation: int) -> list[list[Extent]]:
+        return await nbd_extents.dirty_extents(
+            self.target, self.nodes, tracking.name(generation), self.run_dir / NBD_SOCKET
+        )
+
+    async def copy_ranges(
+        self, dests: Sequence[Path], extents: Mapping[int, Sequence[Extent]]
+    ) -> int:
+        return await nbd_extents.copy_ranges(
+            self.target, self.nodes, dests, extents, self.run_dir / NBD_SOCKET
+        )
+
+
+@dataclass(frozen=True)
+class QemuImport:
+    """An initial copy's new images, open in a storage daemon that serves them over NBD+TLS."""
+
+    daemon: StorageDaemon
+    port: int
+    exports: tuple[str, ...]
+
+    async def finish(self) -> None:
+        try:
+            await self.daemon.stop()  # closes the images: metadata written, flushed
+        except BaseException:
+            await self.daemon.kill()
+            raise
+
+    async def discard(self) -> None:
+        await self.daemon.kill()
+
+
+class QemuDriver:
+    def __init__(self, accel: str = "tcg") -> None:
+        self.accel = accel
+
+    # -- VMs ---------------------------------------------------------------------------------
+
+    async def launch(self, spec: VmSpec) -> VmProcess:
+        return await qemu.launch(spec)
+
+    async def attach(self, spec: VmSpec) -> VmProcess | None:
+        return await qemu.attach(spec)
+
+    # -- disk images -------------------------------------------------------------------------
+
+    async def check_image(self, path: Path) -> None:
+        await qemu_img.info(path)
+
+    async def create_image(self, path: Path, size: int | None, backing: Path | None = None) -> None:
+        await qemu_img.create(path, size, backing)
+
+    async def virtual_size(self, path: Path) -> int:
+        return await qemu_img.virtual_size(path, force_share=True)
+
+    async def required_size(self, path: Path) -> int:
+        return await qemu_img.measure_required(path)
+
+    async def allocated(self, image: Path) -> list[Extent]:
+        """Data or zero clusters the image holds itself (a zeroed range is a change too); not
+        what shows through from below, nor the unallocated rest, which ``qemu-img map`` also
+        reports as zero."""
+        return coalesce(
+            (e.start, e.length) for e in await qemu_img.map(image) if e.present and e.depth == 0
+        )
+
+    async def start_tracking_offline(self, disks: Sequence[Path]) -> None:
+        for disk in disks:
+            for bitmap in await qemu_img.bitmaps(disk):
+                if bitmap.name.startswith(tracking.PREFIX):
+                    await qemu_img.bitmap_remove(disk, bitmap.name)
+            await qemu_img.bitmap_add(disk, tracking.name(1))
+
+    # -- sessions and copies -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _open(self, owner: DiskOwner) -> AsyncIterator[QmpTarget]:
+        """The running VM's QEMU, or a storage daemon on the disks of a VM that is off."""
+        running = _target(owner.process)
+        if running is not None:
+            yield running
+            return
+        owner.run_dir.mkdir(parents=True, exist_ok=True)
+        daemon = await start_storage_daemon(owner.disks, owner.run_dir, vm_name=owner.vm_name)
+        try:
+            yield daemon
+        finally:
+            await daemon.stop()
+
+    @contextlib.asynccontextmanager
+    async def session(self, owner: DiskOwner) -> AsyncIterator[QemuSession]:
+        async with self._open(owner) as target:
+            yield QemuSession(target, tuple(node_name(i) for i in owner.replicated), owner.run_dir)
+
+    @contextlib.asynccontextmanager
+    async def point_in_time(
+        self, owner: DiskOwner, generation: int
+    ) -> AsyncIterator[nbd_copy.Source]:
+        running = _target(owner.process)
+        if running is None:
+            # Off, and kept off by the caller's lock: qemu-img reads the images themselves.
+            disks = [owner.disks[i] for i in owner.replicated]
+            await self.start_tracking_offline(disks)
+            yield nbd_copy.file_source(disks)
+            return
+        nodes = [node_name(i) for i in owner.replicated]
+        await tracking.remove_all(running, nodes)
+        source = await nbd_copy.export_source(
+            running, nodes, owner.run_dir / INITIAL_DIR, tracking.name(generation)
+        )
+        try:
+            yield source
+        finally:
+            with contextlib.suppress(VmrError, TimeoutError):
+                await nbd_copy.close_source(running, source)
+
+    async def copy_to(
+        self,
+        source: CopySource,
+        disk: int,
+        address: str,
+        port: int,
+        export: str,
+        tls: TlsFiles,
+        tls_hostname: str,
+        work_dir: Path,
+        progress: Progress | None = None,
+    ) -> None:
+        assert isinstance(source, nbd_copy.Source), "a source of another driver"
+        tls_dir = nbd_copy.tls_creds_dir(work_dir / INITIAL_DIR / "tls", tls, "client")
+        await nbd_copy.convert(source, disk, address, port, export, tls_dir, tls_hostname, progress)
+
+    async def open_import(
+        self,
+        files: Sequence[Path],
+        sizes: Sequence[int],
+        work_dir: Path,
+        vm_name: str,
+        tls: TlsFiles,
+        peer_identity: str,
+        listen_host: str,
+        ports: tuple[int, int] | None,
+    ) -> QemuImport:
+        run_dir = work_dir / INITIAL_DIR
+        shutil.rmtree(run_dir, ignore_errors=True)  # what an earlier attempt left
+        for file, size in zip(files, sizes, strict=True):
+            await qemu_img.create(file, size)
+        direct = nbd_copy.supports_direct_io(files[0].parent)
+        daemon = await start_storage_daemon(
+            tuple(files), run_dir, vm_name, direct=direct, env=nbd_copy.BULK_ENV
+        )
+        try:
+            tls_dir = nbd_copy.tls_creds_dir(run_dir / "tls", tls, "server")
+            nodes = [node_name(i) for i in range(len(files))]
+            port, exports = await nbd_copy.serve_import(
+                daemon, nodes, tls_dir, peer_identity, listen_host, ports
+            )
+        except BaseException:
+            await daemon.kill()
+            raise
+        return QemuImport(daemon, port, exports)
+
+    # -- replica chains --------------------------------------------------------------------
+
+    def chain(self, directory: Path) -> ReplicaChain:
+        return ReplicaChain(directory)
+
+    async def create_chain(self, directory: Path, virtual_size: int) -> ReplicaChain:
+        return await ReplicaChain.create(directory, virtual_size)
+
+    # -- the agent's own helpers -----------------------------------------------------------------
+
+    def end_leftovers(self, markers: Sequence[Path]) -> list[int]:
+        return children.end_leftovers(markers)

@@ -1,0 +1,123 @@
+"""What the failover operations share: recovery points to run on, overlays above them, and the
+ranges a replica chain received after a failover point (what a delta failback must carry).
+
+A failover VM always runs on new overlays above a recovery point, never on the chain itself: a
+failover to "Latest" first freezes ``tip`` into a point. The point is pinned (recorded in the
+replication row) so that pruning leaves it alone until the failover is stopped, completed or
+reversed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from vmreplica._internal import extents as ext
+from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.replica import Replica
+from vmreplica._internal.engine.replica.common import chains
+from vmreplica._internal.engine.states import State
+from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.extents import Extent
+from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica.errors import IntegrityError, InvalidArgument, NotFound, StorageError
+
+log = logging.getLogger("vmreplica.failover")
+
+TEST_SUFFIX = " - Test"
+FAILBACK_FILE = "failback-extents.json"  # in a completed failover's storage directory
+OVERLAY_DIRS = {"failover": "failover", "test-failover": "test"}  # in the replica storage
+
+
+class FailoverBase:
+    def __init__(self, ctx: Context, vms: VmService, replica: Replica) -> None:
+        self._ctx = ctx
+        self._vms = vms
+        self._replica = replica
+        self._store = ctx.stores.replications
+
+    def _row(self, name: str) -> tuple[VmRecord, ReplicationRow]:
+        rec = self._vms.find(name)
+        return rec, self._store.get(rec.id, name)
+
+    async def _choose_point(self, row: ReplicationRow, point: str | None) -> int:
+        """The point to run on; "Latest" freezes ``tip`` first, as it is never a backing file."""
+        if point is None or point.lower() == "latest":
+            return await self._replica.points.freeze(row, "Standard")
+        if not point.isdigit():
+            raise InvalidArgument(
+                f"invalid --recovery-point {point!r}: a point id from `recovery-point list`, or Latest"
+            )
+        if int(point) not in self._ctx.stores.points.ids(row.vm_id):
+            raise NotFound(
+                f"no recovery point {point} for {row.vm_name}: see `recovery-point list {row.vm_name}`"
+            )
+        return int(point)
+
+    async def _overlays(self, row: ReplicationRow, point: int, kind: str) -> list[Path]:
+        root = Path(str(row.storage_dir)) / OVERLAY_DIRS[kind]
+        shutil.rmtree(root, ignore_errors=True)
+        return [
+            await chain.overlay_for(point, root / f"disk{i}.qcow2")
+            for i, chain in enumerate(chains(self._ctx, row))
+        ]
+
+    async def _changes_above_point(self, row: ReplicationRow) -> dict[int, list[Extent]] | None:
+        """Per disk, what the replica chain received after the failover point: the old primary
+        has it, the failed-over VM does not (it runs on that point). None when no longer known.
+
+        Empty for a failover to "Latest", whose point was frozen from ``tip`` itself. A completed
+        failover deleted those images, so ``complete`` saved their ranges first.
+        """
+        if row.state == State.FAILED_OVER:
+            saved = Path(str(row.storage_dir)) / FAILBACK_FILE
+            try:
+                return ext.from_json(json.loads(saved.read_text()), len(row.disks))
+            except FileNotFoundError:
+                return None  # completed by a version that did not save them
+            except (OSError, ValueError, IntegrityError) as exc:
+                log.warning("cannot read %s: %s", saved, exc)
+                return None
+        point = row.failover_point
+        if point is None:
+            return None
+        changes: dict[int, list[Extent]] = {}
+        for n, chain in enumerate(chains(self._ctx, row)):
+            layers = [chain.rp_path(k) for k in chain.point_ids() if k > point] + [chain.tip]
+            found: list[Extent] = []
+            for layer in layers:
+                if layer.exists():
+                    found += await self._ctx.driver.allocated(layer)
+            changes[n] = ext.coalesce(found)
+        return changes
+
+    async def _save_changes_above_point(self, row: ReplicationRow) -> None:
+        """Before completing deletes the images above the failover point: which ranges they
+        held, for a later delta failback (the old primary has that data, the VM does not).
+
+        A repeated complete (a crash mid-delete) merges with what an earlier run saved, since
+        the images it already deleted are no longer there to read.
+        """
+        changes = await self._changes_above_point(row)
+        assert changes is not None
+        path = Path(str(row.storage_dir)) / FAILBACK_FILE
+        if path.exists():
+            earlier = ext.from_json(json.loads(path.read_text()), len(row.disks))
+            changes = ext.union(changes, earlier, disks=len(row.disks))
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(ext.to_json(changes), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StorageError(f"cannot save the failback ranges of {row.vm_name}: {e}") from e

@@ -1,0 +1,166 @@
+"""The old primary's side of a reverse, and of a replica's split-brain check.
+
+Asked by the host its VM failed over to, the old primary names what it may hold that the new
+primary does not (its current generation's ranges and the deltas still in its pending log), or
+says that its tracking was lost; then its disks move into replica chains (journal kind
+``become-replica``, moved back if a crash interrupts it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from vmreplica._internal import extents as ext
+from vmreplica._internal import faults
+from vmreplica._internal.engine.authorization import Authorization
+from vmreplica._internal.engine.context import Context, move
+from vmreplica._internal.engine.events import now_iso
+from vmreplica._internal.engine.primary import Primary
+from vmreplica._internal.engine.states import Command, State
+from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.ports.hypervisor import DiskOwner
+from vmreplica._internal.store.journal import JournalEntry
+from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport import protocol as p
+from vmreplica.errors import AccessDenied, InvalidState, NotFound, ResyncRequired, VmrError
+
+
+class OldPrimary:
+    def __init__(self, ctx: Context, vms: VmService, primary: Primary) -> None:
+        self._ctx = ctx
+        self._vms = vms
+        self._primary = primary
+        self._store = ctx.stores.replications
+        ctx.journal.register("become-replica", self._roll_back)
+
+    async def become_replica(
+        self, authz: Authorization, peer_names: list[str], req: p.ReverseRequest
+    ) -> p.ReverseAnswer:
+        vm_id = req.vm_id
+        row = self._store.find(vm_id)
+        if row is None or row.mode != "Primary":
+            raise NotFound(f"{self._ctx.host} is not the primary of VM {req.vm_name}")
+        if row.replica_server not in peer_names:
+            raise InvalidState(
+                f"VM {row.vm_name} replicates to {row.replica_server}, not to {peer_names[0]}"
+            )
+        running = f"VM {row.vm_name} is running on {self._ctx.host}: stop it before reversing"
+        if self._vms.find(row.vm_name).state != "Off":
+            raise InvalidState(running)
+        await self._primary.scheduler.stop_vm(vm_id)
+        async with self._ctx.locks.vm(vm_id):  # no start, and no cycle, while the disks move
+            rec, row = self._vms.find(row.vm_name), self._store.get(vm_id, row.vm_name)
+            if rec.state != "Off":
+                self._primary.scheduler.run(vm_id)
+                raise InvalidState(running)
+            intact, reason, extents = await self._tracking_intact(rec, row)
+            if intact and any(extents.values()) and not req.failback_extents:
+                # An older new primary would ignore the ranges and silently leave them stale.
+                intact, reason, extents = False, "it holds writes that were never replicated", {}
+            await self._convert(authz, peer_names, req, rec, row)
+        return p.ReverseAnswer(intact, reason, extents)
+
+    async def _tracking_intact(
+        self, rec: VmRecord, row: ReplicationRow
+    ) -> tuple[bool, str | None, dict[str, list[list[int]]]]:
+        """Whether this host can name every range the replica may lack, and those ranges: the
+        bits of the current generation (writes since the last delta was cut) and the clusters of
+        the deltas still in the pending log (cut, maybe never applied)."""
+        if row.state == State.WAITING_FOR_RESYNC:
+            return False, "its change tracking was lost", {}
+        owner = DiskOwner(rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id), None)
+        try:
+            async with self._ctx.driver.session(owner) as session:
+                await session.settle(row.generation)
+                changed = await session.dirty_extents(row.generation)
+        except ResyncRequired as e:
+            return False, e.message, {}
+        pending = self._primary.pending
+        for sequence, delta_dir in pending.entries(row.vm_id):
+            if pending.manifest(delta_dir) is None:
+                continue  # never committed: the generation still holds its changes (settle)
+            for n in range(len(row.disks)):
+                try:
+                    changed[n] += await self._ctx.driver.allocated(delta_dir / f"disk{n}.qcow2")
+                except VmrError as e:
+                    return False, f"pending delta {sequence} cannot be read ({e})", {}
+        return True, None, ext.to_json(dict(enumerate(changed)))
+
+    async def _convert(
+        self, authz: Authorization, peer_names: list[str], req: p.ReverseRequest, rec: VmRecord,
+        row: ReplicationRow,
+    ) -> None:  # fmt: skip
+        """Journaled: the disks move into replica chains; a crash moves them back."""
+        vm_id = row.vm_id
+        root = authz.storage_location / row.vm_name / f"rev-{uuid.uuid4().hex[:8]}"
+        moves = [
+            (str(rec.disks[i]), str(root / f"disk{n}" / "base.qcow2"))
+            for n, i in enumerate(row.disks)
+        ]
+        with self._ctx.stores.db.tx() as tx:
+            self._ctx.journal.begin(
+                tx, "become-replica", vm_id, {"root": str(root), "moves": moves}
+            )
+        tips: list[Path] = []
+        for src, dst in moves:
+            Path(dst).parent.mkdir(parents=True)
+            os.replace(src, dst)
+            chain = self._ctx.driver.chain(Path(dst).parent)
+            await chain.recover()  # creates tip.qcow2 above the existing base
+            tips.append(chain.tip)
+        faults.hit("reverse.after_convert")
+        with self._ctx.stores.db.tx() as tx:
+            self._ctx.journal.end(tx, "become-replica", vm_id)
+            self._vms.set_disks(tx, vm_id, tips)
+            self._ctx.stores.cycles.clear(tx, vm_id)
+            move(
+                self._ctx, tx, row, Command.BECOME_REPLICA, mode="Replica",
+                primary_server=peer_names[0], replica_server=self._ctx.host, sequence=0,
+                acked_sequence=0, generation=0, storage_dir=str(root),
+                trust_group=authz.trust_group, auth_entry=authz.entry,
+                peer_port=req.new_primary_port, last_replication_time=now_iso(),
+                send_failure=None, last_error=None, disks=tuple(range(len(row.disks))),
+            )  # fmt: skip
+            self._ctx.events.record(
+                "replication-reversed",
+                f"{row.vm_name} is now a replica of {peer_names[0]}",
+                row.vm_name,
+                tx=tx,
+            )
+        self._primary.pending.forget(vm_id)
+
+    async def _roll_back(self, entry: JournalEntry) -> None:
+        for src, dst in entry.data["moves"]:
+            if Path(dst).exists() and not Path(src).exists():
+                os.replace(dst, src)
+        shutil.rmtree(entry.data["root"], ignore_errors=True)
+        with self._ctx.stores.db.tx() as tx:
+            self._ctx.journal.end_entry(tx, entry.id)
+        row = self._store.find(entry.subject)
+        if row is not None:
+            self._primary.scheduler.run(row.vm_id)
+            self._ctx.events.record(
+                "recovered", f"rolled back an interrupted reverse of {row.vm_name}", row.vm_name
+            )
+
+    async def vm_state(
+        self, authz: Authorization, peer_names: list[str], req: p.VmRequest
+    ) -> p.VmStateAnswer:
+        """For a peer's split-brain check: only a peer this VM replicates with, or one of the
+        replica's trust group, may learn whether it runs."""
+        row = self._store.find(req.vm_id)
+        related = row is not None and (
+            row.replica_server in peer_names
+            or row.primary_server in peer_names
+            or (row.trust_group is not None and row.trust_group == authz.trust_group)
+        )
+        if row is None or not related:
+            raise AccessDenied(
+                f"not authorized: {peer_names[0] if peer_names else 'this peer'} has no "
+                f"replication relationship with VM {req.vm_id} on {self._ctx.host}"
+            )
+        rec = self._vms.by_id(req.vm_id)
+        return p.VmStateAnswer("Unknown" if rec is None else rec.state)

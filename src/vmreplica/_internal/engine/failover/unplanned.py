@@ -1,0 +1,139 @@
+"""Failing over on the replica (planned after ``--prepare``, or unplanned to any recovery point),
+cancelling it, and completing it. Each start is journaled (kind ``failover``) and rolled back if
+a crash interrupts it before it is recorded."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from vmreplica._internal import faults
+from vmreplica._internal.engine.connect import peer_address
+from vmreplica._internal.engine.context import allows, move
+from vmreplica._internal.engine.failover.common import FailoverBase
+from vmreplica._internal.engine.replica.common import chains
+from vmreplica._internal.engine.states import Command
+from vmreplica._internal.store.journal import JournalEntry
+from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.peer import UNREACHABLE, PeerConnectionFailed, open_peer
+from vmreplica.errors import InvalidState, VmrError
+
+
+class Failover(FailoverBase):
+    def register(self) -> None:
+        self._ctx.journal.register("failover", self._rollback)
+
+    async def start(self, row: ReplicationRow, point: str | None, force: bool) -> ReplicationRow:
+        allows(row, Command.FAIL_OVER)
+        primary_check = await self._split_brain_guard(row, force)
+        async with self._ctx.locks.replica(row.vm_id):
+            chosen = await self._choose_point(row, point)
+            return await self._fail_over(row, chosen, primary_check)
+
+    async def _fail_over(
+        self, row: ReplicationRow, point: int, primary_check: str
+    ) -> ReplicationRow:
+        with self._ctx.stores.db.tx() as tx:
+            self._ctx.journal.begin(tx, "failover", row.vm_id, {"point": point})
+        overlays = await self._overlays(row, point, "failover")
+        faults.hit("failover.after_overlays")
+        name = row.vm_name
+        with self._ctx.stores.db.tx() as tx:
+            self._vms.set_disks(tx, row.vm_id, overlays)
+            move(self._ctx, tx, self._store.get(row.vm_id, name), Command.FAIL_OVER,
+                 failover_point=point)  # fmt: skip
+            self._ctx.journal.end(tx, "failover", row.vm_id)
+            self._ctx.events.record(
+                "failover-started",
+                f"{name} failed over to recovery point {point} ({primary_check}); start it "
+                f"with `vm start {name}`, then complete, stop or reverse the failover",
+                name,
+                tx=tx,
+            )
+        return self._store.get(row.vm_id, name)
+
+    async def _split_brain_guard(self, row: ReplicationRow, force: bool) -> str:
+        """Ask the primary whether the VM runs there; returns what was found, in words.
+
+        Failing over is refused while the VM runs on its primary, and also whenever the
+        primary cannot be asked for another reason than being unreachable: its port unknown,
+        TLS or authorization refused, an error. Only an unreachable primary (the disaster an
+        unplanned failover is for) lets the failover go on without ``--force``.
+        """
+        primary = row.primary_server
+        if force:
+            return f"the primary {primary} was not asked whether {row.vm_name} runs there (--force)"
+        if row.peer_port is None:
+            raise InvalidState(
+                f"cannot ask the primary {primary} whether {row.vm_name} runs there: it had no "
+                "certificate listener when replication was enabled, so its port is unknown. Make "
+                f"sure the VM is off on {primary}, then fail over with --force"
+            )
+        refused = (
+            f"cannot ask the primary {primary} whether {row.vm_name} runs there ({{}}); make sure "
+            "it is off there, then fail over with --force"
+        )
+        try:
+            address = peer_address(self._ctx.config, primary, row.peer_port)
+            async with open_peer(address, self._ctx.config.tls, 5) as peer:
+                answer = await peer.vm_state(p.VmRequest(row.vm_id))
+        except PeerConnectionFailed as e:
+            if e.stage != UNREACHABLE:
+                raise InvalidState(refused.format(e.message)) from e
+            return f"the primary {primary} is unreachable ({e.message}), so it was not asked"
+        except VmrError as e:
+            raise InvalidState(refused.format(e.message)) from e
+        if answer.state == "Running":
+            raise InvalidState(
+                f"VM {row.vm_name} is running on its primary server {primary}: failing over now "
+                "would run it twice (split brain); stop it there, or use --force"
+            )
+        return f"the primary {primary} says {row.vm_name} is {answer.state}"
+
+    async def stop(self, row: ReplicationRow) -> None:
+        """Cancel: the replica is as it was; the VM runs on its chain's tip no more."""
+        allows(row, Command.CANCEL_FAILOVER)
+        await self._vms.runtime.ensure_off(row.vm_id)
+        with self._ctx.stores.db.tx() as tx:
+            self._vms.set_disks(tx, row.vm_id, [c.tip for c in chains(self._ctx, row)])
+            move(self._ctx, tx, row, Command.CANCEL_FAILOVER, failover_point=None)
+            self._ctx.events.record(
+                "failover-stopped",
+                f"failover of {row.vm_name} cancelled; the replica is as it was",
+                row.vm_name,
+                tx=tx,
+            )
+        shutil.rmtree(Path(str(row.storage_dir)) / "failover", ignore_errors=True)
+
+    async def complete(self, row: ReplicationRow) -> ReplicationRow:
+        allows(row, Command.COMPLETE_FAILOVER)
+        point = row.failover_point
+        if point is None:
+            raise InvalidState(f"there is no failover of {row.vm_name} to complete")
+        await self._save_changes_above_point(row)
+        for chain in chains(self._ctx, row):
+            for other in chain.point_ids():
+                if other > point:
+                    chain.rp_path(other).unlink(missing_ok=True)
+            chain.tip.unlink(missing_ok=True)
+        with self._ctx.stores.db.tx() as tx:
+            self._ctx.stores.points.keep_only(tx, row.vm_id, point)
+            move(self._ctx, tx, row, Command.COMPLETE_FAILOVER)
+            self._ctx.events.record(
+                "failover-completed",
+                f"failover of {row.vm_name} completed on point {point}; other recovery points deleted",
+                row.vm_name,
+                tx=tx,
+            )
+        return self._store.get(row.vm_id, row.vm_name)
+
+    async def _rollback(self, entry: JournalEntry) -> None:
+        row = self._store.find(entry.subject)
+        if row is not None and row.storage_dir:
+            shutil.rmtree(Path(row.storage_dir) / "failover", ignore_errors=True)
+            self._ctx.events.record(
+                "recovered", f"rolled back an interrupted failover of {row.vm_name}", row.vm_name
+            )
+        with self._ctx.stores.db.tx() as tx:
+            self._ctx.journal.end_entry(tx, entry.id)

@@ -1,0 +1,44 @@
+"""The replica side of replication, one module per operation: a replica VM's life
+(:mod:`.enable`), the initial copy (:mod:`.initial`), deltas received (:mod:`.receive`) and
+applied (:mod:`.apply`), recovery points (:mod:`.points`), and recovery of interrupted steps
+(:mod:`.recovery`). :func:`build` wires them together."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.replica.apply import Applier
+from vmreplica._internal.engine.replica.enable import ReplicaLifecycle
+from vmreplica._internal.engine.replica.initial import InitialImport
+from vmreplica._internal.engine.replica.points import RecoveryPoints
+from vmreplica._internal.engine.replica.receive import Receiver
+from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
+from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.ports.hypervisor import ImportTarget
+
+
+@dataclasses.dataclass(frozen=True)
+class Replica:
+    lifecycle: ReplicaLifecycle
+    initial: InitialImport
+    receiver: Receiver
+    points: RecoveryPoints
+    recovery: ReplicaRecovery
+
+
+def build(ctx: Context, vms: VmService) -> Replica:
+    imports: dict[str, tuple[ImportTarget, str]] = {}
+    applier = Applier(ctx)
+    points = RecoveryPoints(ctx)
+    recovery = ReplicaRecovery(ctx, applier, points, imports)
+    initial = InitialImport(ctx, vms, applier, recovery, imports)
+    lifecycle = ReplicaLifecycle(ctx, vms, initial)
+    vms.runtime.start_guards.append(lifecycle.start_guard)
+    return Replica(
+        lifecycle=lifecycle, initial=initial, receiver=Receiver(ctx, applier, recovery),
+        points=points, recovery=recovery,
+    )  # fmt: skip
+
+
+__all__ = ["Replica", "build"]

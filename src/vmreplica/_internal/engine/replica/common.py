@@ -1,0 +1,56 @@
+"""What every part of the replica side shares: the chains of a replica VM, who may write it,
+and whether it takes changes at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmreplica._internal.engine.authorization import Authorization
+from vmreplica._internal.engine.context import Context
+from vmreplica._internal.ports.hypervisor import ReplicaChain
+from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica.errors import AccessDenied, InvalidState, NotFound
+
+REPLICA = "Replica"
+BOOT_DIR = "boot"  # in the replica VM's storage: the kernel and initrd copied from the primary
+
+
+def chains(ctx: Context, row: ReplicationRow) -> list[ReplicaChain]:
+    assert row.storage_dir is not None
+    return [ctx.driver.chain(Path(row.storage_dir) / f"disk{i}") for i in range(len(row.disks))]
+
+
+def staging_dir(row: ReplicationRow, sequence: int) -> Path:
+    return Path(str(row.storage_dir)) / "staging" / str(sequence)
+
+
+def replica_row(ctx: Context, vm_id: str) -> ReplicationRow:
+    row = ctx.stores.replications.find(vm_id)
+    if row is None or row.mode != REPLICA:
+        raise NotFound(f"no replica VM with id {vm_id} on {ctx.host}")
+    return row
+
+
+def check_sender(
+    ctx: Context, row: ReplicationRow, authz: Authorization, peer_names: list[str]
+) -> None:
+    """Only the creating server, or a server of the same trust group, may write this replica."""
+    if row.primary_server in peer_names or authz.trust_group == row.trust_group:
+        return
+    err = AccessDenied(
+        f"not authorized: {peer_names[0] if peer_names else 'this peer'} is in trust group "
+        f"{authz.trust_group}, but replica VM {row.vm_name} belongs to trust group {row.trust_group}"
+    )
+    ctx.events.record(
+        "delta-refused", f"refused a request for {row.vm_name}: {err.message}", row.vm_name,
+        "warning",
+    )  # fmt: skip
+    raise err
+
+
+def check_not_quarantined(ctx: Context, row: ReplicationRow) -> None:
+    if row.quarantine is not None:
+        raise InvalidState(
+            f"replica VM {row.vm_name} on {ctx.host} takes no changes: {row.quarantine}; fix the "
+            f"cause, then run `vmreplica replication resume {row.vm_name}` on {ctx.host}"
+        )

@@ -1,0 +1,207 @@
+"""A replica VM's birth and end on this host: the placeholder VM and chains a primary's
+``enable`` asks for, the copies of its kernel and initrd, the settings the primary keeps in
+step with ``status``, and ``replication remove`` on this side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import AsyncIterable
+from pathlib import Path
+
+import blake3
+
+from vmreplica._internal.engine import validate
+from vmreplica._internal.engine.authorization import Authorization
+from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.events import now_iso
+from vmreplica._internal.engine.replica.common import (
+    BOOT_DIR,
+    REPLICA,
+    check_sender,
+    replica_row,
+)
+from vmreplica._internal.engine.replica.initial import InitialImport
+from vmreplica._internal.engine.server_settings import warn_if_shared
+from vmreplica._internal.engine.states import State
+from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.store.replications import ReplicationRow, Settings
+from vmreplica._internal.transport import protocol as p
+from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
+
+
+class ReplicaLifecycle:
+    def __init__(self, ctx: Context, vms: VmService, imports: InitialImport) -> None:
+        self._ctx = ctx
+        self._vms = vms
+        self._imports = imports
+        self._store = ctx.stores.replications
+
+    async def enable(
+        self, authz: Authorization, peer_names: list[str], req: p.EnableRequest
+    ) -> p.EnableAnswer:
+        name = validate.vm_name(req.vm_name)
+        settings = validate.replication_settings(Settings(**req.settings.to_json()))
+        existing = self._store.find(req.vm_id)
+        if existing is not None:
+            if existing.mode == REPLICA and existing.primary_server in peer_names:
+                return p.EnableAnswer(existing.storage_dir, already=True)
+            raise InvalidState(
+                f"VM {name} ({req.vm_id}) already has a replication relationship on {self._ctx.host}"
+            )
+        if self._ctx.stores.vms.exists(name=name, vm_id=req.vm_id):
+            raise InvalidState(
+                f"a VM named {name} already exists on replica server {self._ctx.host}"
+            )
+        storage = validate.child_path(authz.storage_location, name)
+        if storage.exists():
+            raise InvalidState(
+                f"replica storage {storage} already exists on {self._ctx.host}, left by an "
+                f"earlier replica of {name}: remove that VM with its storage there (`vmreplica vm "
+                f"remove {name} --delete-storage`), or delete the directory if the VM is gone"
+            )
+        boot = {k: v for k, v in (("kernel", req.kernel), ("initrd", req.initrd)) if v}
+        boot_dir = storage / BOOT_DIR
+        try:
+            for i, size in enumerate(req.disk_sizes):
+                await self._ctx.driver.create_chain(storage / f"disk{i}", size)
+            if boot:
+                boot_dir.mkdir(mode=0o700)
+            with self._ctx.stores.db.tx() as tx:
+                self._vms.register(
+                    tx, req.vm_id, name, req.cpus, req.memory_mb, storage,
+                    [storage / f"disk{i}" / "tip.qcow2" for i in range(len(req.disk_sizes))],
+                    str(boot_dir / "kernel") if req.kernel else None,
+                    str(boot_dir / "initrd") if req.initrd else None, req.append,
+                )  # fmt: skip
+                self._store.insert(
+                    tx,
+                    ReplicationRow(
+                        vm_id=req.vm_id, vm_name=name, mode=REPLICA, state=State.WAITING_FOR_INITIAL,
+                        primary_server=peer_names[0], replica_server=self._ctx.host,
+                        replica_port=req.replica_port, authentication_type="certificate",
+                        settings=settings, disks=tuple(range(len(req.disk_sizes))), trust_group=authz.trust_group,
+                        auth_entry=authz.entry, storage_dir=str(storage), sequence=0, acked_sequence=0,
+                        generation=0, last_replication_time=None, last_replication_size=None,
+                        initial_progress=None, initial_size=None, enabled_time=now_iso(),
+                        stats_since=now_iso(), last_error=None, send_failure=None, last_rp_time=None,
+                        next_rp_id=1, peer_port=req.primary_port,
+                        boot_files=json.dumps({k: {"size": v.size, "blake3": v.blake3} for k, v in boot.items()}),
+                    ),
+                )  # fmt: skip
+                self._ctx.events.record(
+                    "replica-created",
+                    f"replica VM {name} created for primary {peer_names[0]} (trust group "
+                    f"{authz.trust_group}, storage {storage})",
+                    name,
+                    tx=tx,
+                )
+        except BaseException:
+            shutil.rmtree(storage, ignore_errors=True)
+            raise
+        warn_if_shared(self._ctx.events, authz.storage_location)
+        return p.EnableAnswer(str(storage), already=False)
+
+    async def receive_boot_file(
+        self, authz: Authorization, peer_names: list[str], vm_id: str, kind: str,
+        chunks: AsyncIterable[bytes],
+    ) -> dict[str, int]:  # fmt: skip
+        """A copy of the kernel or initrd that ``enable`` announced, checked against its hash.
+
+        The replica never boots a file named by a peer: it boots its own copy, from the
+        replica VM's storage, and only one whose size and blake3 match the announcement.
+        """
+        row = replica_row(self._ctx, vm_id)
+        check_sender(self._ctx, row, authz, peer_names)
+        expected = json.loads(row.boot_files or "{}").get(kind)
+        if expected is None:
+            raise InvalidArgument(f"replication of {row.vm_name} announced no {kind}")
+        size, digest = int(expected["size"]), str(expected["blake3"])
+        target = Path(str(row.storage_dir)) / BOOT_DIR / kind
+        if await asyncio.to_thread(_file_digest, target) == (size, digest):
+            return {"size": size}  # a retried enable: this copy is already here
+        if row.state != State.WAITING_FOR_INITIAL:
+            raise InvalidState(
+                f"the {kind} of replica VM {row.vm_name} can only be sent before its initial copy"
+            )
+        part = target.with_name(kind + ".part")
+        hasher, written = blake3.blake3(), 0
+        try:
+            with open(part, "wb") as f:
+                async for chunk in chunks:
+                    written += len(chunk)
+                    if written > size:
+                        raise IntegrityError(
+                            f"the {kind} of {row.vm_name} is larger than announced"
+                        )
+                    hasher.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if written != size or hasher.hexdigest() != digest:
+                raise IntegrityError(
+                    f"the {kind} of {row.vm_name} does not match what enable announced "
+                    "(corrupted in transit?)"
+                )
+            validate.boot_image(part, kind)
+            os.replace(part, target)
+            _fsync_dir(target.parent)
+        except OSError as e:
+            raise StorageError(
+                f"cannot store the {kind} of {row.vm_name}: {e.strerror or e}"
+            ) from e
+        finally:
+            part.unlink(missing_ok=True)
+        return {"size": written}
+
+    async def status(
+        self, authz: Authorization, peer_names: list[str], req: p.StatusRequest
+    ) -> p.StatusAnswer:
+        row = replica_row(self._ctx, req.vm_id)
+        check_sender(self._ctx, row, authz, peer_names)
+        if req.settings is not None:
+            settings = validate.replication_settings(Settings(**req.settings.to_json()))
+            if settings != row.settings:
+                self._store.update(row.vm_id, settings=settings)
+        return p.StatusAnswer(row.sequence, row.state)
+
+    def start_guard(self, vm: VmRecord) -> None:
+        row = self._store.find(vm.id)
+        if row is not None and row.mode == REPLICA and row.state not in (
+            State.FAILED_OVER_WAITING, State.FAILED_OVER,
+        ):  # fmt: skip
+            raise InvalidState(
+                f"VM {vm.name} is a replica: it can only run after a failover (`vmreplica "
+                f"failover start {vm.name}`)"
+            )
+
+    async def remove(self, row: ReplicationRow) -> None:
+        """The replica VM stays, as an ordinary VM on its latest point."""
+        async with self._ctx.locks.replica(row.vm_id):
+            await self._imports.close_import(row.vm_id)
+            with self._ctx.stores.db.tx() as tx:
+                self._store.delete(tx, row.vm_id)
+                self._ctx.journal.end(tx, None, row.vm_id)
+                self._ctx.events.record(
+                    "replication-removed",
+                    f"replication of {row.vm_name} removed; the VM stays on its latest point",
+                    row.vm_name,
+                    tx=tx,
+                )
+
+
+def _file_digest(path: Path) -> tuple[int, str] | None:
+    try:
+        return path.stat().st_size, blake3.blake3().update_mmap(str(path)).hexdigest()
+    except (OSError, ValueError):
+        return None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,159 @@
+"""The replica's side of an initial copy: new images served for the sender's copy
+(initial-open), then adopted as the chains' base once the sender says the copy is complete
+(initial-close). Whatever an earlier attempt left is discarded first: an initial copy that did
+not finish is started over, never resumed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from vmreplica._internal import faults
+from vmreplica._internal.engine.authorization import Authorization
+from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.events import now_iso
+from vmreplica._internal.engine.replica.apply import Applier
+from vmreplica._internal.engine.replica.common import (
+    chains,
+    check_not_quarantined,
+    check_sender,
+    replica_row,
+    staging_dir,
+)
+from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
+from vmreplica._internal.engine.states import State
+from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.ports.hypervisor import ImportTarget
+from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport import protocol as p
+from vmreplica.errors import InvalidState, StorageError
+
+log = logging.getLogger("vmreplica.replica")
+
+
+class InitialImport:
+    def __init__(
+        self, ctx: Context, vms: VmService, applier: Applier, recovery: ReplicaRecovery,
+        imports: dict[str, tuple[ImportTarget, str]],
+    ) -> None:  # fmt: skip
+        self._ctx = ctx
+        self._vms = vms
+        self._applier = applier
+        self._recovery = recovery
+        # Open imports, by VM id: what serves the new images, and when the copy started.
+        self._imports = imports
+
+    async def open(
+        self, authz: Authorization, peer_names: list[str], req: p.InitialOpenRequest, *,
+        listen_host: str, peer_identity: str,
+    ) -> p.InitialOpenAnswer:  # fmt: skip
+        row = replica_row(self._ctx, req.vm_id)
+        check_sender(self._ctx, row, authz, peer_names)
+        async with self._ctx.locks.replica(row.vm_id):
+            row = replica_row(self._ctx, row.vm_id)
+            check_not_quarantined(self._ctx, row)
+            if row.state != State.WAITING_FOR_INITIAL or row.sequence != 0:
+                raise InvalidState(
+                    f"replica VM {row.vm_name} already has its initial copy (state {row.state})"
+                )
+            await self.close_import(row.vm_id)
+            staging = staging_dir(row, 1)
+            _check_space(row, Path(str(row.storage_dir)), req.required_bytes)
+            shutil.rmtree(staging, ignore_errors=True)
+            files = [staging / f"disk{i}.qcow2" for i in range(len(row.disks))]
+            sizes = [await chain.virtual_size() for chain in chains(self._ctx, row)]
+            try:
+                staging.mkdir(parents=True)
+                target = await self._ctx.driver.open_import(
+                    files, sizes, self._vms.run_dir(row.vm_id), row.vm_name, self._ctx.config.tls,
+                    peer_identity, listen_host, self._ctx.config.initial_copy_ports,
+                )  # fmt: skip
+            except OSError as e:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise StorageError(f"cannot prepare the initial copy of {row.vm_name}: {e}") from e
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self._imports[row.vm_id] = (target, now_iso())
+        log.info(
+            "initial copy of %s: serving %d images on port %d", row.vm_name, len(files), target.port
+        )
+        return p.InitialOpenAnswer(target.port, target.exports)
+
+    async def close(
+        self, authz: Authorization, peer_names: list[str], req: p.InitialCloseRequest
+    ) -> p.SequenceAnswer:
+        """The sender's copy ended: adopt the images as the chains' base, or drop them."""
+        row = replica_row(self._ctx, req.vm_id)
+        check_sender(self._ctx, row, authz, peer_names)
+        async with self._ctx.locks.replica(row.vm_id):
+            row = replica_row(self._ctx, row.vm_id)
+            if not req.ok:
+                await self.close_import(row.vm_id)
+                return p.SequenceAnswer(row.sequence)
+            if row.sequence >= 1:  # a retried close: it was applied already
+                return p.SequenceAnswer(row.sequence, row.initial_size or 0)
+            opened = self._imports.pop(row.vm_id, None)
+            if opened is None:
+                raise InvalidState(
+                    f"no initial copy of {row.vm_name} is open on {self._ctx.host} (did it "
+                    "restart?): the copy starts over"
+                )
+            target, started = opened
+            staging = staging_dir(row, 1)
+            try:
+                await target.finish()
+                size = await asyncio.to_thread(_sync_files, staging)
+            except OSError as e:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise StorageError(f"cannot sync the initial copy of {row.vm_name}: {e}") from e
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self._applier.journal(row.vm_id, 1, staging, started, size=size)
+            faults.hit("replica.after_stage")
+            await self._recovery.apply(row, 1, staging, started, size)
+            return p.SequenceAnswer(1, size)
+
+    async def close_import(self, vm_id: str) -> None:
+        opened = self._imports.pop(vm_id, None)
+        if opened is not None:
+            await opened[0].discard()
+        row = self._ctx.stores.replications.find(vm_id)
+        if row is not None and row.storage_dir is not None and row.sequence == 0:
+            shutil.rmtree(staging_dir(row, 1), ignore_errors=True)
+
+    async def close_all(self) -> None:
+        for vm_id in list(self._imports):
+            await self.close_import(vm_id)
+
+
+def _check_space(row: ReplicationRow, storage: Path, required: int) -> None:
+    """Refuse a copy that cannot fit before it starts, rather than hours into it."""
+    free = shutil.disk_usage(storage).free
+    if required > free:
+        raise StorageError(
+            f"disk full: the initial copy of {row.vm_name} needs {required} bytes on the replica, "
+            f"{free} are free in {storage}"
+        )
+
+
+def _sync_files(directory: Path) -> int:
+    """fsync the images and their names; the space they take is the size of the copy."""
+    size = 0
+    for path in sorted(directory.glob("disk*.qcow2")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size += os.fstat(fd).st_blocks * 512
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size

@@ -1,0 +1,106 @@
+"""Receiving deltas on the replica.
+
+A delta is refused before a byte is stored when the sender is not the server that created the
+replica VM and not in its trust group, or when its sequence number is not exactly the next one;
+once staged, it is refused (and removed) unless every disk of the VM is in it as a standalone
+qcow2 of the disk's size. Only then is it journaled and applied (replica/recovery.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterable
+from datetime import UTC, datetime
+
+from vmreplica._internal import faults
+from vmreplica._internal.engine.authorization import Authorization
+from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.replica.apply import Applier
+from vmreplica._internal.engine.replica.common import (
+    chains,
+    check_not_quarantined,
+    check_sender,
+    replica_row,
+    staging_dir,
+)
+from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
+from vmreplica._internal.engine.states import State
+from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport import protocol as p
+from vmreplica.errors import IntegrityError, InvalidState, ResyncRequired
+
+
+class Receiver:
+    def __init__(self, ctx: Context, applier: Applier, recovery: ReplicaRecovery) -> None:
+        self._ctx = ctx
+        self._applier = applier
+        self._recovery = recovery
+
+    async def receive(
+        self, authz: Authorization, peer_names: list[str], vm_id: str, chunks: AsyncIterable[bytes]
+    ) -> p.SequenceAnswer:
+        row = replica_row(self._ctx, vm_id)
+        check_sender(self._ctx, row, authz, peer_names)
+        async with self._ctx.locks.replica(vm_id):
+            row = replica_row(self._ctx, vm_id)
+            check_not_quarantined(self._ctx, row)
+            if row.state in (State.FAILED_OVER_WAITING, State.FAILED_OVER):
+                raise InvalidState(
+                    f"replica VM {row.vm_name} has failed over: it accepts no more changes"
+                )
+            if row.state == State.WAITING_FOR_INITIAL:
+                raise InvalidState(
+                    f"replica VM {row.vm_name} is waiting for its initial copy, not for a delta"
+                )
+            if self._recovery.has_steps(vm_id):
+                # A step an earlier request left unfinished: finish it before staging anew.
+                await self._recovery.replay_or_quarantine(vm_id, "an unfinished step")
+                row = replica_row(self._ctx, vm_id)
+                check_not_quarantined(self._ctx, row)
+            staging = staging_dir(row, row.sequence + 1)
+            shutil.rmtree(staging, ignore_errors=True)
+            started = datetime.now(UTC)
+            try:
+                manifest = await wire.receive(
+                    chunks, staging, expected_vm_id=vm_id, check_manifest=_checker(row)
+                )
+                for i, chain in enumerate(chains(self._ctx, row)):
+                    await chain.check_incoming(staging / f"disk{i}.qcow2")
+            except BaseException as e:
+                shutil.rmtree(staging, ignore_errors=True)  # a refused delta leaves nothing
+                if isinstance(e, IntegrityError | ResyncRequired):
+                    self._ctx.events.record(
+                        "delta-refused",
+                        f"refused a delta for {row.vm_name}: {e.message}",
+                        row.vm_name,
+                        "warning",
+                    )
+                raise
+            self._applier.journal(
+                vm_id, manifest.sequence, staging, started.isoformat(),
+                created=manifest.created, consistency=manifest.consistency,
+            )  # fmt: skip
+            faults.hit("replica.after_stage")
+            await self._recovery.apply(row, manifest.sequence, staging, started.isoformat())
+            return p.SequenceAnswer(manifest.sequence)
+
+
+def _checker(row: ReplicationRow) -> wire.ManifestCheck:
+    expected, disks = row.sequence + 1, list(range(len(row.disks)))
+
+    def check(manifest: wire.DeltaManifest) -> None:
+        name = f"delta {manifest.sequence} of VM {row.vm_name}"
+        if manifest.sequence <= row.sequence:
+            raise IntegrityError(f"{name} was already applied: replayed delta refused")
+        if manifest.sequence != expected:
+            raise ResyncRequired(
+                f"{name} is out of sequence (expected {expected}): a resynchronization is required"
+            )
+        if (named := [d.index for d in manifest.disks]) != disks:
+            raise IntegrityError(
+                f"{name} names disks {named}, but the replica VM has disks {disks}: every disk "
+                "must be in it"
+            )
+
+    return check

@@ -1,0 +1,221 @@
+"""Replication server settings (Get/Set-VMReplicationServer), with Hyper-V's defaults and rules.
+
+The service owns validation and persistence. Opening and closing the certificate listener is
+the agent's job: it passes a :class:`ListenerControl` that is told the new settings after every
+change, and a change whose listener cannot be opened (port taken, bad certificate) is rolled back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Protocol
+
+from vmreplica._internal.certs import cert_thumbprint
+from vmreplica._internal.engine import validate
+from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.events import EventLog
+from vmreplica._internal.models import ServerSettings
+from vmreplica.errors import (
+    InvalidArgument,
+    StorageError,
+    VmrError,
+)
+
+DEFAULT_TRUST_GROUP = "DEFAULT"
+AUTH_TYPES = ("kerberos", "certificate", "both")
+
+_DEFAULTS: dict[str, object] = {
+    "replication_enabled": False,
+    "allowed_authentication_type": None,
+    "kerberos_authentication_port": 80,
+    "certificate_authentication_port": 443,
+    "replication_allowed_from_any_server": False,
+    "default_storage_location": None,
+    "monitoring_interval": 12 * 3600,
+    "monitoring_start_time": "09:00",
+    "listener_certificate": None,
+    "listener_key": None,
+    "listener_ca": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerChanges:
+    """What ``server set`` asks for; ``None`` leaves a field as it is."""
+
+    enabled: bool | None = None
+    auth: str | None = None
+    kerberos_port: int | None = None
+    certificate_port: int | None = None
+    any_server: bool | None = None
+    storage_location: str | None = None
+    certificate: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    monitoring_interval: str | None = None
+    monitoring_start_time: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class ListenerControl(Protocol):
+    async def apply(self, settings: ServerSettings, files: ListenerFiles) -> None: ...
+
+
+class ServerService:
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._db = ctx.stores.db
+        self._settings = ctx.stores.settings
+        self._events = ctx.events
+        self._config = ctx.config
+        self.listener: ListenerControl | None = None
+
+    def raw(self) -> dict[str, object]:
+        return {k: self._settings.get(f"server.{k}", v) for k, v in _DEFAULTS.items()}
+
+    def listener_files(self) -> ListenerFiles:
+        raw = self.raw()
+        tls = self._config.tls
+        return ListenerFiles(
+            ca=Path(str(raw["listener_ca"])) if raw["listener_ca"] else tls.ca,
+            cert=Path(str(raw["listener_certificate"]))
+            if raw["listener_certificate"]
+            else tls.cert,
+            key=Path(str(raw["listener_key"])) if raw["listener_key"] else tls.key,
+        )
+
+    def get(self) -> ServerSettings:
+        raw = self.raw()
+        try:
+            thumbprint: str | None = cert_thumbprint(self.listener_files().cert)
+        except VmrError:
+            thumbprint = None
+        return ServerSettings(
+            computer_name=self._config.name,
+            replication_enabled=bool(raw["replication_enabled"]),
+            allowed_authentication_type=_opt_str(raw["allowed_authentication_type"]),
+            kerberos_authentication_port=int(str(raw["kerberos_authentication_port"])),
+            certificate_authentication_port=int(str(raw["certificate_authentication_port"])),
+            replication_allowed_from_any_server=bool(raw["replication_allowed_from_any_server"]),
+            default_storage_location=_opt_str(raw["default_storage_location"]),
+            monitoring_interval=int(str(raw["monitoring_interval"])),
+            monitoring_start_time=str(raw["monitoring_start_time"]),
+            certificate_thumbprint=thumbprint,
+        )
+
+    async def set(self, changes: ServerChanges) -> ServerSettings:
+        old = self.raw()
+        new = dict(old)
+        if changes.auth is not None:
+            auth = changes.auth.lower()
+            if auth not in AUTH_TYPES:
+                raise InvalidArgument(
+                    f"invalid authentication type {changes.auth!r}: use kerberos, certificate or both"
+                )
+            if auth != "certificate":
+                raise InvalidArgument(
+                    f"{auth} authentication is not available in this version of vmreplica: "
+                    "use --auth certificate"
+                )
+            new["allowed_authentication_type"] = auth
+        if changes.enabled is not None:
+            new["replication_enabled"] = changes.enabled
+        if changes.kerberos_port is not None:
+            new["kerberos_authentication_port"] = validate.port(
+                changes.kerberos_port, "Kerberos port"
+            )
+        if changes.certificate_port is not None:
+            new["certificate_authentication_port"] = validate.port(
+                changes.certificate_port, "certificate port"
+            )
+        if changes.storage_location is not None:
+            new["default_storage_location"] = str(
+                validate.storage_location(changes.storage_location)
+            )
+        if changes.any_server is not None:
+            new["replication_allowed_from_any_server"] = changes.any_server
+        if changes.monitoring_interval is not None:
+            new["monitoring_interval"] = validate.monitoring_interval(changes.monitoring_interval)
+        if changes.monitoring_start_time is not None:
+            new["monitoring_start_time"] = validate.time_of_day(changes.monitoring_start_time)
+        tls_given = [changes.certificate, changes.key, changes.ca]
+        if any(v is not None for v in tls_given):
+            if not all(tls_given):
+                raise InvalidArgument("--certificate, --key and --ca must be given together")
+            for flag, given in zip(("--certificate", "--key", "--ca"), tls_given, strict=True):
+                path = Path(str(given))
+                if not path.is_absolute() or not path.is_file():
+                    raise InvalidArgument(f"{flag} {given}: not an existing file (absolute path)")
+            new["listener_certificate"], new["listener_key"], new["listener_ca"] = tls_given
+
+        if new["replication_enabled"] and new["allowed_authentication_type"] is None:
+            raise InvalidArgument(
+                "enabling replication needs an authentication type: add --auth certificate"
+            )
+        if new["replication_allowed_from_any_server"] and not new["default_storage_location"]:
+            raise InvalidArgument(
+                "replication from any server requires a default storage location: add --storage-location PATH"
+            )
+        if new["replication_allowed_from_any_server"] and new["default_storage_location"]:
+            ensure_location(self._events, Path(str(new["default_storage_location"])))
+
+        with self._db.tx() as tx:
+            for key, value in new.items():
+                if value != old[key]:
+                    self._settings.put(tx, f"server.{key}", value)
+        if self.listener is not None:
+            try:
+                await self.listener.apply(self.get(), self.listener_files())
+            except VmrError:
+                with self._db.tx() as tx:
+                    for key, value in old.items():
+                        self._settings.put(tx, f"server.{key}", value)
+                raise
+        changed = sorted(k for k in new if new[k] != old[k])
+        if changed:
+            self._events.record(
+                "server-settings-changed",
+                "replication server settings changed: " + ", ".join(changed),
+            )
+        return self.get()
+
+
+def ensure_location(events: EventLog, path: Path) -> None:
+    """A storage location exists as a directory afterwards (made private when it is made)."""
+    if path.is_dir():
+        warn_if_shared(events, path)
+        return
+    if path.exists():
+        raise InvalidArgument(f"storage location {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, mode=0o700)
+    except OSError as e:
+        raise StorageError(f"cannot create storage location {path}: {e.strerror or e}") from e
+    events.record("storage-location-created", f"created storage location {path}")
+
+
+def warn_if_shared(events: EventLog, location: Path) -> None:
+    """Images are made 0600 in 0700 directories whatever the parent; a location that others can
+    list still shows them which VMs it holds, so the operator is told."""
+    try:
+        mode = location.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        events.record(
+            "storage-location-shared",
+            f"storage location {location} has mode {mode:04o}: other users can list it; "
+            f"`chmod 700 {location}` keeps the names of replica VMs private",
+            level="warning",
+        )
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
