@@ -14,7 +14,7 @@ from vmreplica._internal.engine.health import Cycle
 from vmreplica._internal.store.db import Database
 from vmreplica.errors import InvalidArgument, NotFound
 
-PRIMARY, REPLICA, TEST_REPLICA = "Primary", "Replica", "TestReplica"
+PRIMARY, REPLICA = "Primary", "Replica"
 
 DISABLED = "Disabled"
 READY_FOR_INITIAL = "ReadyForInitialReplication"
