@@ -210,24 +210,6 @@ class QmpSession:
         """Start queueing events (all of them if ``names`` is None) until the subscription ends."""
         return EventSubscription(self, names)
 
-    async def wait_event(
-        self,
-        names: Iterable[str],
-        timeout: float | None,
-        predicate: Callable[[QmpEvent], bool] | None = None,
-    ) -> QmpEvent | None:
-        """First matching event from now on, or None on timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        with self.subscribe(names) as sub:
-            while True:
-                left = None if deadline is None else max(0.0, deadline - loop.time())
-                event = await sub.get(left)
-                if event is None:
-                    return None
-                if predicate is None or predicate(event):
-                    return event
-
     async def close(self) -> None:
         """Hang up, leaving the process running; safe to call twice or after the peer left."""
         async with self._close_lock:
