@@ -362,11 +362,6 @@ def test_rotate_refusing_an_existing_file_keeps_every_bit(root: Path) -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tracking._copy checks each destination inside its try and, on failure, unlinks every"
-    " destination, the one it refused to overwrite included",
-)
 def test_rotate_leaves_a_file_it_refused_to_overwrite_alone(root: Path) -> None:
     disk = tracked(root, "d0.qcow2")
     taken = qcow2(root / "taken.qcow2", MiB)  # could be a disk, or a replica's image
@@ -413,11 +408,6 @@ def test_rotate_failing_on_a_full_disk_folds_the_new_generation_back(root: Path)
     asyncio.run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tracking._copy reports the first job that did not succeed, here disk0's, cancelled"
-    " because disk1's failed, rather than the failure itself",
-)
 def test_rotate_failing_on_a_full_disk_says_which_disk_and_why(root: Path) -> None:
     disks = rotate_into_a_full_disk(root)
     dests = [root / "c0.qcow2", root / "small" / "c1.qcow2"]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmreplica._internal.drivers.qemu.nbd_extents import align, coalesce
+from vmreplica._internal.extents import align, coalesce
 
 K = 1024
 

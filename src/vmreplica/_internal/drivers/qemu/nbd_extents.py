@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,48 +36,17 @@ import nbd
 from vmreplica._internal.drivers.qemu import blockjobs
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.qmp import EventSubscription
+from vmreplica._internal.extents import Extent, align, coalesce
 from vmreplica.errors import StorageError, VmrError
 
 __all__ = ["Extent", "align", "coalesce", "copy_ranges", "dirty_extents"]
 
-Extent = tuple[int, int]
-"""``(offset, length)`` in bytes."""
 
 DIRTY = 1  # bit 0 of a qemu:dirty-bitmap context's extent flags
 _STATUS_CHUNK = 1 << 30  # block status requests must stay below 4 GiB
 _COPY_CHUNK = 4 << 20  # QEMU's NBD server takes requests up to 32 MiB
 _EXPORT_TIMEOUT = 30.0
 _PREFIX = "vmr-nbd"
-
-
-def coalesce(extents: Iterable[Sequence[int]]) -> list[Extent]:
-    """Sorted, with overlapping and adjacent ranges merged; empty ranges dropped."""
-    out: list[Extent] = []
-    for offset, length in sorted((int(e[0]), int(e[1])) for e in extents):
-        if length <= 0:
-            continue
-        if out and offset <= out[-1][0] + out[-1][1]:
-            start, size = out[-1]
-            out[-1] = (start, max(size, offset + length - start))
-        else:
-            out.append((offset, length))
-    return out
-
-
-def align(extents: Iterable[Sequence[int]], granularity: int, size: int) -> list[Extent]:
-    """Widened to whole units of ``granularity`` and clipped to ``size``.
-
-    A write of part of a qcow2 cluster in an image without a backing file fills the rest of the
-    cluster with zeros, which would then overwrite the replica's data there; copying whole
-    clusters from the same source leaves nothing of the kind.
-    """
-    widened = []
-    for offset, length in coalesce(extents):
-        start = max(0, offset - offset % granularity)
-        end = min(size, -(-(offset + length) // granularity) * granularity)
-        if end > start:
-            widened.append((start, end - start))
-    return coalesce(widened)
 
 
 @contextlib.asynccontextmanager

@@ -166,13 +166,18 @@ async def _copy(
         blockjobs.Job(node, Path(dest).absolute(), f"{JOB_PREFIX}-j{i}", f"{JOB_PREFIX}-t{i}")
         for i, (node, dest) in enumerate(zip(nodes, dests, strict=True))
     ]
+    for job in jobs:
+        # Never overwrite, and never delete on the way out what this did not make: a wrong
+        # path could be a disk or a replica image.
+        if job.dest.exists():
+            raise InvalidState(f"cannot copy {job.node}: {job.dest} already exists")
     added: list[str] = []
+    created: list[Path] = []
     ok = False
     try:
         for job in jobs:
-            if job.dest.exists():
-                raise InvalidState(f"cannot copy {job.node}: {job.dest} already exists")
             await qemu_img.create(job.dest, int(found[job.node]["image"]["virtual-size"]))
+            created.append(job.dest)
             file = {
                 "driver": "file",
                 "node-name": f"{job.target_node}-file",
@@ -194,11 +199,15 @@ async def _copy(
                 with contextlib.suppress(VmrError, TimeoutError):
                     await asyncio.wait_for(blockjobs.cancel_jobs(target, events, jobs), 30)
                 raise
-        failed = [job for job in jobs if job.error is not None or job.cancelled]
+        # The failure itself, not a sibling's copy it cancelled in turn.
+        failed = [job for job in jobs if job.error is not None] or [
+            job for job in jobs if job.cancelled
+        ]
         if failed:
             job = failed[0]
             reason = job.error or "cancelled"
-            prefix = "disk full: " if "No space left" in reason else ""
+            full = "No space left" in reason or "quota" in reason.lower()
+            prefix = "disk full: " if full else ""
             raise StorageError(f"{prefix}copy of {job.node} into {job.dest} failed: {reason}")
         ok = True
     finally:
@@ -206,8 +215,8 @@ async def _copy(
             with contextlib.suppress(VmrError):
                 await target.execute("blockdev-del", {"node-name": node_name})
         if not ok:
-            for job in jobs:
-                job.dest.unlink(missing_ok=True)
+            for path in created:
+                path.unlink(missing_ok=True)
     for parent in sorted({job.dest.parent for job in jobs}):
         blockjobs.fsync_dir(parent)
 
