@@ -10,5 +10,7 @@ ruff check src tests bench
 ruff format --check src tests bench
 echo "== mypy --strict"
 mypy
+echo "== lint-imports (layer contracts, pyproject.toml)"
+lint-imports --no-cache
 echo "== pytest"
 pytest -p no:cacheprovider "$@"

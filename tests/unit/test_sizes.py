@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmreplica._internal.engine.validate import size as parse_size
+from vmreplica._internal.validate import size as parse_size
 from vmreplica.errors import InvalidArgument
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from vmreplica._internal import validate
 from vmreplica._internal.config import (
     HostConfig,
     TlsFiles,
@@ -15,7 +16,6 @@ from vmreplica._internal.config import (
     parse_resolve,
     write_toml_atomic,
 )
-from vmreplica._internal.engine import validate
 from vmreplica.errors import NotFound
 
 

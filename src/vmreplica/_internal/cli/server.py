@@ -15,8 +15,8 @@ from vmreplica._internal.cli.output import (
     render,
     stdin_option,
 )
-from vmreplica._internal.engine.validate import boolean
 from vmreplica._internal.models import ServerSettings
+from vmreplica._internal.validate import boolean
 
 
 class BoolParam(click.ParamType[bool, Any]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from vmreplica._internal.engine import validate
+from vmreplica._internal import validate
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.server_settings import (
     DEFAULT_TRUST_GROUP,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from vmreplica._internal import validate
 from vmreplica._internal.config import HostConfig
-from vmreplica._internal.engine import validate
 from vmreplica._internal.models import ConnectionTest
 from vmreplica._internal.transport.peer import (
     UNREACHABLE,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 
-from vmreplica._internal.engine import validate
+from vmreplica._internal import validate
 
 MODES = frozenset({"Primary", "Replica", "ExtendedReplica", "TestReplica"})
 STATES = frozenset(

@@ -11,8 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Protocol
 
+from vmreplica._internal import validate
 from vmreplica._internal.certs import cert_thumbprint
-from vmreplica._internal.engine import validate
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import EventLog
 from vmreplica._internal.models import ServerSettings

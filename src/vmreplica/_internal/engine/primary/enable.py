@@ -14,7 +14,7 @@ from typing import Any
 
 import blake3
 
-from vmreplica._internal.engine import validate
+from vmreplica._internal import validate
 from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import blake3
 
-from vmreplica._internal.engine import validate
+from vmreplica._internal import validate
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vmreplica._internal.engine import validate
+from vmreplica._internal import validate
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.vms.runtime import VmRuntime
 from vmreplica._internal.models import Vm

@@ -1,4 +1,5 @@
-"""Pure validation of operator input: names, FQDN patterns, durations, times, paths.
+"""Pure validation of operator input: names, FQDN patterns, durations, times, sizes, paths, and
+per-VM replication settings; for the CLI, the API layer and the engine alike.
 
 Each function returns the normalized value or raises :class:`InvalidArgument` with one line
 that names the bad value and what would be accepted.
@@ -10,8 +11,8 @@ import os
 import re
 from fractions import Fraction
 from pathlib import Path
+from typing import Protocol, TypeVar
 
-from vmreplica._internal.store.replications import Settings
 from vmreplica.errors import InvalidArgument
 
 # Used with fullmatch only: with match, "$" also matches before a final newline.
@@ -68,7 +69,21 @@ def size(text: str) -> int:
     return int(value)
 
 
-def replication_settings(s: Settings) -> Settings:
+class ReplicationSettings(Protocol):
+    @property
+    def frequency_sec(self) -> int: ...
+    @property
+    def recovery_history(self) -> int: ...
+    @property
+    def snapshot_frequency_hour(self) -> int | None: ...
+    @property
+    def recovery_point_interval(self) -> int: ...
+
+
+S = TypeVar("S", bound=ReplicationSettings)
+
+
+def replication_settings(s: S) -> S:
     """Hyper-V's rules for per-VM settings, for ``enable``/``set`` and for what a peer sends."""
     if s.frequency_sec not in FREQUENCIES:
         raise InvalidArgument(
