@@ -30,26 +30,13 @@ the ``-c`` name. Errors are :mod:`vmreplica.errors` classes.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import functools
-import json
-import os
-import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
 
-import aiohttp
-
-from vmreplica._internal.certs import client_ssl_context
-from vmreplica._internal.config import (
-    DEFAULT_SOCKET,
-    RemoteHost,
-    load_remote_host,
-    tls_server_name,
-)
+from vmreplica._internal.config import RemoteHost, load_remote_host
 from vmreplica._internal.models import (
     AuthEntry,
     ConnectionTest,
@@ -61,7 +48,8 @@ from vmreplica._internal.models import (
     ServerSettings,
     Vm,
 )
-from vmreplica.errors import AccessDenied, ConnectionFailed, VmrError, error_from_json
+from vmreplica._internal.sdk import Transport, wait
+from vmreplica.errors import VmrError
 
 __all__ = [
     "AsyncClient",
@@ -80,114 +68,6 @@ __all__ = [
 M = TypeVar("M", bound=Model)
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-def _default_socket() -> Path:
-    return Path(os.environ.get("VMREPLICA_SOCKET", DEFAULT_SOCKET))
-
-
-# -- transport ------------------------------------------------------------------------------
-
-
-class _Transport:
-    """One management API request per call, on whatever event loop awaits it."""
-
-    def __init__(self, socket: Path | None, remote: RemoteHost | None, timeout: float | None):
-        self.socket = socket or _default_socket()
-        self.remote = remote
-        self.timeout = timeout
-        # Built once: loading the CA and key is file I/O, and a context is safe to share
-        # between the threads and loops that the sync client may run requests on.
-        self.ssl = client_ssl_context(remote.ca, remote.cert, remote.key) if remote else None
-        self.server_name = tls_server_name(remote) if remote else None
-
-    @property
-    def target(self) -> str:
-        return self.remote.name if self.remote else f"the local agent ({self.socket})"
-
-    async def request(self, method: str, args: dict[str, Any] | None) -> Any:
-        body = json.dumps({k: v for k, v in (args or {}).items() if v is not None}).encode()
-        headers = {"Content-Type": "application/json"}
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
-        try:
-            if self.remote is None:
-                connector = aiohttp.UnixConnector(path=str(self.socket))
-                async with (
-                    aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                    session.post(f"http://agent/v1/{method}", data=body, headers=headers) as resp,
-                ):
-                    return _result(resp.status, await resp.read())
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(
-                    f"{self.remote.url}/v1/{method}",
-                    data=body,
-                    headers=headers,
-                    ssl=self.ssl or True,
-                    server_hostname=self.server_name,
-                ) as resp,
-            ):
-                return _result(resp.status, await resp.read())
-        except aiohttp.ClientConnectorCertificateError as e:
-            raise ConnectionFailed(
-                f"{self.target}: its certificate is not trusted ({e.certificate_error})"
-            ) from e
-        except aiohttp.ClientConnectorError as e:
-            err = e.os_error
-            if isinstance(err, PermissionError):
-                raise AccessDenied(
-                    f"access denied to {self.target}: the management socket is root-only"
-                ) from e
-            if self.remote is None:
-                raise ConnectionFailed(
-                    f"cannot reach the local agent at {self.socket}: is `vmreplica host serve` running? "
-                    "(set VMREPLICA_SOCKET or use -c NAME)"
-                ) from e
-            raise ConnectionFailed(
-                f"cannot reach {self.target} at {self.remote.url}: {err.strerror or err}"
-            ) from e
-        except (aiohttp.ClientError, TimeoutError) as e:
-            if self.remote is not None and isinstance(
-                e, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError
-            ):
-                raise AccessDenied(
-                    f"{self.target} refused the connection: is the administrator certificate "
-                    f"{self.remote.cert} issued by its CA?"
-                ) from e
-            raise ConnectionFailed(
-                f"{self.target}: request failed ({e or type(e).__name__})"
-            ) from e
-
-
-def _result(status: int, raw: bytes) -> Any:
-    try:
-        decoded = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        decoded = None
-    if status >= 400 or not isinstance(decoded, dict) or "result" not in decoded:
-        raise error_from_json(decoded, status)
-    return decoded["result"]
-
-
-def _wait(request: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run one request to the end from synchronous code."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(request())
-    # Sync code called from async code: asyncio.run refuses to nest, and this thread cannot
-    # await on the running loop without blocking that very loop, so the request gets a loop of
-    # its own in a thread of its own. A thread per call keeps nothing alive between calls.
-    done: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def work() -> None:
-        try:
-            done.set_result(asyncio.run(request()))
-        except BaseException as e:  # every outcome, errors included, belongs to the caller
-            done.set_exception(e)
-
-    threading.Thread(target=work, name="vmreplica-client", daemon=True).start()
-    return done.result()
 
 
 # -- the methods, each described once -------------------------------------------------------
@@ -244,7 +124,7 @@ class _Api:
         remote: RemoteHost | None = None,
         timeout: float | None = None,
     ) -> None:
-        self._transport = _Transport(socket, remote, timeout)
+        self._transport = Transport(socket, remote, timeout)
 
     @classmethod
     def connect(cls, computer_name: str | None = None) -> Self:
@@ -503,7 +383,7 @@ class Client(_Api):
 
     def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
         """A raw call: the ``result`` of ``method``; arguments that are None are left out."""
-        return _wait(functools.partial(self._transport.request, method, args))
+        return wait(functools.partial(self._transport.request, method, args))
 
     def _bind(self, build: Callable[P, _Call[T]]) -> Callable[P, T]:
         @functools.wraps(build)

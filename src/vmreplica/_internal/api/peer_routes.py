@@ -19,6 +19,7 @@ from vmreplica._internal.api.listener import PeerHandler, local_address, peer_id
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.services import Services
 from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.fields import parse_vm_id
 
 CHUNK = 4 * 1024 * 1024
 
@@ -52,14 +53,14 @@ def peer_routes(engine: Services) -> dict[str, PeerHandler]:
     async def delta(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
-        vm_id = p.parse_vm_id(request.query.get("vm_id"), "query parameter vm_id")
+        vm_id = parse_vm_id(request.query.get("vm_id"), "query parameter vm_id")
         chunks = request.content.iter_chunked(CHUNK)
         return _answer(await replica.receiver.receive(authz, names, vm_id, chunks))
 
     async def boot_file(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
-        vm_id = p.parse_vm_id(request.query.get("vm_id"), "query parameter vm_id")
+        vm_id = parse_vm_id(request.query.get("vm_id"), "query parameter vm_id")
         kind = p.parse_boot_kind(request.query.get("kind"))
         chunks = request.content.iter_chunked(CHUNK)
         return _answer(await replica.lifecycle.receive_boot_file(authz, names, vm_id, kind, chunks))

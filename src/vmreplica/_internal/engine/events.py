@@ -52,18 +52,7 @@ class EventLog:
 
     def list(self, since: str | None = None, limit: int = 1000) -> list[Event]:
         since_dt = parse_iso(since, "--since") if since else None
-        events = [
-            Event(
-                computer_name=self._computer_name,
-                id=r.id,
-                time=r.time,
-                level=r.level,
-                kind=r.kind,
-                vm_name=r.vm_name,
-                message=r.message,
-            )
-            for r in self._store.newest(limit)
-        ]
+        events = self._store.newest(limit, self._computer_name)
         if since_dt is not None:
             events = [e for e in events if datetime.fromisoformat(e.time) >= since_dt]
         return events

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime
 
+from vmreplica._internal.models import Event
 from vmreplica._internal.store.db import Database, Tx
-
-
-@dataclasses.dataclass(frozen=True)
-class EventRow:
-    id: int
-    time: str
-    level: str
-    kind: str
-    vm_name: str | None
-    message: str
 
 
 class EventStore:
@@ -32,10 +22,12 @@ class EventStore:
                 (now, level, kind, vm_name, message),
             )
 
-    def newest(self, limit: int) -> list[EventRow]:
-        """The ``limit`` newest events, oldest first."""
+    def newest(self, limit: int, computer_name: str) -> list[Event]:
+        """The ``limit`` newest events, oldest first, as events of ``computer_name``."""
         rows = self._db.query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
         return [
-            EventRow(r["id"], r["time"], r["level"], r["kind"], r["vm_name"], r["message"])
+            Event(
+                computer_name, r["id"], r["time"], r["level"], r["kind"], r["vm_name"], r["message"]
+            )
             for r in reversed(rows)
         ]

@@ -34,6 +34,7 @@ from typing import Any
 import blake3
 import zstandard
 
+from vmreplica._internal.files import fsync_dir, write_atomic
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
 
 StrPath = str | os.PathLike[str]
@@ -100,6 +101,12 @@ class DeltaManifest:
         return m
 
 
+def disk_file(directory: Path, n: int) -> Path:
+    """Where disk ``n`` of a delta lies in a directory that holds one file per disk (the pending
+    log, a stage, overlays)."""
+    return directory / f"disk{n}.qcow2"
+
+
 def _is_count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -110,21 +117,8 @@ def _hash_file(path: Path) -> tuple[int, str]:
     return path.stat().st_size, digest
 
 
-def _fsync(path: Path) -> None:
-    """Any descriptor flushes the inode on Linux; a directory's, the names in it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, text: str) -> None:
-    """A crash leaves the old file or the new one, never a cut one."""
-    (tmp := path.with_name(path.name + ".tmp")).write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    write_atomic(path, text.encode())
 
 
 def _build_manifest(d: Path, vm_id: str, seq: int, consistency: str, comp: str) -> DeltaManifest:
@@ -320,7 +314,7 @@ async def receive(
         if await inp.read(1):
             raise IntegrityError(f"{name}: unexpected data after the last disk")
         await run(_write_atomic, stage / MANIFEST, m.to_json())
-        await run(_fsync, stage.parent, wait=True)
+        await run(fsync_dir, stage.parent, wait=True)
         ok = True
         return m
     except zstandard.ZstdError as e:

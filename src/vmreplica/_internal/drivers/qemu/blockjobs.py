@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from vmreplica._internal.drivers.qemu.qmp import EventSubscription, QmpCommandError
-from vmreplica.errors import NotFound, StorageError
+from vmreplica.errors import NotFound
 
 _POLL = 0.2
 END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
@@ -153,14 +152,3 @@ async def _request_cancel(target: QmpTarget, jobs: list[Job]) -> None:
 
 def _int(value: object) -> int:
     return value if isinstance(value, int) else 0
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise StorageError(f"cannot sync directory {path}: {exc.strerror}") from exc

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from vmreplica._internal.drivers.qemu import qemu_img
+from vmreplica._internal.files import fsync_dir
 from vmreplica.errors import (
     IntegrityError,
     InvalidArgument,
@@ -64,16 +65,6 @@ def _fs(what: str) -> Iterator[None]:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageError(f"disk full: {what}: {exc.strerror}") from exc
         raise StorageError(f"{what}: {exc.strerror or exc}") from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames and unlinks in ``path`` durable before the next step relies on them."""
-    with _fs(f"cannot sync directory {path}"):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class ReplicaChain:
@@ -170,7 +161,7 @@ class ReplicaChain:
         await qemu_img.commit(delta)
         with _fs(f"cannot remove applied delta {delta}"):
             delta.unlink()
-        _fsync_dir(delta.parent)
+        fsync_dir(delta.parent)
 
     async def check_incoming(self, delta: str | os.PathLike[str]) -> None:
         """Refuse a received delta that :meth:`apply_delta` could not apply: not a readable
@@ -218,7 +209,7 @@ class ReplicaChain:
             return
         with _fs(f"cannot adopt {image} as {self.base}"):
             os.replace(image, self.base)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     async def freeze_recovery_point(self, point_id: int) -> Path:
         """``tip`` becomes ``rp-<id>`` and a new empty ``tip`` stands on it.
@@ -250,7 +241,7 @@ class ReplicaChain:
                     raise InvalidState(f"{TIP} is missing in {self.dir}: run recovery first")
                 with _fs(f"cannot rename {self.tip}"):
                     os.rename(self.tip, rp)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             await self._new_image(TIP, backing=rp.name)
             return rp
 
@@ -282,17 +273,8 @@ class ReplicaChain:
                 raise IntegrityError(f"{above.name} stands on {backing}, not on {oldest.name}")
             with _fs(f"cannot remove {oldest}"):
                 oldest.unlink()
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             return True
-
-    async def prune_to(self, history: int, pinned: Collection[int] = frozenset()) -> list[int]:
-        """Prune until at most ``history`` points remain (fewer pruned while one is pinned)."""
-        if history < 0:
-            raise InvalidArgument(f"invalid recovery history {history}")
-        pruned: list[int] = []
-        while len(ids := self.point_ids()) > history and await self.prune_oldest(pinned):
-            pruned.append(ids[0])
-        return pruned
 
     async def overlay_for(self, point: PointRef, overlay_path: str | os.PathLike[str]) -> Path:
         """A new qcow2 above a recovery point, for a failover VM to write into.
@@ -319,7 +301,7 @@ class ReplicaChain:
             await qemu_img.create(tmp, None, self.rp_path(point))
             with _fs(f"cannot create {overlay}"):
                 os.replace(tmp, overlay)
-            _fsync_dir(overlay.parent)
+            fsync_dir(overlay.parent)
             return overlay
 
     async def recover(self, pinned: Collection[int] = frozenset()) -> list[str]:
@@ -358,7 +340,7 @@ class ReplicaChain:
                 if await self._backing_of(above) == self.base:
                     with _fs(f"cannot remove {oldest}"):
                         oldest.unlink()
-                    _fsync_dir(self.dir)
+                    fsync_dir(self.dir)
                     done.append(f"removed {oldest.name}, already folded into {BASE}")
         return done
 
@@ -411,7 +393,7 @@ class ReplicaChain:
         await qemu_img.create(tmp, size, backing)
         with _fs(f"cannot create {final}"):
             os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return final
 
     def _pending(self) -> Path | None:
@@ -435,4 +417,4 @@ class ReplicaChain:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self._pending_file)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)

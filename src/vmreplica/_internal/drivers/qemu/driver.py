@@ -170,23 +170,27 @@ class QemuDriver:
     async def point_in_time(
         self, owner: DiskOwner, generation: int
     ) -> AsyncIterator[nbd_copy.Source]:
-        running = _target(owner.process)
-        if running is None:
-            # Off, and kept off by the caller's lock: qemu-img reads the images themselves.
-            disks = [owner.disks[i] for i in owner.replicated]
-            await self.start_tracking_offline(disks)
-            yield nbd_copy.file_source(disks)
-            return
-        nodes = [node_name(i) for i in owner.replicated]
-        await tracking.remove_all(running, nodes)
-        source = await nbd_copy.export_source(
-            running, nodes, owner.run_dir / INITIAL_DIR, tracking.name(generation)
-        )
+        """Everything the copy needs (fleecing overlays, the export's socket, TLS links) lives in
+        the VM's run directory under ``initial/``, and goes when the view does."""
+        work = owner.run_dir / INITIAL_DIR
         try:
-            yield source
+            running = _target(owner.process)
+            if running is None:
+                # Off, and kept off by the caller's lock: qemu-img reads the images themselves.
+                disks = [owner.disks[i] for i in owner.replicated]
+                await self.start_tracking_offline(disks)
+                yield nbd_copy.file_source(disks)
+                return
+            nodes = [node_name(i) for i in owner.replicated]
+            await tracking.remove_all(running, nodes)
+            source = await nbd_copy.export_source(running, nodes, work, tracking.name(generation))
+            try:
+                yield source
+            finally:
+                with contextlib.suppress(VmrError, TimeoutError):
+                    await nbd_copy.close_source(running, source)
         finally:
-            with contextlib.suppress(VmrError, TimeoutError):
-                await nbd_copy.close_source(running, source)
+            shutil.rmtree(work, ignore_errors=True)
 
     async def copy_to(
         self,

@@ -37,6 +37,7 @@ from vmreplica._internal.drivers.qemu import blockjobs
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.qmp import EventSubscription
 from vmreplica._internal.extents import Extent, align, coalesce
+from vmreplica._internal.files import fsync_dir
 from vmreplica.errors import StorageError, VmrError
 
 __all__ = ["Extent", "align", "coalesce", "copy_ranges", "dirty_extents"]
@@ -268,5 +269,5 @@ async def copy_ranges(
             with contextlib.suppress(VmrError):
                 await target.execute("blockdev-del", {"node-name": dest_node})
     for parent in sorted({dest.parent for _, _, dest in work}):
-        blockjobs.fsync_dir(parent)
+        fsync_dir(parent)
     return copied

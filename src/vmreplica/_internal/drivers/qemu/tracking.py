@@ -20,6 +20,7 @@ from typing import Any
 from vmreplica._internal.drivers.qemu import blockjobs, qemu_img
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
+from vmreplica._internal.files import fsync_dir
 from vmreplica.errors import InvalidState, ResyncRequired, StorageError, VmrError
 
 __all__ = [
@@ -218,7 +219,7 @@ async def _copy(
             for path in created:
                 path.unlink(missing_ok=True)
     for parent in sorted({job.dest.parent for job in jobs}):
-        blockjobs.fsync_dir(parent)
+        fsync_dir(parent)
 
 
 async def drop(target: QmpTarget, nodes: Sequence[str], generation: int) -> None:

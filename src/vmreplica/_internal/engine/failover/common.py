@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,9 @@ from vmreplica._internal.engine.replica.common import chains
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.extents import Extent
+from vmreplica._internal.files import write_atomic
 from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import IntegrityError, InvalidArgument, NotFound, StorageError
 
 log = logging.getLogger("vmreplica.failover")
@@ -61,7 +62,7 @@ class FailoverBase:
         root = Path(str(row.storage_dir)) / OVERLAY_DIRS[kind]
         shutil.rmtree(root, ignore_errors=True)
         return [
-            await chain.overlay_for(point, root / f"disk{i}.qcow2")
+            await chain.overlay_for(point, disk_file(root, i))
             for i, chain in enumerate(chains(self._ctx, row))
         ]
 
@@ -107,17 +108,7 @@ class FailoverBase:
         if path.exists():
             earlier = ext.from_json(json.loads(path.read_text()), len(row.disks))
             changes = ext.union(changes, earlier, disks=len(row.disks))
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            with open(tmp, "w") as f:
-                json.dump(ext.to_json(changes), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_atomic(path, json.dumps(ext.to_json(changes)).encode())
         except OSError as e:
             raise StorageError(f"cannot save the failback ranges of {row.vm_name}: {e}") from e

@@ -16,15 +16,17 @@ from pathlib import Path
 from vmreplica._internal import extents as ext
 from vmreplica._internal import faults
 from vmreplica._internal.engine.authorization import Authorization
-from vmreplica._internal.engine.context import Context, move
+from vmreplica._internal.engine.context import Context, allows, move
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.primary import Primary
+from vmreplica._internal.engine.replica.common import chain_dir
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.ports.hypervisor import DiskOwner
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import AccessDenied, InvalidState, NotFound, ResyncRequired, VmrError
 
 
@@ -47,6 +49,7 @@ class OldPrimary:
             raise InvalidState(
                 f"VM {row.vm_name} replicates to {row.replica_server}, not to {peer_names[0]}"
             )
+        allows(row, Command.BECOME_REPLICA)  # before anything moves
         running = f"VM {row.vm_name} is running on {self._ctx.host}: stop it before reversing"
         if self._vms.find(row.vm_name).state != "Off":
             raise InvalidState(running)
@@ -84,7 +87,7 @@ class OldPrimary:
                 continue  # never committed: the generation still holds its changes (settle)
             for n in range(len(row.disks)):
                 try:
-                    changed[n] += await self._ctx.driver.allocated(delta_dir / f"disk{n}.qcow2")
+                    changed[n] += await self._ctx.driver.allocated(disk_file(delta_dir, n))
                 except VmrError as e:
                     return False, f"pending delta {sequence} cannot be read ({e})", {}
         return True, None, ext.to_json(dict(enumerate(changed)))
@@ -97,7 +100,7 @@ class OldPrimary:
         vm_id = row.vm_id
         root = authz.storage_location / row.vm_name / f"rev-{uuid.uuid4().hex[:8]}"
         moves = [
-            (str(rec.disks[i]), str(root / f"disk{n}" / "base.qcow2"))
+            (str(rec.disks[i]), str(self._ctx.driver.chain(chain_dir(root, n)).base))
             for n, i in enumerate(row.disks)
         ]
         with self._ctx.stores.db.tx() as tx:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport.delta import disk_file
 
 
 class PendingLog:
@@ -41,7 +42,7 @@ class PendingLog:
 
     def files(self, vm_id: str, sequence: int, disks: int) -> list[Path]:
         """Where delta ``sequence`` keeps each replicated disk (``disk{n}`` of the wire)."""
-        return [self.delta_dir(vm_id, sequence) / f"disk{n}.qcow2" for n in range(disks)]
+        return [disk_file(self.delta_dir(vm_id, sequence), n) for n in range(disks)]
 
     def clear(self, vm_id: str) -> None:
         shutil.rmtree(self.root(vm_id), ignore_errors=True)

@@ -20,6 +20,7 @@ from vmreplica._internal.engine.replica.common import chains, replica_row
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport.delta import disk_file
 
 
 class Applier:
@@ -47,7 +48,7 @@ class Applier:
             size = sum(d.file_size for d in manifest.disks)
         initial = current.state == State.WAITING_FOR_INITIAL
         for i, chain in enumerate(chains(self._ctx, current)):
-            delta = staging / f"disk{i}.qcow2"
+            delta = disk_file(staging, i)
             if initial:
                 if delta.exists():
                     await chain.adopt_as_base(delta)

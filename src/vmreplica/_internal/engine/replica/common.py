@@ -15,9 +15,15 @@ REPLICA = "Replica"
 BOOT_DIR = "boot"  # in the replica VM's storage: the kernel and initrd copied from the primary
 
 
+def chain_dir(storage: Path, n: int) -> Path:
+    """The directory of the chain of replicated disk ``n`` in a replica VM's storage."""
+    return storage / f"disk{n}"
+
+
 def chains(ctx: Context, row: ReplicationRow) -> list[ReplicaChain]:
     assert row.storage_dir is not None
-    return [ctx.driver.chain(Path(row.storage_dir) / f"disk{i}") for i in range(len(row.disks))]
+    storage = Path(row.storage_dir)
+    return [ctx.driver.chain(chain_dir(storage, n)) for n in range(len(row.disks))]
 
 
 def staging_dir(row: ReplicationRow, sequence: int) -> Path:

@@ -20,6 +20,7 @@ from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.replica.common import (
     BOOT_DIR,
     REPLICA,
+    chain_dir,
     check_sender,
     replica_row,
 )
@@ -27,6 +28,7 @@ from vmreplica._internal.engine.replica.initial import InitialImport
 from vmreplica._internal.engine.server_settings import warn_if_shared
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.store.replications import ReplicationRow, Settings
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
@@ -65,14 +67,16 @@ class ReplicaLifecycle:
         boot = {k: v for k, v in (("kernel", req.kernel), ("initrd", req.initrd)) if v}
         boot_dir = storage / BOOT_DIR
         try:
-            for i, size in enumerate(req.disk_sizes):
-                await self._ctx.driver.create_chain(storage / f"disk{i}", size)
+            tips = [
+                (await self._ctx.driver.create_chain(chain_dir(storage, n), size)).tip
+                for n, size in enumerate(req.disk_sizes)
+            ]
             if boot:
                 boot_dir.mkdir(mode=0o700)
             with self._ctx.stores.db.tx() as tx:
                 self._vms.register(
                     tx, req.vm_id, name, req.cpus, req.memory_mb, storage,
-                    [storage / f"disk{i}" / "tip.qcow2" for i in range(len(req.disk_sizes))],
+                    tips,
                     str(boot_dir / "kernel") if req.kernel else None,
                     str(boot_dir / "initrd") if req.initrd else None, req.append,
                 )  # fmt: skip
@@ -147,7 +151,7 @@ class ReplicaLifecycle:
                 )
             validate.boot_image(part, kind)
             os.replace(part, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as e:
             raise StorageError(
                 f"cannot store the {kind} of {row.vm_name}: {e.strerror or e}"
@@ -197,11 +201,3 @@ def _file_digest(path: Path) -> tuple[int, str] | None:
         return path.stat().st_size, blake3.blake3().update_mmap(str(path)).hexdigest()
     except (OSError, ValueError):
         return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

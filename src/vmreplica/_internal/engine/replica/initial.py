@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -26,9 +25,11 @@ from vmreplica._internal.engine.replica.common import (
 from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.files import fsync_dir, fsync_file
 from vmreplica._internal.ports.hypervisor import ImportTarget
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import InvalidState, StorageError
 
 log = logging.getLogger("vmreplica.replica")
@@ -63,7 +64,7 @@ class InitialImport:
             staging = staging_dir(row, 1)
             _check_space(row, Path(str(row.storage_dir)), req.required_bytes)
             shutil.rmtree(staging, ignore_errors=True)
-            files = [staging / f"disk{i}.qcow2" for i in range(len(row.disks))]
+            files = [disk_file(staging, n) for n in range(len(row.disks))]
             sizes = [await chain.virtual_size() for chain in chains(self._ctx, row)]
             try:
                 staging.mkdir(parents=True)
@@ -143,17 +144,6 @@ def _check_space(row: ReplicationRow, storage: Path, required: int) -> None:
 
 def _sync_files(directory: Path) -> int:
     """fsync the images and their names; the space they take is the size of the copy."""
-    size = 0
-    for path in sorted(directory.glob("disk*.qcow2")):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            size += os.fstat(fd).st_blocks * 512
-        finally:
-            os.close(fd)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    size = sum(fsync_file(path) for path in sorted(directory.glob("disk*.qcow2")))
+    fsync_dir(directory)
     return size

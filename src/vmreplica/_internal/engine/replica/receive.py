@@ -28,6 +28,7 @@ from vmreplica._internal.engine.states import State
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import IntegrityError, InvalidState, ResyncRequired
 
 
@@ -66,7 +67,7 @@ class Receiver:
                     chunks, staging, expected_vm_id=vm_id, check_manifest=_checker(row)
                 )
                 for i, chain in enumerate(chains(self._ctx, row)):
-                    await chain.check_incoming(staging / f"disk{i}.qcow2")
+                    await chain.check_incoming(disk_file(staging, i))
             except BaseException as e:
                 shutil.rmtree(staging, ignore_errors=True)  # a refused delta leaves nothing
                 if isinstance(e, IntegrityError | ResyncRequired):

@@ -22,6 +22,7 @@ from vmreplica._internal.ports.hypervisor import VmSpec
 from vmreplica._internal.store.db import Tx
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.vms import VmRecord
+from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import InvalidArgument, InvalidState, NotFound
 
 log = logging.getLogger("vmreplica.vms")
@@ -156,7 +157,7 @@ class VmService:
             raise InvalidState(f"{vm_dir} already exists: remove it or choose another VM name")
         paths = [
             (existing, False) if disk.path is not None and existing is not None
-            else (vm_dir / f"disk{i}.qcow2", True)
+            else (disk_file(vm_dir, i), True)
             for i, (disk, _size, existing) in enumerate(plan)
         ]  # fmt: skip
         rec = VmRecord(

@@ -1,0 +1,127 @@
+"""The SDK's plumbing (vmreplica.client): one management API request per call, over the local
+unix socket or HTTPS with the administrator's certificate, and a way to wait for one from
+synchronous code that works whether or not an event loop runs in the calling thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+from vmreplica._internal.certs import client_ssl_context
+from vmreplica._internal.config import DEFAULT_SOCKET, RemoteHost, tls_server_name
+from vmreplica.errors import AccessDenied, ConnectionFailed, error_from_json
+
+T = TypeVar("T")
+
+
+def _default_socket() -> Path:
+    return Path(os.environ.get("VMREPLICA_SOCKET", DEFAULT_SOCKET))
+
+
+class Transport:
+    """One management API request per call, on whatever event loop awaits it."""
+
+    def __init__(self, socket: Path | None, remote: RemoteHost | None, timeout: float | None):
+        self.socket = socket or _default_socket()
+        self.remote = remote
+        self.timeout = timeout
+        # Built once: loading the CA and key is file I/O, and a context is safe to share
+        # between the threads and loops that the sync client may run requests on.
+        self.ssl = client_ssl_context(remote.ca, remote.cert, remote.key) if remote else None
+        self.server_name = tls_server_name(remote) if remote else None
+
+    @property
+    def target(self) -> str:
+        return self.remote.name if self.remote else f"the local agent ({self.socket})"
+
+    async def request(self, method: str, args: dict[str, Any] | None) -> Any:
+        body = json.dumps({k: v for k, v in (args or {}).items() if v is not None}).encode()
+        headers = {"Content-Type": "application/json"}
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        try:
+            if self.remote is None:
+                connector = aiohttp.UnixConnector(path=str(self.socket))
+                async with (
+                    aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                    session.post(f"http://agent/v1/{method}", data=body, headers=headers) as resp,
+                ):
+                    return decode_result(resp.status, await resp.read())
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(
+                    f"{self.remote.url}/v1/{method}",
+                    data=body,
+                    headers=headers,
+                    ssl=self.ssl or True,
+                    server_hostname=self.server_name,
+                ) as resp,
+            ):
+                return decode_result(resp.status, await resp.read())
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise ConnectionFailed(
+                f"{self.target}: its certificate is not trusted ({e.certificate_error})"
+            ) from e
+        except aiohttp.ClientConnectorError as e:
+            err = e.os_error
+            if isinstance(err, PermissionError):
+                raise AccessDenied(
+                    f"access denied to {self.target}: the management socket is root-only"
+                ) from e
+            if self.remote is None:
+                raise ConnectionFailed(
+                    f"cannot reach the local agent at {self.socket}: is `vmreplica host serve` running? "
+                    "(set VMREPLICA_SOCKET or use -c NAME)"
+                ) from e
+            raise ConnectionFailed(
+                f"cannot reach {self.target} at {self.remote.url}: {err.strerror or err}"
+            ) from e
+        except (aiohttp.ClientError, TimeoutError) as e:
+            if self.remote is not None and isinstance(
+                e, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError
+            ):
+                raise AccessDenied(
+                    f"{self.target} refused the connection: is the administrator certificate "
+                    f"{self.remote.cert} issued by its CA?"
+                ) from e
+            raise ConnectionFailed(
+                f"{self.target}: request failed ({e or type(e).__name__})"
+            ) from e
+
+
+def decode_result(status: int, raw: bytes) -> Any:
+    try:
+        decoded = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        decoded = None
+    if status >= 400 or not isinstance(decoded, dict) or "result" not in decoded:
+        raise error_from_json(decoded, status)
+    return decoded["result"]
+
+
+def wait(request: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run one request to the end from synchronous code."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(request())
+    # Sync code called from async code: asyncio.run refuses to nest, and this thread cannot
+    # await on the running loop without blocking that very loop, so the request gets a loop of
+    # its own in a thread of its own. A thread per call keeps nothing alive between calls.
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            done.set_result(asyncio.run(request()))
+        except BaseException as e:  # every outcome, errors included, belongs to the caller
+            done.set_exception(e)
+
+    threading.Thread(target=work, name="vmreplica-client", daemon=True).start()
+    return done.result()
