@@ -321,6 +321,8 @@ def test_remove_during_initial_copy_leaves_nothing(cluster: Cluster) -> None:
     staging = pair.storage / "db" / "staging" / "1" / "disk0.qcow2"
     pair.cli("replication", "start-initial", "db")
     wait_for(import_open, 20, "the replica's import")
+    replica_log = cluster.hosts[REPLICA].log
+    wait_for(lambda: "initial copy of db: serving" in replica_log.read_text(), 20, "the export")
     cluster.kill(PRIMARY)
     assert import_open()
     pair.cli("replication", "remove", "db", host=REPLICA)

@@ -73,8 +73,9 @@ class VmProcess(Protocol):
         """Let go of it and leave it running (the agent stops; VMs do not)."""
         ...
 
-    async def monitor(self, command: str) -> str:
-        """A diagnostic command, already checked by the engine as safe to run."""
+    async def monitor(self, command: str, test_writes: bool) -> str:
+        """A diagnostic command of the hypervisor's monitor, run only if it changes nothing
+        (``test_writes``: guest-disk writes for tests too); anything else is AccessDenied."""
         ...
 
 

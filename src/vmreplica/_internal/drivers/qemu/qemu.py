@@ -15,6 +15,7 @@ import contextlib
 import enum
 import itertools
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ from vmreplica._internal.drivers.qemu.qmp import (
 from vmreplica._internal.drivers.qemu.qsd import blockdev_options, check_disks, node_name
 from vmreplica._internal.ports.hypervisor import VmSpec as VmSpec
 from vmreplica.errors import (
+    AccessDenied,
     ConnectionFailed,
     InvalidArgument,
     InvalidState,
@@ -37,6 +39,8 @@ from vmreplica.errors import (
 )
 
 QEMU_SYSTEM = "qemu-system-x86_64"
+_HMP_INFO = re.compile(r"info(?: +[A-Za-z0-9_-]+)*")
+_HMP_QEMU_IO = re.compile(r'qemu-io +(?:-d +)?[A-Za-z0-9_/-]+ +"[^"]*"')
 
 
 def qmp_path(spec: VmSpec) -> Path:
@@ -305,7 +309,19 @@ class QemuVm:
         text = (reply if isinstance(reply, str) else "") + printed
         return text.replace("\r\n", "\n")
 
-    async def monitor(self, command: str) -> str:
+    async def monitor(self, command: str, test_writes: bool) -> str:
+        """HMP as a whole is root on the host (``migrate "exec:…"`` runs a shell command,
+        ``dump-guest-memory`` writes any file): only read-only ``info`` runs, and ``qemu-io``
+        where the host allows test writes."""
+        allowed = _HMP_INFO.fullmatch(command) is not None or (
+            test_writes and _HMP_QEMU_IO.fullmatch(command) is not None
+        )
+        if not allowed:
+            first = command.split()[0] if command else "(empty)"
+            hint = "" if test_writes else " (qemu-io needs allow_qemu_io in host.toml, for tests)"
+            raise AccessDenied(
+                f"vm monitor runs only read-only `info` commands, not {first!r}{hint}"
+            )
         return await self.hmp(command)
 
     async def powerdown(self) -> None:

@@ -22,6 +22,7 @@ from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.extents import Extent
 from vmreplica._internal.files import write_atomic
+from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import IntegrityError, InvalidArgument, NotFound, StorageError
@@ -65,6 +66,21 @@ class FailoverBase:
             await chain.overlay_for(point, disk_file(root, i))
             for i, chain in enumerate(chains(self._ctx, row))
         ]
+
+    async def _roll_back(self, entry: JournalEntry) -> None:
+        """A failover or test failover a crash cut short: its overlays (and test VM) go."""
+        row = self._store.find(entry.subject)
+        if row is not None and row.storage_dir:
+            shutil.rmtree(Path(row.storage_dir) / OVERLAY_DIRS[entry.kind], ignore_errors=True)
+            if entry.data.get("test_vm_id"):
+                await self._vms.unregister(str(entry.data["test_vm_id"]))
+            self._ctx.events.record(
+                "recovered",
+                f"rolled back an interrupted {entry.kind} of {row.vm_name}",
+                row.vm_name,
+            )
+        with self._ctx.stores.db.tx() as tx:
+            self._ctx.journal.end_entry(tx, entry.id)
 
     async def _changes_above_point(self, row: ReplicationRow) -> dict[int, list[Extent]] | None:
         """Per disk, what the replica chain received after the failover point: the old primary

@@ -9,14 +9,13 @@ from pathlib import Path
 
 from vmreplica._internal.engine.failover.common import TEST_SUFFIX, FailoverBase
 from vmreplica._internal.engine.vms import VmRecord
-from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica.errors import InvalidState
 
 
 class TestFailover(FailoverBase):
     def register(self) -> None:
-        self._ctx.journal.register("test-failover", self._rollback)
+        self._ctx.journal.register("test-failover", self._roll_back)
 
     async def start(self, rec: VmRecord, row: ReplicationRow, point: str | None) -> ReplicationRow:
         if row.test_vm_id is not None:
@@ -58,17 +57,3 @@ class TestFailover(FailoverBase):
         self._ctx.events.record(
             "test-failover-stopped", f"test VM of {row.vm_name} removed", row.vm_name
         )
-
-    async def _rollback(self, entry: JournalEntry) -> None:
-        row = self._store.find(entry.subject)
-        if row is not None and row.storage_dir:
-            shutil.rmtree(Path(row.storage_dir) / "test", ignore_errors=True)
-            if entry.data.get("test_vm_id"):
-                await self._vms.unregister(str(entry.data["test_vm_id"]))
-            self._ctx.events.record(
-                "recovered",
-                f"rolled back an interrupted test-failover of {row.vm_name}",
-                row.vm_name,
-            )
-        with self._ctx.stores.db.tx() as tx:
-            self._ctx.journal.end_entry(tx, entry.id)

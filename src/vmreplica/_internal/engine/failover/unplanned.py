@@ -13,7 +13,6 @@ from vmreplica._internal.engine.context import allows, move
 from vmreplica._internal.engine.failover.common import FailoverBase
 from vmreplica._internal.engine.replica.common import chains
 from vmreplica._internal.engine.states import Command
-from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import UNREACHABLE, PeerConnectionFailed, open_peer
@@ -22,7 +21,7 @@ from vmreplica.errors import InvalidState, VmrError
 
 class Failover(FailoverBase):
     def register(self) -> None:
-        self._ctx.journal.register("failover", self._rollback)
+        self._ctx.journal.register("failover", self._roll_back)
 
     async def start(self, row: ReplicationRow, point: str | None, force: bool) -> ReplicationRow:
         allows(row, Command.FAIL_OVER)
@@ -127,13 +126,3 @@ class Failover(FailoverBase):
                 tx=tx,
             )
         return self._store.get(row.vm_id, row.vm_name)
-
-    async def _rollback(self, entry: JournalEntry) -> None:
-        row = self._store.find(entry.subject)
-        if row is not None and row.storage_dir:
-            shutil.rmtree(Path(row.storage_dir) / "failover", ignore_errors=True)
-            self._ctx.events.record(
-                "recovered", f"rolled back an interrupted failover of {row.vm_name}", row.vm_name
-            )
-        with self._ctx.stores.db.tx() as tx:
-            self._ctx.journal.end_entry(tx, entry.id)

@@ -6,8 +6,10 @@ not finish is started over, never resumed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from vmreplica._internal import faults
@@ -66,18 +68,14 @@ class InitialImport:
             shutil.rmtree(staging, ignore_errors=True)
             files = [disk_file(staging, n) for n in range(len(row.disks))]
             sizes = [await chain.virtual_size() for chain in chains(self._ctx, row)]
-            try:
+            with _discarded_on_failure(
+                staging, f"cannot prepare the initial copy of {row.vm_name}"
+            ):
                 staging.mkdir(parents=True)
                 target = await self._ctx.driver.open_import(
                     files, sizes, self._vms.run_dir(row.vm_id), row.vm_name, self._ctx.config.tls,
                     peer_identity, listen_host, self._ctx.config.initial_copy_ports,
                 )  # fmt: skip
-            except OSError as e:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise StorageError(f"cannot prepare the initial copy of {row.vm_name}: {e}") from e
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
             self._imports[row.vm_id] = (target, now_iso())
         log.info(
             "initial copy of %s: serving %d images on port %d", row.vm_name, len(files), target.port
@@ -105,15 +103,9 @@ class InitialImport:
                 )
             target, started = opened
             staging = staging_dir(row, 1)
-            try:
+            with _discarded_on_failure(staging, f"cannot sync the initial copy of {row.vm_name}"):
                 await target.finish()
                 size = await asyncio.to_thread(_sync_files, staging)
-            except OSError as e:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise StorageError(f"cannot sync the initial copy of {row.vm_name}: {e}") from e
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
             self._applier.journal(row.vm_id, 1, staging, started, size=size)
             faults.hit("replica.after_stage")
             await self._recovery.apply(row, 1, staging, started, size)
@@ -130,6 +122,18 @@ class InitialImport:
     async def close_all(self) -> None:
         for vm_id in list(self._imports):
             await self.close_import(vm_id)
+
+
+@contextlib.contextmanager
+def _discarded_on_failure(staging: Path, what: str) -> Iterator[None]:
+    """Whatever fails, the copy's images go; a file-system error is reported as storage's."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise StorageError(f"{what}: {e}") from e
+        raise
 
 
 def _check_space(row: ReplicationRow, storage: Path, required: int) -> None:
