@@ -243,6 +243,20 @@ class HypervisorDriver(Protocol):
         ``address:port``, checking its certificate against ``tls_hostname``."""
         ...
 
+    async def hash_view(
+        self, source: CopySource, disk: int, block_size: int, first_block: int = 0
+    ) -> list[bytes | None]:
+        """blake3 of each ``block_size`` block of disk ``disk`` of a point-in-time view, from
+        ``first_block`` on; None for a block that reads as zeros (holes are not read)."""
+        ...
+
+    async def hash_image(
+        self, image: Path, block_size: int, first_block: int = 0
+    ) -> list[bytes | None]:
+        """The same of an image nothing writes (a replica chain's ``tip``, read through its
+        backing chain)."""
+        ...
+
     async def open_import(
         self,
         files: Sequence[Path],

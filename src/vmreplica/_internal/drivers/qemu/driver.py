@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.drivers.qemu import (
+    block_hash,
     children,
     nbd_copy,
     nbd_extents,
@@ -207,6 +208,17 @@ class QemuDriver:
         assert isinstance(source, nbd_copy.Source), "a source of another driver"
         tls_dir = nbd_copy.tls_creds_dir(work_dir / INITIAL_DIR / "tls", tls, "client")
         await nbd_copy.convert(source, disk, address, port, export, tls_dir, tls_hostname, progress)
+
+    async def hash_view(
+        self, source: CopySource, disk: int, block_size: int, first_block: int = 0
+    ) -> list[bytes | None]:
+        assert isinstance(source, nbd_copy.Source), "a source of another driver"
+        return await block_hash.hash_view(source.views[disk], block_size, first_block)
+
+    async def hash_image(
+        self, image: Path, block_size: int, first_block: int = 0
+    ) -> list[bytes | None]:
+        return await block_hash.hash_view(block_hash.NbdView(image=image), block_size, first_block)
 
     async def open_import(
         self,

@@ -35,6 +35,7 @@ from typing import Literal
 
 from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.drivers.qemu import blockjobs, qemu_img
+from vmreplica._internal.drivers.qemu.block_hash import NbdView
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.children import die_with_parent
 from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
@@ -72,9 +73,11 @@ BULK_ENV = {
 
 @dataclass(frozen=True)
 class Source:
-    """What ``qemu-img`` reads: disk ``i`` is ``image_opts[i]`` (``--image-opts`` syntax)."""
+    """What ``qemu-img`` reads: disk ``i`` is ``image_opts[i]`` (``--image-opts`` syntax); the
+    same disk as an NBD client reads it is ``views[i]`` (block_hash.py)."""
 
     image_opts: tuple[str, ...]
+    views: tuple[NbdView, ...]
     run_dir: Path | None = None  # of an export, which close_source() takes down
 
 
@@ -83,7 +86,8 @@ def file_source(disks: Sequence[Path]) -> Source:
     return Source(
         tuple(
             f"driver=qcow2,file.driver=file,file.filename={_kv(str(d.absolute()))}" for d in disks
-        )
+        ),
+        tuple(NbdView(image=d) for d in disks),
     )
 
 
@@ -172,6 +176,7 @@ async def export_source(
         tuple(
             f"driver=nbd,server.type=unix,server.path={_kv(str(sock))},export={n}" for n in names
         ),
+        tuple(NbdView(socket=sock, export=n) for n in names),
         run_dir,
     )
     started = False

@@ -1,0 +1,87 @@
+"""Block hashes over NBD, of an image file (through a qemu-nbd libnbd starts) and of a
+point-in-time export: the same content hashes the same, zeros hash to None unread, and one block
+changed changes exactly one hash."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import blake3
+import pytest
+
+from vmreplica._internal.drivers.qemu import nbd_copy
+from vmreplica._internal.drivers.qemu.block_hash import NbdView, hash_blocks
+from vmreplica._internal.drivers.qemu.qsd import node_name, start_storage_daemon
+
+KiB = 1024
+BLOCK = 64 * KiB
+
+
+def qcow2(path: Path, size: str, *writes: str, backing: Path | None = None) -> Path:
+    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        args += ["-b", str(backing), "-F", "qcow2"]
+    subprocess.run([*args, str(path), size], check=True)
+    for write in writes:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", write, str(path)], check=True,
+                       capture_output=True)  # fmt: skip
+    return path
+
+
+def pattern(byte: int, length: int) -> bytes:
+    return bytes([byte]) * length
+
+
+def test_image_blocks_hash_their_content_and_zeros_hash_to_none(tmp_path: Path) -> None:
+    image = qcow2(
+        tmp_path / "a.qcow2", "1M",
+        "write -P 0xab 0 64k",  # block 0: data
+        "write -z 128k 64k",  # block 2: a zero cluster
+        "write -P 0x00 192k 64k",  # block 3: allocated, but zeros
+        "write -P 0xcd 260k 4k",  # block 4: partly data
+    )  # fmt: skip
+    hashes = hash_blocks(NbdView(image=image), BLOCK)
+    assert len(hashes) == 16
+    assert hashes[0] == blake3.blake3(pattern(0xAB, BLOCK)).digest()
+    assert hashes[1] is None and hashes[2] is None and hashes[3] is None
+    block4 = bytes(4 * KiB) + pattern(0xCD, 4 * KiB) + bytes(BLOCK - 8 * KiB)
+    assert hashes[4] == blake3.blake3(block4).digest()
+    assert all(h is None for h in hashes[5:])
+    assert hash_blocks(NbdView(image=image), BLOCK, first_block=4) == hashes[4:]
+
+
+def test_a_chain_reads_through_its_backing_and_one_change_is_one_hash(tmp_path: Path) -> None:
+    base = qcow2(tmp_path / "base.qcow2", "2M", "write -P 0x11 0 2M")
+    tip = qcow2(tmp_path / "tip.qcow2", "2M", "write -P 0x22 1M 4k", backing=base)
+    flat = qcow2(tmp_path / "flat.qcow2", "2M", "write -P 0x11 0 2M")
+    a, b = hash_blocks(NbdView(image=tip), BLOCK), hash_blocks(NbdView(image=flat), BLOCK)
+    differing = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+    assert differing == [16]  # 1 MiB / 64 KiB
+
+
+def test_a_point_in_time_export_hashes_as_the_image_did(tmp_path: Path) -> None:
+    disk = qcow2(tmp_path / "d.qcow2", "4M", "write -P 0x5a 0 1M", "write -P 0x6b 3M 64k")
+    before = hash_blocks(NbdView(image=disk), BLOCK)
+
+    async def through_export() -> list[bytes | None]:
+        daemon = await start_storage_daemon((disk,), tmp_path / "run")
+        try:
+            source = await nbd_copy.export_source(
+                daemon, [node_name(0)], tmp_path / "run" / "pit", "vmreplica-1"
+            )
+            try:
+                return await asyncio.to_thread(hash_blocks, source.views[0], BLOCK)
+            finally:
+                await nbd_copy.close_source(daemon, source)
+        finally:
+            await daemon.stop()
+
+    assert asyncio.run(through_export()) == before
+
+
+def test_a_block_size_that_is_not_a_multiple_of_512_is_refused(tmp_path: Path) -> None:
+    image = qcow2(tmp_path / "a.qcow2", "1M")
+    with pytest.raises(ValueError):
+        hash_blocks(NbdView(image=image), 1000)
