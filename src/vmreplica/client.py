@@ -323,8 +323,22 @@ class _Api:
         return _model(Replication, "replication.suspend", {"vm": vm})
 
     @_Endpoint
-    def replication_resume(vm: str, resynchronize: bool = False) -> _Call[Replication]:
-        return _model(Replication, "replication.resume", {"vm": vm, "resynchronize": resynchronize})
+    def replication_resume(
+        vm: str,
+        resynchronize: bool = False,
+        start_time: str | None = None,
+        continue_: bool = False,
+    ) -> _Call[Replication]:
+        """``continue_`` is ``--continue``: a suspended resynchronization goes on."""
+        return _model(Replication, "replication.resume", {
+            "vm": vm, "resynchronize": resynchronize, "start_time": start_time,
+            "continue": continue_,
+        })  # fmt: skip
+
+    @_Endpoint
+    def replication_stop(vm: str) -> _Call[Replication]:
+        """Stop a resynchronization; the replica stays as it was before it."""
+        return _model(Replication, "replication.stop", {"vm": vm})
 
     @_Endpoint
     def replication_remove(vm: str) -> _Call[Replication]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -10,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.localcluster import Cluster
+from tests.localcluster import Cluster, Result
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 
 PRIMARY, REPLICA = "vmhost2", "vmhost1"
 
@@ -23,7 +26,7 @@ class Pair:
 
     def cli(
         self, *args: str, host: str = PRIMARY, check: bool = True, timeout: float = 120.0
-    ) -> object:
+    ) -> Result:
         return self.cluster.cli(*args, host=host, check=check, timeout=timeout)
 
     def json(self, *args: str, host: str = PRIMARY) -> list[dict[str, Any]]:
@@ -116,3 +119,25 @@ def restart_with_faults(cluster: Cluster, host: str, faults: str) -> None:
         cluster.start(host)
     finally:
         del os.environ["VMREPLICA_FAULTS"]
+
+
+def replicated_vm(pair: Pair, name: str = "app", *extra: str) -> None:
+    """A running VM with 1 MiB written, replicating to the replica (initial copy done)."""
+    pair.cluster.cli("vm", "new", name, "--disk", "64M", host=PRIMARY)
+    pair.cluster.cli("vm", "start", name, host=PRIMARY)
+    pair.write(name, 0, 0x11, "0", "1M")
+    pair.enable(name, *extra)
+    pair.start(name)
+
+
+def verified_equal(pair: Pair, name: str = "app") -> None:
+    """The replica's chain verifies, and its latest point equals the primary's disk."""
+    asyncio.run(ReplicaChain(pair.tip(name, 0).parent).verify())
+    assert pair.equal(name, 0)
+
+
+def died_by_sigkill(cluster: Cluster, host: str) -> None:
+    """The agent a fault point killed is gone, and the cluster knows it."""
+    process = cluster.hosts[host].process
+    assert process is not None and process.wait(30) == -signal.SIGKILL
+    cluster.hosts[host].process = None

@@ -5,6 +5,7 @@ changed changes exactly one hash."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import blake3
 import pytest
 
 from vmreplica._internal.drivers.qemu import nbd_copy
-from vmreplica._internal.drivers.qemu.block_hash import NbdView, hash_blocks
+from vmreplica._internal.drivers.qemu.block_hash import NbdView, copy_blocks, hash_blocks
 from vmreplica._internal.drivers.qemu.qsd import node_name, start_storage_daemon
 
 KiB = 1024
@@ -85,3 +86,27 @@ def test_a_block_size_that_is_not_a_multiple_of_512_is_refused(tmp_path: Path) -
     image = qcow2(tmp_path / "a.qcow2", "1M")
     with pytest.raises(ValueError):
         hash_blocks(NbdView(image=image), 1000)
+
+
+def test_copied_blocks_are_a_standalone_delta_of_just_those_blocks(tmp_path: Path) -> None:
+    source = qcow2(
+        tmp_path / "s.qcow2", "1M", "write -P 0xab 0 64k", "write -P 0xcd 128k 64k",
+        "write -P 0xef 320k 64k",
+    )  # fmt: skip
+    dest = qcow2(tmp_path / "d.qcow2", "1M")
+    written = copy_blocks(NbdView(image=source), dest, [0, 4, 5], BLOCK)
+    assert written == 2 * BLOCK  # block 4 reads as zeros: a zero cluster, not data
+    layout = json.loads(
+        subprocess.run(["qemu-img", "map", "--output=json", str(dest)], check=True,
+                       capture_output=True, text=True).stdout
+    )  # fmt: skip
+    held = [(e["start"], e["length"], e["data"], e["zero"]) for e in layout if e["present"]]
+    assert held == [(0, BLOCK, True, False), (4 * BLOCK, BLOCK, False, True),
+                    (5 * BLOCK, BLOCK, True, False)], held  # fmt: skip
+    assert "backing" not in subprocess.run(["qemu-img", "info", str(dest)], check=True,
+                                           capture_output=True, text=True).stdout  # fmt: skip
+    reads = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "read -P 0xab 0 64k", "-c", "read -P 0xef 320k 64k",
+         str(dest)], check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "Pattern verification failed" not in reads

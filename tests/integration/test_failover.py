@@ -404,3 +404,16 @@ def test_reverse_after_tracking_lost_requires_resync(cluster: Cluster) -> None:
     assert answer.returncode == 9 and "resynchronization is required" in answer.stderr
     assert state(cluster, REPLICA) == ("Primary", "WaitingForStartResynchronize")
     assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+
+    # A resynchronization from the new primary leads out of it, the VM running there.
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x55, "6M", "64k", host=REPLICA)
+    cluster.cli("replication", "resume", "contoso2", "--resynchronize", "--wait", host=REPLICA,
+                timeout=600)  # fmt: skip
+    assert state(cluster, REPLICA) == ("Primary", "Replicating")
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    pair.write("contoso2", 0, 0x56, "7M", "64k", host=REPLICA)
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+    cluster.cli("vm", "stop", "contoso2", "--force", host=REPLICA)
+    tip = disk_of(cluster, PRIMARY)
+    assert tip.name == "tip.qcow2" and same_content(disk_of(cluster, REPLICA), tip)

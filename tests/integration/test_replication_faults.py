@@ -24,7 +24,9 @@ from tests.integration.replication_env import (
     REPLICA,
     Pair,
     make_pair,
+    replicated_vm,
     restart_with_faults,
+    verified_equal,
     wait_for,
 )
 from tests.localcluster import Cluster, free_port
@@ -33,19 +35,6 @@ from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport.peer import PeerAddress, PeerClient
 from vmreplica.errors import AccessDenied, IntegrityError, ResyncRequired, VmrError
-
-
-def replicated_vm(pair: Pair, name: str = "app", *extra: str) -> None:
-    pair.cluster.cli("vm", "new", name, "--disk", "64M", host=PRIMARY)
-    pair.cluster.cli("vm", "start", name, host=PRIMARY)
-    pair.write(name, 0, 0x11, "0", "1M")
-    pair.enable(name, *extra)
-    pair.start(name)
-
-
-def verified_equal(pair: Pair, name: str = "app") -> None:
-    asyncio.run(ReplicaChain(pair.tip(name, 0).parent).verify())
-    assert pair.equal(name, 0)
 
 
 @pytest.mark.parametrize(

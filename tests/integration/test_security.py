@@ -4,10 +4,8 @@ replicated pair (module scope); those that kill agents or change storage have a 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -35,28 +33,17 @@ from tests.integration.replication_env import (
     PRIMARY,
     REPLICA,
     Pair,
+    died_by_sigkill,
     make_pair,
+    replicated_vm,
     restart_with_faults,
+    verified_equal,
     wait_for,
 )
 from tests.localcluster import Cluster, free_port
-from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 from vmreplica.errors import AccessDenied, IntegrityError, InvalidArgument
 
 STRANGER = "vmhost3"  # authorized on both hosts, in trust group Other
-
-
-def replicated_vm(pair: Pair, name: str = "app", *extra: str) -> None:
-    pair.cluster.cli("vm", "new", name, "--disk", "64M", host=PRIMARY)
-    pair.cluster.cli("vm", "start", name, host=PRIMARY)
-    pair.write(name, 0, 0x11, "0", "1M")
-    pair.enable(name, *extra)
-    pair.start(name)
-
-
-def verified_equal(pair: Pair, name: str = "app") -> None:
-    asyncio.run(ReplicaChain(pair.tip(name, 0).parent).verify())
-    assert pair.equal(name, 0)
 
 
 def replica_sequence(pair: Pair, name: str = "app") -> int:
@@ -65,12 +52,6 @@ def replica_sequence(pair: Pair, name: str = "app") -> int:
             "SELECT sequence FROM replications WHERE vm_id=?", (vm_id(pair.cluster, PRIMARY, name),)
         ).fetchone()
     return int(row["sequence"])
-
-
-def died_by_sigkill(cluster: Cluster, host: str) -> None:
-    process = cluster.hosts[host].process
-    assert process is not None and process.wait(30) == -signal.SIGKILL
-    cluster.hosts[host].process = None
 
 
 @pytest.fixture(scope="module")

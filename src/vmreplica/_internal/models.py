@@ -162,6 +162,7 @@ class Replication(Model):
     # Extensions: progress of initial replication, the advanced recovery-point interval.
     initial_replication_progress: float | None = None
     recovery_point_interval_sec: int = 3600
+    resynchronization_progress: float | None = None
 
     table_fields: ClassVar[tuple[str, ...]] = (
         "computer_name",
@@ -196,6 +197,8 @@ class Measurement(Model):
     initial_replication_size: int | None
     monitoring_start_time: str
     monitoring_end_time: str
+    # Extension: how far a resynchronization got, in percent of the blocks compared.
+    resynchronization_progress: float | None = None
 
     table_fields: ClassVar[tuple[str, ...]] = (
         "computer_name",

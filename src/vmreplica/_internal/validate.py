@@ -78,6 +78,10 @@ class ReplicationSettings(Protocol):
     def snapshot_frequency_hour(self) -> int | None: ...
     @property
     def recovery_point_interval(self) -> int: ...
+    @property
+    def auto_resync_start(self) -> str: ...
+    @property
+    def auto_resync_end(self) -> str: ...
 
 
 S = TypeVar("S", bound=ReplicationSettings)
@@ -103,6 +107,9 @@ def replication_settings(s: S) -> S:
             f"invalid --recovery-point-interval {s.recovery_point_interval}: use 1 to "
             f"{MAX_RECOVERY_POINT_INTERVAL} seconds"
         )
+    for edge in (s.auto_resync_start, s.auto_resync_end):
+        if time_of_day(edge) != edge:
+            raise InvalidArgument(f"invalid auto-resynchronize window time {edge!r}: use HH:MM")
     return s
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmreplica._internal import validate
 from vmreplica._internal.api import args as a
 from vmreplica._internal.api.mgmt import Method
 from vmreplica._internal.engine.connect import test_connection
@@ -130,6 +131,8 @@ def build_methods(engine: Services) -> dict[str, Method]:
             "snapshot_frequency_hour": a.opt_int(args, "snapshot_frequency"),
             "compression": a.opt_bool(args, "compression"),
             "auto_resynchronize": a.opt_bool(args, "auto_resynchronize"),
+            "auto_resync_start": _time(a.opt_str(args, "auto_resynchronize_start")),
+            "auto_resync_end": _time(a.opt_str(args, "auto_resynchronize_end")),
             "recovery_point_interval": a.opt_int(args, "recovery_point_interval"),
         }
 
@@ -185,8 +188,14 @@ def build_methods(engine: Services) -> dict[str, Method]:
 
     async def replication_resume(args: dict[str, Any]) -> Any:
         return await replication.resume(
-            a.req_str(args, "vm"), bool(a.opt_bool(args, "resynchronize"))
+            a.req_str(args, "vm"),
+            bool(a.opt_bool(args, "resynchronize")),
+            a.opt_str(args, "start_time"),
+            bool(a.opt_bool(args, "continue")),
         )
+
+    async def replication_stop(args: dict[str, Any]) -> Any:
+        return await replication.stop(a.req_str(args, "vm"))
 
     async def replication_remove(args: dict[str, Any]) -> Any:
         return await replication.remove(a.req_str(args, "vm"))
@@ -225,6 +234,7 @@ def build_methods(engine: Services) -> dict[str, Method]:
         "replication.sync": replication_sync,
         "replication.suspend": replication_suspend,
         "replication.resume": replication_resume,
+        "replication.stop": replication_stop,
         "replication.remove": replication_remove,
         "replication.reset_statistics": replication_reset_statistics,
         "recovery_point.list": recovery_point_list,
@@ -245,3 +255,7 @@ def build_methods(engine: Services) -> dict[str, Method]:
         "event.list": event_list,
         "replication.test_connection": replication_test_connection,
     }
+
+
+def _time(value: str | None) -> str | None:
+    return None if value is None else validate.time_of_day(value)

@@ -61,6 +61,10 @@ def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--snapshot-frequency", type=click.IntRange(1, 12), help="Hours between app-consistent points."),
         click.option("--compression", type=BOOL, help="Compress deltas on the wire (default true)."),
         click.option("--auto-resynchronize", type=BOOL, help="Resynchronize automatically (default false)."),
+        click.option("--auto-resynchronize-start", metavar="HH:MM",
+                     help="Start of the automatic resynchronization window (default 18:30)."),
+        click.option("--auto-resynchronize-end", metavar="HH:MM",
+                     help="End of the automatic resynchronization window (default 06:00)."),
         click.option("--recovery-point-interval", type=click.IntRange(1), metavar="SECONDS",
                      help="Advanced: seconds between recovery points (default 3600)."),
     ]):  # fmt: skip
@@ -271,20 +275,57 @@ _simple(
 @common
 @click.argument("vm")
 @click.option("--resynchronize", is_flag=True, help="Resynchronize (when tracking was lost).")
+@click.option(
+    "--start-time", metavar="ISO", help="With --resynchronize: start then (at most 7 days ahead)."
+)
+@click.option("--continue", "go_on", is_flag=True, help="Continue a suspended resynchronization.")
+@click.option("--wait", is_flag=True, help="Show the resynchronization's progress until it ends.")
 def resume(
     computer_names: tuple[str, ...],
     output: str,
     properties: str | None,
     vm: str,
     resynchronize: bool,
+    start_time: str | None,
+    go_on: bool,
+    wait: bool,
 ) -> None:
-    """Resume a suspended (or failed) replication on the primary.
+    """Resume a suspended (or failed) replication on the primary; resynchronize one whose
+    change tracking was lost (only the blocks that differ travel, recovery points are kept).
 
     On a replica host, it retries the recovery of a replica that takes no changes after a
     failed step (health Critical, "takes no changes"), once its cause is fixed.
     """
-    rows = [c.replication_resume(vm, resynchronize) for c in clients(computer_names)]
-    render(rows, Replication, output, properties)
+    for client in clients(computer_names):
+        row = client.replication_resume(vm, resynchronize, start_time, go_on)
+        if wait and row.state == "Resynchronizing":
+            row = _wait_resync(client, vm)
+        render([row], Replication, output, properties)
+
+
+def _wait_resync(client: Client, vm: str) -> Replication:
+    with Progress(TextColumn("resynchronization of {task.description}"), BarColumn(),
+                  TaskProgressColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as bar:  # fmt: skip
+        task = bar.add_task(vm, total=100)
+        while True:
+            row = client.replication_get(vm)[0]
+            bar.update(task, completed=row.resynchronization_progress or 0)
+            if row.state != "Resynchronizing":
+                break
+            time.sleep(0.2)
+    if row.state != "Replicating":
+        detail = client.replication_measure(vm)[0].health_details
+        raise VmrError(
+            f"resynchronization of {vm} did not finish (state {row.state}): {'; '.join(detail)}"
+        )
+    return row
+
+
+_simple(
+    "stop",
+    "Stop a resynchronization; the replica stays exactly as it was before it.",
+    lambda c, v: c.replication_stop(v),
+)
 
 
 _simple(

@@ -11,6 +11,7 @@ Kinds (registered by the module that owns the operation):
 
 - ``apply``, ``freeze``, ``prune``: a delta into a replica chain, a recovery point frozen from
   ``tip``, the oldest point folded into ``base`` (engine/replica/); finished.
+- ``resync-commit``: a resynchronization's overlays folded into ``tip`` (engine/replica/); finished.
 - ``failover``, ``test-failover``: overlays above a recovery point (engine/failover/); rolled back.
 - ``become-replica``: the old primary's disks moved into replica chains; rolled back.
 - ``reverse``: the new primary's failback delta not cut yet; finished.
@@ -33,8 +34,8 @@ log = logging.getLogger("vmreplica.journal")
 Recover = Callable[[JournalEntry], Awaitable[None]]
 
 KINDS = (
-    "apply", "freeze", "prune", "failover", "test-failover", "become-replica", "reverse",
-    "delete-storage",
+    "apply", "freeze", "prune", "resync-commit", "failover", "test-failover", "become-replica",
+    "reverse", "delete-storage",
 )  # fmt: skip
 
 

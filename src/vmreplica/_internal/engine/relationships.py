@@ -118,6 +118,7 @@ class ReplicationService:
             auto_resynchronize_enabled=s.auto_resynchronize, trust_group=row.trust_group,
             last_replication_time=row.last_replication_time, initial_replication_progress=row.initial_progress,
             recovery_point_interval_sec=s.recovery_point_interval,
+            resynchronization_progress=_resync_progress(row),
         )  # fmt: skip
 
     def get(
@@ -165,6 +166,7 @@ class ReplicationService:
                     initial_replication_size=row.initial_size,
                     monitoring_start_time=window.start.isoformat(timespec="seconds"),
                     monitoring_end_time=window.end.isoformat(timespec="seconds"),
+                    resynchronization_progress=_resync_progress(row),
                 )
             )
         return out
@@ -183,16 +185,25 @@ class ReplicationService:
         self._primary_only(vm, "suspend")
         return self.to_model(await self.primary.control.suspend(vm))
 
-    async def resume(self, vm: str, resynchronize: bool) -> Replication:
+    async def resume(
+        self, vm: str, resynchronize: bool, start_time: str | None = None, go_on: bool = False
+    ) -> Replication:
         row = self._row(vm)
-        if row.mode == "Replica" and not resynchronize:
+        if row.mode == "Replica" and not (resynchronize or go_on):
             return self.to_model(await self.replica.recovery.retry(self._vms.find(vm)))
         self._primary_only(vm, "resume")
+        if start_time is not None and not resynchronize:
+            raise InvalidArgument("--start-time goes with --resynchronize")
+        if go_on:
+            return self.to_model(await self.primary.resync.resume(vm))
         if resynchronize:
-            raise InvalidArgument(
-                "resynchronization is not available in this version of vmreplica yet"
-            )
+            return self.to_model(await self.primary.resync.request(vm, start_time))
         return self.to_model(await self.primary.control.resume(vm))
+
+    async def stop(self, vm: str) -> Replication:
+        """``replication stop``: cancel a resynchronization (the replica stays as it was)."""
+        self._primary_only(vm, "stop")
+        return self.to_model(await self.primary.resync.cancel(vm))
 
     async def reset_statistics(self, vm: str) -> Replication:
         row = self._row(vm)
@@ -207,6 +218,11 @@ class ReplicationService:
         else:
             await self.replica.lifecycle.remove(row)
         return model
+
+
+def _resync_progress(row: ReplicationRow) -> float | None:
+    resyncing = row.state in (State.RESYNCHRONIZING, State.RESYNC_SUSPENDED)
+    return row.resync_progress if resyncing else None
 
 
 def _cycles(rows: list[CycleRow]) -> list[health.Cycle]:

@@ -55,6 +55,7 @@ class Command(enum.Enum):
     RESUME_BEFORE_INITIAL = ("resume_before_initial", "resume replication", True)
     START_RESYNC = ("start_resync", "resynchronize", True)
     FINISH_RESYNC = ("finish_resync", "finish the resynchronization", False)
+    CANCEL_RESYNC = ("cancel_resync", "stop the resynchronization (replication stop)", True)
     PREPARE_FAILOVER = (
         "prepare_failover",
         "prepare a planned failover (failover start --prepare)",
@@ -108,9 +109,15 @@ TRANSITIONS: dict[tuple[Side, State, Command], State] = {
     (P, S.ERROR, C.RESUME_BEFORE_INITIAL): S.READY_FOR_INITIAL,
     (P, S.SUSPENDED, C.RESUME_BEFORE_INITIAL): S.READY_FOR_INITIAL,
     (P, S.RESYNC_SUSPENDED, C.RESUME): S.RESYNCHRONIZING,
-    # Resynchronization.
+    # Resynchronization: started and finished on the primary, which takes the replica along.
     (P, S.WAITING_FOR_RESYNC, C.START_RESYNC): S.RESYNCHRONIZING,
     (P, S.RESYNCHRONIZING, C.FINISH_RESYNC): S.REPLICATING,
+    (P, S.RESYNCHRONIZING, C.CANCEL_RESYNC): S.WAITING_FOR_RESYNC,
+    (P, S.RESYNC_SUSPENDED, C.CANCEL_RESYNC): S.WAITING_FOR_RESYNC,
+    (P, S.WAITING_FOR_RESYNC, C.CANCEL_RESYNC): S.WAITING_FOR_RESYNC,  # a scheduled one
+    (R, S.REPLICATING, C.START_RESYNC): S.RESYNCHRONIZING,
+    (R, S.RESYNCHRONIZING, C.FINISH_RESYNC): S.REPLICATING,
+    (R, S.RESYNCHRONIZING, C.CANCEL_RESYNC): S.REPLICATING,
     # Planned failover: prepared on the primary, cancelled there, or carried out on the replica.
     (P, S.REPLICATING, C.PREPARE_FAILOVER): S.PREPARED_FOR_FAILOVER,
     (P, S.PREPARED_FOR_FAILOVER, C.CANCEL_PREPARED): S.REPLICATING,

@@ -158,6 +158,22 @@ class ReplicaChain(Protocol):
     @property
     def tip(self) -> Path: ...
 
+    @property
+    def resync(self) -> Path:
+        """Where a resynchronization's overlay lives, if there is one."""
+        ...
+
+    @property
+    def top(self) -> Path:
+        """What deltas go into: a resynchronization's overlay above tip while there is one."""
+        ...
+
+    async def begin_resync(self) -> None: ...
+
+    async def end_resync(self, commit: bool) -> None:
+        """Fold the resynchronization's overlay into tip (``commit``), or drop it."""
+        ...
+
     def rp_path(self, point_id: int) -> Path: ...
 
     def point_ids(self) -> list[int]: ...
@@ -212,8 +228,8 @@ class HypervisorDriver(Protocol):
         """The ranges the image itself holds (not what shows through from below)."""
         ...
 
-    async def start_tracking_offline(self, disks: Sequence[Path]) -> None:
-        """Generation 1 of tracking on images nothing has open (older generations go)."""
+    async def start_tracking_offline(self, disks: Sequence[Path], generation: int = 1) -> None:
+        """A generation of tracking on images nothing has open (older generations go)."""
         ...
 
     # -- sessions, copies ----------------------------------------------------------------------
@@ -221,10 +237,11 @@ class HypervisorDriver(Protocol):
     def session(self, owner: DiskOwner) -> AbstractAsyncContextManager[DiskSession]: ...
 
     def point_in_time(
-        self, owner: DiskOwner, generation: int
+        self, owner: DiskOwner, generation: int | None
     ) -> AbstractAsyncContextManager[CopySource]:
-        """A view of the replicated disks as they are at the instant ``generation`` of
-        tracking starts; for a VM that is off (kept off by its lock), the images themselves."""
+        """A view of the replicated disks as they are now, tracking starting anew at that
+        instant in ``generation`` (None: tracking stays as it is); for a VM that is off (kept
+        off by its lock), the images themselves."""
         ...
 
     async def copy_to(
@@ -244,17 +261,27 @@ class HypervisorDriver(Protocol):
         ...
 
     async def hash_view(
-        self, source: CopySource, disk: int, block_size: int, first_block: int = 0
-    ) -> list[bytes | None]:
-        """blake3 of each ``block_size`` block of disk ``disk`` of a point-in-time view, from
-        ``first_block`` on; None for a block that reads as zeros (holes are not read)."""
+        self, source: CopySource, disk: int, block_size: int, first_block: int = 0,
+        count: int | None = None,
+    ) -> list[bytes | None]:  # fmt: skip
+        """blake3 of ``count`` blocks of ``block_size`` (to the end when None) of disk ``disk``
+        of a point-in-time view, from ``first_block`` on; None for a block that reads as zeros
+        (holes are not read)."""
         ...
 
     async def hash_image(
-        self, image: Path, block_size: int, first_block: int = 0
+        self, image: Path, block_size: int, first_block: int = 0, count: int | None = None
     ) -> list[bytes | None]:
-        """The same of an image nothing writes (a replica chain's ``tip``, read through its
+        """The same of an image nothing writes (a replica chain's top, read through its
         backing chain)."""
+        ...
+
+    async def extract_blocks(
+        self, source: CopySource, disk: int, dest: Path, blocks: Sequence[int], block_size: int
+    ) -> int:
+        """A new standalone qcow2 ``dest`` holding ``blocks`` of disk ``disk`` of the view at
+        their offsets (zeros as zero clusters), a delta like those cycles cut. Returns the bytes
+        of data."""
         ...
 
     async def open_import(

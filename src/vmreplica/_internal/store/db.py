@@ -127,6 +127,13 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE replications ADD COLUMN quarantine TEXT;
     ALTER TABLE replications ADD COLUMN boot_files TEXT;
     """,
+    """
+    ALTER TABLE replications ADD COLUMN resync_at TEXT;
+    ALTER TABLE replications ADD COLUMN resync_progress REAL;
+    ALTER TABLE replications ADD COLUMN resync_next TEXT;
+    ALTER TABLE replications ADD COLUMN auto_resync_start TEXT NOT NULL DEFAULT '18:30';
+    ALTER TABLE replications ADD COLUMN auto_resync_end TEXT NOT NULL DEFAULT '06:00';
+    """,
 ]
 
 

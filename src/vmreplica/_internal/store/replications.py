@@ -30,6 +30,9 @@ class Settings:
     compression: bool = True
     auto_resynchronize: bool = False
     recovery_point_interval: int = 3600
+    # Hyper-V's window for an automatic resynchronization, local time; it may wrap midnight.
+    auto_resync_start: str = "18:30"
+    auto_resync_end: str = "06:00"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +74,11 @@ class ReplicationRow:
     quarantine: str | None = None
     # The kernel and initrd the primary announced, by kind: {"size": N, "blake3": HEX}.
     boot_files: str | None = None
+    # A resynchronization: when it is to start, how far it got (percent), and the next block
+    # to compare per replicated disk (JSON; None when none is under way).
+    resync_at: str | None = None
+    resync_progress: float | None = None
+    resync_next: str | None = None
 
     @property
     def pinned(self) -> set[int]:
@@ -108,11 +116,14 @@ class RowChanges(TypedDict, total=False):
     test_point: int | None
     peer_port: int | None
     quarantine: str | None
+    resync_at: str | None
+    resync_progress: float | None
+    resync_next: str | None
 
 
 _SETTINGS_COLUMNS = (
     "frequency_sec", "recovery_history", "snapshot_frequency_hour", "compression",
-    "auto_resynchronize", "recovery_point_interval",
+    "auto_resynchronize", "recovery_point_interval", "auto_resync_start", "auto_resync_end",
 )  # fmt: skip
 
 
@@ -138,6 +149,8 @@ def _row(r: sqlite3.Row) -> ReplicationRow:
         compression=bool(r["compression"]),
         auto_resynchronize=bool(r["auto_resynchronize"]),
         recovery_point_interval=r["recovery_point_interval"],
+        auto_resync_start=r["auto_resync_start"],
+        auto_resync_end=r["auto_resync_end"],
     )
     plain = {
         f.name: r[f.name]

@@ -200,6 +200,22 @@ class Peer:
     async def vm_state(self, request: p.VmRequest) -> p.VmStateAnswer:
         return p.VmStateAnswer.from_json(await self._client.call(p.VM_STATE, request.to_json()))
 
+    async def resync_start(self, request: p.VmRequest) -> p.SequenceAnswer:
+        answer = await self._client.call(p.RESYNC_START, request.to_json())
+        return p.SequenceAnswer.from_json(answer)
+
+    async def resync_hashes(self, request: p.HashesRequest) -> p.HashesAnswer:
+        answer = await self._client.call(p.RESYNC_HASHES, request.to_json())
+        return p.HashesAnswer.from_json(answer)
+
+    async def resync_finish(self, request: p.VmRequest) -> p.SequenceAnswer:
+        answer = await self._client.call(p.RESYNC_FINISH, request.to_json())
+        return p.SequenceAnswer.from_json(answer)
+
+    async def resync_cancel(self, request: p.VmRequest) -> p.SequenceAnswer:
+        answer = await self._client.call(p.RESYNC_CANCEL, request.to_json())
+        return p.SequenceAnswer.from_json(answer)
+
     async def reverse(self, request: p.ReverseRequest) -> p.ReverseAnswer:
         return p.ReverseAnswer.from_json(await self._client.call(p.REVERSE, request.to_json()))
 

@@ -29,12 +29,18 @@ VM_STATE = f"{PREFIX}/vm-state"
 REVERSE = f"{PREFIX}/reverse"
 DELTA = f"{PREFIX}/delta"  # streamed body; ?vm_id=
 BOOT_FILE = f"{PREFIX}/boot-file"  # streamed body; ?vm_id=&kind=
+RESYNC_START = f"{PREFIX}/resync-start"
+RESYNC_HASHES = f"{PREFIX}/resync-hashes"
+RESYNC_FINISH = f"{PREFIX}/resync-finish"
+RESYNC_CANCEL = f"{PREFIX}/resync-cancel"
 
 MAX_DISKS = 64
 MAX_DISK_SIZE = 1 << 50  # 1 PiB: qcow2's own limit is lower
 MAX_NAME = 100
 MAX_TEXT = 4096
 MAX_BOOT_FILE = 512 << 20
+MAX_HASH_BLOCKS = 65536  # per resync-hashes answer: about 4.3 MiB of JSON
+MAX_HASH_BLOCK_SIZE = 32 << 20
 INT64 = 1 << 63
 BOOT_KINDS = ("kernel", "initrd")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -50,6 +56,8 @@ class SettingsBody:
     compression: bool
     auto_resynchronize: bool
     recovery_point_interval: int
+    auto_resync_start: str = "18:30"
+    auto_resync_end: str = "06:00"
 
     @classmethod
     def parse(cls, body: Body) -> Self:
@@ -60,6 +68,8 @@ class SettingsBody:
             compression=body.boolean("compression"),
             auto_resynchronize=body.boolean("auto_resynchronize"),
             recovery_point_interval=body.integer("recovery_point_interval", 1, 86400),
+            auto_resync_start=body.opt_string("auto_resync_start", 5) or "18:30",
+            auto_resync_end=body.opt_string("auto_resync_end", 5) or "06:00",
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -208,6 +218,35 @@ class ReverseRequest:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class HashesRequest:
+    """Hashes of ``count`` blocks of ``block_size`` of replicated disk ``disk``, from
+    ``first_block`` (a resynchronization's block compare)."""
+
+    vm_id: str
+    disk: int
+    block_size: int
+    first_block: int
+    count: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        b = Body(data, "resync-hashes")
+        block_size = b.integer("block_size", 512, MAX_HASH_BLOCK_SIZE)
+        if block_size % 512:
+            raise InvalidArgument("resync-hashes: field 'block_size' must be a multiple of 512")
+        return cls(
+            vm_id=b.vm_id(),
+            disk=b.integer("disk", 0, MAX_DISKS - 1),
+            block_size=block_size,
+            first_block=b.integer("first_block"),
+            count=b.integer("count", 1, MAX_HASH_BLOCKS),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def parse_boot_kind(value: object) -> str:
     if value not in BOOT_KINDS:
         raise InvalidArgument("boot file kind must be kernel or initrd")
@@ -336,3 +375,28 @@ class ReverseAnswer:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class HashesAnswer:
+    """blake3 of each block (hex), None for a block that reads as zeros."""
+
+    hashes: tuple[bytes | None, ...]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        raw = Body(data, "resync-hashes answer").raw("hashes")
+        if not isinstance(raw, list) or len(raw) > MAX_HASH_BLOCKS:
+            raise InvalidArgument("resync-hashes answer: field 'hashes' must be a list")
+        out: list[bytes | None] = []
+        for item in raw:
+            if item is None:
+                out.append(None)
+            elif isinstance(item, str) and _HEX64.fullmatch(item):
+                out.append(bytes.fromhex(item))
+            else:
+                raise InvalidArgument("resync-hashes answer: a hash is not 64 hex digits")
+        return cls(tuple(out))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hashes": [None if h is None else h.hex() for h in self.hashes]}

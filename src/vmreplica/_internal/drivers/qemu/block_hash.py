@@ -1,4 +1,5 @@
-"""Hashes of fixed-size blocks of a disk, read over NBD: the block compare of a resynchronization.
+"""Hashes of fixed-size blocks of a disk, read over NBD, and copies of chosen blocks: the block
+compare of a resynchronization.
 
 Each side hashes its own view: a point-in-time export (a unix socket and an export name), or an
 image file nothing writes, served for the read by a ``qemu-nbd --read-only`` that libnbd starts
@@ -11,7 +12,6 @@ their allocation. libnbd's calls block: each view is read in a worker thread.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +38,13 @@ class NbdView:
     image: Path | None = None
 
 
-def _connect(view: NbdView) -> Any:
+def _connect(view: NbdView, writable: bool = False) -> Any:
     handle = nbd.NBD()
     handle.add_meta_context("base:allocation")
     if view.image is not None:
+        mode = [] if writable else ["--read-only"]
         handle.connect_systemd_socket_activation(
-            ["qemu-nbd", "--read-only", "--format=qcow2", "--", str(view.image.absolute())]
+            ["qemu-nbd", *mode, "--format=qcow2", "--", str(view.image.absolute())]
         )
     else:
         handle.set_export_name(view.export)
@@ -51,8 +52,8 @@ def _connect(view: NbdView) -> Any:
     return handle
 
 
-def _zero_ranges(handle: Any, size: int) -> list[tuple[int, int]]:
-    """The ranges block status says read as zeros, in order."""
+def _zero_ranges(handle: Any, offset: int, size: int) -> list[tuple[int, int]]:
+    """The ranges block status says read as zeros, in order, from ``offset`` up to ``size``."""
     zeros: list[tuple[int, int]] = []
     replies: list[list[int]] = []
 
@@ -61,7 +62,6 @@ def _zero_ranges(handle: Any, size: int) -> list[tuple[int, int]]:
             replies.append([int(x) for x in entries])
         return 0
 
-    offset = 0
     while offset < size:
         replies.clear()
         handle.block_status(min(size - offset, _STATUS_CHUNK), offset, extent)
@@ -95,31 +95,31 @@ def hash_blocks(
     view: NbdView,
     block_size: int,
     first_block: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    count: int | None = None,
 ) -> list[BlockHash]:
-    """Hashes of blocks ``first_block`` to the end of the disk; blocking (run it in a thread)."""
-    if not 0 < block_size <= MAX_BLOCK or block_size % 512:
-        raise ValueError(f"block size {block_size} is not a multiple of 512 up to {MAX_BLOCK}")
+    """Hashes of ``count`` blocks from ``first_block`` (to the end of the disk when None);
+    blocking (run it in a thread)."""
+    _check_block_size(block_size)
     try:
         handle = _connect(view)
         try:
             size = int(handle.get_size())
-            zeros = _zero_ranges(handle, size)
             blocks = -(-size // block_size)
+            last = blocks if count is None else min(blocks, first_block + count)
+            start, end = first_block * block_size, min(size, last * block_size)
+            zeros = _zero_ranges(handle, start, end)
             empty = bytes(block_size)
             out: list[BlockHash] = []
             hint = 0
-            for block in range(first_block, blocks):
-                start = block * block_size
-                end = min(size, start + block_size)
-                is_zero, hint = _covered(zeros, start, end, hint)
+            for block in range(first_block, last):
+                begin = block * block_size
+                stop = min(size, begin + block_size)
+                is_zero, hint = _covered(zeros, begin, stop, hint)
                 if is_zero:
                     out.append(None)
-                else:
-                    data = handle.pread(end - start, start)
-                    out.append(None if data == empty[: len(data)] else blake3.blake3(data).digest())
-                if progress is not None:
-                    progress(block + 1, blocks)
+                    continue
+                data = handle.pread(stop - begin, begin)
+                out.append(None if data == empty[: len(data)] else blake3.blake3(data).digest())
             handle.shutdown()
             return out
         finally:
@@ -129,10 +129,58 @@ def hash_blocks(
         raise StorageError(f"reading {where} over NBD to hash it failed: {exc}") from exc
 
 
+def copy_blocks(view: NbdView, dest: Path, blocks: list[int], block_size: int) -> int:
+    """Copy ``blocks`` of ``view`` into the qcow2 image ``dest`` (made beforehand, nothing else
+    open on it) at the same offsets, blocks that read as zeros as zero clusters; blocking.
+    Returns the bytes written as data."""
+    _check_block_size(block_size)
+    written = 0
+    try:
+        source, target = _connect(view), _connect(NbdView(image=dest), writable=True)
+        try:
+            size = int(source.get_size())
+            empty = bytes(block_size)
+            for block in blocks:
+                begin = block * block_size
+                length = min(size, begin + block_size) - begin
+                data = source.pread(length, begin)
+                if data == empty[:length]:
+                    target.zero(length, begin)
+                else:
+                    target.pwrite(data, begin)
+                    written += length
+            target.flush()
+            source.shutdown()
+            target.shutdown()
+            return written
+        finally:
+            del source, target
+    except nbd.Error as exc:
+        raise StorageError(f"copying blocks into {dest} over NBD failed: {exc}") from exc
+
+
+def view_size(view: NbdView) -> int:
+    """The disk's virtual size, as NBD serves it; blocking."""
+    try:
+        handle = _connect(view)
+        try:
+            size = int(handle.get_size())
+            handle.shutdown()
+            return size
+        finally:
+            del handle
+    except nbd.Error as exc:
+        raise StorageError(
+            f"reading the size of {view.image or view.export} failed: {exc}"
+        ) from exc
+
+
+def _check_block_size(block_size: int) -> None:
+    if not 0 < block_size <= MAX_BLOCK or block_size % 512:
+        raise ValueError(f"block size {block_size} is not a multiple of 512 up to {MAX_BLOCK}")
+
+
 async def hash_view(
-    view: NbdView,
-    block_size: int,
-    first_block: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    view: NbdView, block_size: int, first_block: int = 0, count: int | None = None
 ) -> list[BlockHash]:
-    return await asyncio.to_thread(hash_blocks, view, block_size, first_block, progress)
+    return await asyncio.to_thread(hash_blocks, view, block_size, first_block, count)

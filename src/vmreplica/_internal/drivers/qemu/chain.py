@@ -40,6 +40,9 @@ from vmreplica.errors import (
 
 BASE = "base.qcow2"
 TIP = "tip.qcow2"
+# During a resynchronization, deltas go into this overlay above tip instead, so that stopping
+# the resynchronization leaves tip exactly as it was and finishing it commits them all at once.
+RESYNC = "resync.qcow2"
 PENDING = "apply.pending"
 _TMP = ".tmp"
 _RP_RE = re.compile(r"^rp-([1-9][0-9]*)\.qcow2$")
@@ -74,8 +77,34 @@ class ReplicaChain:
         self.dir = Path(directory).resolve()
         self.base = self.dir / BASE
         self.tip = self.dir / TIP
+        self.resync = self.dir / RESYNC
         self._pending_file = self.dir / PENDING
         self._lock = asyncio.Lock()
+
+    @property
+    def top(self) -> Path:
+        """What deltas are committed into: the resynchronization's overlay while there is
+        one, else ``tip``."""
+        return self.resync if self.resync.exists() else self.tip
+
+    async def begin_resync(self) -> None:
+        """An empty overlay above ``tip`` (named relative to it, so a point frozen meanwhile
+        leaves it reading the same); a repeated call changes nothing."""
+        async with self._lock:
+            if not self.resync.exists():
+                await self._new_image(RESYNC, backing=TIP)
+
+    async def end_resync(self, commit: bool) -> None:
+        """Commit the overlay into ``tip`` and delete it, or just delete it; repeatable after a
+        crash at any step (a commit writes the same clusters again)."""
+        async with self._lock:
+            if not self.resync.exists():
+                return
+            if commit:
+                await qemu_img.commit(self.resync)
+            with _fs(f"cannot remove {self.resync}"):
+                self.resync.unlink()
+            fsync_dir(self.dir)
 
     def rp_path(self, point_id: int) -> Path:
         return self.dir / f"rp-{point_id}.qcow2"
@@ -157,7 +186,7 @@ class ReplicaChain:
         #   unfinished and is redone; once it is gone, the pending marker naming it says "done".
         # "The same delta" means the last one applied: replaying an older delta after a newer
         # one would roll back clusters both touched; sequence numbers prevent that upstream.
-        await qemu_img.rebase_unsafe(delta, self.tip)
+        await qemu_img.rebase_unsafe(delta, self.top)
         await qemu_img.commit(delta)
         with _fs(f"cannot remove applied delta {delta}"):
             delta.unlink()
@@ -193,7 +222,9 @@ class ReplicaChain:
         full = info.get("full-backing-filename")
         if backing is not None and not allow_backing:
             raise IntegrityError(f"delta {delta} has a backing file ({backing}); deltas have none")
-        if backing is not None and (full is None or Path(full).resolve() != self.tip):
+        if backing is not None and (
+            full is None or Path(full).resolve() not in (self.tip, self.resync)
+        ):
             raise IntegrityError(f"delta {delta} has an unexpected backing file {backing}")
 
     async def adopt_as_base(self, image: Path) -> None:
@@ -377,7 +408,7 @@ class ReplicaChain:
 
     @staticmethod
     def _is_chain_name(name: str) -> bool:
-        return name in (BASE, TIP, PENDING) or _RP_RE.match(name) is not None
+        return name in (BASE, TIP, RESYNC, PENDING) or _RP_RE.match(name) is not None
 
     async def _backing_of(self, image: Path) -> Path | None:
         backing = (await qemu_img.info(image)).get("full-backing-filename")

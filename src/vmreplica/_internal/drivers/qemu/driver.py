@@ -10,6 +10,7 @@ names, so every tracking operation has one implementation.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -139,12 +140,12 @@ class QemuDriver:
             (e.start, e.length) for e in await qemu_img.map(image) if e.present and e.depth == 0
         )
 
-    async def start_tracking_offline(self, disks: Sequence[Path]) -> None:
+    async def start_tracking_offline(self, disks: Sequence[Path], generation: int = 1) -> None:
         for disk in disks:
             for bitmap in await qemu_img.bitmaps(disk):
                 if bitmap.name.startswith(tracking.PREFIX):
                     await qemu_img.bitmap_remove(disk, bitmap.name)
-            await qemu_img.bitmap_add(disk, tracking.name(1))
+            await qemu_img.bitmap_add(disk, tracking.name(generation))
 
     # -- sessions and copies -------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ class QemuDriver:
 
     @contextlib.asynccontextmanager
     async def point_in_time(
-        self, owner: DiskOwner, generation: int
+        self, owner: DiskOwner, generation: int | None
     ) -> AsyncIterator[nbd_copy.Source]:
         """Everything the copy needs (fleecing overlays, the export's socket, TLS links) lives in
         the VM's run directory under ``initial/``, and goes when the view does."""
@@ -179,12 +180,16 @@ class QemuDriver:
             if running is None:
                 # Off, and kept off by the caller's lock: qemu-img reads the images themselves.
                 disks = [owner.disks[i] for i in owner.replicated]
-                await self.start_tracking_offline(disks)
+                if generation is not None:
+                    await self.start_tracking_offline(disks, generation)
                 yield nbd_copy.file_source(disks)
                 return
             nodes = [node_name(i) for i in owner.replicated]
-            await tracking.remove_all(running, nodes)
-            source = await nbd_copy.export_source(running, nodes, work, tracking.name(generation))
+            bitmap = None
+            if generation is not None:
+                await tracking.remove_all(running, nodes)
+                bitmap = tracking.name(generation)
+            source = await nbd_copy.export_source(running, nodes, work, bitmap)
             try:
                 yield source
             finally:
@@ -210,15 +215,32 @@ class QemuDriver:
         await nbd_copy.convert(source, disk, address, port, export, tls_dir, tls_hostname, progress)
 
     async def hash_view(
-        self, source: CopySource, disk: int, block_size: int, first_block: int = 0
-    ) -> list[bytes | None]:
+        self, source: CopySource, disk: int, block_size: int, first_block: int = 0,
+        count: int | None = None,
+    ) -> list[bytes | None]:  # fmt: skip
         assert isinstance(source, nbd_copy.Source), "a source of another driver"
-        return await block_hash.hash_view(source.views[disk], block_size, first_block)
+        return await block_hash.hash_view(source.views[disk], block_size, first_block, count)
 
     async def hash_image(
-        self, image: Path, block_size: int, first_block: int = 0
+        self, image: Path, block_size: int, first_block: int = 0, count: int | None = None
     ) -> list[bytes | None]:
-        return await block_hash.hash_view(block_hash.NbdView(image=image), block_size, first_block)
+        view = block_hash.NbdView(image=image)
+        return await block_hash.hash_view(view, block_size, first_block, count)
+
+    async def extract_blocks(
+        self, source: CopySource, disk: int, dest: Path, blocks: Sequence[int], block_size: int
+    ) -> int:
+        assert isinstance(source, nbd_copy.Source), "a source of another driver"
+        view = source.views[disk]
+        size = await asyncio.to_thread(block_hash.view_size, view)
+        await qemu_img.create(dest, size)
+        try:
+            return await asyncio.to_thread(
+                block_hash.copy_blocks, view, dest, list(blocks), block_size
+            )
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
 
     async def open_import(
         self,

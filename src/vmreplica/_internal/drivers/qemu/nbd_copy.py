@@ -159,9 +159,10 @@ async def _delete_node(target: QmpTarget, name: str) -> None:
 
 
 async def export_source(
-    target: QmpTarget, nodes: Sequence[str], run_dir: Path, bitmap: str
+    target: QmpTarget, nodes: Sequence[str], run_dir: Path, bitmap: str | None
 ) -> Source:
-    """Start tracking in ``bitmap`` and export each disk as it is at that same instant."""
+    """Export each disk as it is now, and start tracking in ``bitmap`` at that same instant
+    (None: tracking stays as it is)."""
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     await clear_source(target, run_dir)
     found = await blockjobs.block_nodes(target, nodes)
@@ -195,12 +196,12 @@ async def export_source(
             )
         actions: list[dict[str, object]] = []
         for job in jobs:
-            actions += [
-                {"type": "block-dirty-bitmap-add", "data": {"node": job.node, "name": bitmap, "persistent": True}},
-                {"type": "blockdev-backup", "data": {
-                    "job-id": job.job_id, "device": job.node, "target": job.target_node, "sync": "none",
-                }},
-            ]  # fmt: skip
+            if bitmap is not None:
+                actions.append({"type": "block-dirty-bitmap-add",
+                                "data": {"node": job.node, "name": bitmap, "persistent": True}})  # fmt: skip
+            actions.append({"type": "blockdev-backup", "data": {
+                "job-id": job.job_id, "device": job.node, "target": job.target_node, "sync": "none",
+            }})  # fmt: skip
         try:
             await target.execute("transaction", {"actions": actions})
         except QmpCommandError as exc:
@@ -219,7 +220,7 @@ async def export_source(
     except BaseException:
         with contextlib.suppress(VmrError, TimeoutError):
             await close_source(target, source)
-        if started:
+        if started and bitmap is not None:
             for node in nodes:
                 with contextlib.suppress(QmpCommandError):
                     await target.execute(

@@ -12,7 +12,7 @@ from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.context import allows, move
 from vmreplica._internal.engine.failover.common import FailoverBase
 from vmreplica._internal.engine.replica.common import chains
-from vmreplica._internal.engine.states import Command
+from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import UNREACHABLE, PeerConnectionFailed, open_peer
@@ -24,9 +24,15 @@ class Failover(FailoverBase):
         self._ctx.journal.register("failover", self._roll_back)
 
     async def start(self, row: ReplicationRow, point: str | None, force: bool) -> ReplicationRow:
-        allows(row, Command.FAIL_OVER)
+        if row.state != State.RESYNCHRONIZING:
+            allows(row, Command.FAIL_OVER)
         primary_check = await self._split_brain_guard(row, force)
         async with self._ctx.locks.replica(row.vm_id):
+            if self._store.get(row.vm_id, row.vm_name).state == State.RESYNCHRONIZING:
+                # Fail over to the replica as it was before the resynchronization began.
+                await self._replica.resync.drop(row, "stopped by a failover")
+                row = self._store.get(row.vm_id, row.vm_name)
+                allows(row, Command.FAIL_OVER)
             chosen = await self._choose_point(row, point)
             return await self._fail_over(row, chosen, primary_check)
 

@@ -13,6 +13,7 @@ from vmreplica._internal.engine.primary.cycle import Cycles
 from vmreplica._internal.engine.primary.enable import PrimaryEnable
 from vmreplica._internal.engine.primary.initial import InitialReplication
 from vmreplica._internal.engine.primary.pending import PendingLog
+from vmreplica._internal.engine.primary.resync import Resync
 from vmreplica._internal.engine.primary.scheduler import Scheduler
 from vmreplica._internal.engine.primary.sender import Sender
 from vmreplica._internal.engine.vms import VmService
@@ -27,6 +28,7 @@ class Primary:
     control: PrimaryControl
     scheduler: Scheduler
     pending: PendingLog
+    resync: Resync
 
 
 def build(ctx: Context, vms: VmService) -> Primary:
@@ -36,11 +38,13 @@ def build(ctx: Context, vms: VmService) -> Primary:
     cycles = Cycles(ctx, vms, pending, sender)
     initial = InitialReplication(ctx, vms, pending, scheduler.run)
     scheduler.set_jobs(initial.run, cycles.cycle)
-    control = PrimaryControl(ctx, vms, pending, scheduler)
+    resync = Resync(ctx, vms, pending, sender, scheduler.run, scheduler.stop_vm)
+    scheduler.set_resync(resync.run, resync.due, resync.begin)
+    control = PrimaryControl(ctx, vms, pending, scheduler, resync)
     vms.runtime.on_off.append(control.on_vm_off)
     return Primary(
         enable=PrimaryEnable(ctx, vms, scheduler.kick), initial=initial, cycles=cycles,
-        sender=sender, control=control, scheduler=scheduler, pending=pending,
+        sender=sender, control=control, scheduler=scheduler, pending=pending, resync=resync,
     )  # fmt: skip
 
 

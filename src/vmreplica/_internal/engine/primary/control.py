@@ -6,6 +6,7 @@ from __future__ import annotations
 from vmreplica._internal.engine.context import Context, allows, move
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.primary.pending import PendingLog
+from vmreplica._internal.engine.primary.resync import Resync
 from vmreplica._internal.engine.primary.scheduler import Scheduler
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmRecord, VmService
@@ -16,17 +17,22 @@ from vmreplica.errors import ResyncRequired
 
 class PrimaryControl:
     def __init__(
-        self, ctx: Context, vms: VmService, pending: PendingLog, scheduler: Scheduler
-    ) -> None:
+        self, ctx: Context, vms: VmService, pending: PendingLog, scheduler: Scheduler,
+        resync: Resync,
+    ) -> None:  # fmt: skip
         self._ctx = ctx
         self._vms = vms
         self._pending = pending
         self._scheduler = scheduler
+        self._resync = resync
         self._store = ctx.stores.replications
 
     async def suspend(self, name: str) -> ReplicationRow:
         rec = self._vms.find(name)
         row = self._store.get(rec.id, name)
+        if row.state == State.RESYNCHRONIZING:
+            await self._resync.suspend(row)
+            return self._store.get(rec.id, name)
         with self._ctx.stores.db.tx() as tx:
             move(self._ctx, tx, row, Command.SUSPEND)
             self._ctx.events.record(
@@ -85,7 +91,10 @@ class PrimaryControl:
         row = self._store.find(rec.id)
         if row is None or row.mode != "Primary" or clean:
             return
-        if row.state not in (State.REPLICATING, State.SUSPENDED, State.INITIAL_IN_PROGRESS):
+        if row.state not in (
+            State.REPLICATING, State.SUSPENDED, State.INITIAL_IN_PROGRESS,
+            State.RESYNCHRONIZING, State.RESYNC_SUSPENDED,
+        ):  # fmt: skip
             return
         with self._ctx.stores.db.tx() as tx:
             move(

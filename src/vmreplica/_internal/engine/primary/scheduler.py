@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.health import after_cycle
@@ -17,6 +17,11 @@ from vmreplica._internal.store.replications import ReplicationRow
 
 InitialJob = Callable[[ReplicationRow], Awaitable[None]]
 CycleJob = Callable[[str, datetime, int], Awaitable[None]]
+ResyncJob = Callable[[ReplicationRow], Awaitable[None]]
+ResyncDue = Callable[[ReplicationRow, datetime], bool]
+ResyncBegin = Callable[[ReplicationRow, str], None]
+
+RESYNC_RETRY = timedelta(seconds=15)
 
 
 class Scheduler:
@@ -26,9 +31,13 @@ class Scheduler:
         self._wake: dict[str, asyncio.Event] = {}
         self._initial: InitialJob | None = None
         self._cycle: CycleJob | None = None
+        self._resync: tuple[ResyncJob, ResyncDue, ResyncBegin] | None = None
 
     def set_jobs(self, initial: InitialJob, cycle: CycleJob) -> None:
         self._initial, self._cycle = initial, cycle
+
+    def set_resync(self, job: ResyncJob, due: ResyncDue, begin: ResyncBegin) -> None:
+        self._resync = (job, due, begin)
 
     def run(self, vm_id: str) -> None:
         """Start the VM's task if it does not run, and have it act now."""
@@ -49,6 +58,8 @@ class Scheduler:
 
     async def _loop(self, vm_id: str) -> None:
         assert self._initial is not None and self._cycle is not None
+        assert self._resync is not None
+        resync, resync_due, begin_resync = self._resync
         due = datetime.now(UTC)
         missed = 0
         while True:
@@ -56,11 +67,18 @@ class Scheduler:
             if row is None or row.mode != "Primary":
                 return
             started = datetime.now(UTC)
+            if resync_due(row, started):
+                why = "started at its scheduled time" if row.resync_at else "started automatically"
+                begin_resync(row, why + " (auto-resynchronize window)" * (not row.resync_at))
+                continue
             try:
                 if row.state == State.INITIAL_IN_PROGRESS:
                     await self._initial(row)
                 elif row.state == State.REPLICATING:
                     await self._cycle(row.vm_id, started, missed)
+                elif row.state == State.RESYNCHRONIZING:
+                    await resync(row)
+                    continue  # finished: the first cycle runs at once, or it was suspended
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -69,6 +87,12 @@ class Scheduler:
             due, missed = after_cycle(due, finished, row.settings.frequency_sec)
             if row.state != State.REPLICATING:
                 missed = 0
+            if row.resync_at is not None and row.state == State.WAITING_FOR_RESYNC:
+                due = min(due, datetime.fromisoformat(row.resync_at))
+            if row.state == State.RESYNCHRONIZING:
+                # Failed: nothing replicates until it ends, so it goes on from its saved
+                # position soon rather than a whole interval later.
+                due = min(due, finished + RESYNC_RETRY)
             wake = self._wake.setdefault(vm_id, asyncio.Event())
             try:
                 await asyncio.wait_for(
@@ -91,6 +115,8 @@ class Scheduler:
             if row.mode == "Primary" and row.state in (
                 State.INITIAL_IN_PROGRESS,
                 State.REPLICATING,
+                State.RESYNCHRONIZING,
+                State.WAITING_FOR_RESYNC,  # for a scheduled or automatic resynchronization
             ):
                 self.run(row.vm_id)
 

@@ -14,6 +14,7 @@ from vmreplica._internal.engine.replica.initial import InitialImport
 from vmreplica._internal.engine.replica.points import RecoveryPoints
 from vmreplica._internal.engine.replica.receive import Receiver
 from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
+from vmreplica._internal.engine.replica.resync import ReplicaResync
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.ports.hypervisor import ImportTarget
 
@@ -25,19 +26,21 @@ class Replica:
     receiver: Receiver
     points: RecoveryPoints
     recovery: ReplicaRecovery
+    resync: ReplicaResync
 
 
 def build(ctx: Context, vms: VmService) -> Replica:
     imports: dict[str, tuple[ImportTarget, str]] = {}
     applier = Applier(ctx)
     points = RecoveryPoints(ctx)
-    recovery = ReplicaRecovery(ctx, applier, points, imports)
+    resync = ReplicaResync(ctx, points)
+    recovery = ReplicaRecovery(ctx, applier, points, resync, imports)
     initial = InitialImport(ctx, vms, applier, recovery, imports)
     lifecycle = ReplicaLifecycle(ctx, vms, initial)
     vms.runtime.start_guards.append(lifecycle.start_guard)
     return Replica(
         lifecycle=lifecycle, initial=initial, receiver=Receiver(ctx, applier, recovery),
-        points=points, recovery=recovery,
+        points=points, recovery=recovery, resync=resync,
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from vmreplica._internal import faults
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.replica.common import REPLICA, chains, replica_row
+from vmreplica._internal.engine.states import State
 from vmreplica._internal.models import RecoveryPoint
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.store.vms import VmRecord
@@ -29,6 +30,8 @@ class RecoveryPoints:
         row = replica_row(self._ctx, vm_id)
         if row.settings.recovery_history == 0 or row.last_rp_time is None:
             return
+        if row.state == State.RESYNCHRONIZING:
+            return  # tip does not change until it ends, which adds a point
         age = (datetime.now(UTC) - datetime.fromisoformat(row.last_rp_time)).total_seconds()
         if age < row.settings.recovery_point_interval:
             return

@@ -19,6 +19,7 @@ from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.replica.apply import Applier
 from vmreplica._internal.engine.replica.common import REPLICA, chains, replica_row
 from vmreplica._internal.engine.replica.points import RecoveryPoints
+from vmreplica._internal.engine.replica.resync import ReplicaResync, ensure_overlays
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.store.vms import VmRecord
@@ -26,16 +27,18 @@ from vmreplica.errors import InvalidState, VmrError
 
 log = logging.getLogger("vmreplica.replica")
 
-KINDS = ("apply", "freeze", "prune")
+KINDS = ("apply", "freeze", "prune", "resync-commit")
 
 
 class ReplicaRecovery:
     def __init__(
-        self, ctx: Context, applier: Applier, points: RecoveryPoints, imports: Collection[str]
-    ) -> None:
+        self, ctx: Context, applier: Applier, points: RecoveryPoints, resync: ReplicaResync,
+        imports: Collection[str],
+    ) -> None:  # fmt: skip
         self._ctx = ctx
         self._applier = applier
         self._points = points
+        self._resync = resync
         self._imports = imports  # VM ids with an initial copy open: their staging is in use
         for kind in KINDS:
             ctx.journal.register(kind, self._at_start)
@@ -92,6 +95,8 @@ class ReplicaRecovery:
                     row, int(data["sequence"]), Path(data["staging"]), str(data["started"]),
                     size if isinstance(size, int) else None,
                 )  # fmt: skip
+            elif entry.kind == "resync-commit":
+                await self._resync.recover_commit(entry)
             elif entry.kind == "freeze":
                 created = str(data.get("time") or entry.created)
                 await self._points.finish_freeze(
@@ -104,6 +109,7 @@ class ReplicaRecovery:
         if row is not None and row.mode == REPLICA and row.storage_dir is not None:
             for chain in chains(self._ctx, row):
                 await chain.recover(row.pinned)
+            await ensure_overlays(self._ctx, row)
             if vm_id not in self._imports:  # nothing staged is needed any more
                 shutil.rmtree(Path(row.storage_dir) / "staging", ignore_errors=True)
         return finished

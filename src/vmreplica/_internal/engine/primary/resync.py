@@ -1,0 +1,304 @@
+"""Resynchronization on the primary: the way out of WaitingForStartResynchronize.
+
+A new tracking generation and a point-in-time view of each disk start in one step. Both sides
+hash fixed-size blocks of their own view at once (the replica its chain's current view), and
+only the blocks whose hashes differ travel, as ordinary deltas through the normal sender and
+the replica's journaled apply (into overlays there, so that stopping leaves the replica exactly
+as before). The writes made since the view go in the next cycle. Progress is kept per disk after
+every batch, so a suspended, failed or interrupted resynchronization continues from the last
+block compared, with a new view but the same tracking generation, never from zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from vmreplica._internal import faults
+from vmreplica._internal.engine.connect import peer_address
+from vmreplica._internal.engine.context import Context, allows, move
+from vmreplica._internal.engine.events import now_iso, parse_iso
+from vmreplica._internal.engine.primary.pending import PendingLog
+from vmreplica._internal.engine.primary.sender import Sender
+from vmreplica._internal.engine.states import Command, State
+from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.ports.hypervisor import CopySource, DiskOwner
+from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.peer import Peer, PeerAddress, open_peer
+from vmreplica.errors import InvalidArgument, InvalidState, VmrError
+
+log = logging.getLogger("vmreplica.primary")
+
+BLOCK_SIZE = 64 << 10  # a qcow2 cluster: a block that differs costs no more than its writes
+BATCH = 16384  # blocks compared between two saves of progress (1 GiB)
+MAX_DELAY = timedelta(days=7)
+
+
+@dataclass
+class _Tally:
+    """What one run of the job did, for its last log line (the benchmark reads it)."""
+
+    compared: int = 0
+    differing: int = 0
+    hashing: float = 0.0  # seconds both sides spent hashing, at once
+    began: float = 0.0
+
+
+class Resync:
+    def __init__(
+        self, ctx: Context, vms: VmService, pending: PendingLog, sender: Sender,
+        run: Callable[[str], None], stop: Callable[[str], Awaitable[None]],
+    ) -> None:  # fmt: skip
+        self._ctx = ctx
+        self._vms = vms
+        self._pending = pending
+        self._sender = sender
+        self._run = run  # the scheduler's: start (or wake) the VM's task
+        self._stop = stop  # the scheduler's: stop the VM's task (awaitable)
+        self._store = ctx.stores.replications
+
+    # -- the operator's commands -------------------------------------------------------------
+
+    async def request(self, name: str, start_time: str | None) -> ReplicationRow:
+        """``resume --resynchronize [--start-time]``: now, or at a time up to 7 days ahead."""
+        rec = self._vms.find(name)
+        row = self._store.get(rec.id, name)
+        allows(row, Command.START_RESYNC)
+        when = _start_time(start_time) if start_time is not None else None
+        if when is not None and when > datetime.now(UTC):
+            self._store.update(row.vm_id, resync_at=when.isoformat(timespec="seconds"))
+            self._ctx.events.record(
+                "resync-scheduled", f"resynchronization of {name} scheduled for {when}", name
+            )
+        else:
+            self.begin(row, "started by the operator")
+        self._run(rec.id)
+        return self._store.get(rec.id, name)
+
+    def begin(self, row: ReplicationRow, why: str) -> None:
+        with self._ctx.stores.db.tx() as tx:
+            move(self._ctx, tx, row, Command.START_RESYNC, resync_at=None, resync_next=None,
+                 resync_progress=0.0, last_error=None, send_failure=None)  # fmt: skip
+            self._ctx.events.record(
+                "resync-started", f"resynchronization of {row.vm_name} {why}", row.vm_name, tx=tx
+            )
+
+    async def resume(self, name: str) -> ReplicationRow:
+        """``resume --continue``: a suspended resynchronization goes on where it stopped."""
+        rec = self._vms.find(name)
+        row = self._store.get(rec.id, name)
+        if row.state != State.RESYNC_SUSPENDED:
+            raise InvalidState(
+                f"there is no suspended resynchronization of {name} to continue (state {row.state})"
+            )
+        with self._ctx.stores.db.tx() as tx:
+            move(self._ctx, tx, row, Command.RESUME, last_error=None, send_failure=None)
+            self._ctx.events.record(
+                "resync-continued", f"resynchronization of {name} continues", name, tx=tx
+            )
+        self._run(rec.id)
+        return self._store.get(rec.id, name)
+
+    async def suspend(self, row: ReplicationRow) -> None:
+        await self._stop(row.vm_id)  # at once, not at the end of a batch
+        with self._ctx.stores.db.tx() as tx:
+            move(self._ctx, tx, self._store.get(row.vm_id, row.vm_name), Command.SUSPEND)
+            self._ctx.events.record(
+                "resync-suspended",
+                f"resynchronization of {row.vm_name} suspended at "
+                f"{row.resync_progress or 0:.0f}%; `replication resume --continue` goes on",
+                row.vm_name,
+                tx=tx,
+            )
+        self._run(row.vm_id)
+
+    async def cancel(self, name: str) -> ReplicationRow:
+        """``replication stop``: the replica is left exactly as before the resynchronization."""
+        rec = self._vms.find(name)
+        row = self._store.get(rec.id, name)
+        allows(row, Command.CANCEL_RESYNC)
+        await self._stop(row.vm_id)
+        with self._ctx.stores.db.tx() as tx:
+            move(self._ctx, tx, self._store.get(row.vm_id, name), Command.CANCEL_RESYNC,
+                 resync_at=None, resync_next=None, resync_progress=None)  # fmt: skip
+            self._ctx.events.record(
+                "resync-stopped", f"resynchronization of {name} stopped", name, tx=tx
+            )
+        self._pending.clear(row.vm_id)
+        try:
+            async with open_peer(self._peer(row), self._ctx.config.tls) as replica:
+                await replica.resync_cancel(p.VmRequest(row.vm_id))
+        except VmrError as e:
+            # Its overlays stay until the next resynchronization or stop reaches it; nothing
+            # of this one was committed there.
+            log.warning("telling %s that the resync of %s stopped failed: %s",
+                        row.replica_server, name, e)  # fmt: skip
+        self._run(row.vm_id)
+        return self._store.get(rec.id, name)
+
+    def due(self, row: ReplicationRow, now: datetime) -> bool:
+        """Whether a resync waiting to start should start now: its time has come, or the VM
+        resynchronizes automatically and ``now`` is inside its window."""
+        if row.state != State.WAITING_FOR_RESYNC:
+            return False
+        if row.resync_at is not None:
+            return datetime.fromisoformat(row.resync_at) <= now
+        if not row.settings.auto_resynchronize:
+            return False
+        local = now.astimezone().strftime("%H:%M")
+        start, end = row.settings.auto_resync_start, row.settings.auto_resync_end
+        return start <= local < end if start <= end else (local >= start or local < end)
+
+    def next_wake(self, row: ReplicationRow) -> datetime | None:
+        return datetime.fromisoformat(row.resync_at) if row.resync_at else None
+
+    # -- the job -----------------------------------------------------------------------------
+
+    def _peer(self, row: ReplicationRow) -> PeerAddress:
+        return peer_address(self._ctx.config, row.replica_server, row.replica_port)
+
+    async def run(self, row: ReplicationRow) -> None:
+        """Compare and send until every block of every disk was compared, then finish."""
+        tally = _Tally(began=time.monotonic())
+        async with open_peer(self._peer(row), self._ctx.config.tls, timeout=120.0) as replica:
+            status = await replica.status(p.StatusRequest(row.vm_id))
+            fresh = row.resync_next is None
+            if fresh:
+                # Whatever the log held is superseded; the sequences meet where the replica is.
+                self._pending.clear(row.vm_id)
+                start = {str(n): 0 for n in range(len(row.disks))}
+                self._store.update(
+                    row.vm_id, sequence=status.sequence, acked_sequence=status.sequence,
+                    resync_next=json.dumps(start), resync_progress=0.0,
+                )  # fmt: skip
+                row = self._store.get(row.vm_id, row.vm_name)
+            await replica.resync_start(p.VmRequest(row.vm_id))
+            rec = self._vms.find(row.vm_name)
+            async with self._ctx.locks.vm(rec.id):
+                owner = DiskOwner(
+                    rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id),
+                    self._vms.runtime.process(rec.id),
+                )  # fmt: skip
+                # A fresh one starts tracking anew at the view's instant; a continued one keeps
+                # that generation, which holds every write since the first view.
+                async with self._ctx.driver.point_in_time(owner, 1 if fresh else None) as view:
+                    done = await self._compare_all(row, view, replica, tally)
+            if not done:
+                return  # suspended or stopped meanwhile
+            await self._sender.send(self._store.get(row.vm_id, row.vm_name), datetime.now(UTC))
+            await replica.resync_finish(p.VmRequest(row.vm_id))
+        log.info("resync of %s finished: %d blocks compared in %.2f s of hashing, %d differ; "
+                 "%.2f s in all", row.vm_name, tally.compared, tally.hashing, tally.differing,
+                 time.monotonic() - tally.began)  # fmt: skip
+        with self._ctx.stores.db.tx() as tx:
+            current = self._store.get(row.vm_id, row.vm_name)
+            move(self._ctx, tx, current, Command.FINISH_RESYNC, generation=1, resync_next=None,
+                 resync_progress=100.0, last_replication_time=now_iso())  # fmt: skip
+            self._ctx.events.record(
+                "resync-finished",
+                f"resynchronization of {row.vm_name} finished: the replica equals the view it "
+                "started from, and the writes since then go in the next cycle",
+                row.vm_name,
+                tx=tx,
+            )
+
+    async def _compare_all(
+        self, row: ReplicationRow, view: CopySource, replica: Peer, tally: _Tally
+    ) -> bool:
+        sizes = [await self._ctx.driver.virtual_size(self._vms.find(row.vm_name).disks[i])
+                 for i in row.disks]  # fmt: skip
+        blocks = [-(-size // BLOCK_SIZE) for size in sizes]
+        total = sum(blocks) or 1
+        while True:
+            row = self._store.get(row.vm_id, row.vm_name)
+            if row.state != State.RESYNCHRONIZING:
+                return False
+            position = {int(k): v for k, v in json.loads(row.resync_next or "{}").items()}
+            batch = {
+                n: (position.get(n, 0), min(BATCH, blocks[n] - position.get(n, 0)))
+                for n in range(len(blocks))
+                if position.get(n, 0) < blocks[n]
+            }
+            if not batch:
+                return True
+            hashing = time.monotonic()
+            differing = await self._compare(row, view, replica, batch)
+            tally.hashing += time.monotonic() - hashing
+            tally.compared += sum(count for _, count in batch.values())
+            tally.differing += sum(len(blocks) for blocks in differing.values())
+            for n, (first, count) in batch.items():
+                log.info("resync of %s: disk %d blocks %d-%d compared, %d differ", row.vm_name,
+                         n, first, first + count - 1, len(differing[n]))  # fmt: skip
+            after = {**position, **{n: first + count for n, (first, count) in batch.items()}}
+            progress = round(100.0 * sum(after.values()) / total, 1)
+            await self._commit_batch(row, view, differing, after, progress)
+            await faults.ahit("primary.mid_resync")
+            await self._sender.send(self._store.get(row.vm_id, row.vm_name), datetime.now(UTC))
+
+    async def _compare(
+        self, row: ReplicationRow, view: CopySource, replica: Peer,
+        batch: dict[int, tuple[int, int]],
+    ) -> dict[int, list[int]]:  # fmt: skip
+        """Per disk, the blocks of the batch whose hashes differ; both sides hash at once."""
+        differing: dict[int, list[int]] = {}
+        for n, (first, count) in batch.items():
+            request = p.HashesRequest(row.vm_id, n, BLOCK_SIZE, first, count)
+            here, there = await asyncio.gather(
+                self._ctx.driver.hash_view(view, n, BLOCK_SIZE, first, count),
+                replica.resync_hashes(request),
+            )
+            if len(there.hashes) != len(here):
+                raise InvalidState(
+                    f"the replica hashed {len(there.hashes)} blocks of disk {n} of "
+                    f"{row.vm_name}, this host {len(here)}: do the disks differ in size?"
+                )
+            pairs = enumerate(zip(here, there.hashes, strict=True))
+            differing[n] = [first + i for i, (a, b) in pairs if a != b]
+        return differing
+
+    async def _commit_batch(
+        self, row: ReplicationRow, view: CopySource, differing: dict[int, list[int]],
+        after: dict[int, int], progress: float,
+    ) -> None:  # fmt: skip
+        """The differing blocks as the next delta of the pending log, and the progress, in one
+        commit; nothing to send, progress alone."""
+        if not any(differing.values()):
+            self._store.update(row.vm_id, resync_next=json.dumps(after), resync_progress=progress)
+            return
+        sequence = row.sequence + 1
+        delta_dir = self._pending.delta_dir(row.vm_id, sequence)
+        shutil.rmtree(delta_dir, ignore_errors=True)
+        delta_dir.mkdir(parents=True)
+        try:
+            for n in range(len(row.disks)):
+                await self._ctx.driver.extract_blocks(
+                    view, n, wire.disk_file(delta_dir, n), differing.get(n, []), BLOCK_SIZE
+                )
+            compression = "zstd" if row.settings.compression else "none"
+            await wire.build_manifest(
+                delta_dir, row.vm_id, sequence, "CrashConsistent", compression
+            )
+        except BaseException:
+            shutil.rmtree(delta_dir, ignore_errors=True)
+            raise
+        with self._ctx.stores.db.tx() as tx:
+            self._store.update(row.vm_id, tx, sequence=sequence, resync_next=json.dumps(after),
+                               resync_progress=progress)  # fmt: skip
+        sent = sum(len(b) for b in differing.values())
+        log.info("resync of %s: %d differing blocks in delta %d (%.1f%%)", row.vm_name, sent,
+                 sequence, progress)  # fmt: skip
+
+
+def _start_time(text: str) -> datetime:
+    when = parse_iso(text, "--start-time").astimezone(UTC)
+    if when > datetime.now(UTC) + MAX_DELAY:
+        raise InvalidArgument(f"invalid --start-time {text}: at most 7 days ahead")
+    return when

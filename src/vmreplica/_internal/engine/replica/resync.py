@@ -1,0 +1,160 @@
+"""The replica's side of a resynchronization.
+
+The primary starts it (``resync-start``): each chain gets an overlay above ``tip``, and the
+deltas of the resynchronization are applied into those overlays, so that ``tip``, every recovery
+point and any failover stay exactly as they were until it ends. The primary compares blocks
+(``resync-hashes``: hashes of the replica's current view, overlays included), sends only the
+blocks that differ as ordinary deltas, then finishes it (``resync-finish``: the overlays are
+committed into ``tip``, journaled as ``resync-commit``, and a recovery point is added) or
+cancels it (``resync-cancel``: the overlays are dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vmreplica._internal.engine.authorization import Authorization
+from vmreplica._internal.engine.context import Context, allows, move
+from vmreplica._internal.engine.replica.common import (
+    chains,
+    check_not_quarantined,
+    check_sender,
+    replica_row,
+)
+from vmreplica._internal.engine.replica.points import RecoveryPoints
+from vmreplica._internal.engine.states import Command, State
+from vmreplica._internal.store.journal import JournalEntry
+from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport import protocol as p
+from vmreplica.errors import InvalidArgument
+
+log = logging.getLogger("vmreplica.replica")
+
+
+class ReplicaResync:
+    def __init__(self, ctx: Context, points: RecoveryPoints) -> None:
+        self._ctx = ctx
+        self._points = points
+
+    async def start(
+        self, authz: Authorization, peer_names: list[str], req: p.VmRequest
+    ) -> p.SequenceAnswer:
+        row = replica_row(self._ctx, req.vm_id)
+        check_sender(self._ctx, row, authz, peer_names)
+        async with self._ctx.locks.replica(row.vm_id):
+            row = replica_row(self._ctx, row.vm_id)
+            check_not_quarantined(self._ctx, row)
+            if row.state != State.RESYNCHRONIZING:  # else a continued one: nothing to move
+                with self._ctx.stores.db.tx() as tx:
+                    move(self._ctx, tx, row, Command.START_RESYNC)
+                    self._ctx.events.record(
+                        "resync-started",
+                        f"resynchronization of {row.vm_name} started by {peer_names[0]}: the "
+                        "replica and its recovery points stay as they are until it finishes",
+                        row.vm_name,
+                        tx=tx,
+                    )
+            await ensure_overlays(self._ctx, replica_row(self._ctx, row.vm_id))
+            return p.SequenceAnswer(row.sequence)
+
+    async def hashes(
+        self, authz: Authorization, peer_names: list[str], req: p.HashesRequest
+    ) -> p.HashesAnswer:
+        row = replica_row(self._ctx, req.vm_id)
+        check_sender(self._ctx, row, authz, peer_names)
+        allows_hashing = (State.RESYNCHRONIZING,)
+        if row.state not in allows_hashing:
+            raise InvalidArgument(
+                f"replica VM {row.vm_name} is not being resynchronized (state {row.state})"
+            )
+        if req.disk >= len(row.disks):
+            raise InvalidArgument(f"replica VM {row.vm_name} has no disk {req.disk}")
+        chain = chains(self._ctx, row)[req.disk]
+        found = await self._ctx.driver.hash_image(
+            chain.top, req.block_size, req.first_block, req.count
+        )
+        return p.HashesAnswer(tuple(found))
+
+    async def finish(
+        self, authz: Authorization, peer_names: list[str], req: p.VmRequest
+    ) -> p.SequenceAnswer:
+        row = replica_row(self._ctx, req.vm_id)
+        check_sender(self._ctx, row, authz, peer_names)
+        async with self._ctx.locks.replica(row.vm_id):
+            row = replica_row(self._ctx, row.vm_id)
+            if row.state == State.REPLICATING and not _has_overlays(self._ctx, row):
+                return p.SequenceAnswer(row.sequence)  # a retried finish: it is done
+            allows(row, Command.FINISH_RESYNC)
+            with self._ctx.stores.db.tx() as tx:
+                self._ctx.journal.begin(tx, "resync-commit", row.vm_id, {})
+            await self.commit(row)
+            row = replica_row(self._ctx, row.vm_id)
+            if row.settings.recovery_history > 0:
+                await self._points.freeze(row, "Standard")  # the resync adds a point
+                await self._points.prune(row.vm_id)
+            return p.SequenceAnswer(row.sequence)
+
+    async def commit(self, row: ReplicationRow) -> None:
+        """Fold every overlay into its ``tip``, then record the end; repeatable."""
+        for chain in chains(self._ctx, row):
+            await chain.end_resync(commit=True)
+        with self._ctx.stores.db.tx() as tx:
+            current = replica_row(self._ctx, row.vm_id)
+            if current.state == State.RESYNCHRONIZING:
+                move(self._ctx, tx, current, Command.FINISH_RESYNC)
+            self._ctx.journal.end(tx, "resync-commit", row.vm_id)
+            self._ctx.events.record(
+                "resync-finished",
+                f"resynchronization of {row.vm_name} finished: the replica equals the primary's "
+                "view, and every earlier recovery point is kept",
+                row.vm_name,
+                tx=tx,
+            )
+
+    async def recover_commit(self, entry: JournalEntry) -> None:
+        row = self._ctx.stores.replications.find(entry.subject)
+        if row is None:
+            with self._ctx.stores.db.tx() as tx:
+                self._ctx.journal.end_entry(tx, entry.id)
+            return
+        await self.commit(row)
+
+    async def cancel(
+        self, authz: Authorization, peer_names: list[str], req: p.VmRequest
+    ) -> p.SequenceAnswer:
+        row = replica_row(self._ctx, req.vm_id)
+        check_sender(self._ctx, row, authz, peer_names)
+        async with self._ctx.locks.replica(row.vm_id):
+            await self.drop(replica_row(self._ctx, row.vm_id), f"stopped by {peer_names[0]}")
+            return p.SequenceAnswer(replica_row(self._ctx, row.vm_id).sequence)
+
+    async def drop(self, row: ReplicationRow, why: str) -> None:
+        """End a resynchronization without its changes: the replica is exactly as before.
+
+        The state moves first; overlays left by a crash right after are dropped by recovery,
+        which drops them whenever the state is not Resynchronizing."""
+        if row.state == State.RESYNCHRONIZING:
+            with self._ctx.stores.db.tx() as tx:
+                move(self._ctx, tx, row, Command.CANCEL_RESYNC)
+                self._ctx.events.record(
+                    "resync-stopped",
+                    f"resynchronization of {row.vm_name} {why}; the replica is as it was",
+                    row.vm_name,
+                    tx=tx,
+                )
+        for chain in chains(self._ctx, row):
+            await chain.end_resync(commit=False)
+
+
+def _has_overlays(ctx: Context, row: ReplicationRow) -> bool:
+    return any(chain.resync.exists() for chain in chains(ctx, row))
+
+
+async def ensure_overlays(ctx: Context, row: ReplicationRow) -> None:
+    """The overlays agree with the state: present while Resynchronizing, gone otherwise (what a
+    crash between a state change and the overlays' may have left)."""
+    for chain in chains(ctx, row):
+        if row.state == State.RESYNCHRONIZING:
+            await chain.begin_resync()
+        else:
+            await chain.end_resync(commit=False)
