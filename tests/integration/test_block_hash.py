@@ -13,7 +13,13 @@ import blake3
 import pytest
 
 from vmreplica._internal.drivers.qemu import nbd_copy
-from vmreplica._internal.drivers.qemu.block_hash import NbdView, copy_blocks, hash_blocks
+from vmreplica._internal.drivers.qemu.block_hash import (
+    NbdView,
+    copy_blocks,
+    hash_blocks,
+    hash_view,
+    with_layout,
+)
 from vmreplica._internal.drivers.qemu.qsd import node_name, start_storage_daemon
 
 KiB = 1024
@@ -110,3 +116,44 @@ def test_copied_blocks_are_a_standalone_delta_of_just_those_blocks(tmp_path: Pat
          str(dest)], check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert "Pattern verification failed" not in reads
+
+
+def test_reading_the_files_hashes_exactly_as_nbd_does(tmp_path: Path) -> None:
+    """Every kind of run map reports (data in the top and in the backing file, a compressed
+    cluster, zero clusters, allocated zeros, holes, a last block shorter than the others),
+    across chunk boundaries: the files, read where the layout puts them, hash as NBD reads."""
+    size = str(10 * 1024 * KiB + 4 * KiB)
+    base = qcow2(
+        tmp_path / "base.qcow2", size, "write -P 0x11 0 5M", "write -c -P 0x22 6M 64k",
+        "write -z 7M 128k", "write -P 0x00 8M 64k", "write -P 0x33 10M 4k",
+    )  # fmt: skip
+    tip = qcow2(
+        tmp_path / "tip.qcow2", size, "write -P 0x44 4032k 128k", "write -z 1M 64k",
+        "write -P 0x55 9M 8k", backing=base,
+    )  # fmt: skip
+
+    async def from_files(block_size: int, first: int, count: int | None) -> list[bytes | None]:
+        return await hash_view(NbdView(image=tip), block_size, first, count)
+
+    for block_size, first, count in ((BLOCK, 0, None), (1024 * KiB, 0, None), (BLOCK, 60, 70)):
+        over_nbd = hash_blocks(NbdView(image=tip), block_size, first, count)
+        assert asyncio.run(from_files(block_size, first, count)) == over_nbd, block_size
+    hashes = hash_blocks(NbdView(image=tip), BLOCK)
+    assert hashes[16] is None and hashes[96] is not None and hashes[128] is None  # 1M, 6M, 8M
+    assert hashes[-1] == blake3.blake3(pattern(0x33, 4 * KiB)).digest()
+
+
+def test_blocks_copied_from_the_files_equal_those_read_over_nbd(tmp_path: Path) -> None:
+    base = qcow2(tmp_path / "base.qcow2", "2M", "write -P 0x11 0 1M", "write -c -P 0x66 1M 64k")
+    tip = qcow2(tmp_path / "tip.qcow2", "2M", "write -P 0x22 64k 64k", backing=base)
+    blocks = [0, 1, 16, 31]  # 31 is a hole
+
+    async def layout_view() -> NbdView:
+        return await with_layout(NbdView(image=tip))
+
+    via_nbd, via_files = qcow2(tmp_path / "a.qcow2", "2M"), qcow2(tmp_path / "b.qcow2", "2M")
+    assert copy_blocks(NbdView(image=tip), via_nbd, blocks, BLOCK) == 3 * BLOCK
+    assert copy_blocks(asyncio.run(layout_view()), via_files, blocks, BLOCK) == 3 * BLOCK
+    assert hash_blocks(NbdView(image=via_nbd), BLOCK) == hash_blocks(
+        NbdView(image=via_files), BLOCK
+    )

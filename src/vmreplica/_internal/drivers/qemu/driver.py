@@ -231,7 +231,7 @@ class QemuDriver:
         self, source: CopySource, disk: int, dest: Path, blocks: Sequence[int], block_size: int
     ) -> int:
         assert isinstance(source, nbd_copy.Source), "a source of another driver"
-        view = source.views[disk]
+        view = await block_hash.with_layout(source.views[disk])
         size = await asyncio.to_thread(block_hash.view_size, view)
         await qemu_img.create(dest, size)
         try:
