@@ -311,8 +311,38 @@ class _Api:
         return _models(Measurement, "replication.measure", {"vm": vm})
 
     @_Endpoint
-    def replication_start_initial(vm: str) -> _Call[Replication]:
-        return _model(Replication, "replication.start_initial", {"vm": vm})
+    def replication_enable_as_replica(
+        vm: str, allowed_primary: str | None = None
+    ) -> _Call[Replication]:
+        """On the replica host: the VM ``vm`` of this host is the copy its replica starts from
+        (``replication enable VM --as-replica``)."""
+        return _model(Replication, "replication.enable", {
+            "vm": vm, "as_replica": True, "allowed_primary": allowed_primary,
+        })  # fmt: skip
+
+    @_Endpoint
+    def replication_start_initial(
+        vm: str,
+        use_backup: bool = False,
+        destination: str | None = None,
+        start_time: str | None = None,
+    ) -> _Call[Replication]:
+        """Over the network; from the copy on the replica (``use_backup``); or to offline media
+        in ``destination``; now or at ``start_time`` (ISO 8601, at most 7 days ahead)."""
+        return _model(Replication, "replication.start_initial", {
+            "vm": vm, "use_backup": use_backup, "destination": destination,
+            "start_time": start_time,
+        })  # fmt: skip
+
+    @_Endpoint
+    def replication_stop_initial(vm: str) -> _Call[Replication]:
+        """Stop an initial replication of any kind, running or scheduled."""
+        return _model(Replication, "replication.stop_initial", {"vm": vm})
+
+    @_Endpoint
+    def replication_import_initial(vm: str, path: str) -> _Call[Replication]:
+        """On the replica host: import the offline media in ``path`` (a directory)."""
+        return _model(Replication, "replication.import_initial", {"vm": vm, "path": path})
 
     @_Endpoint
     def replication_sync(vm: str) -> _Call[Replication]:

@@ -150,6 +150,13 @@ def _no_mark_anywhere() -> list[Path]:
     return found
 
 
+def _media(vm: str) -> dict[str, Any]:
+    """A well-formed offline media manifest (transport/media.py) for ``vm``."""
+    disk = {"index": 0, "virtual_size": 64 << 20, "file_size": 1 << 20, "blake3": "0" * 64}
+    return {"format": "vmreplica-initial-media", "version": 1, "vm_id": vm, "vm_name": "app",
+            "primary_server": PRIMARY, "created": "2026-11-30T00:00:00+00:00", "disks": [disk]}  # fmt: skip
+
+
 def test_property_no_internal_error_no_escape_and_agents_survive(fuzzed: Pair) -> None:
     cluster = fuzzed.cluster
     real_id = vm_id(cluster, PRIMARY, "app")
@@ -193,6 +200,18 @@ def test_property_no_internal_error_no_escape_and_agents_survive(fuzzed: Pair) -
              "new_primary_port": st.none(), "failback_extents": st.just(True)},
             {"vm_id": hostile_id, "vm_name": names, "new_primary_port": ports,
              "failback_extents": values},
+        ),
+        p.INITIAL_OFFLINE: _mutated(
+            {"vm_id": st.just(real_id) | escape_ids, "media": st.just(_media(real_id))},
+            {"vm_id": hostile_id, "media": values | st.builds(
+                lambda key, value: {**_media(real_id), key: value},
+                st.sampled_from(["vm_id", "vm_name", "disks", "format", "version"]), values)},
+        ),
+        p.RESYNC_HASHES: _mutated(
+            {"vm_id": st.just(real_id) | escape_ids, "disk": st.just(0),
+             "block_size": st.just(65536), "first_block": st.just(0), "count": st.just(4)},
+            {"vm_id": hostile_id, "disk": ports, "block_size": ports, "first_block": ports,
+             "count": ports},
         ),
     }  # fmt: skip
     peer_request = st.one_of(

@@ -138,9 +138,12 @@ def build_methods(engine: Services) -> dict[str, Method]:
 
     async def replication_enable(args: dict[str, Any]) -> Any:
         if a.opt_bool(args, "as_replica"):
-            raise InvalidArgument(
-                "--as-replica is not needed: the replica VM is created when the primary enables replication"
+            seed = await engine.replica.seeds.register(
+                a.req_str(args, "vm"), a.opt_str(args, "allowed_primary")
             )
+            return replication.to_model(seed)
+        if a.opt_str(args, "allowed_primary") is not None:
+            raise InvalidArgument("--allowed-primary goes with --as-replica")
         port = a.opt_int(args, "replica_port")
         if port is None:
             raise InvalidArgument("missing --replica-port")
@@ -178,7 +181,22 @@ def build_methods(engine: Services) -> dict[str, Method]:
         return replication.measure(a.opt_str(args, "vm"))
 
     async def replication_start_initial(args: dict[str, Any]) -> Any:
-        return replication.to_model(await primary.initial.start(a.req_str(args, "vm")))
+        row = await primary.initial.start(
+            a.req_str(args, "vm"),
+            bool(a.opt_bool(args, "use_backup")),
+            a.opt_str(args, "destination"),
+            a.opt_str(args, "start_time"),
+        )
+        return replication.to_model(row)
+
+    async def replication_stop_initial(args: dict[str, Any]) -> Any:
+        return await replication.stop_initial(a.req_str(args, "vm"))
+
+    async def replication_import_initial(args: dict[str, Any]) -> Any:
+        row = await engine.replica.media.import_media(
+            a.req_str(args, "vm"), a.req_str(args, "path")
+        )
+        return replication.to_model(row)
 
     async def replication_sync(args: dict[str, Any]) -> Any:
         return replication.to_model(await primary.cycles.sync(a.req_str(args, "vm")))
@@ -231,6 +249,8 @@ def build_methods(engine: Services) -> dict[str, Method]:
         "replication.get": replication_get,
         "replication.measure": replication_measure,
         "replication.start_initial": replication_start_initial,
+        "replication.stop_initial": replication_stop_initial,
+        "replication.import_initial": replication_import_initial,
         "replication.sync": replication_sync,
         "replication.suspend": replication_suspend,
         "replication.resume": replication_resume,

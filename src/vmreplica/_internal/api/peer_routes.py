@@ -86,6 +86,7 @@ def peer_routes(engine: Services) -> dict[str, PeerHandler]:
         p.RESYNC_HASHES: _json_route(p.HashesRequest.from_json, replica.resync.hashes),
         p.RESYNC_FINISH: _json_route(p.VmRequest.from_json, replica.resync.finish),
         p.RESYNC_CANCEL: _json_route(p.VmRequest.from_json, replica.resync.cancel),
+        p.INITIAL_OFFLINE: _json_route(p.InitialOfflineRequest.from_json, replica.media.announce),
         p.DELTA: delta,
         p.BOOT_FILE: boot_file,
     }

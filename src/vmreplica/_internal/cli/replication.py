@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -97,7 +98,16 @@ def _settings(values: dict[str, Any]) -> dict[str, Any]:
     metavar="PATH",
     help="A disk not to replicate.",
 )
-@click.option("--as-replica", is_flag=True, help="Hyper-V's replica-side enable (not needed here).")
+@click.option(
+    "--as-replica",
+    is_flag=True,
+    help="On the replica host: this VM (a copy of the primary's) is what its replica starts from.",
+)
+@click.option(
+    "--allowed-primary",
+    metavar="FQDN",
+    help="With --as-replica: the only primary that may use the copy (default: any authorized).",
+)
 @_settings_options
 def enable(
     computer_names: tuple[str, ...],
@@ -109,13 +119,23 @@ def enable(
     auth: str,
     exclude_disks: tuple[str, ...],
     as_replica: bool,
+    allowed_primary: str | None,
     **settings: Any,
 ) -> None:
-    """Enable replication of a VM to a replica server (run on the primary)."""
+    """Enable replication of a VM to a replica server (run on the primary).
+
+    With --as-replica, on the replica host: a copy of the VM registered there (``vm new NAME
+    --disk-path ...``, off) becomes the start of its replica; then `start-initial --use-backup`
+    on the primary sends only the blocks that differ.
+    """
     if as_replica:
-        raise InvalidArgument(
-            "--as-replica is not needed: the replica VM is created when the primary enables replication"
-        )
+        rows = [
+            c.replication_enable_as_replica(vm, allowed_primary) for c in clients(computer_names)
+        ]
+        render(rows, Replication, output, properties)
+        return
+    if allowed_primary is not None:
+        raise InvalidArgument("--allowed-primary goes with --as-replica")
     if replica_server is None or replica_port is None:
         raise InvalidArgument("give --replica-server and --replica-port")
     rows = [
@@ -199,19 +219,49 @@ def measure(
 @group.command("start-initial")
 @common
 @click.argument("vm")
+@click.option(
+    "--use-backup",
+    is_flag=True,
+    help="Start from the copy on the replica (enable --as-replica there).",
+)
+@click.option(
+    "--destination", metavar="DIR", help="Write the copy to offline media in DIR (import-initial)."
+)
+@click.option("--start-time", metavar="ISO", help="Start then (at most 7 days ahead).")
 @click.option("--wait", is_flag=True, help="Show progress until initial replication is done.")
 def start_initial(
-    computer_names: tuple[str, ...], output: str, properties: str | None, vm: str, wait: bool
-) -> None:
-    """Copy the VM's disks to the replica in full (run on the primary).
+    computer_names: tuple[str, ...], output: str, properties: str | None, vm: str,
+    use_backup: bool, destination: str | None, start_time: str | None, wait: bool,
+) -> None:  # fmt: skip
+    """Start initial replication (run on the primary): a full copy over the network, a compare
+    against a copy already on the replica (--use-backup), or a copy to offline media
+    (--destination DIR, imported on the replica with import-initial).
 
     Run it again on a copy that failed to retry it now rather than on the schedule.
     """
+    if destination is not None:  # the agent's working directory is not the caller's
+        destination = str(Path(destination).absolute())
     for client in clients(computer_names):
-        row = client.replication_start_initial(vm)
-        if wait:
+        row = client.replication_start_initial(vm, use_backup, destination, start_time)
+        if wait and row.state == "Resynchronizing":
+            row = _wait_resync(client, vm, "initial replication")
+        elif wait and row.state == "InitialReplicationInProgress":
             row = _wait_initial(client, vm)
         render([row], Replication, output, properties)
+
+
+@group.command("import-initial")
+@common
+@click.argument("vm")
+@click.option("--path", "path", required=True, metavar="DIR", help="The offline media's directory.")
+def import_initial(
+    computer_names: tuple[str, ...], output: str, properties: str | None, vm: str, path: str
+) -> None:
+    """Import offline media written by start-initial --destination (run on the replica): the
+    copy is verified, becomes the replica's base, and the deltas received meanwhile are applied."""
+    absolute = str(Path(path).absolute())
+    rows = [c.replication_import_initial(vm, absolute) for c in clients(computer_names)]
+    render(rows, Replication, output, properties)
 
 
 def _wait_initial(client: Client, vm: str) -> Replication:
@@ -299,12 +349,12 @@ def resume(
     for client in clients(computer_names):
         row = client.replication_resume(vm, resynchronize, start_time, go_on)
         if wait and row.state == "Resynchronizing":
-            row = _wait_resync(client, vm)
+            row = _wait_resync(client, vm, "resynchronization")
         render([row], Replication, output, properties)
 
 
-def _wait_resync(client: Client, vm: str) -> Replication:
-    with Progress(TextColumn("resynchronization of {task.description}"), BarColumn(),
+def _wait_resync(client: Client, vm: str, what: str) -> Replication:
+    with Progress(TextColumn(what + " of {task.description}"), BarColumn(),
                   TaskProgressColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as bar:  # fmt: skip
         task = bar.add_task(vm, total=100)
         while True:
@@ -315,9 +365,7 @@ def _wait_resync(client: Client, vm: str) -> Replication:
             time.sleep(0.2)
     if row.state != "Replicating":
         detail = client.replication_measure(vm)[0].health_details
-        raise VmrError(
-            f"resynchronization of {vm} did not finish (state {row.state}): {'; '.join(detail)}"
-        )
+        raise VmrError(f"{what} of {vm} did not finish (state {row.state}): {'; '.join(detail)}")
     return row
 
 
@@ -325,6 +373,13 @@ _simple(
     "stop",
     "Stop a resynchronization; the replica stays exactly as it was before it.",
     lambda c, v: c.replication_stop(v),
+)
+
+
+_simple(
+    "stop-initial",
+    "Stop an initial replication of any kind, running or scheduled (run on the primary).",
+    lambda c, v: c.replication_stop_initial(v),
 )
 
 

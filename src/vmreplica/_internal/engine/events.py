@@ -7,7 +7,7 @@ two never disagree about what happened.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from vmreplica._internal.models import Event
 from vmreplica._internal.store.db import Tx
@@ -27,6 +27,17 @@ def parse_iso(value: str, what: str = "time") -> datetime:
     except ValueError as e:
         raise InvalidArgument(f"invalid {what} {value!r}: expected ISO 8601") from e
     return parsed if parsed.tzinfo else parsed.astimezone()
+
+
+MAX_START_DELAY = timedelta(days=7)
+
+
+def start_time_of(text: str) -> datetime:
+    """A ``--start-time``: ISO 8601, at most 7 days ahead (Hyper-V's limit), in UTC."""
+    when = parse_iso(text, "--start-time").astimezone(UTC)
+    if when > datetime.now(UTC) + MAX_START_DELAY:
+        raise InvalidArgument(f"invalid --start-time {text}: at most 7 days ahead")
+    return when
 
 
 class EventLog:

@@ -16,6 +16,10 @@ Kinds (registered by the module that owns the operation):
 - ``become-replica``: the old primary's disks moved into replica chains; rolled back.
 - ``reverse``: the new primary's failback delta not cut yet; finished.
 - ``delete-storage``: a replica VM's storage being deleted with the VM (engine/vms/); finished.
+- ``seed-adopt``: a seed copy's disks moved into replica chains (engine/replica/seed.py);
+  rolled back.
+- ``media-import``: offline media becoming a replica's base, then the queued deltas applied
+  (engine/replica/media.py); rolled back before the bases are in place, finished after.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ Recover = Callable[[JournalEntry], Awaitable[None]]
 
 KINDS = (
     "apply", "freeze", "prune", "resync-commit", "failover", "test-failover", "become-replica",
-    "reverse", "delete-storage",
+    "reverse", "delete-storage", "seed-adopt", "media-import",
 )  # fmt: skip
 
 

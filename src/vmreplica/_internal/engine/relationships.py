@@ -205,6 +205,16 @@ class ReplicationService:
         self._primary_only(vm, "stop")
         return self.to_model(await self.primary.resync.cancel(vm))
 
+    async def stop_initial(self, vm: str) -> Replication:
+        """``replication stop-initial``: whatever kind the initial replication is."""
+        self._primary_only(vm, "stop-initial")
+        row = self._row(vm)
+        if row.initial_kind == "seed" and row.state in (
+            State.RESYNCHRONIZING, State.RESYNC_SUSPENDED,
+        ):  # fmt: skip
+            return self.to_model(await self.primary.resync.cancel(vm))
+        return self.to_model(await self.primary.initial.stop(vm))
+
     async def reset_statistics(self, vm: str) -> Replication:
         row = self._row(vm)
         await self.primary.control.reset_statistics(row.vm_id)

@@ -46,6 +46,12 @@ class Command(enum.Enum):
     a copy that ends, tracking that is lost)."""
 
     START_INITIAL = ("start_initial", "start initial replication", True)
+    START_INITIAL_FROM_COPY = (
+        "start_initial_from_copy",
+        "start initial replication from the copy on the replica (start-initial --use-backup)",
+        True,
+    )
+    STOP_INITIAL = ("stop_initial", "stop initial replication (replication stop-initial)", True)
     RETRY_INITIAL = ("retry_initial", "start initial replication again", True)
     FINISH_INITIAL = ("finish_initial", "finish initial replication", False)
     FAIL_INITIAL = ("fail_initial", "fail initial replication", False)
@@ -56,6 +62,7 @@ class Command(enum.Enum):
     START_RESYNC = ("start_resync", "resynchronize", True)
     FINISH_RESYNC = ("finish_resync", "finish the resynchronization", False)
     CANCEL_RESYNC = ("cancel_resync", "stop the resynchronization (replication stop)", True)
+    CANCEL_SEEDING = ("cancel_seeding", "stop the initial replication from a copy", False)
     PREPARE_FAILOVER = (
         "prepare_failover",
         "prepare a planned failover (failover start --prepare)",
@@ -93,6 +100,15 @@ TRANSITIONS: dict[tuple[Side, State, Command], State] = {
     (P, S.INITIAL_IN_PROGRESS, C.FAIL_INITIAL): S.ERROR,
     # ... and on the replica, once the copy is applied.
     (R, S.WAITING_FOR_INITIAL, C.FINISH_INITIAL): S.REPLICATING,
+    # Initial replication from a copy already on the replica (seeding): a resynchronization of
+    # that copy, so only the blocks that differ travel.
+    (P, S.READY_FOR_INITIAL, C.START_INITIAL_FROM_COPY): S.RESYNCHRONIZING,
+    (R, S.WAITING_FOR_INITIAL, C.START_RESYNC): S.RESYNCHRONIZING,
+    (R, S.RESYNCHRONIZING, C.CANCEL_SEEDING): S.WAITING_FOR_INITIAL,
+    # Stopping an initial replication of any kind: back to where it can be started again.
+    (P, S.INITIAL_IN_PROGRESS, C.STOP_INITIAL): S.READY_FOR_INITIAL,
+    (P, S.RESYNCHRONIZING, C.STOP_INITIAL): S.READY_FOR_INITIAL,
+    (P, S.RESYNC_SUSPENDED, C.STOP_INITIAL): S.READY_FOR_INITIAL,
     # Tracking lost: a QEMU that died, a sequence gap, a pending log grown too large.
     (P, S.INITIAL_IN_PROGRESS, C.LOSE_TRACKING): S.WAITING_FOR_RESYNC,
     (P, S.REPLICATING, C.LOSE_TRACKING): S.WAITING_FOR_RESYNC,

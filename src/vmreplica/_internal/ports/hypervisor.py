@@ -220,6 +220,11 @@ class HypervisorDriver(Protocol):
 
     async def virtual_size(self, path: Path) -> int: ...
 
+    async def check_standalone(self, path: Path) -> None:
+        """Raise InvalidArgument unless the image can be a replica chain's ``base`` as it is (a
+        seed): in the chains' format, with no backing file and no external data file."""
+        ...
+
     async def required_size(self, path: Path) -> int:
         """Bytes a copy of the image's whole content needs."""
         ...
@@ -258,6 +263,13 @@ class HypervisorDriver(Protocol):
     ) -> None:
         """Copy disk ``disk`` of ``source`` into export ``export`` of a replica's import at
         ``address:port``, checking its certificate against ``tls_hostname``."""
+        ...
+
+    async def export_to_file(
+        self, source: CopySource, disk: int, dest: Path, progress: Progress | None = None
+    ) -> None:
+        """Copy disk ``disk`` of ``source`` into a new standalone image at ``dest``, in the
+        format of replica chains (offline media for an initial replication)."""
         ...
 
     async def hash_view(

@@ -134,6 +134,11 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE replications ADD COLUMN auto_resync_start TEXT NOT NULL DEFAULT '18:30';
     ALTER TABLE replications ADD COLUMN auto_resync_end TEXT NOT NULL DEFAULT '06:00';
     """,
+    """
+    ALTER TABLE replications ADD COLUMN initial_kind TEXT;
+    ALTER TABLE replications ADD COLUMN initial_at TEXT;
+    ALTER TABLE replications ADD COLUMN initial_media TEXT;
+    """,
 ]
 
 

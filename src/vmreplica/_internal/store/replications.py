@@ -79,6 +79,13 @@ class ReplicationRow:
     resync_at: str | None = None
     resync_progress: float | None = None
     resync_next: str | None = None
+    # How initial replication runs when it is not a plain copy over the network: "seed" (from a
+    # copy already on the replica, compared block by block) or "offline" (on external media).
+    initial_kind: str | None = None
+    # When a scheduled initial replication is to start (start-initial --start-time).
+    initial_at: str | None = None
+    # Offline media: the manifest the primary wrote (JSON), kept on both sides for the import.
+    initial_media: str | None = None
 
     @property
     def pinned(self) -> set[int]:
@@ -119,6 +126,9 @@ class RowChanges(TypedDict, total=False):
     resync_at: str | None
     resync_progress: float | None
     resync_next: str | None
+    initial_kind: str | None
+    initial_at: str | None
+    initial_media: str | None
 
 
 _SETTINGS_COLUMNS = (

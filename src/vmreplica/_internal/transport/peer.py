@@ -212,6 +212,10 @@ class Peer:
         answer = await self._client.call(p.RESYNC_FINISH, request.to_json())
         return p.SequenceAnswer.from_json(answer)
 
+    async def initial_offline(self, request: p.InitialOfflineRequest) -> p.SequenceAnswer:
+        answer = await self._client.call(p.INITIAL_OFFLINE, request.to_json())
+        return p.SequenceAnswer.from_json(answer)
+
     async def resync_cancel(self, request: p.VmRequest) -> p.SequenceAnswer:
         answer = await self._client.call(p.RESYNC_CANCEL, request.to_json())
         return p.SequenceAnswer.from_json(answer)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from vmreplica._internal.transport.fields import Body, parse_port
+from vmreplica._internal.transport.media import MediaManifest
 from vmreplica.errors import InvalidArgument
 
 PREFIX = "/replication/v1"
@@ -33,6 +34,7 @@ RESYNC_START = f"{PREFIX}/resync-start"
 RESYNC_HASHES = f"{PREFIX}/resync-hashes"
 RESYNC_FINISH = f"{PREFIX}/resync-finish"
 RESYNC_CANCEL = f"{PREFIX}/resync-cancel"
+INITIAL_OFFLINE = f"{PREFIX}/initial-offline"
 
 MAX_DISKS = 64
 MAX_DISK_SIZE = 1 << 50  # 1 PiB: qcow2's own limit is lower
@@ -192,6 +194,26 @@ class InitialCloseRequest:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitialOfflineRequest:
+    """The primary wrote the initial copy to offline media: the replica queues the deltas that
+    follow until the media is imported, and accepts only media with this manifest."""
+
+    vm_id: str
+    media: MediaManifest
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        b = Body(data, "initial-offline")
+        media = b.raw("media")
+        if not isinstance(media, dict):
+            raise InvalidArgument("initial-offline: field 'media' must be an object")
+        return cls(vm_id=b.vm_id(), media=MediaManifest.from_json(media))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm_id": self.vm_id, "media": self.media.to_json()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ from vmreplica._internal.ports.hypervisor import (
     VmProcess,
     VmSpec,
 )
-from vmreplica.errors import VmrError
+from vmreplica.errors import InvalidArgument, VmrError
 
 NBD_SOCKET = "nbd.sock"  # in the VM's run directory, beside a storage daemon's monitor
 INITIAL_DIR = "initial"  # in the VM's run directory: what an initial copy needs (TLS links, …)
@@ -129,6 +129,23 @@ class QemuDriver:
     async def virtual_size(self, path: Path) -> int:
         return await qemu_img.virtual_size(path, force_share=True)
 
+    async def check_standalone(self, path: Path) -> None:
+        try:
+            info = await qemu_img.info(path)
+        except VmrError as e:
+            raise InvalidArgument(
+                f"{path} is not a readable qcow2 image: convert it first (qemu-img convert -O "
+                f"qcow2): {e.message}"
+            ) from e
+        data = info.get("format-specific", {}).get("data", {})
+        if info.get("backing-filename") is not None:
+            raise InvalidArgument(
+                f"{path} has a backing file ({info['backing-filename']}): make it standalone "
+                "first (qemu-img convert -O qcow2, or qemu-img rebase -b '')"
+            )
+        if "data-file" in data or data.get("corrupt"):
+            raise InvalidArgument(f"{path} is marked corrupt or uses an external data file")
+
     async def required_size(self, path: Path) -> int:
         return await qemu_img.measure_required(path)
 
@@ -213,6 +230,12 @@ class QemuDriver:
         assert isinstance(source, nbd_copy.Source), "a source of another driver"
         tls_dir = nbd_copy.tls_creds_dir(work_dir / INITIAL_DIR / "tls", tls, "client")
         await nbd_copy.convert(source, disk, address, port, export, tls_dir, tls_hostname, progress)
+
+    async def export_to_file(
+        self, source: CopySource, disk: int, dest: Path, progress: Progress | None = None
+    ) -> None:
+        assert isinstance(source, nbd_copy.Source), "a source of another driver"
+        await nbd_copy.export_to_file(source, disk, dest, progress)
 
     async def hash_view(
         self, source: CopySource, disk: int, block_size: int, first_block: int = 0,

@@ -340,6 +340,32 @@ async def convert(
         f"driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},"
         f"tls-creds={_TLS_ID},tls-hostname={_kv(tls_hostname)}",
     ]  # fmt: skip
+    status, message = await _run_convert(argv, progress, env)
+    if status != 0:
+        raise _convert_error(message, disk, f"{host}:{port}")
+
+
+async def export_to_file(
+    source: Source, disk: int, dest: Path, progress: Progress | None = None,
+    env: Mapping[str, str] = BULK_ENV,
+) -> None:  # fmt: skip
+    """Copy disk ``disk`` of ``source`` into a new standalone qcow2 file (offline media)."""
+    argv = [
+        qemu_img.QEMU_IMG, "convert", "-p", "-W", "-m", "16", "-O", "qcow2",
+        "--image-opts", source.image_opts[disk], str(dest),
+    ]  # fmt: skip
+    status, message = await _run_convert(argv, progress, env)
+    if status != 0:
+        lines = [line.removeprefix("qemu-img: ") for line in message.splitlines() if line.strip()]
+        reason = "; ".join(lines[-2:]) or "qemu-img convert failed"
+        full = "disk full: " if os.strerror(errno.ENOSPC) in message else ""
+        raise StorageError(f"{full}cannot write disk {disk} to {dest}: {reason}")
+
+
+async def _run_convert(
+    argv: list[str], progress: Progress | None, env: Mapping[str, str]
+) -> tuple[int, str]:
+    """Run ``qemu-img convert -p``, reporting its progress; its exit status and stderr."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -362,8 +388,7 @@ async def convert(
         await proc.wait()
         errors.cancel()
         raise
-    if status != 0:
-        raise _convert_error(message, disk, f"{host}:{port}")
+    return status, message
 
 
 def _convert_error(message: str, disk: int, where: str) -> VmrError:

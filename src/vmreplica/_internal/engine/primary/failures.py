@@ -25,13 +25,20 @@ def record_failure(
         command = Command.LOSE_TRACKING
     elif isinstance(err, IntegrityError | InvalidState) and row.state == State.INITIAL_IN_PROGRESS:
         command = Command.FAIL_INITIAL
+    elif isinstance(err, IntegrityError | InvalidState) and row.initial_kind == "seed":
+        # The replica refuses the compare (no copy there, another VM's): retrying cannot help.
+        command = Command.STOP_INITIAL
     if command is not None:
         try:
             allows(row, command)
         except InvalidState:
             command = None  # the state moved on meanwhile: the error is still recorded
     with ctx.stores.db.tx() as tx:
-        if command is not None:
+        if command == Command.STOP_INITIAL:
+            move(ctx, tx, row, command, last_error=message, send_failure=message,
+                 initial_kind=None, resync_next=None, resync_progress=None, sequence=0,
+                 acked_sequence=0)  # fmt: skip
+        elif command is not None:
             move(ctx, tx, row, command, last_error=message)
         else:
             # Whatever else failed (the network, storage, a replica that refuses), the changes

@@ -13,58 +13,141 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from vmreplica._internal import faults
 from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.context import Context, allows, move
-from vmreplica._internal.engine.events import now_iso
+from vmreplica._internal.engine.events import now_iso, start_time_of
 from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.ports.hypervisor import DiskOwner
 from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport import media
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import Peer, open_peer
-from vmreplica.errors import InvalidState, VmrError
+from vmreplica.errors import InvalidArgument, InvalidState, StorageError, VmrError
 
 log = logging.getLogger("vmreplica.primary")
+
+SEED = "seed"  # initial replication from a copy on the replica: a resynchronization of it
+OFFLINE = "offline"  # initial replication to offline media, imported on the replica
 
 
 class InitialReplication:
     def __init__(
-        self, ctx: Context, vms: VmService, pending: PendingLog, run: Callable[[str], None]
-    ) -> None:
+        self, ctx: Context, vms: VmService, pending: PendingLog, run: Callable[[str], None],
+        stop_task: Callable[[str], Awaitable[None]],
+    ) -> None:  # fmt: skip
         self._ctx = ctx
         self._vms = vms
         self._pending = pending
         self._run = run  # the scheduler's: start (or wake) the VM's replication task
+        self._stop_task = stop_task  # the scheduler's: stop that task
         self._store = ctx.stores.replications
 
-    async def start(self, name: str) -> ReplicationRow:
+    async def start(
+        self, name: str, use_backup: bool = False, destination: str | None = None,
+        start_time: str | None = None,
+    ) -> ReplicationRow:  # fmt: skip
+        """``start-initial [--use-backup | --destination DIR] [--start-time ISO]``."""
         rec = self._vms.find(name)
         row = self._store.get(rec.id, name)
         if row.mode != "Primary":
             raise InvalidState(
                 f"VM {name} is a replica here: start initial replication on its primary server"
             )
-        if row.state == State.INITIAL_IN_PROGRESS:
+        if use_backup and destination is not None:
+            raise InvalidArgument("--use-backup and --destination exclude each other")
+        if row.state == State.INITIAL_IN_PROGRESS and not (use_backup or destination or start_time):
             # A copy that failed waits for the schedule to retry it: start it again now.
             with self._ctx.stores.db.tx() as tx:
                 move(self._ctx, tx, row, Command.RETRY_INITIAL, send_failure=None, last_error=None)
             self._run(rec.id)
             return self._store.get(rec.id, name)
-        allows(row, Command.START_INITIAL)
-        with self._ctx.stores.db.tx() as tx:
-            move(self._ctx, tx, row, Command.START_INITIAL, initial_progress=0.0, last_error=None)
+        command = Command.START_INITIAL_FROM_COPY if use_backup else Command.START_INITIAL
+        allows(row, command)
+        kind: str | None = SEED if use_backup else None
+        media_dir: Path | None = None
+        if destination is not None:
+            kind, media_dir = OFFLINE, _media_directory(destination)
+        when = start_time_of(start_time) if start_time is not None else None
+        if when is not None and when > datetime.now(UTC):
+            self._store.update(
+                rec.id, initial_at=when.isoformat(timespec="seconds"), initial_kind=kind,
+                initial_media=None if media_dir is None else json.dumps({"path": str(media_dir)}),
+            )  # fmt: skip
             self._ctx.events.record(
-                "initial-replication-started", f"initial replication of {name} started", name,
+                "initial-replication-scheduled",
+                f"initial replication of {name} scheduled for {when}", name,
+            )  # fmt: skip
+            self._run(rec.id)
+            return self._store.get(rec.id, name)
+        self.begin(row, command, kind, media_dir)
+        self._run(rec.id)
+        return self._store.get(rec.id, name)
+
+    def begin(
+        self, row: ReplicationRow, command: Command, kind: str | None, media_dir: Path | None
+    ) -> None:
+        how = {
+            SEED: " from the copy on the replica: only the blocks that differ travel",
+            OFFLINE: f" to offline media in {media_dir}",
+        }.get(kind or "", "")
+        with self._ctx.stores.db.tx() as tx:
+            move(self._ctx, tx, row, command, initial_progress=0.0, last_error=None,
+                 send_failure=None, initial_at=None, initial_kind=kind,
+                 initial_media=None if media_dir is None else json.dumps({"path": str(media_dir)}),
+                 resync_next=None, resync_progress=0.0 if kind == SEED else None)  # fmt: skip
+            self._ctx.events.record(
+                "initial-replication-started", f"initial replication of {row.vm_name} started{how}",
+                row.vm_name, tx=tx,
+            )  # fmt: skip
+
+    def start_scheduled(self, row: ReplicationRow) -> None:
+        """A scheduled start-initial whose time has come (the scheduler's)."""
+        media_dir = json.loads(row.initial_media)["path"] if row.initial_media else None
+        command = (
+            Command.START_INITIAL_FROM_COPY if row.initial_kind == SEED else Command.START_INITIAL
+        )
+        self.begin(row, command, row.initial_kind, None if media_dir is None else Path(media_dir))
+
+    async def stop(self, name: str) -> ReplicationRow:
+        """``stop-initial``: an initial replication of any kind, running or scheduled, stops; the
+        replica keeps what it had before it (nothing, or the seed copy)."""
+        rec = self._vms.find(name)
+        row = self._store.get(rec.id, name)
+        if row.mode != "Primary":
+            raise InvalidState(
+                f"VM {name} is a replica here: stop initial replication on its primary"
+            )
+        if row.state == State.READY_FOR_INITIAL and row.initial_at is not None:
+            self._store.update(rec.id, initial_at=None, initial_kind=None, initial_media=None)
+            self._ctx.events.record(
+                "initial-replication-stopped", f"scheduled initial replication of {name} cancelled",
+                name,
+            )  # fmt: skip
+            return self._store.get(rec.id, name)
+        if row.state != State.INITIAL_IN_PROGRESS:
+            # An initial replication from the replica's copy runs as a resynchronization.
+            allows(row, Command.STOP_INITIAL)
+            raise InvalidState(f"no initial replication of {name} is under way (state {row.state})")
+        await self._stop_task(rec.id)  # the copy's clean-up closes the replica's import
+        with self._ctx.stores.db.tx() as tx:
+            move(self._ctx, tx, self._store.get(rec.id, name), Command.STOP_INITIAL,
+                 initial_progress=None, initial_kind=None, initial_media=None, sequence=0,
+                 acked_sequence=0, send_failure=None, last_error=None)  # fmt: skip
+            self._ctx.events.record(
+                "initial-replication-stopped", f"initial replication of {name} stopped", name,
                 tx=tx,
             )  # fmt: skip
-        self._run(rec.id)
         return self._store.get(rec.id, name)
 
     async def run(self, row: ReplicationRow) -> None:
@@ -73,7 +156,9 @@ class InitialReplication:
         peer = peer_address(self._ctx.config, row.replica_server, row.replica_port)
         async with open_peer(peer, self._ctx.config.tls, timeout=120.0) as replica:
             status = await replica.status(p.StatusRequest(row.vm_id))
-            if status.sequence >= 1:
+            if row.initial_kind == OFFLINE:
+                size = await self._export(row, replica)
+            elif status.sequence >= 1:
                 # The replica adopted the copy before a crash lost its acknowledgement here. The
                 # tracking of generation 1 started when that copy began; settle() checks it.
                 size = row.initial_size or 0
@@ -85,7 +170,7 @@ class InitialReplication:
                 self._ctx, tx, self._store.get(row.vm_id, row.vm_name), Command.FINISH_INITIAL,
                 sequence=1, generation=1, acked_sequence=1, initial_progress=100.0,
                 initial_size=size, last_replication_time=now, last_replication_size=size,
-                send_failure=None, last_error=None,
+                send_failure=None, last_error=None, initial_kind=None, initial_media=None,
             )  # fmt: skip
             self._ctx.stores.cycles.record(tx, row.vm_id, started.isoformat(), True, 1, size, 0)
             self._ctx.events.record(
@@ -95,6 +180,41 @@ class InitialReplication:
                 tx=tx,
             )
         self._pending.clear(row.vm_id)
+
+    async def _export(self, row: ReplicationRow, replica: Peer) -> int:
+        """Offline media: a point-in-time copy of every disk into the destination, its manifest,
+        then the replica told to keep the deltas until the media is imported there."""
+        directory = Path(json.loads(str(row.initial_media))["path"])
+        rec = self._vms.find(row.vm_name)
+        driver = self._ctx.driver
+        disks = [rec.disks[i] for i in row.disks]
+        progress = self._progress(row, [await driver.virtual_size(d) for d in disks])
+        _check_media_space(directory, sum([await driver.required_size(d) for d in disks]))
+        files = [directory / media.disk_name(n) for n in range(len(disks))]
+        entries = []
+        async with self._ctx.locks.vm(rec.id):
+            owner = DiskOwner(
+                rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id),
+                self._vms.runtime.process(rec.id),
+            )  # fmt: skip
+            async with driver.point_in_time(owner, generation=1) as source:
+                for n, file in enumerate(files):
+                    (directory / media.MANIFEST).unlink(missing_ok=True)
+                    file.unlink(missing_ok=True)
+                    await driver.export_to_file(source, n, file, functools.partial(progress, n))
+                    faults.hit("primary.mid_media_export")
+                    size, digest = await asyncio.to_thread(media.file_digest, file)
+                    entries.append(
+                        media.MediaDisk(n, await driver.virtual_size(disks[n]), size, digest)
+                    )
+        manifest = media.MediaManifest(
+            vm_id=row.vm_id, vm_name=row.vm_name, primary_server=self._ctx.host,
+            created=now_iso(), disks=tuple(entries),
+        )  # fmt: skip
+        await asyncio.to_thread(media.write_manifest, directory, manifest)
+        await replica.initial_offline(p.InitialOfflineRequest(row.vm_id, manifest))
+        log.info("initial replication of %s written to %s", row.vm_name, directory)
+        return sum(e.file_size for e in entries)
 
     async def _copy(self, row: ReplicationRow, replica: Peer) -> int:
         rec = self._vms.find(row.vm_name)
@@ -166,3 +286,26 @@ class InitialReplication:
                 self._store.update(row.vm_id, initial_progress=round(min(total, 99.0), 1))
 
         return progress
+
+
+def _media_directory(destination: str) -> Path:
+    """An existing directory that holds no media yet, checked when the operator asks."""
+    directory = Path(destination).absolute()
+    if not directory.is_dir():
+        raise InvalidArgument(f"--destination {destination}: not a directory")
+    if (directory / media.MANIFEST).exists():
+        raise InvalidArgument(
+            f"--destination {destination} already holds initial media: use an empty directory"
+        )
+    return directory
+
+
+def _check_media_space(directory: Path, required: int) -> None:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError as e:
+        raise StorageError(f"cannot use {directory} for the media: {e.strerror or e}") from e
+    if required > free:
+        raise StorageError(
+            f"disk full: the media needs {required} bytes, {free} are free in {directory}"
+        )

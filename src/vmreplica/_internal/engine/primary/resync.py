@@ -18,12 +18,12 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from vmreplica._internal import faults
 from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.context import Context, allows, move
-from vmreplica._internal.engine.events import now_iso, parse_iso
+from vmreplica._internal.engine.events import now_iso, start_time_of
 from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.primary.sender import Sender
 from vmreplica._internal.engine.states import Command, State
@@ -33,13 +33,14 @@ from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import Peer, PeerAddress, open_peer
-from vmreplica.errors import InvalidArgument, InvalidState, VmrError
+from vmreplica.errors import InvalidState, VmrError
 
 log = logging.getLogger("vmreplica.primary")
 
+SEED = "seed"  # an initial replication from a copy on the replica runs as a resynchronization
+
 BLOCK_SIZE = 64 << 10  # a qcow2 cluster: a block that differs costs no more than its writes
 BATCH = 16384  # blocks compared between two saves of progress (1 GiB)
-MAX_DELAY = timedelta(days=7)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Resync:
         rec = self._vms.find(name)
         row = self._store.get(rec.id, name)
         allows(row, Command.START_RESYNC)
-        when = _start_time(start_time) if start_time is not None else None
+        when = start_time_of(start_time) if start_time is not None else None
         if when is not None and when > datetime.now(UTC):
             self._store.update(row.vm_id, resync_at=when.isoformat(timespec="seconds"))
             self._ctx.events.record(
@@ -124,14 +125,21 @@ class Resync:
         """``replication stop``: the replica is left exactly as before the resynchronization."""
         rec = self._vms.find(name)
         row = self._store.get(rec.id, name)
-        allows(row, Command.CANCEL_RESYNC)
+        seeding = row.initial_kind == SEED
+        allows(row, Command.STOP_INITIAL if seeding else Command.CANCEL_RESYNC)
         await self._stop(row.vm_id)
         with self._ctx.stores.db.tx() as tx:
-            move(self._ctx, tx, self._store.get(row.vm_id, name), Command.CANCEL_RESYNC,
-                 resync_at=None, resync_next=None, resync_progress=None)  # fmt: skip
-            self._ctx.events.record(
-                "resync-stopped", f"resynchronization of {name} stopped", name, tx=tx
-            )
+            current = self._store.get(row.vm_id, name)
+            if seeding:  # back to ReadyForInitialReplication; the replica keeps its copy
+                move(self._ctx, tx, current, Command.STOP_INITIAL, resync_next=None,
+                     resync_progress=None, initial_kind=None, initial_progress=None, sequence=0,
+                     acked_sequence=0)  # fmt: skip
+            else:
+                move(self._ctx, tx, current, Command.CANCEL_RESYNC, resync_at=None,
+                     resync_next=None, resync_progress=None)  # fmt: skip
+            what = "initial replication" if seeding else "resynchronization"
+            self._ctx.events.record(f"{'initial-replication' if seeding else 'resync'}-stopped",
+                                    f"{what} of {name} stopped", name, tx=tx)  # fmt: skip
         self._pending.clear(row.vm_id)
         try:
             async with open_peer(self._peer(row), self._ctx.config.tls) as replica:
@@ -200,15 +208,26 @@ class Resync:
                  time.monotonic() - tally.began)  # fmt: skip
         with self._ctx.stores.db.tx() as tx:
             current = self._store.get(row.vm_id, row.vm_name)
+            seeded = current.initial_kind == SEED
             move(self._ctx, tx, current, Command.FINISH_RESYNC, generation=1, resync_next=None,
-                 resync_progress=100.0, last_replication_time=now_iso())  # fmt: skip
-            self._ctx.events.record(
-                "resync-finished",
-                f"resynchronization of {row.vm_name} finished: the replica equals the view it "
-                "started from, and the writes since then go in the next cycle",
-                row.vm_name,
-                tx=tx,
-            )
+                 resync_progress=100.0, last_replication_time=now_iso(), initial_kind=None,
+                 initial_progress=100.0 if seeded else current.initial_progress)  # fmt: skip
+            if seeded:
+                self._ctx.events.record(
+                    "initial-replication-done",
+                    f"initial replication of {row.vm_name} from the copy on the replica done: "
+                    f"{tally.differing} of {tally.compared} blocks differed and were sent",
+                    row.vm_name,
+                    tx=tx,
+                )
+            else:
+                self._ctx.events.record(
+                    "resync-finished",
+                    f"resynchronization of {row.vm_name} finished: the replica equals the view it "
+                    "started from, and the writes since then go in the next cycle",
+                    row.vm_name,
+                    tx=tx,
+                )
 
     async def _compare_all(
         self, row: ReplicationRow, view: CopySource, replica: Peer, tally: _Tally
@@ -295,10 +314,3 @@ class Resync:
         sent = sum(len(b) for b in differing.values())
         log.info("resync of %s: %d differing blocks in delta %d (%.1f%%)", row.vm_name, sent,
                  sequence, progress)  # fmt: skip
-
-
-def _start_time(text: str) -> datetime:
-    when = parse_iso(text, "--start-time").astimezone(UTC)
-    if when > datetime.now(UTC) + MAX_DELAY:
-        raise InvalidArgument(f"invalid --start-time {text}: at most 7 days ahead")
-    return when

@@ -20,6 +20,7 @@ CycleJob = Callable[[str, datetime, int], Awaitable[None]]
 ResyncJob = Callable[[ReplicationRow], Awaitable[None]]
 ResyncDue = Callable[[ReplicationRow, datetime], bool]
 ResyncBegin = Callable[[ReplicationRow, str], None]
+InitialBegin = Callable[[ReplicationRow], None]
 
 RESYNC_RETRY = timedelta(seconds=15)
 
@@ -31,10 +32,11 @@ class Scheduler:
         self._wake: dict[str, asyncio.Event] = {}
         self._initial: InitialJob | None = None
         self._cycle: CycleJob | None = None
+        self._begin_initial: InitialBegin | None = None
         self._resync: tuple[ResyncJob, ResyncDue, ResyncBegin] | None = None
 
-    def set_jobs(self, initial: InitialJob, cycle: CycleJob) -> None:
-        self._initial, self._cycle = initial, cycle
+    def set_jobs(self, initial: InitialJob, cycle: CycleJob, begin_initial: InitialBegin) -> None:
+        self._initial, self._cycle, self._begin_initial = initial, cycle, begin_initial
 
     def set_resync(self, job: ResyncJob, due: ResyncDue, begin: ResyncBegin) -> None:
         self._resync = (job, due, begin)
@@ -58,6 +60,7 @@ class Scheduler:
 
     async def _loop(self, vm_id: str) -> None:
         assert self._initial is not None and self._cycle is not None
+        assert self._begin_initial is not None
         assert self._resync is not None
         resync, resync_due, begin_resync = self._resync
         due = datetime.now(UTC)
@@ -67,6 +70,10 @@ class Scheduler:
             if row is None or row.mode != "Primary":
                 return
             started = datetime.now(UTC)
+            scheduled = _initial_at(row)
+            if scheduled is not None and scheduled <= started:
+                self._begin_initial(row)  # start-initial --start-time: its time has come
+                continue
             if resync_due(row, started):
                 why = "started at its scheduled time" if row.resync_at else "started automatically"
                 begin_resync(row, why + " (auto-resynchronize window)" * (not row.resync_at))
@@ -89,6 +96,8 @@ class Scheduler:
                 missed = 0
             if row.resync_at is not None and row.state == State.WAITING_FOR_RESYNC:
                 due = min(due, datetime.fromisoformat(row.resync_at))
+            if scheduled is not None:
+                due = min(due, scheduled)
             if row.state == State.RESYNCHRONIZING:
                 # Failed: nothing replicates until it ends, so it goes on from its saved
                 # position soon rather than a whole interval later.
@@ -112,12 +121,16 @@ class Scheduler:
 
     async def start(self) -> None:
         for row in self._ctx.stores.replications.all():
-            if row.mode == "Primary" and row.state in (
-                State.INITIAL_IN_PROGRESS,
-                State.REPLICATING,
-                State.RESYNCHRONIZING,
-                State.WAITING_FOR_RESYNC,  # for a scheduled or automatic resynchronization
-            ):
+            if (
+                row.mode == "Primary"
+                and row.state
+                in (
+                    State.INITIAL_IN_PROGRESS,
+                    State.REPLICATING,
+                    State.RESYNCHRONIZING,
+                    State.WAITING_FOR_RESYNC,  # for a scheduled or automatic resynchronization
+                )
+            ) or _initial_at(row) is not None:
                 self.run(row.vm_id)
 
     async def stop(self) -> None:
@@ -127,3 +140,10 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+
+
+def _initial_at(row: ReplicationRow) -> datetime | None:
+    """When a scheduled initial replication is to start, if one is."""
+    if row.state != State.READY_FOR_INITIAL or row.initial_at is None:
+        return None
+    return datetime.fromisoformat(row.initial_at)

@@ -25,6 +25,7 @@ from vmreplica._internal.engine.replica.common import (
     replica_row,
 )
 from vmreplica._internal.engine.replica.initial import InitialImport
+from vmreplica._internal.engine.replica.seed import Seeds
 from vmreplica._internal.engine.server_settings import warn_if_shared
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
@@ -35,10 +36,11 @@ from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, Stor
 
 
 class ReplicaLifecycle:
-    def __init__(self, ctx: Context, vms: VmService, imports: InitialImport) -> None:
+    def __init__(self, ctx: Context, vms: VmService, imports: InitialImport, seeds: Seeds) -> None:
         self._ctx = ctx
         self._vms = vms
         self._imports = imports
+        self._seeds = seeds
         self._store = ctx.stores.replications
 
     async def enable(
@@ -53,6 +55,10 @@ class ReplicaLifecycle:
             raise InvalidState(
                 f"VM {name} ({req.vm_id}) already has a replication relationship on {self._ctx.host}"
             )
+        if (seed := self._seeds.seed_for(name)) is not None:
+            async with self._ctx.locks.vm(seed[0].id):
+                if (seed := self._seeds.seed_for(name)) is not None:
+                    return await self._seeds.adopt(authz, peer_names, req, *seed, settings)
         if self._ctx.stores.vms.exists(name=name, vm_id=req.vm_id):
             raise InvalidState(
                 f"a VM named {name} already exists on replica server {self._ctx.host}"

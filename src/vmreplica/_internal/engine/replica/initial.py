@@ -58,6 +58,13 @@ class InitialImport:
         async with self._ctx.locks.replica(row.vm_id):
             row = replica_row(self._ctx, row.vm_id)
             check_not_quarantined(self._ctx, row)
+            if row.state == State.WAITING_FOR_INITIAL and row.initial_kind == "offline":
+                # The primary copies over the network after all: media it wrote is superseded.
+                shutil.rmtree(Path(str(row.storage_dir)) / "queued", ignore_errors=True)
+                self._ctx.stores.replications.update(
+                    row.vm_id, initial_kind=None, initial_media=None, sequence=0
+                )
+                row = replica_row(self._ctx, row.vm_id)
             if row.state != State.WAITING_FOR_INITIAL or row.sequence != 0:
                 raise InvalidState(
                     f"replica VM {row.vm_name} already has its initial copy (state {row.state})"

@@ -23,6 +23,7 @@ from vmreplica._internal.engine.replica.common import (
     replica_row,
     staging_dir,
 )
+from vmreplica._internal.engine.replica.media import OFFLINE, MediaImport
 from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.store.replications import ReplicationRow
@@ -33,10 +34,13 @@ from vmreplica.errors import IntegrityError, InvalidState, ResyncRequired
 
 
 class Receiver:
-    def __init__(self, ctx: Context, applier: Applier, recovery: ReplicaRecovery) -> None:
+    def __init__(
+        self, ctx: Context, applier: Applier, recovery: ReplicaRecovery, media: MediaImport
+    ) -> None:
         self._ctx = ctx
         self._applier = applier
         self._recovery = recovery
+        self._media = media
 
     async def receive(
         self, authz: Authorization, peer_names: list[str], vm_id: str, chunks: AsyncIterable[bytes]
@@ -50,7 +54,8 @@ class Receiver:
                 raise InvalidState(
                     f"replica VM {row.vm_name} has failed over: it accepts no more changes"
                 )
-            if row.state == State.WAITING_FOR_INITIAL:
+            queue = row.state == State.WAITING_FOR_INITIAL and row.initial_kind == OFFLINE
+            if row.state == State.WAITING_FOR_INITIAL and not queue:
                 raise InvalidState(
                     f"replica VM {row.vm_name} is waiting for its initial copy, not for a delta"
                 )
@@ -78,6 +83,9 @@ class Receiver:
                         "warning",
                     )
                 raise
+            if queue:  # applied when the offline media is imported
+                await self._media.queue(row, manifest.sequence, staging, started.isoformat())
+                return p.SequenceAnswer(manifest.sequence)
             self._applier.journal(
                 vm_id, manifest.sequence, staging, started.isoformat(),
                 created=manifest.created, consistency=manifest.consistency,

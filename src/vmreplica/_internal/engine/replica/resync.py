@@ -15,6 +15,7 @@ import logging
 
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context, allows, move
+from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.replica.common import (
     chains,
     check_not_quarantined,
@@ -22,11 +23,12 @@ from vmreplica._internal.engine.replica.common import (
     replica_row,
 )
 from vmreplica._internal.engine.replica.points import RecoveryPoints
+from vmreplica._internal.engine.replica.seed import SEED
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import protocol as p
-from vmreplica.errors import InvalidArgument
+from vmreplica.errors import InvalidArgument, InvalidState
 
 log = logging.getLogger("vmreplica.replica")
 
@@ -44,6 +46,13 @@ class ReplicaResync:
         async with self._ctx.locks.replica(row.vm_id):
             row = replica_row(self._ctx, row.vm_id)
             check_not_quarantined(self._ctx, row)
+            if row.state == State.WAITING_FOR_INITIAL and row.initial_kind != SEED:
+                raise InvalidState(
+                    f"replica VM {row.vm_name} on {self._ctx.host} holds no copy to start from: "
+                    f"register one there with `vmreplica replication enable {row.vm_name} "
+                    "--as-replica` before enabling replication, or start initial replication "
+                    "without --use-backup"
+                )
             if row.state != State.RESYNCHRONIZING:  # else a continued one: nothing to move
                 with self._ctx.stores.db.tx() as tx:
                     move(self._ctx, tx, row, Command.START_RESYNC)
@@ -101,7 +110,9 @@ class ReplicaResync:
         with self._ctx.stores.db.tx() as tx:
             current = replica_row(self._ctx, row.vm_id)
             if current.state == State.RESYNCHRONIZING:
-                move(self._ctx, tx, current, Command.FINISH_RESYNC)
+                seeded = current.initial_kind == SEED  # its first point in time: points start
+                move(self._ctx, tx, current, Command.FINISH_RESYNC, initial_kind=None,
+                     last_rp_time=now_iso() if seeded else current.last_rp_time)  # fmt: skip
             self._ctx.journal.end(tx, "resync-commit", row.vm_id)
             self._ctx.events.record(
                 "resync-finished",
@@ -134,8 +145,12 @@ class ReplicaResync:
         The state moves first; overlays left by a crash right after are dropped by recovery,
         which drops them whenever the state is not Resynchronizing."""
         if row.state == State.RESYNCHRONIZING:
+            seeding = row.initial_kind == SEED
             with self._ctx.stores.db.tx() as tx:
-                move(self._ctx, tx, row, Command.CANCEL_RESYNC)
+                if seeding:  # the deltas went into the overlays dropped below: back to none
+                    move(self._ctx, tx, row, Command.CANCEL_SEEDING, sequence=0)
+                else:
+                    move(self._ctx, tx, row, Command.CANCEL_RESYNC)
                 self._ctx.events.record(
                     "resync-stopped",
                     f"resynchronization of {row.vm_name} {why}; the replica is as it was",
