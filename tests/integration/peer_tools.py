@@ -4,8 +4,11 @@ certificate, raw management requests on the unix socket, and a look inside an ag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +108,68 @@ def send_delta(
             return await client.call(f"{DELTA}?vm_id={vm}", data=body)
 
     return asyncio.run(send())
+
+
+class TcpProxy:
+    """Forwards a loopback port to an agent's port on threads of its own, counting the bytes
+    each way (TLS and HTTP framing included: what a link between the sites would carry), and,
+    with ``limit`` set, cutting each connection after that many bytes towards the agent."""
+
+    def __init__(self, target_port: int, limit: int | None = None) -> None:
+        self.limit = limit
+        self._target = target_port
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        self._server.settimeout(0.2)
+        while not self._stop:
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            threading.Thread(
+                target=self._pump, args=(client, upstream, self.limit), daemon=True
+            ).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                if limit is not None and sent + len(data) > limit:
+                    dst.sendall(data[: limit - sent])
+                    break
+                dst.sendall(data)
+                sent += len(data)
+                with self._lock:
+                    self._bytes += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def take_count(self) -> int:
+        """The bytes forwarded since the last call, both ways."""
+        with self._lock:
+            counted, self._bytes = self._bytes, 0
+            return counted
+
+    def close(self) -> None:
+        self._stop = True
+        self._server.close()

@@ -7,18 +7,16 @@ verifies and equals the primary."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fault import tmpfs
+from tests.integration.peer_tools import TcpProxy
 from tests.integration.replication_env import (
     PRIMARY,
     REPLICA,
@@ -29,7 +27,7 @@ from tests.integration.replication_env import (
     verified_equal,
     wait_for,
 )
-from tests.localcluster import Cluster, free_port
+from tests.localcluster import Cluster
 from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 from vmreplica._internal.transport import delta as wire
@@ -77,56 +75,9 @@ def test_kill_replica_agent_mid_apply(cluster: Cluster, point: str) -> None:
     verified_equal(pair)
 
 
-class CuttingProxy:
-    """A TCP proxy that forwards to the replica and cuts each connection after ``limit`` bytes."""
-
-    def __init__(self, target_port: int, limit: int | None) -> None:
-        self.limit = limit
-        self.port = free_port()
-        self._target = target_port
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        self._stop = False
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        self._server.settimeout(0.2)
-        while not self._stop:
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return  # closed
-            upstream = socket.create_connection(("127.0.0.1", self._target))
-            threading.Thread(
-                target=self._pump, args=(client, upstream, self.limit), daemon=True
-            ).start()
-            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-        sent = 0
-        try:
-            while data := src.recv(65536):
-                if limit is not None and sent + len(data) > limit:
-                    dst.sendall(data[: limit - sent])
-                    break
-                dst.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def close(self) -> None:
-        self._stop = True
-        self._server.close()
-
-
 def test_connection_cut_mid_transfer(cluster: Cluster) -> None:
     pair = make_pair(cluster)
-    proxy = CuttingProxy(pair.port, None)
+    proxy = TcpProxy(pair.port)
     try:
         pair.port = proxy.port
         replicated_vm(pair, "app", "--compression", "false")

@@ -4,15 +4,13 @@ start-initial, on real agents and QEMU. Every test ends with the replica equal t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from tests.integration.peer_tools import TcpProxy
 from tests.integration.replication_env import (
     PRIMARY,
     REPLICA,
@@ -27,63 +25,6 @@ from tests.integration.replication_env import (
 from tests.localcluster import Cluster
 
 MiB = 1 << 20
-
-
-class CountingProxy:
-    """Forwards a loopback port to the replica's, counting the bytes each way (TLS and HTTP
-    framing included: what a link between the sites would carry)."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target = target_port
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self._stop = False
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        self._server.settimeout(0.2)
-        while not self._stop:
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self._target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-                with self._lock:
-                    self.bytes += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def reset(self) -> int:
-        with self._lock:
-            counted, self.bytes = self.bytes, 0
-            return counted
-
-    def close(self) -> None:
-        self._stop = True
-        self._server.close()
-
-
-@contextlib.contextmanager
-def counting(pair: Pair) -> Iterator[CountingProxy]:
-    proxy = CountingProxy(pair.port)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 def state(pair: Pair, host: str = PRIMARY, vm: str = "app") -> str:
@@ -114,13 +55,13 @@ def test_seeding_from_a_copy_sends_only_what_differs(cluster: Cluster) -> None:
     seeded = pair.json("replication", "enable", "app", "--as-replica", "--allowed-primary",
                        PRIMARY, host=REPLICA)[0]  # fmt: skip
     assert seeded["state"] == "WaitingForInitialReplication" and seeded["mode"] == "Replica"
-    with counting(pair) as proxy:
+    with TcpProxy(pair.port) as proxy:
         pair.json("replication", "enable", "app", "--replica-server", REPLICA, "--replica-port",
                   str(proxy.port), "--compression", "false")  # fmt: skip
         assert not copy.exists(), "the copy moved into the replica's chain, as its base"
-        proxy.reset()
+        proxy.take_count()
         pair.cli("replication", "start-initial", "app", "--use-backup", "--wait", timeout=300)
-        wire = proxy.reset()
+        wire = proxy.take_count()
         assert state(pair) == "Replicating" and state(pair, REPLICA) == "Replicating"
         differing = 4 * MiB
         # The numbers go to the closing note: pytest -s shows them.

@@ -3,16 +3,53 @@ and whether it takes changes at all."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.events import now_iso
+from vmreplica._internal.engine.states import State
+from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.ports.hypervisor import ReplicaChain
-from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.store.db import Tx
+from vmreplica._internal.store.replications import ReplicationRow, Settings
+from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import AccessDenied, InvalidState, NotFound
 
 REPLICA = "Replica"
 BOOT_DIR = "boot"  # in the replica VM's storage: the kernel and initrd copied from the primary
+
+
+def register_replica(
+    ctx: Context, vms: VmService, tx: Tx, authz: Authorization, peer_names: list[str],
+    req: p.EnableRequest, name: str, settings: Settings, storage: Path, tips: list[Path],
+    initial_kind: str | None = None,
+) -> None:  # fmt: skip
+    """In ``tx``: the replica VM of a primary's ``enable`` (its chains' tips as disks, its boot
+    files in the storage's boot directory) and its relationship, waiting for initial replication."""
+    boot = {k: v for k, v in (("kernel", req.kernel), ("initrd", req.initrd)) if v}
+    vms.register(
+        tx, req.vm_id, name, req.cpus, req.memory_mb, storage, tips,
+        str(storage / BOOT_DIR / "kernel") if req.kernel else None,
+        str(storage / BOOT_DIR / "initrd") if req.initrd else None, req.append,
+    )  # fmt: skip
+    now = now_iso()
+    ctx.stores.replications.insert(
+        tx,
+        ReplicationRow(
+            vm_id=req.vm_id, vm_name=name, mode=REPLICA, state=State.WAITING_FOR_INITIAL,
+            primary_server=peer_names[0], replica_server=ctx.host, replica_port=req.replica_port,
+            authentication_type="certificate", settings=settings,
+            disks=tuple(range(len(req.disk_sizes))), trust_group=authz.trust_group,
+            auth_entry=authz.entry, storage_dir=str(storage), sequence=0, acked_sequence=0,
+            generation=0, last_replication_time=None, last_replication_size=None,
+            initial_progress=None, initial_size=None, enabled_time=now, stats_since=now,
+            last_error=None, send_failure=None, last_rp_time=None, next_rp_id=1,
+            peer_port=req.primary_port, initial_kind=initial_kind,
+            boot_files=json.dumps({k: {"size": v.size, "blake3": v.blake3} for k, v in boot.items()}),
+        ),
+    )  # fmt: skip
 
 
 def chain_dir(storage: Path, n: int) -> Path:

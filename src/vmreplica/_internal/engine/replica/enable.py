@@ -16,12 +16,12 @@ import blake3
 from vmreplica._internal import validate
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context
-from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.replica.common import (
     BOOT_DIR,
     REPLICA,
     chain_dir,
     check_sender,
+    register_replica,
     replica_row,
 )
 from vmreplica._internal.engine.replica.initial import InitialImport
@@ -80,27 +80,9 @@ class ReplicaLifecycle:
             if boot:
                 boot_dir.mkdir(mode=0o700)
             with self._ctx.stores.db.tx() as tx:
-                self._vms.register(
-                    tx, req.vm_id, name, req.cpus, req.memory_mb, storage,
-                    tips,
-                    str(boot_dir / "kernel") if req.kernel else None,
-                    str(boot_dir / "initrd") if req.initrd else None, req.append,
-                )  # fmt: skip
-                self._store.insert(
-                    tx,
-                    ReplicationRow(
-                        vm_id=req.vm_id, vm_name=name, mode=REPLICA, state=State.WAITING_FOR_INITIAL,
-                        primary_server=peer_names[0], replica_server=self._ctx.host,
-                        replica_port=req.replica_port, authentication_type="certificate",
-                        settings=settings, disks=tuple(range(len(req.disk_sizes))), trust_group=authz.trust_group,
-                        auth_entry=authz.entry, storage_dir=str(storage), sequence=0, acked_sequence=0,
-                        generation=0, last_replication_time=None, last_replication_size=None,
-                        initial_progress=None, initial_size=None, enabled_time=now_iso(),
-                        stats_since=now_iso(), last_error=None, send_failure=None, last_rp_time=None,
-                        next_rp_id=1, peer_port=req.primary_port,
-                        boot_files=json.dumps({k: {"size": v.size, "blake3": v.blake3} for k, v in boot.items()}),
-                    ),
-                )  # fmt: skip
+                register_replica(
+                    self._ctx, self._vms, tx, authz, peer_names, req, name, settings, storage, tips
+                )
                 self._ctx.events.record(
                     "replica-created",
                     f"replica VM {name} created for primary {peer_names[0]} (trust group "

@@ -12,7 +12,6 @@ takes the primary's id. ``start-initial --use-backup`` on the primary then resyn
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +20,12 @@ from vmreplica._internal import faults, validate
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
-from vmreplica._internal.engine.replica.common import BOOT_DIR, REPLICA, chain_dir
+from vmreplica._internal.engine.replica.common import (
+    BOOT_DIR,
+    REPLICA,
+    chain_dir,
+    register_replica,
+)
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.files import fsync_dir
@@ -154,29 +158,9 @@ class Seeds:
             self._ctx.journal.end(tx, "seed-adopt", seed.vm_id)
             self._store.delete(tx, seed.vm_id)
             self._ctx.stores.vms.delete(tx, rec.id)
-            self._vms.register(
-                tx, req.vm_id, name, req.cpus, req.memory_mb, storage, tips,
-                str(storage / BOOT_DIR / "kernel") if req.kernel else None,
-                str(storage / BOOT_DIR / "initrd") if req.initrd else None, req.append,
-            )  # fmt: skip
-            self._store.insert(
-                tx,
-                ReplicationRow(
-                    vm_id=req.vm_id, vm_name=name, mode=REPLICA, state=State.WAITING_FOR_INITIAL,
-                    primary_server=peer_names[0], replica_server=self._ctx.host,
-                    replica_port=req.replica_port, authentication_type="certificate",
-                    settings=settings, disks=tuple(range(len(req.disk_sizes))),
-                    trust_group=authz.trust_group, auth_entry=authz.entry,
-                    storage_dir=str(storage), sequence=0, acked_sequence=0, generation=0,
-                    last_replication_time=None, last_replication_size=None,
-                    initial_progress=None, initial_size=None, enabled_time=now_iso(),
-                    stats_since=now_iso(), last_error=None, send_failure=None,
-                    last_rp_time=None, next_rp_id=1, peer_port=req.primary_port,
-                    boot_files=json.dumps(
-                        {k: {"size": v.size, "blake3": v.blake3} for k, v in boot.items()}
-                    ),
-                    initial_kind=SEED,
-                ),
+            register_replica(
+                self._ctx, self._vms, tx, authz, peer_names, req, name, settings, storage, tips,
+                initial_kind=SEED,
             )  # fmt: skip
             self._ctx.events.record(
                 "replica-created",
