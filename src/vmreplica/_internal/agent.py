@@ -18,8 +18,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from vmreplica._internal.api.errors import Handler
 from vmreplica._internal.api.listener import CertificateListener
 from vmreplica._internal.api.methods import build_methods
+from vmreplica._internal.api.metrics import loopback_only, metrics_handler
 from vmreplica._internal.api.mgmt import make_app
 from vmreplica._internal.api.peer_routes import peer_routes
 from vmreplica._internal.certs import server_ssl_context
@@ -31,6 +33,7 @@ from vmreplica._internal.engine.journal import Journal
 from vmreplica._internal.engine.services import build as build_engine
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.store.stores import Stores
+from vmreplica._internal.systemd import Notifier
 from vmreplica.errors import ConnectionFailed, StorageError
 
 log = logging.getLogger("vmreplica.agent")
@@ -88,6 +91,7 @@ class Agent:
         self.engine.server.listener = self.listener
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
+        self.systemd = Notifier()
 
     def _own_port(self) -> int | None:
         settings = self.engine.server.get()
@@ -108,8 +112,11 @@ class Agent:
         await self.engine.recover()
         await self.listener.apply(self.engine.server.get(), self.engine.server.listener_files())
         methods = build_methods(self.engine)
-        await self._serve_unix(make_app(methods, frozenset()))
-        await self._serve_https(make_app(methods, frozenset(self.config.admins)))
+        metrics = metrics_handler(self.engine, self._listening)
+        await self._serve_unix(make_app(methods, frozenset(), metrics))
+        await self._serve_https(make_app(methods, frozenset(self.config.admins), metrics))
+        if self.config.metrics_listen is not None:
+            await self._serve_metrics(metrics, *self.config.metrics_listen)
         await self.engine.primary.scheduler.start()
         self.events.record(
             "agent-started", f"host agent {self.config.name} started (pid {os.getpid()})"
@@ -147,6 +154,27 @@ class Agent:
             ) from e
         self._runners.append(runner)
 
+    def _listening(self) -> dict[str, bool]:
+        return {
+            "certificate": self.listener.port is not None,
+            "management": bool(self._runners),
+            "metrics": self.config.metrics_listen is not None,
+        }
+
+    async def _serve_metrics(self, handler: Handler, host: str, port: int) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, loopback_only(host), port, reuse_address=True).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise ConnectionFailed(
+                f"cannot listen on {host}:{port} for metrics: {e.strerror or e}"
+            ) from e
+        self._runners.append(runner)
+
     async def stop(self) -> None:
         await self.engine.primary.scheduler.stop()
         await self.engine.replica.initial.close_all()
@@ -174,9 +202,24 @@ class Agent:
         ready_file = os.environ.get("VMREPLICA_READY_FILE")
         if ready_file:
             Path(ready_file).write_text(str(os.getpid()))
+        self.systemd.send(
+            "READY=1", f"STATUS=serving as {self.config.name}", f"MAINPID={os.getpid()}"
+        )
+        watchdog = asyncio.create_task(self._watchdog(), name="systemd-watchdog")
         await self._stop.wait()
         log.info("agent %s shutting down", self.config.name)
+        self.systemd.send("STOPPING=1", "STATUS=stopping; the VMs keep running")
+        watchdog.cancel()
         await self.stop()
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog from the event loop itself, twice per interval: a loop that is
+        stuck (a blocking call, a deadlock) stops pinging, and systemd restarts the agent."""
+        if self.systemd.watchdog is None:
+            return
+        while True:
+            self.systemd.send("WATCHDOG=1")
+            await asyncio.sleep(self.systemd.watchdog / 2)
 
 
 def serve(config: HostConfig) -> None:

@@ -47,6 +47,9 @@ class HostConfig:
     # Test tooling: `vm monitor` may run HMP `qemu-io` (guest-disk writes through QEMU's block
     # layer). Off, as it must be on a real host: only read-only `info` commands run.
     allow_qemu_io: bool = False
+    # A plain HTTP port, on a loopback address, that serves only /metrics (for a local
+    # Prometheus or node exporter); None: /metrics only on the management listener, with TLS.
+    metrics_listen: tuple[str, int] | None = None
 
     def resolve_address(self, fqdn: str) -> str:
         """The address to dial for a peer: the ``[resolve]`` override, else the name itself."""
@@ -74,6 +77,11 @@ class HostConfig:
                 else {}
             )
             | ({"allow_qemu_io": True} if self.allow_qemu_io else {})
+            | (
+                {"metrics_listen": "{}:{}".format(*self.metrics_listen)}
+                if self.metrics_listen
+                else {}
+            )
         )
 
 
@@ -163,6 +171,9 @@ def load_host_config(path: Path) -> HostConfig:
         accel=str(data.get("accel", "tcg")),
         initial_copy_ports=_port_range(data.get("initial_copy_ports"), path),
         allow_qemu_io=_flag(data, "allow_qemu_io", path),
+        metrics_listen=(
+            parse_listen(str(data["metrics_listen"])) if data.get("metrics_listen") else None
+        ),
     )
 
 

@@ -3,7 +3,8 @@
 An agent started with ``VMREPLICA_FAULTS="primary.after_cut=kill,replica.mid_apply=error"`` dies
 with SIGKILL, or raises, when it reaches the named point. At a point reached through
 :func:`ahit`, ``sleep:SECONDS`` also holds that one task there (the agent goes on serving), so a
-test can act inside a window that is otherwise too short to hit. Without the variable every point
+test can act inside a window that is otherwise too short to hit. ``block:SECONDS`` stops the
+whole agent there, event loop included, the first time only: a stuck loop, as a watchdog sees it. Without the variable every point
 is a dictionary lookup that finds nothing.
 
 Points reached through :func:`child_hit` (``qemu-img.<command>``, right after the agent started
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 from vmreplica.errors import VmrError
 
@@ -38,11 +40,14 @@ _FIRED: set[str] = set()
 
 
 def hit(point: str) -> None:
-    action = _FAULTS.get(point)
+    action = _FAULTS.get(point, "")
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "error":
         raise VmrError(f"injected fault at {point}")
+    elif action.startswith("block:") and point not in _FIRED:
+        _FIRED.add(point)
+        time.sleep(float(action.removeprefix("block:")))  # blocks the whole event loop, once
 
 
 async def ahit(point: str) -> None:

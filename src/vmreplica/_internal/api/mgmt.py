@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from vmreplica._internal import faults
 from vmreplica._internal.api.body import MAX_JSON_BODY, read_object
 from vmreplica._internal.api.errors import Handler, error_middleware
 from vmreplica._internal.certs import peer_dns_names
@@ -44,6 +45,7 @@ def to_jsonable(value: Any) -> Any:
 
 async def _call(request: web.Request) -> web.Response:
     name = request.match_info["method"]
+    faults.hit("mgmt.call")
     method = request.app[METHODS_KEY].get(name)
     if method is None:
         raise NotFound(f"unknown management method {name!r} (is the agent older than this CLI?)")
@@ -65,11 +67,15 @@ async def _admin_only(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
-def make_app(methods: dict[str, Method], admins: frozenset[str]) -> web.Application:
+def make_app(
+    methods: dict[str, Method], admins: frozenset[str], metrics: Handler | None = None
+) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, _admin_only], client_max_size=MAX_JSON_BODY
     )
     app[ADMINS_KEY] = frozenset(a.lower() for a in admins)
     app[METHODS_KEY] = methods
     app.router.add_post("/v1/{method}", _call)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics)  # api/metrics.py
     return app

@@ -1,12 +1,14 @@
-"""``vmreplica host init|serve``: set up and run a host agent."""
+"""``vmreplica host init|serve|install-service``: set up and run a host agent."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
 
-from vmreplica._internal import validate
+from vmreplica._internal import systemd, validate
 from vmreplica._internal.config import (
     HostConfig,
     TlsFiles,
@@ -16,7 +18,8 @@ from vmreplica._internal.config import (
     parse_resolve,
     write_toml_atomic,
 )
-from vmreplica.errors import NotFound
+from vmreplica._internal.files import write_atomic
+from vmreplica.errors import InvalidArgument, NotFound, StorageError
 
 
 @click.group("host")
@@ -61,6 +64,11 @@ def group() -> None:
     help="TCP ports this host, as a replica, serves initial copies on (default: any free port).",
 )
 @click.option(
+    "--metrics-listen",
+    metavar="ADDR:PORT",
+    help="Also serve /metrics over plain HTTP here (a loopback address only).",
+)
+@click.option(
     "--out", default=Path("host.toml"), type=click.Path(path_type=Path), show_default=True
 )
 def init(
@@ -75,6 +83,7 @@ def init(
     resolve: tuple[str, ...],
     accel: str,
     initial_copy_ports: str | None,
+    metrics_listen: str | None,
     out: Path,
 ) -> None:
     """Write host.toml for a new host agent."""
@@ -91,6 +100,7 @@ def init(
         resolve=parse_resolve(list(resolve)),
         accel=accel,
         initial_copy_ports=parse_port_range(initial_copy_ports) if initial_copy_ports else None,
+        metrics_listen=_loopback(parse_listen(metrics_listen)) if metrics_listen else None,
     )
     write_toml_atomic(out, config.to_toml())
     click.echo(f"wrote {out}")
@@ -106,3 +116,63 @@ def serve_cmd(config_path: Path) -> None:
     from vmreplica._internal.agent import serve
 
     serve(load_host_config(config_path))
+
+
+@group.command("install-service")
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(path_type=Path), help="host.toml"
+)
+@click.option(
+    "--unit-dir",
+    default=Path("/etc/systemd/system"),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where the unit goes.",
+)
+@click.option(
+    "--tmpfiles-dir",
+    default=Path("/etc/tmpfiles.d"),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where the entry for the socket's directory goes.",
+)
+def install_service(config_path: Path, unit_dir: Path, tmpfiles_dir: Path) -> None:
+    """Write vmreplica.service (Type=notify, watchdog, KillMode=process, hardened) for this
+    host.toml, and a tmpfiles.d entry for the management socket's directory."""
+    config_path = config_path.absolute()
+    config = load_host_config(config_path)
+    import vmreplica
+
+    python = Path(sys.executable)
+    used = [config_path, config.state_dir, config.socket, config.tls.ca, config.tls.cert,
+            config.tls.key, python, Path(vmreplica.__file__).parent]  # fmt: skip
+    hardening = systemd.hardening_for([p.absolute() for p in used])
+    for directory in (unit_dir, tmpfiles_dir):
+        if not directory.is_dir():
+            raise NotFound(f"{directory}: no such directory (is systemd installed?)")
+    unit = unit_dir / systemd.UNIT_NAME
+    tmpfiles = tmpfiles_dir / systemd.TMPFILES_NAME
+    try:
+        write_atomic(unit, systemd.unit_text(python, config_path, config.name, hardening).encode())
+        write_atomic(tmpfiles, systemd.tmpfiles_text(config.socket.parent).encode())
+        os.chmod(unit, 0o644)
+        os.chmod(tmpfiles, 0o644)
+    except OSError as e:
+        raise StorageError(f"cannot write the unit: {e.strerror or e}") from e
+    click.echo(f"wrote {unit} and {tmpfiles}")
+    for note in hardening.notes:
+        click.echo(note)
+    click.echo(
+        "next: systemctl daemon-reload && systemd-tmpfiles --create "
+        f"{tmpfiles} && systemctl enable --now {systemd.UNIT_NAME}"
+    )
+
+
+def _loopback(listen: tuple[str, int]) -> tuple[str, int]:
+    host = listen[0]
+    if host != "::1" and not host.startswith("127."):
+        raise InvalidArgument(
+            f"--metrics-listen {host}: a loopback address only (127.0.0.1 or ::1); remote "
+            "scrapers use /metrics on the management listener, with TLS"
+        )
+    return listen

@@ -131,6 +131,7 @@ class AuthorizationService:
         """The entry that lets a peer replicate here, by the DNS names of its certificate."""
         raw = self._server.raw()
         if not raw["replication_enabled"]:
+            self._ctx.refusals["replication-disabled"] += 1
             raise InvalidState("replication disabled: this server does not accept replication")
         entries = self.auth_list()
         names = [n.lower() for n in peer_names]
@@ -149,6 +150,7 @@ class AuthorizationService:
             return Authorization(
                 "*", DEFAULT_TRUST_GROUP, Path(str(raw["default_storage_location"]))
             )
+        self._ctx.refusals["no-entry"] += 1
         err = AccessDenied(
             f"not authorized: no authorization entry on this replica server allows {', '.join(names) or 'this peer'}"
         )

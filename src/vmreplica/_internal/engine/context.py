@@ -4,6 +4,7 @@ journal, the hypervisor driver, per-VM locks, and the one way to change a relati
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 from collections.abc import Callable
 from typing import Unpack
@@ -49,6 +50,9 @@ class Context:
     journal: Journal
     driver: HypervisorDriver
     locks: Locks = dataclasses.field(default_factory=Locks)
+    # Peers refused since the agent started, by reason (``no-entry``, ``replication-disabled``,
+    # ``trust-group``, ``seed-primary``): exported as metrics.
+    refusals: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     # This host's certificate listener port, if it listens: a replica needs it to check for
     # split brain and to reverse replication later. The agent sets it.
     own_port: Callable[[], int | None] = lambda: None

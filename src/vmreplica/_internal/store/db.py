@@ -139,6 +139,9 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE replications ADD COLUMN initial_at TEXT;
     ALTER TABLE replications ADD COLUMN initial_media TEXT;
     """,
+    """
+    ALTER TABLE cycles ADD COLUMN wire INTEGER;
+    """,
 ]
 
 

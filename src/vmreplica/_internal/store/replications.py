@@ -222,6 +222,16 @@ class CycleRow:
     error: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class CycleTotals:
+    succeeded: int
+    failed: int
+    missed: int
+    size: int  # data delivered
+    wire: int  # bytes sent for the deliveries whose sender counted them
+    wired_size: int  # the data of those same deliveries: wire / wired_size is the compression
+
+
 class CycleStore:
     """One row per delivery (or failed attempt) of a cycle: what statistics are computed from."""
 
@@ -238,12 +248,28 @@ class CycleStore:
         size: int = 0,
         missed: int = 0,
         error: str | None = None,
+        wire: int | None = None,
     ) -> None:
+        """``size``: the data of the delivery; ``wire``: the bytes its sender put on the network
+        for it (compressed, framed), where the sender counted them."""
         tx.execute(
-            "INSERT INTO cycles(vm_id, sequence, start, end, size, ok, missed, error) "
-            "VALUES(?,?,?,?,?,?,?,?)",
-            (vm_id, sequence, start, datetime.now(UTC).isoformat(), size, int(ok), missed, error),
+            "INSERT INTO cycles(vm_id, sequence, start, end, size, ok, missed, error, wire) "
+            "VALUES(?,?,?,?,?,?,?,?,?)",
+            (vm_id, sequence, start, datetime.now(UTC).isoformat(), size, int(ok), missed, error,
+             wire),
+        )  # fmt: skip
+
+    def totals(self, vm_id: str, since: str) -> CycleTotals:
+        """Counts and sums over every cycle since ``since`` (the statistics' reset)."""
+        r = self._db.query_one(
+            "SELECT COALESCE(SUM(ok), 0) AS ok, COALESCE(SUM(1 - ok), 0) AS failed, "
+            "COALESCE(SUM(missed), 0) AS missed, COALESCE(SUM(CASE WHEN ok THEN size END), 0) "
+            "AS size, COALESCE(SUM(wire), 0) AS wire, COALESCE(SUM(CASE WHEN wire IS NOT NULL "
+            "THEN size END), 0) AS wired_size FROM cycles WHERE vm_id=? AND start>=?",
+            (vm_id, since),
         )
+        assert r is not None
+        return CycleTotals(r["ok"], r["failed"], r["missed"], r["size"], r["wire"], r["wired_size"])
 
     def since(self, vm_id: str, since: str) -> list[CycleRow]:
         rows = self._db.query(

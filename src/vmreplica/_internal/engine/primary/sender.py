@@ -4,6 +4,7 @@ leaves the log; what the replica says it already has leaves without being sent."
 from __future__ import annotations
 
 import shutil
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 from vmreplica._internal import faults
@@ -15,6 +16,18 @@ from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import open_peer
+
+
+class _Counted:
+    """Counts what a delta's request body yields: the bytes on the wire, TLS aside."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    async def through(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self.bytes += len(chunk)
+            yield chunk
 
 
 class Sender:
@@ -38,7 +51,10 @@ class Sender:
                 if manifest is None:
                     continue  # not committed: its generation still holds the changes
                 faults.hit("primary.before_send")
-                await replica.delta(row.vm_id, wire.iter_stream(delta_dir, manifest))
+                counted = _Counted()
+                await replica.delta(
+                    row.vm_id, counted.through(wire.iter_stream(delta_dir, manifest))
+                )
                 size = sum(d.file_size for d in manifest.disks)
                 with self._ctx.stores.db.tx() as tx:
                     self._ctx.stores.replications.update(
@@ -46,7 +62,8 @@ class Sender:
                         last_replication_size=size, send_failure=None, last_error=None,
                     )  # fmt: skip
                     self._ctx.stores.cycles.record(
-                        tx, row.vm_id, started.isoformat(), True, sequence, size, missed
-                    )
+                        tx, row.vm_id, started.isoformat(), True, sequence, size, missed,
+                        wire=counted.bytes,
+                    )  # fmt: skip
                     missed = 0
                 shutil.rmtree(delta_dir, ignore_errors=True)

@@ -80,6 +80,7 @@ def check_sender(
     """Only the creating server, or a server of the same trust group, may write this replica."""
     if row.primary_server in peer_names or authz.trust_group == row.trust_group:
         return
+    ctx.refusals["trust-group"] += 1
     err = AccessDenied(
         f"not authorized: {peer_names[0] if peer_names else 'this peer'} is in trust group "
         f"{authz.trust_group}, but replica VM {row.vm_name} belongs to trust group {row.trust_group}"

@@ -96,6 +96,7 @@ class Seeds:
         bases of the replica chains, and the VM takes the primary's id and configuration."""
         name = rec.name
         if seed.primary_server not in (ANY_PRIMARY, *peer_names):
+            self._ctx.refusals["seed-primary"] += 1
             raise AccessDenied(
                 f"VM {name} on {self._ctx.host} waits to become the replica of "
                 f"{seed.primary_server}, not of {peer_names[0]}"
