@@ -10,6 +10,11 @@ powers off. Kernel arguments: ``vmr.records=N`` writes N more records and powers
 ``vmr.mode=idle`` mounts and waits for the power button, ``vmr.progress=K`` prints
 ``vmr: records: SEQ`` on the serial console every K records (default 50).
 
+Debian's qemu-guest-agent (``qemu-ga``, with the libraries it links) runs in the guest when the
+VM has the virtio-serial port ``org.qemu.guest_agent.0`` (every VM the agent starts has it), so
+the host can freeze and thaw ``/data``; ``vmr.qga=off`` leaves it out, as a guest without the
+agent.
+
 Run it (see :func:`qemu_args`; never ``-accel kvm`` here, nested KVM hangs)::
 
     qemu-system-x86_64 -accel tcg -cpu max -m 256 -display none -nic none -no-reboot \\
@@ -17,7 +22,7 @@ Run it (see :func:`qemu_args`; never ``-accel kvm`` here, nested KVM hangs)::
         -drive file=DISK.qcow2,if=virtio,format=qcow2 -serial file:LOG
 
 Console markers: ``vmr: ready mode=M last_seq=S limit=N`` once the writer starts,
-``vmr: stopping: REASON`` and ``vmr: power off`` at the end.
+``vmr: stopping: REASON`` and ``vmr: power off`` at the end, ``vmr: guest agent started``.
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ RECORDS_FILE = "records.log"
 # insmod order matters: each module needs the ones before it. evdev + button give the guest
 # /dev/input/eventN for the ACPI power button.
 MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
-           "virtio_pci", "virtio_blk", "evdev", "button")  # fmt: skip
+           "virtio_pci", "virtio_blk", "virtio_console", "evdev", "button")  # fmt: skip
 _KERNEL_META = "linux-image-cloud-amd64"
 _BUSYBOX = "busybox-static"
+_QGA = "qemu-guest-agent"
 _PAYLOAD_SUFFIX = "-the-quick-brown-fox-jumps-over-the-lazy-dog"
 
 INIT_SCRIPT = r"""#!/bin/sh
@@ -68,15 +74,32 @@ off() {
   poweroff -f
   sleep 60
 }
-mode=write; limit=0; every=50
+mode=write; limit=0; every=50; qga=on
 for a in $(cat /proc/cmdline); do
   case "$a" in
     vmr.mode=*) mode=${a#*=} ;;
+    vmr.qga=*) qga=${a#*=} ;;
     vmr.records=*) limit=${a#*=} ;;
     vmr.progress=*) every=${a#*=} ;;
   esac
 done
 for m in $(cat /etc/vmr-modules); do insmod "/lib/modules/$m.ko" || log "insmod $m failed"; done
+set -- /sys/bus/virtio/drivers/virtio_console/virtio*
+[ -e "$1" ] || qga=off  # no virtio-serial device: no port to wait for
+if [ "$qga" = on ]; then
+  # The guest agent, on the virtio-serial port the host names org.qemu.guest_agent.0.
+  i=0
+  while [ $i -lt 40 ]; do
+    for p in /sys/class/virtio-ports/*; do
+      if [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
+        qemu-ga -m virtio-serial -p "/dev/${p##*/}" -t /run -f /run/qemu-ga.pid -d \
+          && log "guest agent started" || log "guest agent failed"
+        i=99
+      fi
+    done
+    i=$((i + 1)); [ $i -lt 99 ] && sleep 0.05
+  done
+fi
 for d in /sys/class/input/event*; do
   [ "$(cat "$d/device/name" 2>/dev/null)" = "Power Button" ] || continue
   (dd if="/dev/input/${d##*/}" of=/dev/null bs=24 count=1 2>/dev/null && : >/run/stop) &
@@ -246,7 +269,26 @@ def _read_module(path: Path) -> bytes:
     return unpack(path.read_bytes())
 
 
-def _build_initrd(kernel_root: Path, busybox: Path, stage: Path, out: Path) -> None:
+def _copy_with_libraries(binary: Path, stage: Path, target: str) -> None:
+    """``binary`` at ``target`` in the initramfs, with the shared libraries ``ldd`` finds for it
+    (this host runs the guest's Debian release, so its libraries are the guest's)."""
+    dest = stage / target.lstrip("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(binary, dest)
+    for line in _run(["ldd", binary]).stdout.decode().splitlines():
+        found = re.search(r"(/\S+) \(0x", line)
+        if found is None:
+            continue
+        lib = Path(found.group(1))
+        copy = stage / str(lib).lstrip("/")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if not copy.exists():
+            shutil.copy2(lib.resolve(), copy)
+
+
+def _build_initrd(
+    kernel_root: Path, busybox: Path, stage: Path, out: Path, qga: Path | None = None
+) -> None:
     mod_dirs = list((kernel_root / "lib" / "modules").glob("*/kernel"))
     if len(mod_dirs) != 1:
         raise VmrError(f"expected one lib/modules/<version>/kernel tree, found {len(mod_dirs)}")
@@ -262,6 +304,8 @@ def _build_initrd(kernel_root: Path, busybox: Path, stage: Path, out: Path) -> N
             raise VmrError(f"kernel module {name} not found under {mod_dirs[0]}")
         (stage / "lib" / "modules" / f"{name}.ko").write_bytes(_read_module(found[name]))
     (stage / "etc" / "vmr-modules").write_text("\n".join(MODULES) + "\n")
+    if qga is not None:
+        _copy_with_libraries(qga, stage, "/bin/qemu-ga")
     (stage / "init").write_text(INIT_SCRIPT)
     (stage / "init").chmod(0o755)
     names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
@@ -295,7 +339,10 @@ def build_guest_assets(cache_dir: Path) -> GuestAssets:
     except (OSError, ValueError, KeyError):
         pass
     kpkg, kver, bver = _resolve_packages()
-    recipe = json.dumps([kpkg, kver, bver, MODULES, INIT_SCRIPT]).encode()
+    qver = _apt_show(_QGA).get(_QGA, {}).get("Version", "")
+    if not qver:
+        raise VmrError(f"cannot find {_QGA} in the apt lists")
+    recipe = json.dumps([kpkg, kver, bver, qver, MODULES, INIT_SCRIPT]).encode()
     key = f"{kpkg.removeprefix('linux-image-')}-{hashlib.sha256(recipe).hexdigest()[:12]}"
     final = cache_dir / key
     assets = GuestAssets(kernel=final / "vmlinuz", initrd=final / "initrd.img")
@@ -303,25 +350,28 @@ def build_guest_assets(cache_dir: Path) -> GuestAssets:
     with (cache_dir / ".lock").open("a") as lock:  # closing it releases the lock
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _complete(assets):
-            _build(cache_dir, final, kpkg, kver, bver)
+            _build(cache_dir, final, kpkg, kver, bver, qver)
         tmp_pointer = pointer.with_suffix(f".{os.getpid()}.tmp")
         tmp_pointer.write_text(json.dumps({"key": key, "stamp": stamp}))
         tmp_pointer.replace(pointer)
     return assets
 
 
-def _build(cache_dir: Path, final: Path, kpkg: str, kver: str, bver: str) -> None:
+def _build(cache_dir: Path, final: Path, kpkg: str, kver: str, bver: str, qver: str) -> None:
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp_name:
         tmp = Path(tmp_name)
         debs, kroot, broot, out = tmp / "debs", tmp / "kernel", tmp / "busybox", tmp / "out"
         debs.mkdir()
         out.mkdir()
-        _apt_download(debs, [f"{kpkg}={kver}", f"{_BUSYBOX}={bver}"])
-        for prefix, root in ((kpkg, kroot), (_BUSYBOX, broot)):
+        qroot = tmp / "qga"
+        _apt_download(debs, [f"{kpkg}={kver}", f"{_BUSYBOX}={bver}", f"{_QGA}={qver}"])
+        for prefix, root in ((kpkg, kroot), (_BUSYBOX, broot), (_QGA, qroot)):
             _run(["dpkg", "-x", next(debs.glob(f"{prefix}_*.deb")), root])
         shutil.copy2(next((kroot / "boot").glob("vmlinuz-*")), out / "vmlinuz")
-        _build_initrd(kroot, broot / "bin" / "busybox", tmp / "stage", out / "initrd.img")
-        manifest = {"kernel": f"{kpkg}={kver}", "busybox": f"{_BUSYBOX}={bver}"}
+        _build_initrd(kroot, broot / "bin" / "busybox", tmp / "stage", out / "initrd.img",
+                      qroot / "usr" / "sbin" / "qemu-ga")  # fmt: skip
+        manifest = {"kernel": f"{kpkg}={kver}", "busybox": f"{_BUSYBOX}={bver}",
+                    "guest agent": f"{_QGA}={qver}"}  # fmt: skip
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         out.rename(final)
 

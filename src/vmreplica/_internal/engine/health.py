@@ -229,6 +229,8 @@ class HealthInput:
     quarantine: str | None = None
     paused_on_replica: bool = False
     failover_pending: bool = False
+    # Why the last application-consistent point could not be taken (--snapshot-frequency).
+    consistency_warning: str | None = None
 
     def __post_init__(self) -> None:  # a misspelt state must not read as healthy
         if self.mode not in MODES:
@@ -287,6 +289,11 @@ def evaluate(inp: HealthInput) -> Health:
         critical.append("replication is paused on the replica server")
 
     warning: list[str] = []
+    if inp.consistency_warning and primary and state in _FLOWING:
+        warning.append(
+            f"application-consistent recovery points are not being taken (they are crash-"
+            f"consistent): {inp.consistency_warning}"
+        )
     if stats.missed_fraction > MISSED_LIMIT:
         warning.append(
             f"{_percent(stats.missed_fraction)}% of replication cycles were missed in the "

@@ -18,6 +18,8 @@ Kinds (registered by the module that owns the operation):
 - ``delete-storage``: a replica VM's storage being deleted with the VM (engine/vms/); finished.
 - ``seed-adopt``: a seed copy's disks moved into replica chains (engine/replica/seed.py);
   rolled back.
+- ``fsfreeze``: a guest's file systems frozen for an application-consistent delta
+  (engine/primary/consistency.py); thawed.
 - ``media-import``: offline media becoming a replica's base, then the queued deltas applied
   (engine/replica/media.py); rolled back before the bases are in place, finished after.
 """
@@ -39,7 +41,7 @@ Recover = Callable[[JournalEntry], Awaitable[None]]
 
 KINDS = (
     "apply", "freeze", "prune", "resync-commit", "failover", "test-failover", "become-replica",
-    "reverse", "delete-storage", "seed-adopt", "media-import",
+    "reverse", "delete-storage", "seed-adopt", "media-import", "fsfreeze",
 )  # fmt: skip
 
 

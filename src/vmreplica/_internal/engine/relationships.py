@@ -92,6 +92,7 @@ class ReplicationService:
                 stats=stats,
                 send_failure=row.send_failure,
                 quarantine=row.quarantine,
+                consistency_warning=row.consistency_warning,
             )
         )
         return verdict, stats, window

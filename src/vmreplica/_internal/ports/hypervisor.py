@@ -25,6 +25,7 @@ from typing import Protocol
 
 from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.extents import Extent
+from vmreplica.errors import VmrError
 
 Progress = Callable[[float], None]  # percent done, 0 to 100
 
@@ -77,6 +78,19 @@ class VmProcess(Protocol):
         """A diagnostic command of the hypervisor's monitor, run only if it changes nothing
         (``test_writes``: guest-disk writes for tests too); anything else is AccessDenied."""
         ...
+
+    async def freeze_filesystems(self, timeout: float) -> int:
+        """Have the guest flush and freeze its file systems (its guest agent); how many.
+        GuestAgentUnavailable when the guest has no agent that answers."""
+        ...
+
+    async def thaw_filesystems(self, timeout: float) -> int:
+        """Thaw them again; harmless when nothing is frozen."""
+        ...
+
+
+class GuestAgentUnavailable(VmrError):
+    """The guest has no agent that answers: application-consistent points cannot be taken."""
 
 
 @dataclasses.dataclass(frozen=True)

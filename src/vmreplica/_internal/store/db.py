@@ -141,6 +141,8 @@ _MIGRATIONS: list[str] = [
     """,
     """
     ALTER TABLE cycles ADD COLUMN wire INTEGER;
+    ALTER TABLE replications ADD COLUMN app_consistent_at TEXT;
+    ALTER TABLE replications ADD COLUMN consistency_warning TEXT;
     """,
 ]
 

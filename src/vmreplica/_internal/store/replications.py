@@ -86,6 +86,10 @@ class ReplicationRow:
     initial_at: str | None = None
     # Offline media: the manifest the primary wrote (JSON), kept on both sides for the import.
     initial_media: str | None = None
+    # Application-consistent points (--snapshot-frequency): when the guest was last asked to
+    # freeze, and why the last attempt gave only a crash-consistent point (None: it did not).
+    app_consistent_at: str | None = None
+    consistency_warning: str | None = None
 
     @property
     def pinned(self) -> set[int]:
@@ -129,6 +133,8 @@ class RowChanges(TypedDict, total=False):
     initial_kind: str | None
     initial_at: str | None
     initial_media: str | None
+    app_consistent_at: str | None
+    consistency_warning: str | None
 
 
 _SETTINGS_COLUMNS = (

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from vmreplica._internal.drivers.qemu import qga
 from vmreplica._internal.drivers.qemu.qmp import (
     EventSubscription,
     PidProcess,
@@ -46,6 +47,11 @@ _HMP_QEMU_IO = re.compile(r'qemu-io +(?:-d +)?[A-Za-z0-9_/-]+ +"[^"]*"')
 def qmp_path(spec: VmSpec) -> Path:
     """The VM's QMP monitor socket, in its run directory."""
     return spec.run_dir.absolute() / "qmp.sock"
+
+
+def qga_path(spec: VmSpec) -> Path:
+    """The host side of the guest agent's virtio-serial port, in its run directory."""
+    return spec.run_dir.absolute() / "qga.sock"
 
 
 def pid_path(spec: VmSpec) -> Path:
@@ -126,6 +132,11 @@ def _argv(spec: VmSpec) -> list[str]:
     argv += ["-mon", "chardev=qmp,mode=control"]
     argv += ["-chardev", f"file,id=serial0,path={_opt(run / 'serial.log')}"]
     argv += ["-serial", "chardev:serial0"]
+    # The guest agent's channel (qemu-guest-agent in the guest): file-system freeze and thaw
+    # for application-consistent recovery points.
+    argv += ["-chardev", f"socket,id=qga0,path={_opt(qga_path(spec))},server=on,wait=off"]
+    argv += ["-device", "virtio-serial-pci,id=vser0"]
+    argv += ["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
     for options in blockdev_options(spec.disks):
         argv += ["-blockdev", options]
     for i in range(len(spec.disks)):
@@ -308,6 +319,14 @@ class QemuVm:
                 printed = f.read().decode(errors="replace")
         text = (reply if isinstance(reply, str) else "") + printed
         return text.replace("\r\n", "\n")
+
+    async def freeze_filesystems(self, timeout: float) -> int:
+        return int(await qga.command(qga_path(self.spec), "guest-fsfreeze-freeze", timeout,
+                                     self.spec.name))  # fmt: skip
+
+    async def thaw_filesystems(self, timeout: float) -> int:
+        return int(await qga.command(qga_path(self.spec), "guest-fsfreeze-thaw", timeout,
+                                     self.spec.name))  # fmt: skip
 
     async def monitor(self, command: str, test_writes: bool) -> str:
         """HMP as a whole is root on the host (``migrate "exec:…"`` runs a shell command,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.primary.consistency import AppConsistency
 from vmreplica._internal.engine.primary.control import PrimaryControl
 from vmreplica._internal.engine.primary.cycle import Cycles
 from vmreplica._internal.engine.primary.enable import PrimaryEnable
@@ -35,7 +36,7 @@ def build(ctx: Context, vms: VmService) -> Primary:
     pending = PendingLog(ctx.config)
     scheduler = Scheduler(ctx)
     sender = Sender(ctx, pending)
-    cycles = Cycles(ctx, vms, pending, sender)
+    cycles = Cycles(ctx, vms, pending, sender, AppConsistency(ctx, vms))
     initial = InitialReplication(ctx, vms, pending, scheduler.run, scheduler.stop_vm)
     scheduler.set_jobs(initial.run, cycles.cycle, initial.start_scheduled)
     resync = Resync(ctx, vms, pending, sender, scheduler.run, scheduler.stop_vm)

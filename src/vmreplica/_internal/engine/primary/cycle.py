@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from vmreplica._internal import faults
 from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.primary.consistency import AppConsistency, Freeze
 from vmreplica._internal.engine.primary.failures import record_failure
 from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.primary.sender import Sender
@@ -27,8 +28,12 @@ RESYNC_PENDING_FRACTION = 0.5
 
 
 class Cycles:
-    def __init__(self, ctx: Context, vms: VmService, pending: PendingLog, sender: Sender) -> None:
+    def __init__(
+        self, ctx: Context, vms: VmService, pending: PendingLog, sender: Sender,
+        consistency: AppConsistency,
+    ) -> None:  # fmt: skip
         self._ctx = ctx
+        self._consistency = consistency
         self._vms = vms
         self._pending = pending
         self._sender = sender
@@ -52,16 +57,22 @@ class Cycles:
             delta_dir.mkdir(parents=True)
             compression = "zstd" if row.settings.compression else "none"
             committed = False
+            freeze: Freeze | None = None
             try:
                 async with (
                     self._ctx.locks.vm(rec.id),
                     self._ctx.driver.session(self.owner(rec, row)) as session,
                 ):
+                    process = self._vms.runtime.process(rec.id)
+                    if process is not None and self._consistency.due(row, datetime.now(UTC)):
+                        freeze = await self._consistency.freeze(row, process)
                     await session.settle(row.generation)
                     files = self._pending.files(row.vm_id, sequence, len(row.disks))
                     await session.cut(row.generation, files)
+                    consistent = freeze is not None and await self._consistency.thaw(freeze)
+                    consistency = "ApplicationConsistent" if consistent else "CrashConsistent"
                     await wire.build_manifest(
-                        delta_dir, row.vm_id, sequence, "CrashConsistent", compression
+                        delta_dir, row.vm_id, sequence, consistency, compression
                     )
                     faults.hit("primary.after_cut")
                     # The commit point: the delta is durable in the log, the generation moves on.
@@ -73,6 +84,11 @@ class Cycles:
                 if not committed:
                     shutil.rmtree(delta_dir, ignore_errors=True)
                 raise
+            finally:
+                if freeze is not None:
+                    await self._consistency.thaw(freeze)  # whatever happened: at once
+            if freeze is not None:
+                self._consistency.done(row, consistent, freeze)
         row = self._store.get(row.vm_id, row.vm_name)
         if self._pending.size(row.vm_id) > RESYNC_PENDING_FRACTION * await self._disk_size(rec):
             raise ResyncRequired(

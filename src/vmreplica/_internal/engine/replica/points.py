@@ -25,13 +25,18 @@ class RecoveryPoints:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
 
-    async def maybe_create(self, vm_id: str) -> None:
-        """A point, if the interval since the last one has passed (and history is kept)."""
+    async def maybe_create(self, vm_id: str, application_consistent: bool = False) -> None:
+        """A point, if the interval since the last one has passed (and history is kept); after
+        an application-consistent delta, always one, of that kind."""
         row = replica_row(self._ctx, vm_id)
         if row.settings.recovery_history == 0 or row.last_rp_time is None:
             return
         if row.state == State.RESYNCHRONIZING:
             return  # tip does not change until it ends, which adds a point
+        if application_consistent:
+            await self.freeze(row, "ApplicationConsistent")
+            await self.prune(vm_id)
+            return
         age = (datetime.now(UTC) - datetime.fromisoformat(row.last_rp_time)).total_seconds()
         if age < row.settings.recovery_point_interval:
             return

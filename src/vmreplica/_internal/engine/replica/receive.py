@@ -91,7 +91,10 @@ class Receiver:
                 created=manifest.created, consistency=manifest.consistency,
             )  # fmt: skip
             faults.hit("replica.after_stage")
-            await self._recovery.apply(row, manifest.sequence, staging, started.isoformat())
+            await self._recovery.apply(
+                row, manifest.sequence, staging, started.isoformat(),
+                consistency=manifest.consistency,
+            )  # fmt: skip
             return p.SequenceAnswer(manifest.sequence)
 
 

@@ -47,7 +47,7 @@ class ReplicaRecovery:
 
     async def apply(
         self, row: ReplicationRow, sequence: int, staging: Path, started: str,
-        size: int | None = None,
+        size: int | None = None, consistency: str = "CrashConsistent",
     ) -> None:  # fmt: skip
         """Apply a journaled delta; should that fail, finish it right here as a restart would,
         and quarantine the relationship only if that fails too (the error then goes back)."""
@@ -60,13 +60,13 @@ class ReplicaRecovery:
             await self.replay_or_quarantine(row.vm_id, f"applying delta {sequence} failed: {e}")
             if replica_row(self._ctx, row.vm_id).sequence < sequence:
                 raise
-        await self._point(row.vm_id)
+        await self._point(row.vm_id, consistency == "ApplicationConsistent")
 
-    async def _point(self, vm_id: str) -> None:
+    async def _point(self, vm_id: str, application_consistent: bool = False) -> None:
         """After an apply: a point, if one is due. The delta is applied and acknowledged either
         way; a failed freeze or prune is finished right here, or quarantines the relationship."""
         try:
-            await self._points.maybe_create(vm_id)
+            await self._points.maybe_create(vm_id, application_consistent)
         except VmrError as e:
             log.warning("recovery point of %s failed (%s): finishing it now", vm_id, e)
             await self.replay_or_quarantine(vm_id, f"creating a recovery point failed: {e}")
