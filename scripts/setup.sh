@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd python3-venv rsync e2fsprogs iproute2 util-linux systemd)
+debs=(qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd python3-venv rsync e2fsprogs iproute2 util-linux systemd chromium)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -180,6 +180,9 @@ def build_methods(engine: Services) -> dict[str, Method]:
     async def replication_measure(args: dict[str, Any]) -> Any:
         return replication.measure(a.opt_str(args, "vm"))
 
+    async def replication_cycles(args: dict[str, Any]) -> Any:
+        return replication.cycles(a.req_str(args, "vm"))
+
     async def replication_start_initial(args: dict[str, Any]) -> Any:
         row = await primary.initial.start(
             a.req_str(args, "vm"),
@@ -248,6 +251,7 @@ def build_methods(engine: Services) -> dict[str, Method]:
         "replication.set": replication_set,
         "replication.get": replication_get,
         "replication.measure": replication_measure,
+        "replication.cycles": replication_cycles,
         "replication.start_initial": replication_start_initial,
         "replication.stop_initial": replication_stop_initial,
         "replication.import_initial": replication_import_initial,

@@ -19,11 +19,12 @@ from typing import Any
 from aiohttp import web
 
 from vmreplica._internal import faults
+from vmreplica._internal.api import dashboard
 from vmreplica._internal.api.body import MAX_JSON_BODY, read_object
 from vmreplica._internal.api.errors import Handler, error_middleware
 from vmreplica._internal.certs import peer_dns_names
 from vmreplica._internal.models import Model
-from vmreplica.errors import AccessDenied, NotFound
+from vmreplica.errors import AccessDenied, InvalidArgument, NotFound
 
 Method = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -55,7 +56,8 @@ async def _call(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _admin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Over TLS, only the administrator certificates named in host.toml get through."""
+    """Over TLS, only the administrator certificates named in host.toml get through, and a
+    call must be JSON (api/dashboard.py says why)."""
     admins = request.app[ADMINS_KEY]
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     if isinstance(ssl_object, ssl.SSLObject):
@@ -63,6 +65,10 @@ async def _admin_only(request: web.Request, handler: Handler) -> web.StreamRespo
         if not admins.intersection(n.lower() for n in names):
             raise AccessDenied(
                 f"access denied: certificate {', '.join(names) or '(no name)'} is not an administrator of this host"
+            )
+        if request.method == "POST" and request.content_type != "application/json":
+            raise InvalidArgument(
+                "management calls take a JSON body (Content-Type: application/json)"
             )
     return await handler(request)
 
@@ -78,4 +84,6 @@ def make_app(
     app.router.add_post("/v1/{method}", _call)
     if metrics is not None:
         app.router.add_get("/metrics", metrics)  # api/metrics.py
+    if admins:  # the HTTPS listener: a browser can reach it
+        dashboard.add_routes(app)
     return app

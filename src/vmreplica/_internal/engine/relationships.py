@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from vmreplica._internal.engine import health
 from vmreplica._internal.engine.authorization import AuthorizationService
@@ -96,6 +97,22 @@ class ReplicationService:
             )
         )
         return verdict, stats, window
+
+    def cycles(self, vm: str) -> list[dict[str, Any]]:
+        """The cycles of the monitoring window, oldest first: what ``measure`` is computed from
+        (the dashboard charts them)."""
+        row = self._row(vm)
+        now = datetime.now(UTC)
+        window = self._window(row, now)
+        since = window.start.astimezone(UTC).isoformat()
+        return [
+            {
+                "start": c.start.isoformat(), "end": c.end.isoformat() if c.end else None,
+                "size": c.size, "ok": c.ok, "missed": c.missed, "error": c.error,
+                "latency_sec": (c.end - c.start).total_seconds() if c.end else None,
+            }
+            for c in self._ctx.stores.cycles.since(row.vm_id, since)
+        ]  # fmt: skip
 
     def vm_columns(self, vm_id: str) -> tuple[str, str | None, str | None]:
         row = self.store.find(vm_id)
