@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import signal
 import ssl
 import struct
 import zlib
@@ -171,6 +172,29 @@ def test_dashboard_states_and_actions(cluster: Cluster, browser: Browser) -> Non
     page.once("dialog", lambda dialog: dialog.accept())
     page.locator("tr[data-vm='app'] button", has_text="Resume").click()
     wait_for(lambda: pair.replication("app")["state"] == "Replicating", 30, "the resume")
+
+    # Planned failover (its first step, on the primary, with the VM off), then cancelled.
+    cluster.cli("vm", "stop", "app", "--force", host=PRIMARY)
+    page.reload()
+    page.wait_for_selector("body[data-loaded='1']")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("tr[data-vm='app'] button", has_text="Planned failover").click()
+    wait_for(lambda: pair.replication("app")["state"] == "PreparedForFailover", 60, "prepare")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("tr[data-vm='app'] button", has_text="Cancel planned failover").click()
+    wait_for(lambda: pair.replication("app")["state"] == "Replicating", 30, "the cancel")
+
+    # Tracking lost (the VM's QEMU killed): Critical, and a resynchronization from the page.
+    cluster.cli("vm", "start", "app", host=PRIMARY)
+    pid = cluster.qemu_pids()[0]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: pair.replication("app")["state"] == "WaitingForStartResynchronize", 30, "loss")
+    cluster.cli("vm", "start", "app", host=PRIMARY)
+    page.reload()
+    page.wait_for_selector("tr[data-vm='app'] .badge[data-health='Critical']")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("tr[data-vm='app'] button", has_text="Resynchronize").click()
+    wait_for(lambda: pair.replication("app")["state"] == "Replicating", 120, "the resync")
     context.close()
     keep = os.environ.get("VMREPLICA_SCREENSHOTS")
     if keep:  # for the docs: VMREPLICA_SCREENSHOTS=docs/dashboard pytest -k dashboard
