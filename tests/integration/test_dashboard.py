@@ -118,6 +118,12 @@ def health_shot(page: Page, shots: Path, name: str, level: str) -> str:
     return page.locator("tr[data-vm='app'] .reasons").inner_text() if level != "Normal" else ""
 
 
+def click(page: Page, label: str) -> None:
+    """Click the VM's button ``label`` and confirm."""
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("tr[data-vm='app'] button", has_text=label).click()
+
+
 def test_dashboard_states_and_actions(cluster: Cluster, browser: Browser) -> None:
     pair = make_pair(cluster)
     replicated_vm(pair, "app", "--recovery-history", "1")
@@ -159,29 +165,24 @@ def test_dashboard_states_and_actions(cluster: Cluster, browser: Browser) -> Non
     pill = replica_page.locator("tr[data-vm='app'] .testing").screenshot()
     assert share(png_pixels(pill), (0x5E, 0x35, 0xB1)) > 0.4
     assert [v for v in pair.json("vm", "list", host=REPLICA) if v["name"] == "app - Test"]
-    replica_page.once("dialog", lambda dialog: dialog.accept())
-    replica_page.locator("tr[data-vm='app'] button", has_text="Stop test failover").click()
+    click(replica_page, "Stop test failover")
     replica_page.wait_for_selector("tr[data-vm='app'] .testing", state="detached", timeout=60_000)
 
     # Pause and resume from the primary's dashboard.
     page.reload()
     page.wait_for_selector("body[data-loaded='1']")
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.locator("tr[data-vm='app'] button", has_text="Pause").click()
+    click(page, "Pause")
     wait_for(lambda: pair.replication("app")["state"] == "Suspended", 30, "the pause")
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.locator("tr[data-vm='app'] button", has_text="Resume").click()
+    click(page, "Resume")
     wait_for(lambda: pair.replication("app")["state"] == "Replicating", 30, "the resume")
 
     # Planned failover (its first step, on the primary, with the VM off), then cancelled.
     cluster.cli("vm", "stop", "app", "--force", host=PRIMARY)
     page.reload()
     page.wait_for_selector("body[data-loaded='1']")
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.locator("tr[data-vm='app'] button", has_text="Planned failover").click()
+    click(page, "Planned failover")
     wait_for(lambda: pair.replication("app")["state"] == "PreparedForFailover", 60, "prepare")
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.locator("tr[data-vm='app'] button", has_text="Cancel planned failover").click()
+    click(page, "Cancel planned failover")
     wait_for(lambda: pair.replication("app")["state"] == "Replicating", 30, "the cancel")
 
     # Tracking lost (the VM's QEMU killed): Critical, and a resynchronization from the page.
@@ -192,8 +193,7 @@ def test_dashboard_states_and_actions(cluster: Cluster, browser: Browser) -> Non
     cluster.cli("vm", "start", "app", host=PRIMARY)
     page.reload()
     page.wait_for_selector("tr[data-vm='app'] .badge[data-health='Critical']")
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.locator("tr[data-vm='app'] button", has_text="Resynchronize").click()
+    click(page, "Resynchronize")
     wait_for(lambda: pair.replication("app")["state"] == "Replicating", 120, "the resync")
     context.close()
     keep = os.environ.get("VMREPLICA_SCREENSHOTS")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -143,16 +144,7 @@ class Agent:
         host, port = self.config.mgmt_listen
         tls = self.config.tls
         context = server_ssl_context(tls.ca, tls.cert, tls.key)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True).start()
-        except OSError as e:
-            await runner.cleanup()
-            raise ConnectionFailed(
-                f"cannot listen on {host}:{port} for management: {e.strerror or e}"
-            ) from e
-        self._runners.append(runner)
+        await self._serve_tcp(app, host, port, context, "management")
 
     def _listening(self) -> dict[str, bool]:
         return {
@@ -164,14 +156,20 @@ class Agent:
     async def _serve_metrics(self, handler: Handler, host: str, port: int) -> None:
         app = web.Application()
         app.router.add_get("/metrics", handler)
+        await self._serve_tcp(app, loopback_only(host), port, None, "metrics")
+
+    async def _serve_tcp(
+        self, app: web.Application, host: str, port: int, context: ssl.SSLContext | None,
+        what: str,
+    ) -> None:  # fmt: skip
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, loopback_only(host), port, reuse_address=True).start()
+            await web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True).start()
         except OSError as e:
             await runner.cleanup()
             raise ConnectionFailed(
-                f"cannot listen on {host}:{port} for metrics: {e.strerror or e}"
+                f"cannot listen on {host}:{port} for {what}: {e.strerror or e}"
             ) from e
         self._runners.append(runner)
 
