@@ -276,6 +276,10 @@ def test_import_lost_mid_copy(cluster: Cluster) -> None:
         return any(f"pid={pid}," in listening for pid in processes_naming(staging))
 
     wait_for(serving, 20, "the replica's import daemon to listen")
+    # Killed only once the replica has started it and answered (its "serving" line): killed
+    # earlier, the replica's own start-up of the daemon fails instead, with another message.
+    replica_log = cluster.hosts[REPLICA].log
+    wait_for(lambda: "initial copy of app: serving" in replica_log.read_text(), 20, "the open")
     for pid in processes_naming(staging):
         os.kill(pid, signal.SIGKILL)
 
