@@ -33,6 +33,7 @@ async def command(socket: Path, name: str, timeout: float, vm: str) -> Any:
         raise GuestAgentUnavailable(
             f"VM {vm} has no guest agent channel (started by an older agent?): {e}"
         ) from e
+    sent = False
     try:
         token = secrets.randbelow(1 << 31)
         sync = {"execute": "guest-sync-delimited", "arguments": {"id": token}}
@@ -45,6 +46,7 @@ async def command(socket: Path, name: str, timeout: float, vm: str) -> Any:
                 f"the guest agent of VM {vm} does not answer (is qemu-guest-agent installed "
                 "and running in the guest?)"
             ) from None
+        sent = True  # from here on, the guest may have acted on the command
         writer.write(json.dumps({"execute": name}).encode() + b"\n")
         await writer.drain()
         try:
@@ -59,7 +61,8 @@ async def command(socket: Path, name: str, timeout: float, vm: str) -> Any:
             raise VmrError(f"the guest agent of VM {vm} refused {name}: {desc}")
         return answer.get("return")
     except (OSError, ValueError, asyncio.IncompleteReadError) as e:
-        raise GuestAgentUnavailable(f"talking to the guest agent of VM {vm} failed: {e}") from e
+        kind = VmrError if sent else GuestAgentUnavailable
+        raise kind(f"talking to the guest agent of VM {vm} failed: {e}") from e
     finally:
         writer.close()
         with contextlib.suppress(OSError):

@@ -25,7 +25,7 @@ from vmreplica._internal import faults
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.vms import VmService
-from vmreplica._internal.ports.hypervisor import VmProcess
+from vmreplica._internal.ports.hypervisor import GuestAgentUnavailable, VmProcess
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica.errors import VmrError
@@ -76,8 +76,9 @@ class AppConsistency:
         try:
             count = await process.freeze_filesystems(FREEZE_TIMEOUT)
         except VmrError as e:
-            with contextlib.suppress(VmrError):  # a freeze cut short may have frozen some
-                await process.thaw_filesystems(THAW_TIMEOUT)
+            if not isinstance(e, GuestAgentUnavailable):  # it may have frozen some
+                with contextlib.suppress(VmrError):
+                    await process.thaw_filesystems(THAW_TIMEOUT)
             with self._ctx.stores.db.tx() as tx:
                 self._ctx.journal.end_entry(tx, entry)
             self._not_consistent(row, e.message)
