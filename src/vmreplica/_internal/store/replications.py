@@ -19,6 +19,10 @@ from typing import Any, TypedDict, Unpack
 from vmreplica._internal.store.db import Database, Tx
 from vmreplica.errors import NotFound
 
+# ReplicationRow.initial_kind: how initial replication runs when it is not a plain network copy.
+SEED = "seed"  # from a copy already on the replica, compared block by block (a resync of it)
+OFFLINE = "offline"  # on external media, imported on the replica
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:

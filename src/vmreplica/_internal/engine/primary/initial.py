@@ -29,16 +29,13 @@ from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.ports.hypervisor import DiskOwner
-from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.store.replications import OFFLINE, SEED, ReplicationRow
 from vmreplica._internal.transport import media
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import Peer, open_peer
 from vmreplica.errors import InvalidArgument, InvalidState, StorageError, VmrError
 
 log = logging.getLogger("vmreplica.primary")
-
-SEED = "seed"  # initial replication from a copy on the replica: a resynchronization of it
-OFFLINE = "offline"  # initial replication to offline media, imported on the replica
 
 
 class InitialReplication:

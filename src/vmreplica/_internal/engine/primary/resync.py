@@ -29,7 +29,7 @@ from vmreplica._internal.engine.primary.sender import Sender
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.ports.hypervisor import CopySource, DiskOwner
-from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.store.replications import SEED, ReplicationRow
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import Peer, PeerAddress, open_peer
@@ -37,7 +37,6 @@ from vmreplica.errors import InvalidState, VmrError
 
 log = logging.getLogger("vmreplica.primary")
 
-SEED = "seed"  # an initial replication from a copy on the replica runs as a resynchronization
 
 BLOCK_SIZE = 64 << 10  # a qcow2 cluster: a block that differs costs no more than its writes
 BATCH = 16384  # blocks compared between two saves of progress (1 GiB)

@@ -29,7 +29,7 @@ from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.files import fsync_dir, fsync_file
 from vmreplica._internal.ports.hypervisor import ImportTarget
-from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.store.replications import OFFLINE, ReplicationRow
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import InvalidState, StorageError
@@ -58,7 +58,7 @@ class InitialImport:
         async with self._ctx.locks.replica(row.vm_id):
             row = replica_row(self._ctx, row.vm_id)
             check_not_quarantined(self._ctx, row)
-            if row.state == State.WAITING_FOR_INITIAL and row.initial_kind == "offline":
+            if row.state == State.WAITING_FOR_INITIAL and row.initial_kind == OFFLINE:
                 # The primary copies over the network after all: media it wrote is superseded.
                 shutil.rmtree(Path(str(row.storage_dir)) / "queued", ignore_errors=True)
                 self._ctx.stores.replications.update(

@@ -37,7 +37,7 @@ from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.store.journal import JournalEntry
-from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.store.replications import OFFLINE, ReplicationRow
 from vmreplica._internal.transport import media
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
@@ -45,7 +45,6 @@ from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState
 
 log = logging.getLogger("vmreplica.replica")
 
-OFFLINE = "offline"
 QUEUE_DIR = "queued"
 
 

@@ -23,10 +23,10 @@ from vmreplica._internal.engine.replica.common import (
     replica_row,
     staging_dir,
 )
-from vmreplica._internal.engine.replica.media import OFFLINE, MediaImport
+from vmreplica._internal.engine.replica.media import MediaImport
 from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
 from vmreplica._internal.engine.states import State
-from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.store.replications import OFFLINE, ReplicationRow
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file

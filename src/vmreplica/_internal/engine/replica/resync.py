@@ -23,10 +23,9 @@ from vmreplica._internal.engine.replica.common import (
     replica_row,
 )
 from vmreplica._internal.engine.replica.points import RecoveryPoints
-from vmreplica._internal.engine.replica.seed import SEED
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.store.journal import JournalEntry
-from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.store.replications import SEED, ReplicationRow
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import InvalidArgument, InvalidState
 

@@ -30,11 +30,10 @@ from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.store.journal import JournalEntry
-from vmreplica._internal.store.replications import ReplicationRow, Settings
+from vmreplica._internal.store.replications import SEED, ReplicationRow, Settings
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import AccessDenied, InvalidArgument, InvalidState, StorageError
 
-SEED = "seed"
 ANY_PRIMARY = ""  # a seed registered without --allowed-primary: any authorized primary
 
 
