@@ -107,7 +107,8 @@ def test_lost_tracking_resynchronizes_keeping_every_point(cluster: Cluster) -> N
     assert compared == 1024 and 0 < differ * 64 * 1024 < 4 * MiB, finished
     after = point_contents(pair)
     assert {k: after[k] for k in before} == before, "earlier points unchanged"
-    assert len(after) == len(before) + 1, "the resync adds a point"
+    # The resync adds a point; the first cycle after it may add another (interval 1 s).
+    assert len(after) >= len(before) + 1, "the resync adds a point"
     pair.cli("replication", "sync", "app")
     verified_equal(pair)
     assert pair.measure("app")["health"] == "Normal"
