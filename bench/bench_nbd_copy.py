@@ -14,6 +14,8 @@ seven ways, each timed after a ``sync`` (best of --repeat):
   export on loopback TCP, target opened with O_DIRECT, no TLS;
 - ``nbd+tls``: the same with TLS and authz-simple, through ``nbd_copy.serve_import`` and
   ``nbd_copy.convert``: exactly vmreplica's copy phase;
+- ``nbd+tls-psk``: the same with a pre-shared key instead of certificates (``tls-creds-psk``):
+  the initial copy between hosts that authenticate with Kerberos;
 - ``nbd+tls buffered``: the same with a page-cache target (why vmreplica uses O_DIRECT);
 - ``nbd+tls, glibc defaults``: vmreplica's copy without ``BULK_ENV`` (why it sets it).
 
@@ -49,23 +51,32 @@ from vmreplica._internal import certs
 from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.drivers.qemu import nbd_copy
 from vmreplica._internal.drivers.qemu.qsd import start_storage_daemon
+from vmreplica._internal.ports.hypervisor import NbdCredentials, NbdPsk
 
 
 async def into_daemon(
     source: Path, target: Path, work: Path, *, tls: bool, direct: bool,
-    env: Mapping[str, str] = nbd_copy.BULK_ENV,
+    env: Mapping[str, str] = nbd_copy.BULK_ENV, psk: bool = False,
 ) -> float:  # fmt: skip
     """Seconds of the copy of ``source`` into a new image served by a storage daemon."""
     run("qemu-img", "create", "-q", "-f", "qcow2", str(target), str(_virtual_size(source)))
     daemon = await start_storage_daemon((target,), work / "run", direct=direct, env=env)
     try:
         if tls:
-            server = TlsFiles(*(work / "replica" / f for f in ("ca.pem", "cert.pem", "key.pem")))
-            client = TlsFiles(*(work / "primary" / f for f in ("ca.pem", "cert.pem", "key.pem")))
-            server_dir = nbd_copy.tls_creds_dir(work / "run" / "tls", server, "server")
-            client_dir = nbd_copy.tls_creds_dir(work / "client-tls", client, "client")
+            server: NbdCredentials = TlsFiles(
+                *(work / "replica" / f for f in ("ca.pem", "cert.pem", "key.pem"))
+            )
+            client: NbdCredentials = TlsFiles(
+                *(work / "primary" / f for f in ("ca.pem", "cert.pem", "key.pem"))
+            )
+            identity = "CN=primary.bench"
+            if psk:
+                server = client = NbdPsk("vmr-bench", os.urandom(32))
+                identity = "vmr-bench"
+            server_dir = nbd_copy.tls_creds(work / "run" / "tls", server, "server")
+            client_dir = nbd_copy.tls_creds(work / "client-tls", client, "client")
             port, exports = await nbd_copy.serve_import(
-                daemon, ["disk0"], server_dir, "CN=primary.bench", "127.0.0.1"
+                daemon, ["disk0"], server_dir, identity, "127.0.0.1"
             )
 
             async def copy() -> None:
@@ -153,6 +164,7 @@ def main() -> None:
             ("convert -t none", lambda: local("-t", "none")),
             ("nbd", lambda: nbd(tls=False, direct=True)),
             ("nbd+tls (vmreplica)", lambda: nbd(tls=True, direct=True)),
+            ("nbd+tls-psk (Kerberos hosts)", lambda: nbd(tls=True, direct=True, psk=True)),
             ("nbd+tls buffered", lambda: nbd(tls=True, direct=False)),
             ("nbd+tls, glibc defaults", lambda: nbd(tls=True, direct=True, env=glibc_defaults)),
         ]

@@ -210,10 +210,12 @@ class Pair:
     def new_vm(self, name: str, disk: Path) -> None:
         self.cli("vm", "new", name, "--disk-path", str(disk))
 
-    def enable(self, name: str, *extra: str, port: int | None = None) -> None:
+    def enable(
+        self, name: str, *extra: str, port: int | None = None, auth: str = "certificate"
+    ) -> None:
         self.cli(
             "replication", "enable", name, "--replica-server", REPLICA,
-            "--replica-port", str(port or self.port), "--auth", "certificate", *extra,
+            "--replica-port", str(port or self.port), "--auth", auth, *extra,
         )  # fmt: skip
 
     def start_initial(self, name: str) -> None:
@@ -233,8 +235,9 @@ class Pair:
 
 
 @contextlib.contextmanager
-def replication_pair() -> Iterator[Pair]:
-    """Two real agents on loopback, the replica server set up as the integration tests do."""
+def replication_pair(configure: Callable[[Cluster], None] | None = None) -> Iterator[Pair]:
+    """Two real agents on loopback, the replica server set up as the integration tests do;
+    ``configure`` may change the hosts' host.toml before the agents start."""
     # Not /tmp/vmr…: other sessions on a shared machine clean those up with a glob.
     base = Path(tempfile.mkdtemp(prefix="rbench-", dir="/tmp"))
     try:
@@ -243,6 +246,8 @@ def replication_pair() -> Iterator[Pair]:
         shutil.rmtree(base, ignore_errors=True)
         raise
     try:
+        if configure is not None:
+            configure(cluster)
         cluster.start_all()
         port = cluster.hosts[REPLICA].replica_port
         cluster.cli("server", "set", "--enabled", "true", "--auth", "certificate",

@@ -129,11 +129,13 @@ class Cluster:
         )
         return env
 
-    def start(self, name: str, timeout: float = 30.0) -> Host:
+    def start(
+        self, name: str, timeout: float = 30.0, extra_env: dict[str, str] | None = None
+    ) -> Host:
         host = self.hosts[name]
         ready = host.dir / "ready"
         ready.unlink(missing_ok=True)
-        env = self.env(name)
+        env = self.env(name) | (extra_env or {})
         env["VMREPLICA_READY_FILE"] = str(ready)
         with open(host.log, "ab") as log:
             host.process = subprocess.Popen(

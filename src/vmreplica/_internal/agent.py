@@ -20,6 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from vmreplica._internal.api.errors import Handler
+from vmreplica._internal.api.kerberos_listener import KerberosListener, Listeners
 from vmreplica._internal.api.listener import CertificateListener
 from vmreplica._internal.api.methods import build_methods
 from vmreplica._internal.api.metrics import loopback_only, metrics_handler
@@ -35,6 +36,7 @@ from vmreplica._internal.engine.services import build as build_engine
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.store.stores import Stores
 from vmreplica._internal.systemd import Notifier
+from vmreplica._internal.transport.peer import KERBEROS
 from vmreplica.errors import ConnectionFailed, StorageError
 
 log = logging.getLogger("vmreplica.agent")
@@ -86,17 +88,27 @@ class Agent:
             QemuDriver(config.accel), own_port=self._own_port,
         )  # fmt: skip
         self.engine = build_engine(ctx)
-        self.listener = CertificateListener(
-            self.engine.server, self.engine.auth, peer_routes(self.engine)
+        routes = peer_routes(self.engine)
+        self.listener = CertificateListener(self.engine.server, self.engine.auth, routes)
+        self.kerberos = KerberosListener(
+            self.engine.server, self.engine.auth, routes, config.kerberos_keys, config.name
         )
-        self.engine.server.listener = self.listener
+        self.listeners = Listeners(self.listener, self.kerberos)
+        self.engine.server.listener = self.listeners
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
         self.systemd = Notifier()
 
-    def _own_port(self) -> int | None:
+    def _own_port(self, auth: str) -> int | None:
         settings = self.engine.server.get()
-        return settings.certificate_authentication_port if settings.replication_enabled else None
+        if not settings.replication_enabled or settings.allowed_authentication_type not in (
+            auth,
+            "both",
+        ):
+            return None
+        if auth == KERBEROS:
+            return settings.kerberos_authentication_port
+        return settings.certificate_authentication_port
 
     async def start(self) -> None:
         # Helpers an earlier agent left running would hold the image locks recovery needs.
@@ -111,7 +123,7 @@ class Agent:
                 level="warning",
             )
         await self.engine.recover()
-        await self.listener.apply(self.engine.server.get(), self.engine.server.listener_files())
+        await self.listeners.apply(self.engine.server.get(), self.engine.server.listener_files())
         methods = build_methods(self.engine)
         metrics = metrics_handler(self.engine, self._listening)
         await self._serve_unix(make_app(methods, frozenset(), metrics))
@@ -149,6 +161,7 @@ class Agent:
     def _listening(self) -> dict[str, bool]:
         return {
             "certificate": self.listener.port is not None,
+            "kerberos": self.kerberos.port is not None,
             "management": bool(self._runners),
             "metrics": self.config.metrics_listen is not None,
         }
@@ -177,6 +190,7 @@ class Agent:
         await self.engine.primary.scheduler.stop()
         await self.engine.replica.initial.close_all()
         await self.listener.close()
+        await self.kerberos.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

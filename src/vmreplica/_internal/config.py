@@ -31,6 +31,26 @@ class TlsFiles:
     key: Path
 
 
+DEFAULT_KEYTAB = "/etc/krb5.keytab"
+
+
+@dataclass(frozen=True)
+class KerberosKeys:
+    """Where this host's Kerberos keys come from: the keytab, and the principal in it that this
+    host authenticates as when it sends (as a replica it accepts ``HTTP/`` or ``host/`` FQDN)."""
+
+    keytab: Path
+    principal: str
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """What this host proves its identity with to a replica server, for either authentication."""
+
+    tls: TlsFiles
+    kerberos: KerberosKeys
+
+
 @dataclass(frozen=True)
 class HostConfig:
     name: str
@@ -50,6 +70,16 @@ class HostConfig:
     # A plain HTTP port, on a loopback address, that serves only /metrics (for a local
     # Prometheus or node exporter); None: /metrics only on the management listener, with TLS.
     metrics_listen: tuple[str, int] | None = None
+    # None: the defaults, /etc/krb5.keytab and host/NAME (see :attr:`kerberos_keys`).
+    kerberos: KerberosKeys | None = None
+
+    @property
+    def kerberos_keys(self) -> KerberosKeys:
+        return self.kerberos or KerberosKeys(Path(DEFAULT_KEYTAB), f"host/{self.name}")
+
+    @property
+    def credentials(self) -> PeerCredentials:
+        return PeerCredentials(self.tls, self.kerberos_keys)
 
     def resolve_address(self, fqdn: str) -> str:
         """The address to dial for a peer: the ``[resolve]`` override, else the name itself."""
@@ -77,6 +107,11 @@ class HostConfig:
                 else {}
             )
             | ({"allow_qemu_io": True} if self.allow_qemu_io else {})
+            | (
+                {"kerberos": {"keytab": str(k.keytab), "principal": k.principal}}
+                if (k := self.kerberos) is not None
+                else {}
+            )
             | (
                 {"metrics_listen": "{}:{}".format(*self.metrics_listen)}
                 if self.metrics_listen
@@ -174,7 +209,19 @@ def load_host_config(path: Path) -> HostConfig:
         metrics_listen=(
             parse_listen(str(data["metrics_listen"])) if data.get("metrics_listen") else None
         ),
+        kerberos=_kerberos(data.get("kerberos"), path),
     )
+
+
+def _kerberos(value: object, path: Path) -> KerberosKeys | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{path}: [kerberos] must be a table with keytab and principal")
+    keytab, principal = value.get("keytab", DEFAULT_KEYTAB), value.get("principal")
+    if not isinstance(keytab, str) or not isinstance(principal, str) or not principal:
+        raise InvalidArgument(f"{path}: [kerberos] needs keytab and principal as strings")
+    return KerberosKeys(Path(keytab), principal)
 
 
 def _flag(data: Mapping[str, Any], key: str, path: Path) -> bool:

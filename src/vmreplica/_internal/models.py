@@ -124,13 +124,17 @@ class ConnectionTest(Model):
     authorization_entry: str | None
     trust_group: str | None
     reason: str | None
+    # Kerberos tests only: the SPNEGO exchange completed, with mutual authentication.
+    kerberos_ok: bool | None = None
 
     table_fields: ClassVar[tuple[str, ...]] = (
         "computer_name",
         "replica_server",
         "replica_port",
+        "authentication_type",
         "reachable",
         "tls_ok",
+        "kerberos_ok",
         "authorized",
         "authorization_entry",
         "trust_group",
@@ -163,6 +167,9 @@ class Replication(Model):
     initial_replication_progress: float | None = None
     recovery_point_interval_sec: int = 3600
     resynchronization_progress: float | None = None
+    # How replication traffic is protected: "tls" (certificates), "gss-wrap" (Kerberos, bodies
+    # encrypted and integrity-protected) or "gss-mic" (Kerberos, integrity-protected only).
+    wire_protection: str = "tls"
 
     table_fields: ClassVar[tuple[str, ...]] = (
         "computer_name",

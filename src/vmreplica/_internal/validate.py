@@ -123,6 +123,16 @@ def fqdn(value: str, what: str = "server name") -> str:
     return name
 
 
+def kerberos_principal(value: str) -> str:
+    """``service/host[@REALM]`` or ``name[@REALM]``: printable, no spaces, bounded."""
+    if not 0 < len(value) <= 255 or not value.isprintable() or any(c.isspace() for c in value):
+        raise InvalidArgument(
+            f"invalid Kerberos principal {value[:60]!r}: expected one such as "
+            "host/vmhost1.contoso.com@CONTOSO.COM"
+        )
+    return value
+
+
 def primary_server_pattern(value: str) -> str:
     """An allowed-primary pattern: an FQDN, or ``*.`` followed by one (Hyper-V's only wildcard)."""
     pattern = value.lower().rstrip(".")

@@ -9,6 +9,7 @@ later), and nesting deep enough to raise RecursionError. Each of those is refuse
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -60,12 +61,23 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
+# A listener that checks bodies as they arrive (the Kerberos listener's MIC) puts its reader of
+# the request's body here; handlers read bodies only through body_chunks().
+BODY_KEY = "vmreplica.body"
+ChunkSource = Callable[[int], AsyncIterator[bytes]]
+
+
+def body_chunks(request: web.Request, size: int) -> AsyncIterator[bytes]:
+    source: ChunkSource | None = request.get(BODY_KEY)
+    return source(size) if source is not None else request.content.iter_chunked(size)
+
+
 async def read_object(request: web.Request) -> dict[str, Any]:
     """Read at most :data:`MAX_JSON_BODY` bytes, without buffering more than that first."""
-    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY + 4096:
         raise InvalidArgument(f"request body is larger than {MAX_JSON_BODY} bytes")
     raw = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
+    async for chunk in body_chunks(request, 64 * 1024):
         raw += chunk
         if len(raw) > MAX_JSON_BODY:
             raise InvalidArgument(f"request body is larger than {MAX_JSON_BODY} bytes")

@@ -8,6 +8,7 @@ listener as the server settings change.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from vmreplica._internal.engine.authorization import Authorization, Authorizatio
 from vmreplica._internal.engine.server_settings import ListenerFiles, ServerService
 from vmreplica._internal.models import ServerSettings
 from vmreplica._internal.transport import protocol
+from vmreplica._internal.transport.gss import ServerExchange
 from vmreplica.errors import AccessDenied, ConnectionFailed
 
 log = logging.getLogger("vmreplica.listener")
@@ -59,18 +61,36 @@ def local_address(request: web.Request) -> str:
     return str(sockname[0])
 
 
-def _wrap(auth: AuthorizationService, handler: PeerHandler) -> Handler:
+# The Kerberos listener puts the names of the request's authenticated principal here, and the
+# exchange that authenticated it.
+KERBEROS_NAMES_KEY = "vmreplica.kerberos-names"
+KERBEROS_EXCHANGE_KEY = "vmreplica.kerberos-exchange"
+
+
+def kerberos_secret(request: web.Request, label: str) -> bytes | None:
+    """A key only this request's sender also has (Kerberos listener), else None."""
+    exchange: ServerExchange | None = request.get(KERBEROS_EXCHANGE_KEY)
+    return exchange.secret(label) if exchange is not None else None
+
+
+def authenticated_names(request: web.Request) -> list[str]:
+    """The sender's names, by whichever listener the request came in on."""
+    names: list[str] | None = request.get(KERBEROS_NAMES_KEY)
+    return names if names is not None else peer_names(request)
+
+
+def wrap(auth: AuthorizationService, handler: PeerHandler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        names = peer_names(request)
+        names = authenticated_names(request)
         authorization = auth.authorize(names)
+        if KERBEROS_NAMES_KEY in request:
+            authorization = dataclasses.replace(authorization, authentication_type="kerberos")
         return await handler(request, authorization, names)
 
     return wrapped
 
 
-async def _hello(
-    request: web.Request, authz: Authorization, names: list[str]
-) -> web.StreamResponse:
+async def hello(request: web.Request, authz: Authorization, names: list[str]) -> web.StreamResponse:
     await read_object(request)  # it takes no field, but garbage is refused like anywhere else
     settings = request.app[SERVER_KEY].get()
     answer = protocol.HelloAnswer(
@@ -93,7 +113,7 @@ class CertificateListener:
     ) -> None:
         self._server = server
         self._auth = auth
-        self.routes: dict[str, PeerHandler] = {protocol.HELLO: _hello}
+        self.routes: dict[str, PeerHandler] = {protocol.HELLO: hello}
         self.routes.update(extra_routes or {})
         self._runner: web.AppRunner | None = None
         self._key: tuple[int, ListenerFiles] | None = None
@@ -102,7 +122,7 @@ class CertificateListener:
         app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
         app[SERVER_KEY] = self._server
         for path, handler in self.routes.items():
-            app.router.add_post(path, _wrap(self._auth, handler))
+            app.router.add_post(path, wrap(self._auth, handler))
         return app
 
     @property

@@ -130,6 +130,7 @@ def build_methods(engine: Services) -> dict[str, Method]:
             "recovery_history": a.opt_int(args, "recovery_history"),
             "snapshot_frequency_hour": a.opt_int(args, "snapshot_frequency"),
             "compression": a.opt_bool(args, "compression"),
+            "encrypt": a.opt_bool(args, "encrypt"),
             "auto_resynchronize": a.opt_bool(args, "auto_resynchronize"),
             "auto_resync_start": _time(a.opt_str(args, "auto_resynchronize_start")),
             "auto_resync_end": _time(a.opt_str(args, "auto_resynchronize_end")),

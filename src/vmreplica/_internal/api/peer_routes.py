@@ -4,7 +4,8 @@ Every route but ``delta`` and ``boot-file`` takes a JSON object, parsed into its
 (:mod:`vmreplica._internal.transport.protocol`) before the engine sees it, and answers
 ``{"result": …}``; those two stream their body, with the VM id in the query string.
 ``initial-open`` and ``initial-close`` bracket an initial copy, whose data goes over NBD with TLS
-(hypervisor/nbd_copy.py) instead.
+(hypervisor/nbd_copy.py) instead: with the certificates, or on the Kerberos listener with a
+one-time pre-shared key both sides derive from the session key of the initial-open exchange.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
-from vmreplica._internal.api.body import read_object
-from vmreplica._internal.api.listener import PeerHandler, local_address, peer_identity
+from vmreplica._internal.api.body import body_chunks, read_object
+from vmreplica._internal.api.listener import (
+    PeerHandler,
+    kerberos_secret,
+    local_address,
+    peer_identity,
+)
 from vmreplica._internal.engine.authorization import Authorization
+from vmreplica._internal.engine.replica.initial import PeerTls
 from vmreplica._internal.engine.services import Services
+from vmreplica._internal.ports.hypervisor import NbdPsk
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.fields import parse_vm_id
 
@@ -54,7 +62,7 @@ def peer_routes(engine: Services) -> dict[str, PeerHandler]:
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
         vm_id = parse_vm_id(request.query.get("vm_id"), "query parameter vm_id")
-        chunks = request.content.iter_chunked(CHUNK)
+        chunks = body_chunks(request, CHUNK)
         return _answer(await replica.receiver.receive(authz, names, vm_id, chunks))
 
     async def boot_file(
@@ -62,16 +70,21 @@ def peer_routes(engine: Services) -> dict[str, PeerHandler]:
     ) -> web.StreamResponse:
         vm_id = parse_vm_id(request.query.get("vm_id"), "query parameter vm_id")
         kind = p.parse_boot_kind(request.query.get("kind"))
-        chunks = request.content.iter_chunked(CHUNK)
+        chunks = body_chunks(request, CHUNK)
         return _answer(await replica.lifecycle.receive_boot_file(authz, names, vm_id, kind, chunks))
 
     async def initial_open(
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
         typed = p.InitialOpenRequest.from_json(await read_object(request))
+        secret = kerberos_secret(request, p.psk_label(typed.vm_id))
         answer = await replica.initial.open(
             authz, names, typed, listen_host=local_address(request),
-            peer_identity=peer_identity(request),
+            credentials=(
+                NbdPsk(p.psk_username(typed.vm_id), secret)
+                if secret is not None
+                else PeerTls(peer_identity(request))
+            ),
         )  # fmt: skip
         return _answer(answer)
 

@@ -10,7 +10,9 @@ import click
 
 from vmreplica._internal import systemd, validate
 from vmreplica._internal.config import (
+    DEFAULT_KEYTAB,
     HostConfig,
+    KerberosKeys,
     TlsFiles,
     load_host_config,
     parse_listen,
@@ -69,6 +71,12 @@ def group() -> None:
     help="Also serve /metrics over plain HTTP here (a loopback address only).",
 )
 @click.option(
+    "--keytab",
+    type=click.Path(path_type=Path),
+    help=f"Kerberos keytab with this host's keys (default {DEFAULT_KEYTAB}).",
+)
+@click.option("--principal", help="Kerberos principal this host sends as (default host/NAME).")
+@click.option(
     "--out", default=Path("host.toml"), type=click.Path(path_type=Path), show_default=True
 )
 def init(
@@ -84,6 +92,8 @@ def init(
     accel: str,
     initial_copy_ports: str | None,
     metrics_listen: str | None,
+    keytab: Path | None,
+    principal: str | None,
     out: Path,
 ) -> None:
     """Write host.toml for a new host agent."""
@@ -101,6 +111,7 @@ def init(
         accel=accel,
         initial_copy_ports=parse_port_range(initial_copy_ports) if initial_copy_ports else None,
         metrics_listen=_loopback(parse_listen(metrics_listen)) if metrics_listen else None,
+        kerberos=_kerberos_keys(name, keytab, principal),
     )
     write_toml_atomic(out, config.to_toml())
     click.echo(f"wrote {out}")
@@ -176,3 +187,15 @@ def _loopback(listen: tuple[str, int]) -> tuple[str, int]:
             "scrapers use /metrics on the management listener, with TLS"
         )
     return listen
+
+
+def _kerberos_keys(name: str, keytab: Path | None, principal: str | None) -> KerberosKeys | None:
+    """Both defaults: nothing in host.toml (the agent reads /etc/krb5.keytab when Kerberos is
+    used). The keytab is checked only at use: a host may run with certificates alone."""
+    if keytab is None and principal is None:
+        return None
+    if principal is not None:
+        validate.kerberos_principal(principal)
+    return KerberosKeys(
+        (keytab or Path(DEFAULT_KEYTAB)).absolute(), principal or f"host/{name.lower()}"
+    )

@@ -48,7 +48,7 @@ def test_connection(
     if refused:
         first = refused[0]
         reason = first.reason or "refused"
-        if not first.reachable or not first.tls_ok:
+        if not first.reachable or (first.kerberos_ok is None and not first.tls_ok):
             raise ConnectionFailed(reason)
         if reason.startswith("replication disabled"):
             raise InvalidState(reason)
@@ -61,6 +61,8 @@ def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--recovery-history", type=click.IntRange(0, 24), help="Additional hourly points to keep (default 0)."),
         click.option("--snapshot-frequency", type=click.IntRange(1, 12), help="Hours between app-consistent points."),
         click.option("--compression", type=BOOL, help="Compress deltas on the wire (default true)."),
+        click.option("--encrypt", type=BOOL,
+                     help="Kerberos: encrypt bodies (GSS wrap), not only sign them (default false)."),
         click.option("--auto-resynchronize", type=BOOL, help="Resynchronize automatically (default false)."),
         click.option("--auto-resynchronize-start", metavar="HH:MM",
                      help="Start of the automatic resynchronization window (default 18:30)."),

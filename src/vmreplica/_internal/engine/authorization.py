@@ -29,6 +29,8 @@ class Authorization:
     entry: str
     trust_group: str
     storage_location: Path
+    # Which listener the peer came in on: what this host uses to reach it back (reverse).
+    authentication_type: str = "certificate"
 
 
 class AuthorizationService:

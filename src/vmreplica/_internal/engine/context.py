@@ -55,7 +55,8 @@ class Context:
     refusals: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     # This host's certificate listener port, if it listens: a replica needs it to check for
     # split brain and to reverse replication later. The agent sets it.
-    own_port: Callable[[], int | None] = lambda: None
+    # The port of this host's listener for an authentication type, None if it is closed.
+    own_port: Callable[[str], int | None] = lambda auth: None
 
     @property
     def host(self) -> str:

@@ -137,6 +137,7 @@ class ReplicationService:
             last_replication_time=row.last_replication_time, initial_replication_progress=row.initial_progress,
             recovery_point_interval_sec=s.recovery_point_interval,
             resynchronization_progress=_resync_progress(row),
+            wire_protection=wire_protection(row.authentication_type, s.encrypt),
         )  # fmt: skip
 
     def get(
@@ -261,3 +262,9 @@ def _cycles(rows: list[CycleRow]) -> list[health.Cycle]:
         out.append(health.Cycle(r.start, r.end, r.size, r.ok, missed=False, error=r.error))
         out += [health.Cycle(r.start, None, 0, False, missed=True) for _ in range(r.missed)]
     return out
+
+
+def wire_protection(authentication_type: str, encrypt: bool) -> str:
+    if authentication_type != "kerberos":
+        return "tls"
+    return "gss-wrap" if encrypt else "gss-mic"

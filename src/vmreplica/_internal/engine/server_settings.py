@@ -119,11 +119,6 @@ class ServerService:
                 raise InvalidArgument(
                     f"invalid authentication type {changes.auth!r}: use kerberos, certificate or both"
                 )
-            if auth != "certificate":
-                raise InvalidArgument(
-                    f"{auth} authentication is not available in this version of vmreplica: "
-                    "use --auth certificate"
-                )
             new["allowed_authentication_type"] = auth
         if changes.enabled is not None:
             new["replication_enabled"] = changes.enabled

@@ -27,6 +27,19 @@ from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.extents import Extent
 from vmreplica.errors import VmrError
 
+
+@dataclasses.dataclass(frozen=True)
+class NbdPsk:
+    """A one-time pre-shared key for an initial copy between hosts without certificates (the
+    Kerberos listener): both sides derive it from the GSS session key of the call that opened
+    the import, so it never travels."""
+
+    username: str
+    key: bytes
+
+
+NbdCredentials = TlsFiles | NbdPsk
+
 Progress = Callable[[float], None]  # percent done, 0 to 100
 
 
@@ -270,7 +283,7 @@ class HypervisorDriver(Protocol):
         address: str,
         port: int,
         export: str,
-        tls: TlsFiles,
+        tls: NbdCredentials,
         tls_hostname: str,
         work_dir: Path,
         progress: Progress | None = None,
@@ -316,7 +329,7 @@ class HypervisorDriver(Protocol):
         sizes: Sequence[int],
         work_dir: Path,
         vm_name: str,
-        tls: TlsFiles,
+        tls: NbdCredentials,
         peer_identity: str,
         listen_host: str,
         ports: tuple[int, int] | None,

@@ -144,6 +144,10 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE replications ADD COLUMN app_consistent_at TEXT;
     ALTER TABLE replications ADD COLUMN consistency_warning TEXT;
     """,
+    # 8: Kerberos relationships may encrypt their bodies (GSS wrap).
+    """
+    ALTER TABLE replications ADD COLUMN encrypt INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

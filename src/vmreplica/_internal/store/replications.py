@@ -37,6 +37,8 @@ class Settings:
     # Hyper-V's window for an automatic resynchronization, local time; it may wrap midnight.
     auto_resync_start: str = "18:30"
     auto_resync_end: str = "06:00"
+    # Kerberos only: bodies GSS-wrapped with confidentiality, not just MIC'd (TLS always is).
+    encrypt: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,6 +111,7 @@ class RowChanges(TypedDict, total=False):
     primary_server: str
     replica_server: str
     replica_port: int
+    authentication_type: str
     settings: Settings
     disks: tuple[int, ...]
     trust_group: str | None
@@ -144,6 +147,7 @@ class RowChanges(TypedDict, total=False):
 _SETTINGS_COLUMNS = (
     "frequency_sec", "recovery_history", "snapshot_frequency_hour", "compression",
     "auto_resynchronize", "recovery_point_interval", "auto_resync_start", "auto_resync_end",
+    "encrypt",
 )  # fmt: skip
 
 
@@ -154,6 +158,7 @@ def _columns(changes: Mapping[str, Any]) -> dict[str, Any]:
             out.update({c: getattr(value, c) for c in _SETTINGS_COLUMNS})
             out["compression"] = int(value.compression)
             out["auto_resynchronize"] = int(value.auto_resynchronize)
+            out["encrypt"] = int(value.encrypt)
         elif key == "disks":
             out["disks"] = json.dumps(list(value))
         else:
@@ -171,6 +176,7 @@ def _row(r: sqlite3.Row) -> ReplicationRow:
         recovery_point_interval=r["recovery_point_interval"],
         auto_resync_start=r["auto_resync_start"],
         auto_resync_end=r["auto_resync_end"],
+        encrypt=bool(r["encrypt"]),
     )
     plain = {
         f.name: r[f.name]

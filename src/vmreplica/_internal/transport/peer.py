@@ -9,17 +9,19 @@ replica's own error class and message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from vmreplica._internal.certs import client_ssl_context
-from vmreplica._internal.config import TlsFiles
+from vmreplica._internal.config import KerberosKeys, PeerCredentials, TlsFiles
+from vmreplica._internal.transport import gss, signed
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import ConnectionFailed, VmrError, error_from_json
 
@@ -36,26 +38,36 @@ class PeerConnectionFailed(ConnectionFailed):
         self.stage = stage
 
 
+CERTIFICATE = "certificate"
+KERBEROS = "kerberos"
+
+
 @dataclass(frozen=True)
 class PeerAddress:
     fqdn: str
     address: str
     port: int
+    auth: str = CERTIFICATE  # or KERBEROS: the replica's plain-HTTP Kerberos listener
+    encrypt: bool = False  # Kerberos: bodies GSS-wrapped with confidentiality
 
     @property
     def base_url(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"https://{host}:{self.port}"
+        scheme = "http" if self.auth == KERBEROS else "https"
+        return f"{scheme}://{host}:{self.port}"
 
 
 class PeerClient:
-    def __init__(self, peer: PeerAddress, tls: TlsFiles, timeout: float = 30.0) -> None:
+    def __init__(self, peer: PeerAddress, tls: TlsFiles | None, timeout: float = 30.0) -> None:
         self.peer = peer
-        self._ssl = client_ssl_context(tls.ca, tls.cert, tls.key)
-        # Under TLS 1.3 a replica that rejects our certificate only closes the connection after
-        # the handshake, indistinguishable from any other drop; under TLS 1.2 the rejection is
-        # an alert during the handshake, so the operator is told exactly which side refused.
-        self._ssl.maximum_version = ssl.TLSVersion.TLSv1_2
+        self._ssl: ssl.SSLContext | None = None
+        if tls is not None:
+            self._ssl = client_ssl_context(tls.ca, tls.cert, tls.key)
+            # Under TLS 1.3 a replica that rejects our certificate only closes the connection
+            # after the handshake, indistinguishable from any other drop; under TLS 1.2 the
+            # rejection is an alert during the handshake, so the operator is told exactly which
+            # side refused.
+            self._ssl.maximum_version = ssl.TLSVersion.TLSv1_2
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -77,15 +89,27 @@ class PeerClient:
         data: Any = None,
         headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        body = data if data is not None else json.dumps(payload or {}).encode()
+        status, raw, _ = await self.post(path, body, headers)
+        return decode_answer(status, raw)
+
+    def secret(self, label: str) -> bytes | None:
+        """A key only the replica also has, from the last call (Kerberos only)."""
+        del label
+        return None
+
+    async def post(
+        self, path: str, body: Any, headers: dict[str, str] | None
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        """One request; every transport failure as a :class:`PeerConnectionFailed`."""
         assert self._session is not None, "use PeerClient as an async context manager"
         url = self.peer.base_url + path
-        body = data if data is not None else json.dumps(payload or {}).encode()
         try:
             async with self._session.post(
-                url, data=body, ssl=self._ssl, server_hostname=self.peer.fqdn, headers=headers
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
+                url, data=body, headers=headers, ssl=self._ssl or False,
+                server_hostname=self.peer.fqdn if self._ssl else None,
+            ) as resp:  # fmt: skip
+                return resp.status, await resp.read(), resp.headers
         except aiohttp.ClientConnectorCertificateError as e:
             raise self._certificate_failure(e.certificate_error) from e
         except aiohttp.ClientSSLError as e:
@@ -120,14 +144,6 @@ class PeerClient:
             raise PeerConnectionFailed(
                 UNREACHABLE, f"unreachable: {self._describe()} did not answer in time"
             ) from e
-        try:
-            decoded = json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
-            decoded = None
-        if status >= 400 or not isinstance(decoded, dict):
-            raise error_from_json(decoded, status)
-        result = decoded.get("result", {})
-        return result if isinstance(result, dict) else {"value": result}
 
     def _certificate_failure(self, err: BaseException) -> VmrError:
         text = str(err)
@@ -155,9 +171,100 @@ class PeerClient:
         )
 
 
+def decode_answer(status: int, raw: bytes) -> dict[str, Any]:
+    """A replica's answer: its result, or its refusal raised as the replica's own error class."""
+    try:
+        decoded = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        decoded = None
+    if status >= 400 or not isinstance(decoded, dict):
+        raise error_from_json(decoded, status)
+    result = decoded.get("result", {})
+    return result if isinstance(result, dict) else {"value": result}
+
+
 def _looks_like_tls_alert(err: BaseException) -> bool:
     text = f"{err} {err.__cause__ or ''}".lower()
     return any(word in text for word in ("alert", "unknown ca", "certificate", "ssl"))
+
+
+class KerberosPeerClient(PeerClient):
+    """The same calls to a replica's Kerberos listener: each one negotiates its own SPNEGO
+    exchange (mutual authentication checked before anything else is trusted), then goes with
+    its body's MIC, and its answer is accepted only with a MIC that verifies
+    (transport/signed.py)."""
+
+    def __init__(self, peer: PeerAddress, keys: KerberosKeys, timeout: float = 30.0) -> None:
+        super().__init__(peer, None, timeout)
+        self._initiator = _initiator(keys)
+        self._last: gss.ClientExchange | None = None
+
+    def secret(self, label: str) -> bytes | None:
+        return self._last.secret(label) if self._last is not None else None
+
+    async def call(
+        self,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        exchange = await asyncio.to_thread(self._initiator.start, self.peer.fqdn)
+        auth = {"Authorization": f"Negotiate {signed.b64(exchange.token)}"}
+        status, raw, answer_headers = await self.post(p.NEGOTIATE, b"", auth)
+        if status != 200:
+            decode_answer(status, raw)  # the replica's refusal, unsigned: there is no key yet
+        scheme, _, reply = answer_headers.get("WWW-Authenticate", "").partition(" ")
+        if scheme.lower() != "negotiate":
+            raise gss.KerberosFailed(f"Kerberos: {self._describe()} sent no reply token")
+        exchange.finish(signed.unb64(reply, "reply token"))
+        context = self._verified(exchange, status, raw, answer_headers).get("context")
+        if not isinstance(context, str):
+            raise gss.KerberosFailed(f"Kerberos: {self._describe()} named no context")
+        body = data if data is not None else json.dumps(payload or {}).encode()
+        extra = {signed.CONTEXT_HEADER: context}
+        sign = lambda digest: exchange.mic(signed.request_message("POST", path, digest))  # noqa: E731
+        if self.peer.encrypt:
+            extra[signed.PROTECTION_HEADER] = signed.SEALED
+            sent = signed.sealed_body(body, exchange.wrap, sign)
+        else:
+            sent = signed.signed_body(body, sign)
+        status, raw, answer_headers = await self.post(path, sent, {**(headers or {}), **extra})
+        if self.peer.encrypt and answer_headers.get(signed.PROTECTION_HEADER) == signed.SEALED:
+            return self._opened(exchange, status, raw)
+        if self.peer.encrypt and status < 400:
+            raise gss.KerberosFailed(
+                f"tampered answer: the answer of {self._describe()} is not sealed"
+            )
+        answer = self._verified(exchange, status, raw, answer_headers)
+        self._last = exchange
+        return answer
+
+    def _opened(self, exchange: gss.ClientExchange, status: int, raw: bytes) -> dict[str, Any]:
+        answer = decode_answer(status, signed.open_answer(status, raw, exchange.unwrap))
+        self._last = exchange
+        return answer
+
+    def _verified(
+        self, exchange: gss.ClientExchange, status: int, raw: bytes, headers: Mapping[str, str]
+    ) -> dict[str, Any]:
+        mic = headers.get(signed.MIC_HEADER)
+        if mic is None:
+            if status >= 400:
+                decode_answer(status, raw)  # a refusal before the context was known
+            raise gss.KerberosFailed(
+                f"tampered answer: the answer of {self._describe()} has no MIC"
+            )
+        exchange.verify(signed.answer_message(status, raw), signed.unb64(mic, "answer MIC"))
+        return decode_answer(status, raw)
+
+
+_INITIATORS: dict[KerberosKeys, gss.Initiator] = {}
+
+
+def _initiator(keys: KerberosKeys) -> gss.Initiator:
+    """One per identity for the agent's life: its ticket cache outlives any one connection."""
+    return _INITIATORS.setdefault(keys, gss.Initiator(keys))
 
 
 class Peer:
@@ -166,6 +273,10 @@ class Peer:
 
     def __init__(self, client: PeerClient) -> None:
         self._client = client
+
+    @property
+    def client(self) -> PeerClient:
+        return self._client
 
     @property
     def address(self) -> PeerAddress:
@@ -185,9 +296,13 @@ class Peer:
     async def status(self, request: p.StatusRequest) -> p.StatusAnswer:
         return p.StatusAnswer.from_json(await self._client.call(p.STATUS, request.to_json()))
 
-    async def initial_open(self, request: p.InitialOpenRequest) -> p.InitialOpenAnswer:
+    async def initial_open(
+        self, request: p.InitialOpenRequest
+    ) -> tuple[p.InitialOpenAnswer, bytes | None]:
+        """The import's port and exports, and for Kerberos the key of its NBD TLS (PSK)."""
         answer = await self._client.call(p.INITIAL_OPEN, request.to_json())
-        return p.InitialOpenAnswer.from_json(answer)
+        secret = self._client.secret(p.psk_label(request.vm_id))
+        return p.InitialOpenAnswer.from_json(answer), secret
 
     async def initial_close(self, request: p.InitialCloseRequest) -> p.SequenceAnswer:
         answer = await self._client.call(p.INITIAL_CLOSE, request.to_json())
@@ -229,7 +344,12 @@ _STREAM = {"Content-Type": "application/octet-stream"}
 
 @contextlib.asynccontextmanager
 async def open_peer(
-    address: PeerAddress, tls: TlsFiles, timeout: float = 30.0
+    address: PeerAddress, creds: PeerCredentials, timeout: float = 30.0
 ) -> AsyncIterator[Peer]:
-    async with PeerClient(address, tls, timeout) as client:
+    client = (
+        KerberosPeerClient(address, creds.kerberos, timeout)
+        if address.auth == KERBEROS
+        else PeerClient(address, creds.tls, timeout)
+    )
+    async with client:
         yield Peer(client)

@@ -35,6 +35,17 @@ RESYNC_HASHES = f"{PREFIX}/resync-hashes"
 RESYNC_FINISH = f"{PREFIX}/resync-finish"
 RESYNC_CANCEL = f"{PREFIX}/resync-cancel"
 INITIAL_OFFLINE = f"{PREFIX}/initial-offline"
+NEGOTIATE = f"{PREFIX}/negotiate"  # Kerberos listener only: the SPNEGO exchange of one call
+
+
+def psk_label(vm_id: str) -> str:
+    """What the NBD key of a VM's initial copy over Kerberos is derived for."""
+    return f"initial-copy {vm_id}"
+
+
+def psk_username(vm_id: str) -> str:
+    return f"vmr-{vm_id[:12]}"
+
 
 MAX_DISKS = 64
 MAX_DISK_SIZE = 1 << 50  # 1 PiB: qcow2's own limit is lower
@@ -60,6 +71,7 @@ class SettingsBody:
     recovery_point_interval: int
     auto_resync_start: str = "18:30"
     auto_resync_end: str = "06:00"
+    encrypt: bool = False
 
     @classmethod
     def parse(cls, body: Body) -> Self:
@@ -72,6 +84,7 @@ class SettingsBody:
             recovery_point_interval=body.integer("recovery_point_interval", 1, 86400),
             auto_resync_start=body.opt_string("auto_resync_start", 5) or "18:30",
             auto_resync_end=body.opt_string("auto_resync_end", 5) or "06:00",
+            encrypt=body.boolean("encrypt", False),
         )
 
     def to_json(self) -> dict[str, Any]:

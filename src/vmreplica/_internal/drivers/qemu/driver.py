@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.drivers.qemu import (
     block_hash,
     children,
@@ -34,6 +33,7 @@ from vmreplica._internal.extents import Extent, coalesce
 from vmreplica._internal.ports.hypervisor import (
     CopySource,
     DiskOwner,
+    NbdCredentials,
     Progress,
     VmProcess,
     VmSpec,
@@ -222,14 +222,14 @@ class QemuDriver:
         address: str,
         port: int,
         export: str,
-        tls: TlsFiles,
+        tls: NbdCredentials,
         tls_hostname: str,
         work_dir: Path,
         progress: Progress | None = None,
     ) -> None:
         assert isinstance(source, nbd_copy.Source), "a source of another driver"
-        tls_dir = nbd_copy.tls_creds_dir(work_dir / INITIAL_DIR / "tls", tls, "client")
-        await nbd_copy.convert(source, disk, address, port, export, tls_dir, tls_hostname, progress)
+        creds = nbd_copy.tls_creds(work_dir / INITIAL_DIR / "tls", tls, "client")
+        await nbd_copy.convert(source, disk, address, port, export, creds, tls_hostname, progress)
 
     async def export_to_file(
         self, source: CopySource, disk: int, dest: Path, progress: Progress | None = None
@@ -271,7 +271,7 @@ class QemuDriver:
         sizes: Sequence[int],
         work_dir: Path,
         vm_name: str,
-        tls: TlsFiles,
+        tls: NbdCredentials,
         peer_identity: str,
         listen_host: str,
         ports: tuple[int, int] | None,
@@ -285,10 +285,10 @@ class QemuDriver:
             tuple(files), run_dir, vm_name, direct=direct, env=nbd_copy.BULK_ENV
         )
         try:
-            tls_dir = nbd_copy.tls_creds_dir(run_dir / "tls", tls, "server")
+            creds = nbd_copy.tls_creds(run_dir / "tls", tls, "server")
             nodes = [node_name(i) for i in range(len(files))]
             port, exports = await nbd_copy.serve_import(
-                daemon, nodes, tls_dir, peer_identity, listen_host, ports
+                daemon, nodes, creds, peer_identity, listen_host, ports
             )
         except BaseException:
             await daemon.kill()

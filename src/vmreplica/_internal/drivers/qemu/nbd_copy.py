@@ -39,6 +39,7 @@ from vmreplica._internal.drivers.qemu.block_hash import NbdView
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.children import die_with_parent
 from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
+from vmreplica._internal.ports.hypervisor import NbdCredentials, NbdPsk
 from vmreplica.errors import ConnectionFailed, StorageError, VmrError
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "file_source",
     "serve_import",
     "supports_direct_io",
+    "tls_creds",
     "tls_creds_dir",
 ]
 
@@ -89,6 +91,44 @@ def file_source(disks: Sequence[Path]) -> Source:
         ),
         tuple(NbdView(image=d) for d in disks),
     )
+
+
+@dataclass(frozen=True)
+class TlsCreds:
+    """QEMU's TLS credentials object for one side of a copy: ``tls-creds-x509`` (certificates)
+    or ``tls-creds-psk`` (a one-time key, :class:`NbdPsk`), in its directory."""
+
+    kind: Literal["x509", "psk"]
+    directory: Path
+    username: str | None = None
+
+    @property
+    def priority(self) -> str | None:
+        # TLS 1.3 with a SHA-256 PSK cannot use AES-256-GCM (a SHA-384 suite), and GnuTLS's
+        # next choice is ChaCha20-Poly1305: 5 times the CPU of AES-GCM on hosts with AES-NI
+        # (bench_nbd_copy.py). AES-128-GCM first; ChaCha20 stays as the last resort.
+        return "NORMAL:-CHACHA20-POLY1305:+CHACHA20-POLY1305" if self.kind == "psk" else None
+
+    def options(self, endpoint: str) -> str:
+        opts = (
+            f"tls-creds-{self.kind},id={_TLS_ID},dir={_kv(str(self.directory))},endpoint={endpoint}"
+        )
+        if self.username:
+            opts += f",username={_kv(self.username)}"
+        return opts + (f",priority={_kv(self.priority)}" if self.priority else "")
+
+
+def tls_creds(
+    directory: Path, creds: NbdCredentials, endpoint: Literal["server", "client"]
+) -> TlsCreds:
+    if isinstance(creds, NbdPsk):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        keys = directory / "keys.psk"
+        fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{creds.username}:{creds.key.hex()}\n")
+        return TlsCreds("psk", directory, creds.username if endpoint == "client" else None)
+    return TlsCreds("x509", tls_creds_dir(directory, creds, endpoint))
 
 
 def tls_creds_dir(directory: Path, tls: TlsFiles, endpoint: Literal["server", "client"]) -> Path:
@@ -265,21 +305,24 @@ def _candidates(host: str, ports: tuple[int, int] | None) -> list[int]:
 async def serve_import(
     target: QmpTarget,
     nodes: Sequence[str],
-    tls_dir: Path,
+    creds: TlsCreds,
     identity: str,
     host: str,
     ports: tuple[int, int] | None = None,
 ) -> tuple[int, tuple[str, ...]]:
-    """Export ``nodes`` writable over NBD+TLS on ``host``, to ``identity`` (an X.509 DN) only.
+    """Export ``nodes`` writable over NBD+TLS on ``host``, to ``identity`` (an X.509 DN, or the
+    PSK user name) only.
 
     Returns the port (from ``ports`` if given) and the export names; the names are random, so
     that knowing a VM is not enough to write into its import.
     """
-    await target.execute(
-        "object-add",
-        {"qom-type": "tls-creds-x509", "id": _TLS_ID, "dir": str(tls_dir), "endpoint": "server",
-         "verify-peer": True},
-    )  # fmt: skip
+    tls_object: dict[str, object] = {"qom-type": f"tls-creds-{creds.kind}", "id": _TLS_ID,
+                                     "dir": str(creds.directory), "endpoint": "server"}  # fmt: skip
+    if creds.kind == "x509":
+        tls_object["verify-peer"] = True
+    if creds.priority:
+        tls_object["priority"] = creds.priority
+    await target.execute("object-add", tls_object)
     await target.execute(
         "object-add", {"qom-type": "authz-simple", "id": _AUTHZ_ID, "identity": identity}
     )
@@ -323,7 +366,7 @@ async def convert(
     host: str,
     port: int,
     export: str,
-    tls_dir: Path,
+    creds: TlsCreds,
     tls_hostname: str,
     progress: Progress | None = None,
     env: Mapping[str, str] = BULK_ENV,
@@ -334,11 +377,11 @@ async def convert(
     """
     argv = [
         qemu_img.QEMU_IMG, "convert", "-p", "-n", "-W", "-m", "16", "--target-is-zero",
-        "--object", f"tls-creds-x509,id={_TLS_ID},dir={_kv(str(tls_dir))},endpoint=client",
+        "--object", creds.options("client"),
         "--image-opts", source.image_opts[disk],
         "--target-image-opts",
         f"driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},"
-        f"tls-creds={_TLS_ID},tls-hostname={_kv(tls_hostname)}",
+        f"tls-creds={_TLS_ID}" + (f",tls-hostname={_kv(tls_hostname)}" if creds.kind == "x509" else ""),
     ]  # fmt: skip
     status, message = await _run_convert(argv, progress, env)
     if status != 0:

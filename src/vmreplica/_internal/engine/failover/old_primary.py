@@ -124,7 +124,7 @@ class OldPrimary:
                 primary_server=peer_names[0], replica_server=self._ctx.host, sequence=0,
                 acked_sequence=0, generation=0, storage_dir=str(root),
                 trust_group=authz.trust_group, auth_entry=authz.entry,
-                peer_port=req.new_primary_port, last_replication_time=now_iso(),
+                authentication_type=authz.authentication_type, peer_port=req.new_primary_port, last_replication_time=now_iso(),
                 send_failure=None, last_error=None, disks=tuple(range(len(row.disks))),
             )  # fmt: skip
             self._ctx.events.record(

@@ -54,7 +54,9 @@ class Reverse(FailoverBase):
             raise InvalidArgument(
                 f"give --replica-port: the certificate port of {server} is not known here"
             )
-        peer = peer_address(self._ctx.config, server, port)
+        peer = peer_address(
+            self._ctx.config, server, port, row.authentication_type, row.settings.encrypt
+        )
         async with self._ctx.locks.vm(rec.id):
             rec, row = self._row(name)
             allows(row, Command.REVERSE)
@@ -66,10 +68,10 @@ class Reverse(FailoverBase):
                 )
             here = await self._changes_above_point(row)
             request = p.ReverseRequest(
-                vm_id=row.vm_id, vm_name=name, new_primary_port=self._ctx.own_port(),
+                vm_id=row.vm_id, vm_name=name, new_primary_port=self._ctx.own_port(row.authentication_type),
                 failback_extents=True,  # this host takes the ranges of a delta failback
             )  # fmt: skip
-            async with open_peer(peer, self._ctx.config.tls) as old_primary:
+            async with open_peer(peer, self._ctx.config.credentials) as old_primary:
                 answer = await old_primary.reverse(request)
             extents, reason = _failback_extents(answer, here, len(row.disks))
             command = Command.REVERSE if reason is None else Command.REVERSE_WITHOUT_TRACKING

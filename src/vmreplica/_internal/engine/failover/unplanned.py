@@ -80,8 +80,11 @@ class Failover(FailoverBase):
             "it is off there, then fail over with --force"
         )
         try:
-            address = peer_address(self._ctx.config, primary, row.peer_port)
-            async with open_peer(address, self._ctx.config.tls, 5) as peer:
+            address = peer_address(
+                self._ctx.config, primary, row.peer_port, row.authentication_type,
+                row.settings.encrypt,
+            )  # fmt: skip
+            async with open_peer(address, self._ctx.config.credentials, 5) as peer:
                 answer = await peer.vm_state(p.VmRequest(row.vm_id))
         except PeerConnectionFailed as e:
             if e.stage != UNREACHABLE:

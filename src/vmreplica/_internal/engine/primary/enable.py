@@ -15,14 +15,14 @@ from typing import Any
 import blake3
 
 from vmreplica._internal import validate
-from vmreplica._internal.engine.connect import peer_address
+from vmreplica._internal.engine.connect import authentication_type, peer_address
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.store.replications import ReplicationRow, Settings
 from vmreplica._internal.transport import protocol as p
-from vmreplica._internal.transport.peer import open_peer
+from vmreplica._internal.transport.peer import KERBEROS, open_peer
 from vmreplica.errors import InvalidArgument, InvalidState, StorageError
 
 
@@ -37,11 +37,9 @@ class PrimaryEnable:
         self, name: str, replica_server: str, replica_port: int, auth: str, settings: Settings,
         exclude_disks: list[str],
     ) -> ReplicationRow:  # fmt: skip
-        if auth.lower() != "certificate":
-            raise InvalidArgument(
-                f"{auth} authentication is not available in this version of vmreplica: use --auth certificate"
-            )
+        auth = authentication_type(auth)
         validate.replication_settings(settings)
+        _check_encrypt(auth, settings)
         rec = self._vms.find(name)
         if self._store.find(rec.id) is not None:
             raise InvalidState(f"replication is already enabled for VM {name}")
@@ -53,11 +51,11 @@ class PrimaryEnable:
         if not disks:
             raise InvalidArgument(f"VM {name} would have no disk left to replicate")
         sizes = [await self._ctx.driver.virtual_size(rec.disks[i]) for i in disks]
-        peer = peer_address(self._ctx.config, replica_server, replica_port)
+        peer = peer_address(self._ctx.config, replica_server, replica_port, auth, settings.encrypt)
         row = ReplicationRow(
             vm_id=rec.id, vm_name=name, mode="Primary", state=State.READY_FOR_INITIAL,
             primary_server=self._ctx.host, replica_server=peer.fqdn, replica_port=peer.port,
-            authentication_type="certificate", settings=settings, disks=disks, trust_group=None,
+            authentication_type=auth, settings=settings, disks=disks, trust_group=None,
             auth_entry=None, storage_dir=None, sequence=0, acked_sequence=0, generation=0,
             last_replication_time=None, last_replication_size=None, initial_progress=None,
             initial_size=None, enabled_time=now_iso(), stats_since=now_iso(), last_error=None,
@@ -72,10 +70,10 @@ class PrimaryEnable:
         request = p.EnableRequest(
             vm_id=rec.id, vm_name=name, cpus=rec.cpus, memory_mb=rec.memory_mb,
             disk_sizes=tuple(sizes), settings=p.SettingsBody(**settings.to_json()),
-            replica_port=peer.port, primary_port=self._ctx.own_port(), append=rec.append,
+            replica_port=peer.port, primary_port=self._ctx.own_port(auth), append=rec.append,
             kernel=digests.get("kernel"), initrd=digests.get("initrd"),
         )  # fmt: skip
-        async with open_peer(peer, self._ctx.config.tls) as replica:
+        async with open_peer(peer, self._ctx.config.credentials) as replica:
             await replica.hello()
             answer = await replica.enable(request)
             for kind, path in boot.items():  # the replica boots its own copy after a failover
@@ -97,12 +95,20 @@ class PrimaryEnable:
         current = row.settings.to_json()
         current.update({k: v for k, v in changes.items() if v is not None})
         settings = validate.replication_settings(Settings(**current))
+        _check_encrypt(row.authentication_type, settings)
         self._store.update(rec.id, settings=settings)
         self._ctx.events.record(
             "replication-changed", f"replication settings of {name} changed", name
         )
         self._kick(rec.id)
         return self._store.get(rec.id, name)
+
+
+def _check_encrypt(auth: str, settings: Settings) -> None:
+    if settings.encrypt and auth != KERBEROS:
+        raise InvalidArgument(
+            "--encrypt is for Kerberos: replication with certificates is always encrypted (TLS)"
+        )
 
 
 def _digest(path: Path) -> p.BootFileInfo:

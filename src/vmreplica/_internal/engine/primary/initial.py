@@ -22,13 +22,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmreplica._internal import faults
-from vmreplica._internal.engine.connect import peer_address
+from vmreplica._internal.engine.connect import replica_address
 from vmreplica._internal.engine.context import Context, allows, move
 from vmreplica._internal.engine.events import now_iso, start_time_of
 from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmService
-from vmreplica._internal.ports.hypervisor import DiskOwner
+from vmreplica._internal.ports.hypervisor import DiskOwner, NbdCredentials, NbdPsk
 from vmreplica._internal.store.replications import OFFLINE, SEED, ReplicationRow
 from vmreplica._internal.transport import media
 from vmreplica._internal.transport import protocol as p
@@ -150,8 +150,8 @@ class InitialReplication:
     async def run(self, row: ReplicationRow) -> None:
         """Copy every replicated disk and record the relationship as replicating."""
         started = datetime.now(UTC)
-        peer = peer_address(self._ctx.config, row.replica_server, row.replica_port)
-        async with open_peer(peer, self._ctx.config.tls, timeout=120.0) as replica:
+        peer = replica_address(self._ctx.config, row)
+        async with open_peer(peer, self._ctx.config.credentials, timeout=120.0) as replica:
             status = await replica.status(p.StatusRequest(row.vm_id))
             if row.initial_kind == OFFLINE:
                 size = await self._export(row, replica)
@@ -234,7 +234,10 @@ class InitialReplication:
                 )
                 async with driver.point_in_time(owner, generation=1) as source:
                     await faults.ahit("primary.before_initial_copy")
-                    opened = await opening
+                    opened, secret = await opening
+                    creds: NbdCredentials = (
+                        tls if secret is None else NbdPsk(p.psk_username(row.vm_id), secret)
+                    )
                     marks.append(time.monotonic())
                     if len(opened.exports) != len(disks):
                         raise InvalidState(
@@ -243,7 +246,7 @@ class InitialReplication:
                         )
                     for disk, export in enumerate(opened.exports):
                         await driver.copy_to(
-                            source, disk, address.address, opened.port, export, tls,
+                            source, disk, address.address, opened.port, export, creds,
                             address.fqdn, run_dir, functools.partial(progress, disk),
                         )  # fmt: skip
                     marks.append(time.monotonic())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from vmreplica._internal import faults
-from vmreplica._internal.engine.connect import peer_address
+from vmreplica._internal.engine.connect import replica_address
 from vmreplica._internal.engine.context import Context, allows, move
 from vmreplica._internal.engine.events import now_iso, start_time_of
 from vmreplica._internal.engine.primary.pending import PendingLog
@@ -141,7 +141,7 @@ class Resync:
                                     f"{what} of {name} stopped", name, tx=tx)  # fmt: skip
         self._pending.clear(row.vm_id)
         try:
-            async with open_peer(self._peer(row), self._ctx.config.tls) as replica:
+            async with open_peer(self._peer(row), self._ctx.config.credentials) as replica:
                 await replica.resync_cancel(p.VmRequest(row.vm_id))
         except VmrError as e:
             # Its overlays stay until the next resynchronization or stop reaches it; nothing
@@ -170,12 +170,14 @@ class Resync:
     # -- the job -----------------------------------------------------------------------------
 
     def _peer(self, row: ReplicationRow) -> PeerAddress:
-        return peer_address(self._ctx.config, row.replica_server, row.replica_port)
+        return replica_address(self._ctx.config, row)
 
     async def run(self, row: ReplicationRow) -> None:
         """Compare and send until every block of every disk was compared, then finish."""
         tally = _Tally(began=time.monotonic())
-        async with open_peer(self._peer(row), self._ctx.config.tls, timeout=120.0) as replica:
+        async with open_peer(
+            self._peer(row), self._ctx.config.credentials, timeout=120.0
+        ) as replica:
             status = await replica.status(p.StatusRequest(row.vm_id))
             fresh = row.resync_next is None
             if fresh:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 from vmreplica._internal import faults
-from vmreplica._internal.engine.connect import peer_address
+from vmreplica._internal.engine.connect import replica_address
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.primary.pending import PendingLog
@@ -36,10 +36,10 @@ class Sender:
         self._pending = pending
 
     async def send(self, row: ReplicationRow, started: datetime, missed: int = 0) -> None:
-        peer = peer_address(self._ctx.config, row.replica_server, row.replica_port)
+        peer = replica_address(self._ctx.config, row)
         async with (
             self._ctx.locks.send(row.vm_id),
-            open_peer(peer, self._ctx.config.tls, timeout=60.0) as replica,
+            open_peer(peer, self._ctx.config.credentials, timeout=60.0) as replica,
         ):
             settings = p.SettingsBody(**row.settings.to_json())
             status = await replica.status(p.StatusRequest(row.vm_id, settings))

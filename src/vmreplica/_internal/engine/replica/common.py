@@ -40,7 +40,7 @@ def register_replica(
         ReplicationRow(
             vm_id=req.vm_id, vm_name=name, mode=REPLICA, state=State.WAITING_FOR_INITIAL,
             primary_server=peer_names[0], replica_server=ctx.host, replica_port=req.replica_port,
-            authentication_type="certificate", settings=settings,
+            authentication_type=authz.authentication_type, settings=settings,
             disks=tuple(range(len(req.disk_sizes))), trust_group=authz.trust_group,
             auth_entry=authz.entry, storage_dir=str(storage), sequence=0, acked_sequence=0,
             generation=0, last_replication_time=None, last_replication_size=None,

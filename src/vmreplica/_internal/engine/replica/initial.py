@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 from collections.abc import Iterator
@@ -28,13 +29,20 @@ from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.files import fsync_dir, fsync_file
-from vmreplica._internal.ports.hypervisor import ImportTarget
+from vmreplica._internal.ports.hypervisor import ImportTarget, NbdPsk
 from vmreplica._internal.store.replications import OFFLINE, ReplicationRow
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import InvalidState, StorageError
 
 log = logging.getLogger("vmreplica.replica")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerTls:
+    """The sender's client-certificate subject, as the copy's TLS authorizes it."""
+
+    subject: str
 
 
 class InitialImport:
@@ -51,8 +59,10 @@ class InitialImport:
 
     async def open(
         self, authz: Authorization, peer_names: list[str], req: p.InitialOpenRequest, *,
-        listen_host: str, peer_identity: str,
+        listen_host: str, credentials: PeerTls | NbdPsk,
     ) -> p.InitialOpenAnswer:  # fmt: skip
+        """``credentials``: the sender's certificate subject (the copy's TLS then uses this
+        host's certificates), or the key both sides derived (Kerberos)."""
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
@@ -79,9 +89,14 @@ class InitialImport:
                 staging, f"cannot prepare the initial copy of {row.vm_name}"
             ):
                 staging.mkdir(parents=True)
+                tls, identity = (
+                    (self._ctx.config.tls, credentials.subject)
+                    if isinstance(credentials, PeerTls)
+                    else (credentials, credentials.username)
+                )
                 target = await self._ctx.driver.open_import(
-                    files, sizes, self._vms.run_dir(row.vm_id), row.vm_name, self._ctx.config.tls,
-                    peer_identity, listen_host, self._ctx.config.initial_copy_ports,
+                    files, sizes, self._vms.run_dir(row.vm_id), row.vm_name, tls, identity,
+                    listen_host, self._ctx.config.initial_copy_ports,
                 )  # fmt: skip
             self._imports[row.vm_id] = (target, now_iso())
         log.info(
