@@ -138,7 +138,7 @@ def test_enable_refusals_leave_nothing_behind(cluster: Cluster) -> None:
         ("--snapshot-frequency", "2"): (2, "needs --recovery-history above 0"),
         ("--exclude-disk", "/nonexistent.qcow2"): (2, "not a disk of VM db"),
         ("--frequency", "60"): (2, "'60' is not one of"),
-        ("--auth", "kerberos"): (2, "kerberos authentication is not available"),
+        ("--encrypt", "true"): (2, "--encrypt is for Kerberos"),
     }
     for extra, (code, text) in bad.items():
         result = cluster.cli("replication", "enable", "db", "--replica-server", REPLICA, "--replica-port",
