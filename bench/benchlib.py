@@ -276,6 +276,7 @@ class CountingProxy:
         self.port = 0
         self.upstream = 0  # primary -> replica
         self.downstream = 0  # replica -> primary
+        self._up_samples: list[tuple[float, int]] = []  # (monotonic time, upstream so far)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -295,6 +296,18 @@ class CountingProxy:
     def reset(self) -> None:
         with self._lock:
             self.upstream = self.downstream = 0
+            self._up_samples = []
+
+    def upstream_rate(self, settle: float = 1.0) -> float:
+        """Sustained bits per second towards the replica since the last reset: from ``settle``
+        seconds after the first byte (a throttle's first burst goes at once) to the last."""
+        with self._lock:
+            samples = list(self._up_samples)
+        if not samples:
+            return 0.0
+        start = next((s for s in samples if s[0] >= samples[0][0] + settle), samples[0])
+        span = samples[-1][0] - start[0]
+        return (samples[-1][1] - start[1]) * 8 / span if span > 0 else 0.0
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
@@ -336,6 +349,7 @@ class CountingProxy:
                 with self._lock:
                     if upstream:
                         self.upstream += len(data)
+                        self._up_samples.append((time.monotonic(), self.upstream))
                     else:
                         self.downstream += len(data)
                 writer.write(data)

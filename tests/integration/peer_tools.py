@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import sqlite3
+import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +125,8 @@ class TcpProxy:
         self.port = self._server.getsockname()[1]
         self._lock = threading.Lock()
         self._bytes = 0
+        self._upstream: list[tuple[float, int]] = []  # (time, bytes so far) towards the agent
+        self._upstream_bytes = 0
         self._stop = False
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -142,11 +147,13 @@ class TcpProxy:
                 return  # closed
             upstream = socket.create_connection(("127.0.0.1", self._target))
             threading.Thread(
-                target=self._pump, args=(client, upstream, self.limit), daemon=True
+                target=self._pump, args=(client, upstream, self.limit, True), daemon=True
             ).start()
             threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, limit: int | None, up: bool = False
+    ) -> None:
         sent = 0
         try:
             while data := src.recv(65536):
@@ -157,6 +164,9 @@ class TcpProxy:
                 sent += len(data)
                 with self._lock:
                     self._bytes += len(data)
+                    if up:
+                        self._upstream_bytes += len(data)
+                        self._upstream.append((time.monotonic(), self._upstream_bytes))
         except OSError:
             pass
         for s in (src, dst):
@@ -170,6 +180,66 @@ class TcpProxy:
             counted, self._bytes = self._bytes, 0
             return counted
 
+    def take_upstream_rate(self, settle: float = 1.0) -> tuple[int, float]:
+        """Bytes towards the agent since the last call, and their sustained rate in bits per
+        second: from ``settle`` seconds after the first byte (a throttle lets its first burst
+        through at once) to the last."""
+        with self._lock:
+            count, samples = self._upstream_bytes, self._upstream
+            self._upstream_bytes, self._upstream = 0, []
+        if not samples:
+            return 0, 0.0
+        start = next((s for s in samples if s[0] >= samples[0][0] + settle), samples[0])
+        span = samples[-1][0] - start[0]
+        return count, ((samples[-1][1] - start[1]) * 8 / span if span > 0 else 0.0)
+
     def close(self) -> None:
         self._stop = True
         self._server.close()
+
+
+class ConvertSampler(threading.Thread):
+    """Samples the bytes that the TCP connections of the qemu-img convert whose command line
+    names ``marker`` have sent (``ss -ti``: tcp_info's bytes_sent, towards the NBD port)."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__(daemon=True)
+        self._marker = marker.encode()
+        self.samples: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+
+    def _port(self) -> str | None:
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-img\0convert" in cmdline and self._marker in cmdline:
+                found = re.search(rb"server\.port=(\d+)", cmdline)
+                return found[1].decode() if found else None
+        return None
+
+    def run(self) -> None:
+        port = None
+        while not self.stop.is_set():
+            port = port or self._port()
+            if port is not None:
+                out = subprocess.run(
+                    ["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
+                    capture_output=True, text=True,
+                ).stdout  # fmt: skip
+                sent = sum(int(n) for n in re.findall(r"bytes_sent:(\d+)", out))
+                if sent:
+                    self.samples.append((time.monotonic(), sent))
+            time.sleep(0.05)
+
+    def rate(self, settle: float = 1.0) -> tuple[int, float]:
+        """Bytes sent, and the sustained rate in bits per second."""
+        if not self.samples:
+            return 0, 0.0
+        start = self.samples[0][0] + settle
+        first = next((s for s in self.samples if s[0] >= start), self.samples[0])
+        top = max(s[1] for s in self.samples)
+        last = min((s for s in self.samples if s[1] == top), key=lambda s: s[0])
+        span = last[0] - first[0]
+        return top, ((last[1] - first[1]) * 8 / span if span > 0 else 0.0)

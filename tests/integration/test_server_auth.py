@@ -162,6 +162,8 @@ def test_server_defaults_and_rules(cluster: Cluster) -> None:
         "monitoring_interval": 43200,
         "monitoring_start_time": "09:00",
         "certificate_thumbprint": settings["certificate_thumbprint"],
+        "max_bandwidth_bps": 0,
+        "bandwidth_schedule": None,
     }
     assert len(settings["certificate_thumbprint"]) == 40
 
@@ -176,6 +178,8 @@ def test_server_defaults_and_rules(cluster: Cluster) -> None:
         ("--enabled", "maybe"): "expected true or false",
         ("--storage-location", "relative/path"): "absolute path",
         ("--certificate-port", "70000"): "expected 1 to 65535",
+        ("--max-bandwidth", "20Mbit"): "invalid --max-bandwidth '20Mbit'",
+        ("--bandwidth-schedule", "weekdays=1M"): "invalid --bandwidth-schedule rule 'weekdays=1M'",
     }
     for args, message in refusals.items():
         result = cluster.cli("server", "set", *args, host="vmhost1", check=False)

@@ -543,3 +543,61 @@ def test_subject_identity_is_rfc4514_and_refuses_an_empty_subject(tmp_path: Path
     )
     with pytest.raises(AccessDenied, match="empty subject"):
         certs.subject_identity(der)
+
+
+def test_a_revoked_client_is_refused_once_the_crl_is_loaded(tmp_path: Path) -> None:
+    pki = _make_pki(tmp_path)
+    ca_dir = pki.ca.cert.parent
+    crl, count = certs.write_crl(ca_dir)
+    assert count == 0 and crl == ca_dir / "crl.pem"
+    server = certs.server_ssl_context(pki.ca.cert, pki.server.cert, pki.server.key, crl)
+    ok = _handshake(server, _client(pki.ca.cert, pki.client))
+    assert ok.reply == b"hello"
+    crl, count = certs.write_crl(ca_dir, [pki.client.cert])
+    assert count == 1 and certs.load_crl(server, crl) == 1  # a reload into the live context
+    out = _handshake(server, _client(pki.ca.cert, pki.client))
+    assert out.server_error is not None and "revoked" in str(out.server_error)
+    again, count = certs.write_crl(ca_dir)  # re-signed: the revocation stays
+    assert count == 1
+    number = x509.load_pem_x509_crl(again.read_bytes()).extensions.get_extension_for_class(
+        x509.CRLNumber
+    )
+    assert number.value.crl_number == 3
+
+
+def test_crl_refusals(tmp_path: Path, foreign: Pki) -> None:
+    pki = _make_pki(tmp_path)
+    ca_dir = pki.ca.cert.parent
+    with pytest.raises(InvalidArgument, match="was not issued by the CA"):
+        certs.write_crl(ca_dir, [foreign.client.cert])
+    assert not (ca_dir / "crl.pem").exists()
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a CRL")
+    ctx = _server(pki.ca.cert, pki.server)
+    with pytest.raises(InvalidArgument, match="is not a PEM certificate revocation list"):
+        certs.load_crl(ctx, junk)
+    with pytest.raises(NotFound, match="CRL not found"):
+        certs.load_crl(ctx, tmp_path / "missing.pem")
+
+
+def test_tls_refusal_reasons(tmp_path: Path, pki: Pki, expired: Pki) -> None:
+    from vmreplica._internal import tls_refusals as r
+
+    alert = "[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert certificate expired"
+    assert str(r.own_certificate_refused(alert, expired.client.cert, "h1")).startswith(
+        "expired certificate: h1 refused the certificate"
+    )
+    assert r.own_certificate_refused(alert, pki.client.cert, "h1") is None  # dates are fine
+    revoked = "sslv3 alert certificate revoked"
+    assert str(r.own_certificate_refused(revoked, pki.client.cert, "h1")).startswith(
+        "revoked certificate:"
+    )
+    assert r.own_certificate_refused("unknown ca", pki.client.cert, "h1") is None
+    for message, reason in (
+        ("certificate has expired", "expired certificate"),
+        ("certificate is not yet valid", "certificate not yet valid"),
+        ("certificate revoked", "revoked certificate"),
+        ("unable to get local issuer certificate", None),
+    ):
+        got = r.peer_certificate_refused(message, "h1")
+        assert (got.split(":")[0] if got else None) == reason

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from vmreplica._internal import certs
 from vmreplica._internal.api.errors import Handler
 from vmreplica._internal.api.kerberos_listener import KerberosListener, Listeners
 from vmreplica._internal.api.listener import CertificateListener
@@ -37,7 +38,7 @@ from vmreplica._internal.store.db import Database
 from vmreplica._internal.store.stores import Stores
 from vmreplica._internal.systemd import Notifier
 from vmreplica._internal.transport.peer import KERBEROS
-from vmreplica.errors import ConnectionFailed, StorageError
+from vmreplica.errors import ConnectionFailed, StorageError, VmrError
 
 log = logging.getLogger("vmreplica.agent")
 
@@ -96,6 +97,7 @@ class Agent:
         self.listeners = Listeners(self.listener, self.kerberos)
         self.engine.server.listener = self.listeners
         self._runners: list[web.AppRunner] = []
+        self._mgmt_context: ssl.SSLContext | None = None
         self._stop = asyncio.Event()
         self.systemd = Notifier()
 
@@ -155,8 +157,26 @@ class Agent:
     async def _serve_https(self, app: web.Application) -> None:
         host, port = self.config.mgmt_listen
         tls = self.config.tls
-        context = server_ssl_context(tls.ca, tls.cert, tls.key)
+        context = server_ssl_context(tls.ca, tls.cert, tls.key, tls.crl)
+        self._mgmt_context = context
         await self._serve_tcp(app, host, port, context, "management")
+
+    def reload_crl(self) -> None:
+        """SIGHUP: read host.toml's CRL again into the contexts of both TLS listeners. A CRL
+        that cannot be read changes nothing: the revocations loaded before stay in force."""
+        crl = self.config.tls.crl
+        if crl is None:
+            self.events.record(
+                "crl-reload-skipped", "SIGHUP: host.toml names no CRL", level="warning"
+            )
+            return
+        try:
+            count = certs.load_crl(self._mgmt_context, crl) if self._mgmt_context else 0
+            self.listener.reload_crl(crl)
+        except VmrError as e:
+            self.events.record("crl-reload-failed", f"SIGHUP: {e.message}", level="warning")
+            return
+        self.events.record("crl-reloaded", f"reloaded CRL {crl}: {count} revoked certificate(s)")
 
     def _listening(self) -> dict[str, bool]:
         return {
@@ -204,6 +224,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_crl)
         await self.start()
         log.info(
             "agent %s ready: socket %s, management https %s:%d",

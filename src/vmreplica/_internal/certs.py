@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
@@ -141,21 +141,89 @@ def peer_dns_names(peercert: Mapping[str, object] | None) -> list[str]:
     return [v for k, v in pairs if k == "DNS" and isinstance(v, str)]
 
 
-def server_ssl_context(ca: PathArg, cert: PathArg, key: PathArg) -> ssl.SSLContext:
-    """Listener side: a client is admitted only with a certificate from our CA."""
+def server_ssl_context(
+    ca: PathArg, cert: PathArg, key: PathArg, crl: PathArg | None = None
+) -> ssl.SSLContext:
+    """Listener side: a client is admitted only with a certificate from our CA (not revoked
+    by ``crl`` when one is given)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    return _finish_context(ctx, Path(ca), Path(cert), Path(key))
+    return _finish_context(ctx, Path(ca), Path(cert), Path(key), crl)
 
 
-def client_ssl_context(ca: PathArg, cert: PathArg, key: PathArg) -> ssl.SSLContext:
+def client_ssl_context(
+    ca: PathArg, cert: PathArg, key: PathArg, crl: PathArg | None = None
+) -> ssl.SSLContext:
     """Connecting side: the server must prove both our CA and the host name we dialled."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = True  # the default, but this module's reason to exist
-    return _finish_context(ctx, Path(ca), Path(cert), Path(key))
+    return _finish_context(ctx, Path(ca), Path(cert), Path(key), crl)
 
 
-def _finish_context(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+def load_crl(ctx: ssl.SSLContext, crl: PathArg) -> int:
+    """Check peers' certificates against ``crl`` from now on; the number of revoked serials.
+
+    Loading into a live context is how a reload works: OpenSSL keeps every CRL it was given and
+    uses the newest one of an issuer, and a revocation is never taken back."""
+    path = Path(crl)
+    data = _read(path, "CRL")
+    try:
+        count = len(list(x509.load_pem_x509_crl(data)))
+        ctx.load_verify_locations(cafile=path)
+    except (ValueError, ssl.SSLError) as e:
+        raise InvalidArgument(f"{path} is not a PEM certificate revocation list ({e})") from e
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return count
+
+
+def write_crl(ca_dir: PathArg, revoke: Sequence[PathArg] = ()) -> tuple[Path, int]:
+    """The CA's CRL, ``crl.pem`` in its directory: what it revoked before, plus ``revoke``.
+
+    It is valid until the CA expires: a CRL past its next update would make OpenSSL refuse every
+    certificate of the CA, and this one is re-signed whenever a certificate is revoked."""
+    ca_path = Path(ca_dir)
+    ca_cert, ca_key, _ = _load_ca(ca_path)
+    now = dt.datetime.now(dt.UTC)
+    revoked: dict[int, dt.datetime] = {}
+    number = 0
+    # OpenSSL keeps every CRL a live context was given and trusts the one updated last, so
+    # each new CRL must be later than the one before, even within the same second.
+    last_update = now - _CLOCK_SKEW
+    if (ca_path / "crl.pem").exists():
+        old = x509.load_pem_x509_crl(_read(ca_path / "crl.pem", "CRL"))
+        if not old.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+            raise InvalidArgument(f"{ca_path / 'crl.pem'} is not signed by this CA")
+        revoked = {r.serial_number: r.revocation_date_utc for r in old}
+        number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        last_update = max(last_update, old.last_update_utc + dt.timedelta(seconds=1))
+    for path in revoke:
+        cert, _ = _read_cert(Path(path), "certificate")
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise InvalidArgument(f"{path} was not issued by the CA in {ca_path}") from None
+        revoked.setdefault(cert.serial_number, now)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(last_update)
+        .next_update(ca_cert.not_valid_after_utc)
+        .add_extension(x509.CRLNumber(number + 1), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    for serial, when in sorted(revoked.items()):
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+        builder = builder.add_revoked_certificate(entry.build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write_all(ca_path, [("crl.pem", crl.public_bytes(serialization.Encoding.PEM), 0o644)])
+    return ca_path / "crl.pem", len(revoked)
+
+
+def _finish_context(
+    ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path, crl: PathArg | None
+) -> ssl.SSLContext:
     """Only our CA is trusted, never the system store, so public certificates earn nothing."""
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ca_pem = _read(ca, "CA certificate").decode("ascii", errors="replace")
@@ -170,6 +238,8 @@ def _finish_context(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> ssl
     except ssl.SSLError as e:
         why = "they do not match" if e.reason == "KEY_VALUES_MISMATCH" else (e.reason or str(e))
         raise InvalidArgument(f"cannot use certificate {cert} with key {key}: {why}") from e
+    if crl is not None:
+        load_crl(ctx, crl)
     return ctx
 
 

@@ -29,6 +29,9 @@ class TlsFiles:
     ca: Path
     cert: Path
     key: Path
+    # The CA's certificate revocation list: peers' certificates are checked against it on every
+    # listener and connection; the agent reloads it on SIGHUP. None: no revocation checks.
+    crl: Path | None = None
 
 
 DEFAULT_KEYTAB = "/etc/krb5.keytab"
@@ -98,7 +101,8 @@ class HostConfig:
                     "ca": str(self.tls.ca),
                     "cert": str(self.tls.cert),
                     "key": str(self.tls.key),
-                },
+                }
+                | ({"crl": str(self.tls.crl)} if self.tls.crl else {}),
                 "resolve": dict(self.resolve),
             }
             | (
@@ -200,6 +204,7 @@ def load_host_config(path: Path) -> HostConfig:
             ca=Path(_req_str(tls, "ca", path)),
             cert=Path(_req_str(tls, "cert", path)),
             key=Path(_req_str(tls, "key", path)),
+            crl=Path(_req_str(tls, "crl", path)) if "crl" in tls else None,
         ),
         admins=tuple(admins),
         resolve={k.lower(): v for k, v in resolve.items()},
@@ -253,6 +258,9 @@ class RemoteHost:
     key: Path
     # The name the host's certificate must carry, when it is neither in the URL nor the -c name.
     server_name: str | None = None
+    # The CA's revocation list: the host's certificate is checked against it, and a refusal of
+    # the administrator's own certificate is explained by it.
+    crl: Path | None = None
 
 
 def tls_server_name(host: RemoteHost) -> str:
@@ -292,6 +300,7 @@ def load_remote_host(name: str) -> RemoteHost:
         cert=Path(_req_str(entry, "cert", path)),
         key=Path(_req_str(entry, "key", path)),
         server_name=_server_name(entry.get("server_name"), path, name),
+        crl=Path(_req_str(entry, "crl", path)) if "crl" in entry else None,
     )
 
 

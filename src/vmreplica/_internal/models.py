@@ -40,6 +40,10 @@ class ServerSettings(Model):
     monitoring_interval: int
     monitoring_start_time: str
     certificate_thumbprint: str | None
+    # Extensions: the cap on what this host sends, in bits per second (0: none), and its
+    # schedule (bandwidth.py).
+    max_bandwidth_bps: int = 0
+    bandwidth_schedule: str | None = None
 
     table_fields: ClassVar[tuple[str, ...]] = (
         "computer_name",
@@ -167,6 +171,8 @@ class Replication(Model):
     initial_replication_progress: float | None = None
     recovery_point_interval_sec: int = 3600
     resynchronization_progress: float | None = None
+    max_bandwidth_bps: int = 0
+    bandwidth_schedule: str | None = None
     # How replication traffic is protected: "tls" (certificates), "gss-wrap" (Kerberos, bodies
     # encrypted and integrity-protected) or "gss-mic" (Kerberos, integrity-protected only).
     wire_protection: str = "tls"

@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import ssl
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -17,6 +18,7 @@ import aiohttp
 
 from vmreplica._internal.certs import client_ssl_context
 from vmreplica._internal.config import DEFAULT_SOCKET, RemoteHost, tls_server_name
+from vmreplica._internal.tls_refusals import own_certificate_refused, peer_certificate_refused
 from vmreplica.errors import AccessDenied, ConnectionFailed, error_from_json
 
 T = TypeVar("T")
@@ -35,7 +37,13 @@ class Transport:
         self.timeout = timeout
         # Built once: loading the CA and key is file I/O, and a context is safe to share
         # between the threads and loops that the sync client may run requests on.
-        self.ssl = client_ssl_context(remote.ca, remote.cert, remote.key) if remote else None
+        self.ssl = (
+            client_ssl_context(remote.ca, remote.cert, remote.key, remote.crl) if remote else None
+        )
+        if self.ssl is not None:
+            # Under TLS 1.2 an agent that refuses the administrator's certificate says why in
+            # the handshake (expired, revoked); under 1.3 the connection just drops later.
+            self.ssl.maximum_version = ssl.TLSVersion.TLSv1_2
         self.server_name = tls_server_name(remote) if remote else None
 
     @property
@@ -66,11 +74,20 @@ class Transport:
             ):
                 return decode_result(resp.status, await resp.read())
         except aiohttp.ClientConnectorCertificateError as e:
+            dated = peer_certificate_refused(
+                getattr(e.certificate_error, "verify_message", "") or "", self.target
+            )
             raise ConnectionFailed(
-                f"{self.target}: its certificate is not trusted ({e.certificate_error})"
+                dated or f"{self.target}: its certificate is not trusted ({e.certificate_error})"
             ) from e
         except aiohttp.ClientConnectorError as e:
             err = e.os_error
+            if self.remote is not None and isinstance(err, ssl.SSLError | ConnectionResetError):
+                refused = own_certificate_refused(
+                    str(err), self.remote.cert, self.target, refused=True, crl=self.remote.crl
+                )
+                if refused is not None:
+                    raise AccessDenied(refused) from e
             if isinstance(err, PermissionError):
                 raise AccessDenied(
                     f"access denied to {self.target}: the management socket is root-only"
@@ -87,8 +104,16 @@ class Transport:
             if self.remote is not None and isinstance(
                 e, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError
             ):
+                refused = own_certificate_refused(
+                    f"{e} {e.__cause__ or ''}",
+                    self.remote.cert,
+                    self.target,
+                    refused=True,
+                    crl=self.remote.crl,
+                )
                 raise AccessDenied(
-                    f"{self.target} refused the connection: is the administrator certificate "
+                    refused
+                    or f"{self.target} refused the connection: is the administrator certificate "
                     f"{self.remote.cert} issued by its CA?"
                 ) from e
             raise ConnectionFailed(

@@ -90,6 +90,8 @@ Wants=network-online.target
 Type=notify
 NotifyAccess=main
 ExecStart={python} -m vmreplica host serve --config {config}
+# Reloads the CRL named in host.toml (`systemctl reload vmreplica`).
+ExecReload=/bin/kill -HUP $MAINPID
 # READY=1 comes once recovery is done and the listeners and the socket answer, which can take a
 # while after a crash; the watchdog is pinged from the agent's event loop, so a stuck loop
 # trips it.

@@ -13,6 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from vmreplica._internal.bandwidth import Schedule
 from vmreplica.errors import InvalidArgument
 
 # Used with fullmatch only: with match, "$" also matches before a final newline.
@@ -82,6 +83,8 @@ class ReplicationSettings(Protocol):
     def auto_resync_start(self) -> str: ...
     @property
     def auto_resync_end(self) -> str: ...
+    @property
+    def bandwidth_schedule(self) -> str | None: ...
 
 
 S = TypeVar("S", bound=ReplicationSettings)
@@ -110,6 +113,8 @@ def replication_settings(s: S) -> S:
     for edge in (s.auto_resync_start, s.auto_resync_end):
         if time_of_day(edge) != edge:
             raise InvalidArgument(f"invalid auto-resynchronize window time {edge!r}: use HH:MM")
+    if s.bandwidth_schedule:
+        Schedule.parse(s.bandwidth_schedule)
     return s
 
 

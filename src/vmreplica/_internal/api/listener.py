@@ -12,12 +12,18 @@ import dataclasses
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from vmreplica._internal.api.body import MAX_JSON_BODY, read_object
 from vmreplica._internal.api.errors import Handler, error_middleware
-from vmreplica._internal.certs import peer_dns_names, server_ssl_context, subject_identity
+from vmreplica._internal.certs import (
+    load_crl,
+    peer_dns_names,
+    server_ssl_context,
+    subject_identity,
+)
 from vmreplica._internal.engine.authorization import Authorization, AuthorizationService
 from vmreplica._internal.engine.server_settings import ListenerFiles, ServerService
 from vmreplica._internal.models import ServerSettings
@@ -117,6 +123,7 @@ class CertificateListener:
         self.routes.update(extra_routes or {})
         self._runner: web.AppRunner | None = None
         self._key: tuple[int, ListenerFiles] | None = None
+        self._context: ssl.SSLContext | None = None
 
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
@@ -147,7 +154,7 @@ class CertificateListener:
         if not wanted:
             await self.close()
             return
-        context = server_ssl_context(files.ca, files.cert, files.key)  # bad files: nothing moves
+        context = server_ssl_context(files.ca, files.cert, files.key, files.crl)  # bad: no move
         old_runner, old_key = self._runner, self._key
         if old_key is not None and old_key[0] == key[0]:
             await self.close()
@@ -155,7 +162,9 @@ class CertificateListener:
                 self._runner = await self._open(key[0], context)
             except ConnectionFailed:
                 old_files = old_key[1]
-                old_context = server_ssl_context(old_files.ca, old_files.cert, old_files.key)
+                old_context = server_ssl_context(
+                    old_files.ca, old_files.cert, old_files.key, old_files.crl
+                )
                 self._runner = await self._open(old_key[0], old_context)
                 self._key = old_key
                 raise
@@ -167,7 +176,13 @@ class CertificateListener:
         self._key = key
         log.info("certificate listener open on port %d", key[0])
 
+    def reload_crl(self, crl: Path) -> None:
+        """New revocations apply to the next handshake; the open socket stays open."""
+        if self._context is not None:
+            load_crl(self._context, crl)
+
     async def _open(self, port: int, context: ssl.SSLContext) -> web.AppRunner:
+        self._context = context
         runner = web.AppRunner(self._app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host=None, port=port, ssl_context=context, reuse_address=True)

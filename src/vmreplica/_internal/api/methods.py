@@ -7,6 +7,7 @@ from typing import Any
 from vmreplica._internal import validate
 from vmreplica._internal.api import args as a
 from vmreplica._internal.api.mgmt import Method
+from vmreplica._internal.bandwidth import Schedule, parse_rate
 from vmreplica._internal.engine.connect import test_connection
 from vmreplica._internal.engine.server_settings import ServerChanges
 from vmreplica._internal.engine.services import Services
@@ -31,6 +32,8 @@ def build_methods(engine: Services) -> dict[str, Method]:
             enabled=a.opt_bool(args, "enabled"),
             auth=a.opt_str(args, "auth"),
             kerberos_port=a.opt_int(args, "kerberos_port"),
+            max_bandwidth=a.opt_str(args, "max_bandwidth"),
+            bandwidth_schedule=a.opt_str(args, "bandwidth_schedule"),
             certificate_port=a.opt_int(args, "certificate_port"),
             any_server=a.opt_bool(args, "any_server"),
             storage_location=a.opt_str(args, "storage_location"),
@@ -131,6 +134,8 @@ def build_methods(engine: Services) -> dict[str, Method]:
             "snapshot_frequency_hour": a.opt_int(args, "snapshot_frequency"),
             "compression": a.opt_bool(args, "compression"),
             "encrypt": a.opt_bool(args, "encrypt"),
+            "max_bandwidth": _rate(a.opt_str(args, "max_bandwidth")),
+            "bandwidth_schedule": _schedule(a.opt_str(args, "bandwidth_schedule")),
             "auto_resynchronize": a.opt_bool(args, "auto_resynchronize"),
             "auto_resync_start": _time(a.opt_str(args, "auto_resynchronize_start")),
             "auto_resync_end": _time(a.opt_str(args, "auto_resynchronize_end")),
@@ -284,3 +289,12 @@ def build_methods(engine: Services) -> dict[str, Method]:
 
 def _time(value: str | None) -> str | None:
     return None if value is None else validate.time_of_day(value)
+
+
+def _rate(value: str | None) -> int | None:
+    return None if value is None else parse_rate(value)
+
+
+def _schedule(value: str | None) -> str | None:
+    """A schedule's text as given ("" clears one: ``replication set`` then stores None)."""
+    return None if value is None else (Schedule.parse(value).text if value.strip() else "")

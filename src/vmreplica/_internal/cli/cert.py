@@ -1,4 +1,5 @@
-"""``vmreplica cert new-ca|issue``: a private CA and host/administrator certificates."""
+"""``vmreplica cert new-ca|issue|revoke|crl``: a private CA, host and administrator
+certificates, and the CA's revocation list."""
 
 from __future__ import annotations
 
@@ -39,3 +40,28 @@ def issue(ca_dir: Path, names: tuple[str, ...], out: Path, days: int) -> None:
     """Issue a certificate for server and client authentication."""
     files = certs.issue(ca_dir, list(names), out, days=days)
     click.echo(f"wrote {files.cert}, {files.key} and {files.ca}")
+
+
+@group.command("revoke")
+@click.option(
+    "--ca", "ca_dir", required=True, type=click.Path(path_type=Path), help="Directory of the CA."
+)
+@click.option(
+    "--cert", "cert_files", multiple=True, required=True, type=click.Path(path_type=Path),
+    help="A certificate the CA issued (repeatable).",
+)  # fmt: skip
+def revoke(ca_dir: Path, cert_files: tuple[Path, ...]) -> None:
+    """Revoke certificates: the CA's crl.pem, re-signed. Copy it to every host that names it
+    (host.toml [tls] crl), then send their agents SIGHUP."""
+    path, count = certs.write_crl(ca_dir, list(cert_files))
+    click.echo(f"wrote {path} ({count} revoked)")
+
+
+@group.command("crl")
+@click.option(
+    "--ca", "ca_dir", required=True, type=click.Path(path_type=Path), help="Directory of the CA."
+)
+def crl(ca_dir: Path) -> None:
+    """Write (or re-sign) the CA's crl.pem without revoking anything new."""
+    path, count = certs.write_crl(ca_dir)
+    click.echo(f"wrote {path} ({count} revoked)")

@@ -71,6 +71,11 @@ def group() -> None:
     help="Also serve /metrics over plain HTTP here (a loopback address only).",
 )
 @click.option(
+    "--crl",
+    type=click.Path(path_type=Path),
+    help="The CA's revocation list (PEM), checked on every TLS connection; reloaded on SIGHUP.",
+)
+@click.option(
     "--keytab",
     type=click.Path(path_type=Path),
     help=f"Kerberos keytab with this host's keys (default {DEFAULT_KEYTAB}).",
@@ -92,20 +97,24 @@ def init(
     accel: str,
     initial_copy_ports: str | None,
     metrics_listen: str | None,
+    crl: Path | None,
     keytab: Path | None,
     principal: str | None,
     out: Path,
 ) -> None:
     """Write host.toml for a new host agent."""
-    for flag, path in (("--ca", ca), ("--cert", cert), ("--key", key)):
-        if not path.is_file():
-            raise NotFound(f"{flag} {path}: no such file (make one with `vmreplica cert issue`)")
+    for flag, path in (("--ca", ca), ("--cert", cert), ("--key", key), ("--crl", crl)):
+        if path is not None and not path.is_file():
+            maker = "cert crl" if flag == "--crl" else "cert issue"
+            raise NotFound(f"{flag} {path}: no such file (make one with `vmreplica {maker}`)")
     config = HostConfig(
         name=validate.fqdn(name, "host name"),
         state_dir=state_dir.absolute(),
         socket=socket_path.absolute(),
         mgmt_listen=parse_listen(mgmt_listen),
-        tls=TlsFiles(ca.absolute(), cert.absolute(), key.absolute()),
+        tls=TlsFiles(
+            ca.absolute(), cert.absolute(), key.absolute(), crl.absolute() if crl else None
+        ),
         admins=tuple(a.lower() for a in admins),
         resolve=parse_resolve(list(resolve)),
         accel=accel,

@@ -49,6 +49,14 @@ def get(computer_names: tuple[str, ...], output: str, properties: str | None) ->
     "--auth", type=click.Choice(["kerberos", "certificate", "both"]), help="Allowed authentication."
 )
 @click.option("--kerberos-port", type=int, help="Kerberos (HTTP) port; default 80.")
+@click.option(
+    "--max-bandwidth", metavar="RATE",
+    help="Cap on all replication this host sends, bits/s with k, M, G suffixes (0: none).",
+)  # fmt: skip
+@click.option(
+    "--bandwidth-schedule", metavar="RULES",
+    help='Caps by day and time, e.g. "Mon-Fri 08:00-18:00=20M,*=0" ("" clears).',
+)  # fmt: skip
 @click.option("--certificate-port", type=int, help="Certificate (HTTPS) port; default 443.")
 @click.option(
     "--any-server", type=BOOL, help="Accept any authenticated primary (needs --storage-location)."

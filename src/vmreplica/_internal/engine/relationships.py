@@ -138,6 +138,7 @@ class ReplicationService:
             recovery_point_interval_sec=s.recovery_point_interval,
             resynchronization_progress=_resync_progress(row),
             wire_protection=wire_protection(row.authentication_type, s.encrypt),
+            max_bandwidth_bps=s.max_bandwidth, bandwidth_schedule=s.bandwidth_schedule,
         )  # fmt: skip
 
     def get(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vmreplica._internal import validate
+from vmreplica._internal.bandwidth import Schedule, parse_rate
 from vmreplica._internal.certs import cert_thumbprint
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import EventLog
@@ -37,6 +38,8 @@ _DEFAULTS: dict[str, object] = {
     "listener_certificate": None,
     "listener_key": None,
     "listener_ca": None,
+    "max_bandwidth": 0,  # bits per second for all replication traffic this host sends
+    "bandwidth_schedule": None,
 }
 
 
@@ -55,6 +58,8 @@ class ServerChanges:
     ca: str | None = None
     monitoring_interval: str | None = None
     monitoring_start_time: str | None = None
+    max_bandwidth: str | None = None  # RATE, bits per second with SI suffixes
+    bandwidth_schedule: str | None = None  # "" clears it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ListenerFiles:
     ca: Path
     cert: Path
     key: Path
+    crl: Path | None = None  # host.toml's, whichever certificate the listener presents
 
 
 class ListenerControl(Protocol):
@@ -89,6 +95,7 @@ class ServerService:
             if raw["listener_certificate"]
             else tls.cert,
             key=Path(str(raw["listener_key"])) if raw["listener_key"] else tls.key,
+            crl=tls.crl,
         )
 
     def get(self) -> ServerSettings:
@@ -108,6 +115,8 @@ class ServerService:
             monitoring_interval=int(str(raw["monitoring_interval"])),
             monitoring_start_time=str(raw["monitoring_start_time"]),
             certificate_thumbprint=thumbprint,
+            max_bandwidth_bps=int(str(raw["max_bandwidth"])),
+            bandwidth_schedule=_opt_str(raw["bandwidth_schedule"]),
         )
 
     async def set(self, changes: ServerChanges) -> ServerSettings:
@@ -138,6 +147,11 @@ class ServerService:
             new["replication_allowed_from_any_server"] = changes.any_server
         if changes.monitoring_interval is not None:
             new["monitoring_interval"] = validate.monitoring_interval(changes.monitoring_interval)
+        if changes.max_bandwidth is not None:
+            new["max_bandwidth"] = parse_rate(changes.max_bandwidth)
+        if changes.bandwidth_schedule is not None:
+            text = changes.bandwidth_schedule.strip()
+            new["bandwidth_schedule"] = Schedule.parse(text).text if text else None
         if changes.monitoring_start_time is not None:
             new["monitoring_start_time"] = validate.time_of_day(changes.monitoring_start_time)
         tls_given = [changes.certificate, changes.key, changes.ca]

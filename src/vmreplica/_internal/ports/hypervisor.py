@@ -287,6 +287,7 @@ class HypervisorDriver(Protocol):
         tls_hostname: str,
         work_dir: Path,
         progress: Progress | None = None,
+        max_bytes_per_sec: int = 0,
     ) -> None:
         """Copy disk ``disk`` of ``source`` into export ``export`` of a replica's import at
         ``address:port``, checking its certificate against ``tls_hostname``."""

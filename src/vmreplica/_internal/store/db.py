@@ -148,6 +148,11 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE replications ADD COLUMN encrypt INTEGER NOT NULL DEFAULT 0;
     """,
+    # 9: bandwidth limits per VM.
+    """
+    ALTER TABLE replications ADD COLUMN max_bandwidth INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE replications ADD COLUMN bandwidth_schedule TEXT;
+    """,
 ]
 
 

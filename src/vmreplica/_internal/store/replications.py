@@ -39,6 +39,8 @@ class Settings:
     auto_resync_end: str = "06:00"
     # Kerberos only: bodies GSS-wrapped with confidentiality, not just MIC'd (TLS always is).
     encrypt: bool = False
+    max_bandwidth: int = 0  # bits per second this VM's replication may send; 0: no cap
+    bandwidth_schedule: str | None = None  # bandwidth.Schedule text
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,7 +149,7 @@ class RowChanges(TypedDict, total=False):
 _SETTINGS_COLUMNS = (
     "frequency_sec", "recovery_history", "snapshot_frequency_hour", "compression",
     "auto_resynchronize", "recovery_point_interval", "auto_resync_start", "auto_resync_end",
-    "encrypt",
+    "encrypt", "max_bandwidth", "bandwidth_schedule",
 )  # fmt: skip
 
 
@@ -177,6 +179,8 @@ def _row(r: sqlite3.Row) -> ReplicationRow:
         auto_resync_start=r["auto_resync_start"],
         auto_resync_end=r["auto_resync_end"],
         encrypt=bool(r["encrypt"]),
+        max_bandwidth=r["max_bandwidth"],
+        bandwidth_schedule=r["bandwidth_schedule"],
     )
     plain = {
         f.name: r[f.name]

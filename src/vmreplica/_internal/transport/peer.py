@@ -21,6 +21,13 @@ import aiohttp
 
 from vmreplica._internal.certs import client_ssl_context
 from vmreplica._internal.config import KerberosKeys, PeerCredentials, TlsFiles
+from vmreplica._internal.tls_refusals import (
+    EXPIRED,
+    NOT_YET_VALID,
+    REVOKED,
+    own_certificate_refused,
+    peer_certificate_refused,
+)
 from vmreplica._internal.transport import gss, signed
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import ConnectionFailed, VmrError, error_from_json
@@ -61,8 +68,10 @@ class PeerClient:
     def __init__(self, peer: PeerAddress, tls: TlsFiles | None, timeout: float = 30.0) -> None:
         self.peer = peer
         self._ssl: ssl.SSLContext | None = None
+        self._cert = tls.cert if tls is not None else None
+        self._crl = tls.crl if tls is not None else None
         if tls is not None:
-            self._ssl = client_ssl_context(tls.ca, tls.cert, tls.key)
+            self._ssl = client_ssl_context(tls.ca, tls.cert, tls.key, tls.crl)
             # Under TLS 1.3 a replica that rejects our certificate only closes the connection
             # after the handshake, indistinguishable from any other drop; under TLS 1.2 the
             # rejection is an alert during the handshake, so the operator is told exactly which
@@ -120,10 +129,14 @@ class PeerClient:
             if isinstance(e.os_error, ConnectionResetError):
                 # TCP connected, then the replica dropped us inside the TLS handshake: the only
                 # thing it checks there is our certificate.
+                failure = self._certificate_failure(e, refused=True)
+                if failure.message.split(":")[0] in (EXPIRED, NOT_YET_VALID, REVOKED):
+                    raise failure from e
                 raise PeerConnectionFailed(
                     UNTRUSTED,
                     f"untrusted certificate: {self._describe()} refused this host's certificate "
-                    "during the TLS handshake (is it issued by a CA the replica trusts?)",
+                    "during the TLS handshake (is it issued by a CA the replica trusts? is it "
+                    "revoked? name the CA's CRL in host.toml [tls] crl to tell)",
                 ) from e
             raise PeerConnectionFailed(
                 UNREACHABLE,
@@ -131,6 +144,10 @@ class PeerClient:
                 "is replication enabled there, and is the port right?",
             ) from e
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            if isinstance(e.__cause__, ssl.SSLError) or "alert" in str(e).lower():
+                failure = self._certificate_failure(e, refused=_looks_like_tls_alert(e))
+                if failure.message.split(":")[0] in (EXPIRED, NOT_YET_VALID, REVOKED):
+                    raise failure from e
             if _looks_like_tls_alert(e):
                 raise PeerConnectionFailed(
                     UNTRUSTED,
@@ -145,8 +162,15 @@ class PeerClient:
                 UNREACHABLE, f"unreachable: {self._describe()} did not answer in time"
             ) from e
 
-    def _certificate_failure(self, err: BaseException) -> VmrError:
-        text = str(err)
+    def _certificate_failure(self, err: BaseException, refused: bool = False) -> VmrError:
+        text = f"{err} {err.__cause__ or ''}"
+        dated = (
+            own_certificate_refused(text, self._cert, self._describe(), refused, self._crl)
+            if self._cert
+            else None
+        ) or peer_certificate_refused(getattr(err, "verify_message", None) or "", self._describe())
+        if dated is not None:
+            return PeerConnectionFailed(UNTRUSTED, dated)
         if (
             isinstance(err, ssl.SSLCertVerificationError) and err.verify_code == 62
         ) or "mismatch" in text:

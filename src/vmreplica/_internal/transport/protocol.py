@@ -72,6 +72,8 @@ class SettingsBody:
     auto_resync_start: str = "18:30"
     auto_resync_end: str = "06:00"
     encrypt: bool = False
+    max_bandwidth: int = 0
+    bandwidth_schedule: str | None = None
 
     @classmethod
     def parse(cls, body: Body) -> Self:
@@ -85,6 +87,8 @@ class SettingsBody:
             auto_resync_start=body.opt_string("auto_resync_start", 5) or "18:30",
             auto_resync_end=body.opt_string("auto_resync_end", 5) or "06:00",
             encrypt=body.boolean("encrypt", False),
+            max_bandwidth=body.opt_integer("max_bandwidth", 0, 10**13) or 0,
+            bandwidth_schedule=body.opt_string("bandwidth_schedule", 1000),
         )
 
     def to_json(self) -> dict[str, Any]:

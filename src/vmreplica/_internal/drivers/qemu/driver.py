@@ -226,10 +226,14 @@ class QemuDriver:
         tls_hostname: str,
         work_dir: Path,
         progress: Progress | None = None,
+        max_bytes_per_sec: int = 0,
     ) -> None:
         assert isinstance(source, nbd_copy.Source), "a source of another driver"
         creds = nbd_copy.tls_creds(work_dir / INITIAL_DIR / "tls", tls, "client")
-        await nbd_copy.convert(source, disk, address, port, export, creds, tls_hostname, progress)
+        await nbd_copy.convert(
+            source, disk, address, port, export, creds, tls_hostname, progress,
+            max_bytes_per_sec=max_bytes_per_sec,
+        )  # fmt: skip
 
     async def export_to_file(
         self, source: CopySource, disk: int, dest: Path, progress: Progress | None = None

@@ -136,6 +136,8 @@ def tls_creds_dir(directory: Path, tls: TlsFiles, endpoint: Literal["server", "c
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     links = {"ca-cert.pem": tls.ca, f"{endpoint}-cert.pem": tls.cert}
     links[f"{endpoint}-key.pem"] = tls.key
+    if tls.crl is not None:
+        links["ca-crl.pem"] = tls.crl  # QEMU checks the peer against it when it is there
     for name, target in links.items():
         link = directory / name
         link.unlink(missing_ok=True)
@@ -370,18 +372,30 @@ async def convert(
     tls_hostname: str,
     progress: Progress | None = None,
     env: Mapping[str, str] = BULK_ENV,
+    max_bytes_per_sec: int = 0,
 ) -> None:
     """Copy disk ``disk`` of ``source`` into the replica's NBD export; progress in percent.
+    ``max_bytes_per_sec`` (0: none) holds the writes to the export, so the link, to that rate
+    with QEMU's own throttle filter.
 
     A cancelled caller kills qemu-img; so does the agent's death (the kernel sends SIGTERM).
     """
+    target = (
+        f"driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},"
+        f"tls-creds={_TLS_ID}"
+        + (f",tls-hostname={_kv(tls_hostname)}" if creds.kind == "x509" else "")
+    )
+    throttle: list[str] = []
+    if max_bytes_per_sec:
+        throttle = ["--object", f"throttle-group,id=vmr-bw,x-bps-write={max_bytes_per_sec}"]
+        target = "driver=throttle,throttle-group=vmr-bw," + ",".join(
+            f"file.{option}" for option in target.split(",")
+        )
     argv = [
         qemu_img.QEMU_IMG, "convert", "-p", "-n", "-W", "-m", "16", "--target-is-zero",
-        "--object", creds.options("client"),
+        "--object", creds.options("client"), *throttle,
         "--image-opts", source.image_opts[disk],
-        "--target-image-opts",
-        f"driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},"
-        f"tls-creds={_TLS_ID}" + (f",tls-hostname={_kv(tls_hostname)}" if creds.kind == "x509" else ""),
+        "--target-image-opts", target,
     ]  # fmt: skip
     status, message = await _run_convert(argv, progress, env)
     if status != 0:

@@ -17,6 +17,7 @@ from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.primary.resync import Resync
 from vmreplica._internal.engine.primary.scheduler import Scheduler
 from vmreplica._internal.engine.primary.sender import Sender
+from vmreplica._internal.engine.primary.throttle import Throttle
 from vmreplica._internal.engine.vms import VmService
 
 
@@ -35,9 +36,10 @@ class Primary:
 def build(ctx: Context, vms: VmService) -> Primary:
     pending = PendingLog(ctx.config)
     scheduler = Scheduler(ctx)
-    sender = Sender(ctx, pending)
+    throttle = Throttle(ctx)
+    sender = Sender(ctx, pending, throttle)
     cycles = Cycles(ctx, vms, pending, sender, AppConsistency(ctx, vms))
-    initial = InitialReplication(ctx, vms, pending, scheduler.run, scheduler.stop_vm)
+    initial = InitialReplication(ctx, vms, pending, scheduler.run, scheduler.stop_vm, throttle)
     scheduler.set_jobs(initial.run, cycles.cycle, initial.start_scheduled)
     resync = Resync(ctx, vms, pending, sender, scheduler.run, scheduler.stop_vm)
     scheduler.set_resync(resync.run, resync.due, resync.begin)

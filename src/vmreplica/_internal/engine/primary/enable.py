@@ -8,6 +8,7 @@ then records the relationship here: a refusal anywhere leaves nothing on this ho
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ class PrimaryEnable:
         exclude_disks: list[str],
     ) -> ReplicationRow:  # fmt: skip
         auth = authentication_type(auth)
+        settings = dataclasses.replace(
+            settings, bandwidth_schedule=settings.bandwidth_schedule or None
+        )
         validate.replication_settings(settings)
         _check_encrypt(auth, settings)
         rec = self._vms.find(name)
@@ -94,6 +98,7 @@ class PrimaryEnable:
         row = self._store.get(rec.id, name)
         current = row.settings.to_json()
         current.update({k: v for k, v in changes.items() if v is not None})
+        current["bandwidth_schedule"] = current.get("bandwidth_schedule") or None  # "" clears
         settings = validate.replication_settings(Settings(**current))
         _check_encrypt(row.authentication_type, settings)
         self._store.update(rec.id, settings=settings)

@@ -26,6 +26,7 @@ from vmreplica._internal.engine.connect import replica_address
 from vmreplica._internal.engine.context import Context, allows, move
 from vmreplica._internal.engine.events import now_iso, start_time_of
 from vmreplica._internal.engine.primary.pending import PendingLog
+from vmreplica._internal.engine.primary.throttle import Throttle
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.ports.hypervisor import DiskOwner, NbdCredentials, NbdPsk
@@ -41,13 +42,14 @@ log = logging.getLogger("vmreplica.primary")
 class InitialReplication:
     def __init__(
         self, ctx: Context, vms: VmService, pending: PendingLog, run: Callable[[str], None],
-        stop_task: Callable[[str], Awaitable[None]],
+        stop_task: Callable[[str], Awaitable[None]], throttle: Throttle,
     ) -> None:  # fmt: skip
         self._ctx = ctx
         self._vms = vms
         self._pending = pending
         self._run = run  # the scheduler's: start (or wake) the VM's replication task
         self._stop_task = stop_task  # the scheduler's: stop that task
+        self._throttle = throttle
         self._store = ctx.stores.replications
 
     async def start(
@@ -248,6 +250,7 @@ class InitialReplication:
                         await driver.copy_to(
                             source, disk, address.address, opened.port, export, creds,
                             address.fqdn, run_dir, functools.partial(progress, disk),
+                            self._throttle.copy_rate(row.vm_id),
                         )  # fmt: skip
                     marks.append(time.monotonic())
             faults.hit("primary.after_initial_copy")

@@ -12,6 +12,7 @@ from vmreplica._internal.engine.connect import replica_address
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.primary.pending import PendingLog
+from vmreplica._internal.engine.primary.throttle import Throttle
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p
@@ -31,9 +32,10 @@ class _Counted:
 
 
 class Sender:
-    def __init__(self, ctx: Context, pending: PendingLog) -> None:
+    def __init__(self, ctx: Context, pending: PendingLog, throttle: Throttle) -> None:
         self._ctx = ctx
         self._pending = pending
+        self._throttle = throttle
 
     async def send(self, row: ReplicationRow, started: datetime, missed: int = 0) -> None:
         peer = replica_address(self._ctx.config, row)
@@ -52,8 +54,9 @@ class Sender:
                     continue  # not committed: its generation still holds the changes
                 faults.hit("primary.before_send")
                 counted = _Counted()
+                stream = wire.iter_stream(delta_dir, manifest)
                 await replica.delta(
-                    row.vm_id, counted.through(wire.iter_stream(delta_dir, manifest))
+                    row.vm_id, counted.through(self._throttle.stream(row.vm_id, stream))
                 )
                 size = sum(d.file_size for d in manifest.disks)
                 with self._ctx.stores.db.tx() as tx:
