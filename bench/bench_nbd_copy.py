@@ -49,7 +49,7 @@ from benchlib import (
 
 from vmreplica._internal import certs
 from vmreplica._internal.config import TlsFiles
-from vmreplica._internal.drivers.qemu import nbd_copy
+from vmreplica._internal.drivers.qemu import nbd_copy, tls_creds
 from vmreplica._internal.drivers.qemu.qsd import start_storage_daemon
 from vmreplica._internal.ports.hypervisor import NbdCredentials, NbdPsk
 
@@ -73,8 +73,8 @@ async def into_daemon(
             if psk:
                 server = client = NbdPsk("vmr-bench", os.urandom(32))
                 identity = "vmr-bench"
-            server_dir = nbd_copy.tls_creds(work / "run" / "tls", server, "server")
-            client_dir = nbd_copy.tls_creds(work / "client-tls", client, "client")
+            server_dir = tls_creds.tls_creds(work / "run" / "tls", server, "server")
+            client_dir = tls_creds.tls_creds(work / "client-tls", client, "client")
             port, exports = await nbd_copy.serve_import(
                 daemon, ["disk0"], server_dir, identity, "127.0.0.1"
             )

@@ -17,13 +17,9 @@ from pathlib import Path
 
 import tomli_w
 
+from tests.localcluster import free_port
+
 REALM = "VMR.TEST"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -36,7 +32,7 @@ class Realm:
 
     @classmethod
     def start(cls, name: str = REALM, clockskew: int = 300, max_life: str = "1h") -> Realm:
-        realm = cls(Path(tempfile.mkdtemp(prefix="vmr-kdc-", dir="/tmp")), name, _free_port())
+        realm = cls(Path(tempfile.mkdtemp(prefix="vmr-kdc-", dir="/tmp")), name, free_port())
         realm.write_config(clockskew)
         (realm.base / "kdc.conf").write_text(
             "[kdcdefaults]\n"

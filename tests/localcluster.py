@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,10 +32,35 @@ HOST_NAMES = ("vmhost1", "vmhost2", "vmhost3")
 ADMIN = "admin.test"
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_FLOOR = _ephemeral_floor()
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, below the kernel's ephemeral range: a port the kernel handed out (bind
+    to port 0) can be handed out again, to any outgoing connection, before an agent binds it,
+    which once failed a test with "address already in use". Ports below the range are only taken
+    by an explicit bind; none is given twice by one process."""
+    low = max(1024, _EPHEMERAL_FLOOR - 12000)
+    for _ in range(1000):
+        port = random.randrange(low, _EPHEMERAL_FLOOR)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # the listeners bind every address
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{_EPHEMERAL_FLOOR - 1}")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from vmreplica._internal.config import KerberosKeys, load_host_config
-from vmreplica._internal.drivers.qemu import nbd_copy
+from vmreplica._internal.drivers.qemu import tls_creds
 from vmreplica._internal.ports.hypervisor import NbdPsk
 from vmreplica._internal.transport import gss, signed
 from vmreplica.errors import AccessDenied, InvalidArgument
@@ -139,8 +139,8 @@ def test_a_missing_or_unreadable_keytab_is_named(tmp_path: Path) -> None:
 
 def test_psk_files_have_the_layout_qemu_expects(tmp_path: Path) -> None:
     psk = NbdPsk("vmr-0123", bytes(range(32)))
-    server = nbd_copy.tls_creds(tmp_path / "s", psk, "server")
-    client = nbd_copy.tls_creds(tmp_path / "c", psk, "client")
+    server = tls_creds.tls_creds(tmp_path / "s", psk, "server")
+    client = tls_creds.tls_creds(tmp_path / "c", psk, "client")
     for creds in (server, client):
         keys = creds.directory / "keys.psk"
         assert keys.read_text() == f"vmr-0123:{bytes(range(32)).hex()}\n"

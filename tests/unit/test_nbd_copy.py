@@ -13,7 +13,7 @@ import pytest
 
 from vmreplica._internal import faults
 from vmreplica._internal.config import TlsFiles, parse_port_range
-from vmreplica._internal.drivers.qemu import nbd_copy
+from vmreplica._internal.drivers.qemu import nbd_copy, tls_creds
 from vmreplica.errors import ConnectionFailed, InvalidArgument, StorageError, VmrError
 
 
@@ -47,7 +47,7 @@ def test_convert_errors_become_one_line_errors_of_the_right_class(
 
 
 def test_option_values_escape_commas() -> None:
-    assert nbd_copy._kv("/srv/a,b/disk.qcow2") == "/srv/a,,b/disk.qcow2"
+    assert tls_creds.kv("/srv/a,b/disk.qcow2") == "/srv/a,,b/disk.qcow2"
     source = nbd_copy.file_source([Path("/x,y/d.qcow2")])
     assert source.image_opts == ("driver=qcow2,file.driver=file,file.filename=/x,,y/d.qcow2",)
 
@@ -56,13 +56,13 @@ def test_tls_creds_dir_has_the_names_qemu_expects(tmp_path: Path) -> None:
     files = TlsFiles(*(tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem")))
     for f in (files.ca, files.cert, files.key):
         f.write_text(f.name)
-    creds = nbd_copy.tls_creds_dir(tmp_path / "creds", files, "client")
+    creds = tls_creds.tls_creds_dir(tmp_path / "creds", files, "client")
     names = sorted(p.name for p in creds.iterdir())
     assert names == ["ca-cert.pem", "client-cert.pem", "client-key.pem"]
     assert (creds / "client-key.pem").read_text() == "key.pem"
     assert oct(creds.stat().st_mode & 0o777) == oct(0o700)
     # Made again (a retry), it replaces the links rather than failing.
-    nbd_copy.tls_creds_dir(tmp_path / "creds", files, "client")
+    tls_creds.tls_creds_dir(tmp_path / "creds", files, "client")
 
 
 def test_direct_io_probe_leaves_nothing(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from vmreplica._internal.drivers.qemu import (
     nbd_extents,
     qemu,
     qemu_img,
+    tls_creds,
     tracking,
 )
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
@@ -229,7 +230,7 @@ class QemuDriver:
         max_bytes_per_sec: int = 0,
     ) -> None:
         assert isinstance(source, nbd_copy.Source), "a source of another driver"
-        creds = nbd_copy.tls_creds(work_dir / INITIAL_DIR / "tls", tls, "client")
+        creds = tls_creds.tls_creds(work_dir / INITIAL_DIR / "tls", tls, "client")
         await nbd_copy.convert(
             source, disk, address, port, export, creds, tls_hostname, progress,
             max_bytes_per_sec=max_bytes_per_sec,
@@ -289,7 +290,7 @@ class QemuDriver:
             tuple(files), run_dir, vm_name, direct=direct, env=nbd_copy.BULK_ENV
         )
         try:
-            creds = nbd_copy.tls_creds(run_dir / "tls", tls, "server")
+            creds = tls_creds.tls_creds(run_dir / "tls", tls, "server")
             nodes = [node_name(i) for i in range(len(files))]
             port, exports = await nbd_copy.serve_import(
                 daemon, nodes, creds, peer_identity, listen_host, ports

@@ -31,15 +31,13 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.drivers.qemu import blockjobs, qemu_img
 from vmreplica._internal.drivers.qemu.block_hash import NbdView
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.children import die_with_parent
 from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
-from vmreplica._internal.ports.hypervisor import NbdCredentials, NbdPsk
+from vmreplica._internal.drivers.qemu.tls_creds import TLS_ID, TlsCreds, kv
 from vmreplica.errors import ConnectionFailed, StorageError, VmrError
 
 __all__ = [
@@ -52,14 +50,11 @@ __all__ = [
     "file_source",
     "serve_import",
     "supports_direct_io",
-    "tls_creds",
-    "tls_creds_dir",
 ]
 
 FLEECE_PREFIX = "vmr-f"
 _FLEECE_JOB = "vmr-fj"
 _EXPORT_PREFIX = "vmr-e"
-_TLS_ID = "vmr-tls"
 _AUTHZ_ID = "vmr-authz"
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 Progress = Callable[[float], None]
@@ -87,62 +82,10 @@ def file_source(disks: Sequence[Path]) -> Source:
     """The images themselves, for a VM that is off and stays off (its lock is held)."""
     return Source(
         tuple(
-            f"driver=qcow2,file.driver=file,file.filename={_kv(str(d.absolute()))}" for d in disks
+            f"driver=qcow2,file.driver=file,file.filename={kv(str(d.absolute()))}" for d in disks
         ),
         tuple(NbdView(image=d) for d in disks),
     )
-
-
-@dataclass(frozen=True)
-class TlsCreds:
-    """QEMU's TLS credentials object for one side of a copy: ``tls-creds-x509`` (certificates)
-    or ``tls-creds-psk`` (a one-time key, :class:`NbdPsk`), in its directory."""
-
-    kind: Literal["x509", "psk"]
-    directory: Path
-    username: str | None = None
-
-    @property
-    def priority(self) -> str | None:
-        # TLS 1.3 with a SHA-256 PSK cannot use AES-256-GCM (a SHA-384 suite), and GnuTLS's
-        # next choice is ChaCha20-Poly1305: 5 times the CPU of AES-GCM on hosts with AES-NI
-        # (bench_nbd_copy.py). AES-128-GCM first; ChaCha20 stays as the last resort.
-        return "NORMAL:-CHACHA20-POLY1305:+CHACHA20-POLY1305" if self.kind == "psk" else None
-
-    def options(self, endpoint: str) -> str:
-        opts = (
-            f"tls-creds-{self.kind},id={_TLS_ID},dir={_kv(str(self.directory))},endpoint={endpoint}"
-        )
-        if self.username:
-            opts += f",username={_kv(self.username)}"
-        return opts + (f",priority={_kv(self.priority)}" if self.priority else "")
-
-
-def tls_creds(
-    directory: Path, creds: NbdCredentials, endpoint: Literal["server", "client"]
-) -> TlsCreds:
-    if isinstance(creds, NbdPsk):
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        keys = directory / "keys.psk"
-        fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{creds.username}:{creds.key.hex()}\n")
-        return TlsCreds("psk", directory, creds.username if endpoint == "client" else None)
-    return TlsCreds("x509", tls_creds_dir(directory, creds, endpoint))
-
-
-def tls_creds_dir(directory: Path, tls: TlsFiles, endpoint: Literal["server", "client"]) -> Path:
-    """The directory layout QEMU's ``tls-creds-x509`` wants, as links to the agent's files."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    links = {"ca-cert.pem": tls.ca, f"{endpoint}-cert.pem": tls.cert}
-    links[f"{endpoint}-key.pem"] = tls.key
-    if tls.crl is not None:
-        links["ca-crl.pem"] = tls.crl  # QEMU checks the peer against it when it is there
-    for name, target in links.items():
-        link = directory / name
-        link.unlink(missing_ok=True)
-        link.symlink_to(Path(target).absolute())
-    return directory
 
 
 def supports_direct_io(directory: Path) -> bool:
@@ -216,9 +159,7 @@ async def export_source(
     sock = run_dir / "nbd.sock"
     names = tuple(f"disk{i}" for i in range(len(nodes)))
     source = Source(
-        tuple(
-            f"driver=nbd,server.type=unix,server.path={_kv(str(sock))},export={n}" for n in names
-        ),
+        tuple(f"driver=nbd,server.type=unix,server.path={kv(str(sock))},export={n}" for n in names),
         tuple(NbdView(socket=sock, export=n) for n in names),
         run_dir,
     )
@@ -318,7 +259,7 @@ async def serve_import(
     Returns the port (from ``ports`` if given) and the export names; the names are random, so
     that knowing a VM is not enough to write into its import.
     """
-    tls_object: dict[str, object] = {"qom-type": f"tls-creds-{creds.kind}", "id": _TLS_ID,
+    tls_object: dict[str, object] = {"qom-type": f"tls-creds-{creds.kind}", "id": TLS_ID,
                                      "dir": str(creds.directory), "endpoint": "server"}  # fmt: skip
     if creds.kind == "x509":
         tls_object["verify-peer"] = True
@@ -333,7 +274,7 @@ async def serve_import(
         address = {"type": "inet", "data": {"host": host, "port": str(port)}}
         try:
             await target.execute(
-                "nbd-server-start", {"addr": address, "tls-creds": _TLS_ID, "tls-authz": _AUTHZ_ID}
+                "nbd-server-start", {"addr": address, "tls-creds": TLS_ID, "tls-authz": _AUTHZ_ID}
             )
         except QmpCommandError as exc:
             if "in use" not in exc.desc.lower():
@@ -357,11 +298,6 @@ async def serve_import(
 # -- the copy ------------------------------------------------------------------------------
 
 
-def _kv(value: str) -> str:
-    """Escape for QEMU's key=value option syntax."""
-    return value.replace(",", ",,")
-
-
 async def convert(
     source: Source,
     disk: int,
@@ -382,8 +318,8 @@ async def convert(
     """
     target = (
         f"driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},"
-        f"tls-creds={_TLS_ID}"
-        + (f",tls-hostname={_kv(tls_hostname)}" if creds.kind == "x509" else "")
+        f"tls-creds={TLS_ID}"
+        + (f",tls-hostname={kv(tls_hostname)}" if creds.kind == "x509" else "")
     )
     throttle: list[str] = []
     if max_bytes_per_sec:
