@@ -23,6 +23,7 @@ from vmreplica._internal.api.listener import (
     SERVER_KEY,
     PeerHandler,
     hello,
+    open_site,
     wrap,
 )
 from vmreplica._internal.config import KerberosKeys
@@ -44,7 +45,7 @@ from vmreplica._internal.transport.signed import (
     unsealed_body,
     verified_body,
 )
-from vmreplica.errors import AccessDenied, ConnectionFailed, VmrError
+from vmreplica.errors import AccessDenied, VmrError
 
 log = logging.getLogger("vmreplica.listener")
 
@@ -147,16 +148,7 @@ class KerberosListener:
         self._acceptor.check()  # a missing or unreadable keytab refuses the change
         if self._port == port:
             return
-        runner = web.AppRunner(self._app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host=None, port=port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            raise ConnectionFailed(
-                f"cannot open the Kerberos listener on port {port}: {e.strerror or e}"
-            ) from e
+        runner = await open_site(self._app(), port, None, "Kerberos")
         await self.close()
         self._runner, self._port = runner, port
         log.info("Kerberos listener open on port %d", port)

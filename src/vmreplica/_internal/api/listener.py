@@ -108,6 +108,23 @@ async def hello(request: web.Request, authz: Authorization, names: list[str]) ->
     return web.json_response({"result": answer.to_json()})
 
 
+async def open_site(
+    app: web.Application, port: int, context: ssl.SSLContext | None, what: str
+) -> web.AppRunner:
+    """A replication listener on every address, or a one-line refusal (a port in use)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host=None, port=port, ssl_context=context, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ConnectionFailed(
+            f"cannot open the {what} listener on port {port}: {e.strerror or e}"
+        ) from e
+    return runner
+
+
 class CertificateListener:
     """Keeps the listener's socket in line with the settings (see ServerService.set)."""
 
@@ -183,17 +200,7 @@ class CertificateListener:
 
     async def _open(self, port: int, context: ssl.SSLContext) -> web.AppRunner:
         self._context = context
-        runner = web.AppRunner(self._app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host=None, port=port, ssl_context=context, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            raise ConnectionFailed(
-                f"cannot open the certificate listener on port {port}: {e.strerror or e}"
-            ) from e
-        return runner
+        return await open_site(self._app(), port, context, "certificate")
 
     async def close(self) -> None:
         if self._runner is not None:

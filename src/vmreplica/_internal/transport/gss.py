@@ -36,7 +36,7 @@ from gssapi.raw.types import NameType, RequirementFlag
 from gssapi.sec_contexts import SecurityContext
 
 from vmreplica._internal.config import KerberosKeys
-from vmreplica.errors import AccessDenied, ConnectionFailed
+from vmreplica.errors import AccessDenied, ConnectionFailed, VmrError
 
 SPNEGO = OID.from_int_seq("1.3.6.1.5.5.2")
 _FLAGS = (
@@ -119,19 +119,50 @@ class Principal:
         return f"{name}@{self.realm}" if self.realm else name
 
 
-class ClientExchange:
+class _Exchange:
+    """What both sides of an established exchange do with it: MICs, wrap tokens, a derived key.
+    A MIC or a token that does not verify is refused in the words of the side that got it."""
+
+    context: SecurityContext
+
+    def _tampered(self, what: str) -> VmrError:
+        raise NotImplementedError
+
+    def mic(self, data: bytes) -> bytes:
+        return bytes(self.context.get_signature(data))
+
+    def secret(self, label: str) -> bytes:
+        return _secret(self.context, label)
+
+    def wrap(self, data: bytes) -> bytes:
+        return _wrap(self.context, data)
+
+    def unwrap(self, token: bytes) -> bytes:
+        try:
+            return _unwrap(self.context, token)
+        except GSSError as e:
+            raise self._tampered(f"a sealed frame does not unwrap ({describe(e)})") from None
+
+    def verify(self, data: bytes, mic: bytes) -> None:
+        try:
+            self.context.verify_signature(data, mic)
+        except GSSError as e:
+            raise self._tampered(f"the GSS MIC does not verify ({describe(e)})") from None
+
+
+class ClientExchange(_Exchange):
     """One SPNEGO exchange as the sender: :attr:`token` goes to the replica, whose reply token
     :meth:`finish` checks (mutual authentication) before any MIC is made or trusted."""
 
     def __init__(self, context: SecurityContext, target: str) -> None:
-        self._context = context
+        self.context = context
         self.target = target
         self.token: bytes = b""
 
     def finish(self, reply: bytes) -> None:
         try:
-            self._context.step(reply)
-            complete = self._context.complete
+            self.context.step(reply)
+            complete = self.context.complete
         except GSSError as e:
             raise KerberosFailed(
                 f"Kerberos: the reply of {self.target} failed mutual authentication ({describe(e)})"
@@ -139,32 +170,8 @@ class ClientExchange:
         if not complete:
             raise KerberosFailed(f"Kerberos: {self.target} did not complete mutual authentication")
 
-    def mic(self, data: bytes) -> bytes:
-        return bytes(self._context.get_signature(data))
-
-    def secret(self, label: str) -> bytes:
-        return _secret(self._context, label)
-
-    def wrap(self, data: bytes) -> bytes:
-        return _wrap(self._context, data)
-
-    def unwrap(self, token: bytes) -> bytes:
-        try:
-            return _unwrap(self._context, token)
-        except GSSError as e:
-            raise KerberosFailed(
-                f"tampered answer: a sealed answer from {self.target} does not unwrap "
-                f"({describe(e)})"
-            ) from None
-
-    def verify(self, data: bytes, mic: bytes) -> None:
-        try:
-            self._context.verify_signature(data, mic)
-        except GSSError as e:
-            raise KerberosFailed(
-                f"tampered answer: the GSS MIC of the answer from {self.target} does not verify "
-                f"({describe(e)})"
-            ) from None
+    def _tampered(self, what: str) -> VmrError:
+        return KerberosFailed(f"tampered answer from {self.target}: {what}")
 
 
 class Initiator:
@@ -236,39 +243,15 @@ def _client_reason(principal: str, where: str, reason: str) -> str:
 
 
 @dataclass
-class ServerExchange:
+class ServerExchange(_Exchange):
     """One accepted exchange: who sent it, the reply token for it, and its MIC operations."""
 
     context: SecurityContext
     reply: bytes
     principal: Principal
 
-    def mic(self, data: bytes) -> bytes:
-        return bytes(self.context.get_signature(data))
-
-    def secret(self, label: str) -> bytes:
-        return _secret(self.context, label)
-
-    def wrap(self, data: bytes) -> bytes:
-        return _wrap(self.context, data)
-
-    def unwrap(self, token: bytes) -> bytes:
-        try:
-            return _unwrap(self.context, token)
-        except GSSError as e:
-            raise AccessDenied(
-                f"tampered body: a sealed frame from {self.principal} does not unwrap "
-                f"({describe(e)})"
-            ) from None
-
-    def verify(self, data: bytes, mic: bytes) -> None:
-        try:
-            self.context.verify_signature(data, mic)
-        except GSSError as e:
-            raise AccessDenied(
-                f"tampered body: the GSS MIC of the request from {self.principal} does not "
-                f"verify ({describe(e)})"
-            ) from None
+    def _tampered(self, what: str) -> VmrError:
+        return AccessDenied(f"tampered body from {self.principal}: {what}")
 
 
 class Acceptor:
