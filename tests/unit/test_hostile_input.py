@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import inspect
 import json
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,9 @@ def test_a_cut_or_changed_delta_is_refused_and_leaves_nothing(
         sent = stream + data.draw(st.binary(min_size=1, max_size=64))
     else:
         sent = data.draw(st.binary(max_size=2000))
-    stage = tmp_path / f"stage-{data.draw(st.integers(0, 10**9))}"
+    # A directory of its own per example: tmp_path is shared by all of them, and an accepted
+    # delta leaves its stage behind.
+    stage = Path(tempfile.mkdtemp(dir=tmp_path)) / "stage"
     chunk = data.draw(st.integers(1, 70_000))
     try:
         _receive(sent, stage, chunk)
