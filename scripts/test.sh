@@ -13,4 +13,11 @@ mypy
 echo "== lint-imports (layer contracts, pyproject.toml)"
 lint-imports --no-cache
 echo "== pytest"
-pytest -p no:cacheprovider "$@"
+# Two workers, each taking whole test files (module fixtures stay in one process); set
+# VMREPLICA_TEST_WORKERS=0 to run in one process.
+workers=${VMREPLICA_TEST_WORKERS:-2}
+if [ "$workers" = 0 ]; then
+  pytest -p no:cacheprovider "$@"
+else
+  pytest -p no:cacheprovider -n "$workers" --dist loadfile "$@"
+fi

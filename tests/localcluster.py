@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,27 @@ _EPHEMERAL_FLOOR = _ephemeral_floor()
 _GIVEN: set[int] = set()
 
 
+def _port_range() -> tuple[int, int]:
+    """Ports below the ephemeral range, and under pytest-xdist a slice of them per worker: each
+    worker remembers only the ports it gave itself."""
+    low = max(1024, _EPHEMERAL_FLOOR - 12000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not (worker.startswith("gw") and worker[2:].isdigit()) or count <= 1:
+        return low, _EPHEMERAL_FLOOR
+    size = (_EPHEMERAL_FLOOR - low) // count
+    index = int(worker[2:]) % count
+    return low + index * size, low + (index + 1) * size
+
+
 def free_port() -> int:
     """A port free now, below the kernel's ephemeral range: a port the kernel handed out (bind
     to port 0) can be handed out again, to any outgoing connection, before an agent binds it,
     which once failed a test with "address already in use". Ports below the range are only taken
     by an explicit bind; none is given twice by one process."""
-    low = max(1024, _EPHEMERAL_FLOOR - 12000)
+    low, high = _port_range()
     for _ in range(1000):
-        port = random.randrange(low, _EPHEMERAL_FLOOR)
+        port = random.randrange(low, high)
         if port in _GIVEN:
             continue
         with socket.socket() as s:
@@ -60,7 +74,16 @@ def free_port() -> int:
                 continue
         _GIVEN.add(port)
         return port
-    raise RuntimeError(f"no free port in {low}-{_EPHEMERAL_FLOOR - 1}")
+    raise RuntimeError(f"no free port in {low}-{high - 1}")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an agent runs: a command prefix (``ip netns exec NS``, tests/wan.py) and the address
+    its peers reach it at."""
+
+    prefix: tuple[str, ...] = ()
+    address: str = "127.0.0.1"
 
 
 @dataclass
@@ -72,6 +95,7 @@ class Host:
     mgmt_port: int
     replica_port: int
     log: Path
+    site: Site = Site()
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -97,7 +121,13 @@ class Cluster:
     ca_dir: Path = Path()
 
     @classmethod
-    def create(cls, names: tuple[str, ...] = HOST_NAMES, base: Path | None = None) -> Cluster:
+    def create(
+        cls,
+        names: tuple[str, ...] = HOST_NAMES,
+        base: Path | None = None,
+        sites: Mapping[str, Site] | None = None,
+    ) -> Cluster:
+        """Hosts on loopback, or each where ``sites`` puts it (a network namespace)."""
         # Under /tmp with a short name: QMP unix socket paths must stay under 108 bytes.
         if base is None:
             base = Path(tempfile.mkdtemp(prefix="vmr", dir="/tmp"))
@@ -107,7 +137,8 @@ class Cluster:
         cluster.ca_dir = base / "ca"
         certs.new_ca(cluster.ca_dir)
         certs.issue(cluster.ca_dir, [ADMIN], base / "admin")
-        resolve = {n: "127.0.0.1" for n in names}
+        sites = sites or {}
+        resolve = {n: sites.get(n, Site()).address for n in names}
         cli_hosts: dict[str, Any] = {}
         for name in names:
             hdir = base / name
@@ -120,6 +151,7 @@ class Cluster:
                 mgmt_port=free_port(),
                 replica_port=free_port(),
                 log=hdir / "agent.log",
+                site=sites.get(name, Site()),
             )
             config = {
                 "name": name,
@@ -163,9 +195,10 @@ class Cluster:
         ready.unlink(missing_ok=True)
         env = self.env(name) | (extra_env or {})
         env["VMREPLICA_READY_FILE"] = str(ready)
+        serve = ["host", "serve", "--config", str(host.config)]
         with open(host.log, "ab") as log:
             host.process = subprocess.Popen(
-                [sys.executable, "-m", "vmreplica", "host", "serve", "--config", str(host.config)],
+                [*host.site.prefix, sys.executable, "-m", "vmreplica", *serve],
                 stdout=log,
                 stderr=log,
                 env=env,

@@ -20,6 +20,7 @@ from pathlib import Path
 from vmreplica._internal.drivers.qemu import (
     block_hash,
     children,
+    compact,
     nbd_copy,
     nbd_extents,
     qemu,
@@ -64,7 +65,10 @@ class QemuSession:
         await tracking.settle(self.target, self.nodes, generation)
 
     async def cut(self, generation: int, dests: Sequence[Path]) -> None:
-        await tracking.rotate(self.target, self.nodes, generation, dests)
+        copied = await tracking.rotate(self.target, self.nodes, generation, dests)
+        await compact.compact(
+            self.target, self.nodes, generation, dests, copied, self.run_dir / NBD_SOCKET
+        )
 
     async def drop(self, generation: int) -> None:
         await tracking.drop(self.target, self.nodes, generation)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmreplica._internal.drivers.qemu import blockjobs, qemu_img
+from vmreplica._internal.drivers.qemu import blockjobs, qemu_img, tracking
 from vmreplica._internal.drivers.qemu.block_hash import NbdView
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.children import die_with_parent
@@ -180,8 +180,10 @@ async def export_source(
         actions: list[dict[str, object]] = []
         for job in jobs:
             if bitmap is not None:
-                actions.append({"type": "block-dirty-bitmap-add",
-                                "data": {"node": job.node, "name": bitmap, "persistent": True}})  # fmt: skip
+                actions.append({"type": "block-dirty-bitmap-add", "data": {
+                    "node": job.node, "name": bitmap, "persistent": True,
+                    "granularity": tracking.GRANULARITY,
+                }})  # fmt: skip
             actions.append({"type": "blockdev-backup", "data": {
                 "job-id": job.job_id, "device": job.node, "target": job.target_node, "sync": "none",
             }})  # fmt: skip

@@ -115,6 +115,8 @@ async def create(
     path: str | os.PathLike[str],
     size_bytes: int | None,
     backing: str | os.PathLike[str] | None = None,
+    *,
+    cluster_size: int | None = None,
 ) -> None:
     """Create a qcow2 image; without a size it takes the backing file's virtual size."""
     if size_bytes is None and backing is None:
@@ -124,6 +126,8 @@ async def create(
     args = ["create", "-q", "-f", FORMAT]
     if backing is not None:
         args += ["-b", os.fspath(backing), "-F", FORMAT]
+    if cluster_size is not None:
+        args += ["-o", f"cluster_size={cluster_size}"]
     args.append(_arg(path))
     if size_bytes is not None:
         args.append(str(size_bytes))
