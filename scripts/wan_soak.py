@@ -1,0 +1,288 @@
+"""The long network runs of the reliability issue, over the emulated WAN of tests/wan.py, with
+figures written to a JSON file that scripts/reliability_report.py turns into RELIABILITY.md.
+
+Run from the project root: ``.venv/bin/python scripts/wan_soak.py [--minutes 5] [--out F]``
+(``--minutes 1`` for a short try). Three phases, each on its own VM of the same primary (side
+A) replicating at a 30 s frequency, uncompressed so that every written byte crosses the link, to
+the replica server (side B):
+
+1. **load**: 200 ms round trips, 2% loss each way, 20 Mbit/s. First the link's own goodput is
+   measured (one TCP stream of 8 MiB across it, the baseline in the same run). Then a writer
+   puts a steady load on the running VM's disk (qemu-io through the VM's own QEMU, so the
+   VM's change tracking records it as it would a guest's writes) at half that goodput for the
+   run's minutes, then at one and a half times it. The arithmetic: below the goodput every
+   cycle finishes within its 30 s and the pending log empties; above it the pending bytes grow
+   by about (write rate − goodput) per second.
+2. **outage**: the link goes down for the run's minutes while the writer goes on at 64 KiB/s,
+   then comes back. Expected: deltas queue, health goes Critical, then every delta arrives in
+   order and health returns to Normal with no operator.
+3. **flapping**: up 10 s, down 10 s, for the run's minutes, writer as in 2; then up.
+
+After each phase the writer stops, the script waits for the pending log to empty, and the
+replica's chain must verify and equal the primary's disk (``qemu-img compare``). Samples of
+pending bytes, health and the age of the replica's newest data are taken every 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.integration.replication_env import (
+    PRIMARY,
+    REPLICA,
+    Pair,
+    make_pair,
+    same_content,
+)
+from tests.localcluster import Cluster, Site
+from tests.wan import Wan
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
+
+MiB = 1 << 20
+DISK = "1G"
+SAMPLE = 5.0
+
+
+def goodput(wan: Wan, size: int = 8 * MiB) -> float:
+    """Bits per second of one TCP stream from A to B, as the link stands now."""
+    server = (
+        "import socket,sys;s=socket.socket();s.setsockopt(1,2,1);s.bind(('0.0.0.0',5001));"
+        "s.listen();c,_=s.accept();n=0\nwhile (d:=c.recv(1<<16)): n+=len(d)\nprint(n)"
+    )
+    client = (
+        f"import socket,time;s=socket.create_connection(('{wan.address('b')}',5001));"
+        f"t=time.monotonic();s.sendall(b'x'*{size});s.shutdown(1);s.recv(1);"
+        "print(time.monotonic()-t)"
+    )
+    receiver = subprocess.Popen(
+        [*wan.prefix("b"), sys.executable, "-c", server], stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(0.5)
+    done = subprocess.run(
+        [*wan.prefix("a"), sys.executable, "-c", client], capture_output=True, text=True, check=True
+    )
+    receiver.wait(60)
+    return size * 8 / float(done.stdout.strip())
+
+
+class Writer:
+    """Writes ``rate`` bytes per second into a running VM's disk, in 1 s steps, until stopped."""
+
+    def __init__(self, pair: Pair, vm: str, rate: float, disk_size: int) -> None:
+        self.pair, self.vm, self.rate, self.size = pair, vm, rate, disk_size
+        self.written = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        offset, pattern = 0, 1
+        while not self._stop.wait(1.0):
+            length = max(4096, int(self.rate) // 4096 * 4096)
+            if offset + length > self.size:
+                offset, pattern = 0, pattern % 250 + 1
+            self.pair.cli("vm", "monitor", self.vm,
+                          f'qemu-io disk0 "write -P {pattern:#x} {offset} {length}"')  # fmt: skip
+            offset += length
+            self.written += length
+
+
+class Sampler:
+    def __init__(self, pair: Pair, vm: str, wan: Wan) -> None:
+        self.pair, self.vm, self.wan = pair, vm, wan
+        self.samples: list[dict[str, Any]] = []
+        self.start = time.monotonic()
+
+    def sample(self, note: str = "") -> dict[str, Any]:
+        primary = self.pair.measure(self.vm)
+        replica = self.pair.measure(self.vm, REPLICA)
+        newest = replica.get("last_replication_time")
+        age = None
+        if newest:
+            age = (datetime.now(UTC) - datetime.fromisoformat(str(newest))).total_seconds()
+        row = {
+            "t": round(time.monotonic() - self.start, 1),
+            "pending": int(primary["pending_replication_size"]),
+            "health": primary["health"],
+            "replica_age_s": None if age is None else round(age, 1),
+            "applied": int(replica["successful_replication_count"]),
+            "sent_bytes": int(self.wan.stats()["a_to_b"]["bytes"]),
+            "note": note,
+        }
+        self.samples.append(row)
+        print(f"  t={row['t']:>6}s pending={row['pending'] / MiB:7.1f} MiB health={row['health']}"
+              f" replica age={row['replica_age_s']} s {note}", flush=True)  # fmt: skip
+        return row
+
+    def run_for(self, seconds: float, every: Callable[[float], None] | None = None) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if every is not None:
+                every(time.monotonic())
+            self.sample()
+            time.sleep(SAMPLE)
+
+
+def settle_and_verify(pair: Pair, sampler: Sampler, timeout: float = 900) -> dict[str, Any]:
+    """Writer stopped: wait for the pending log to empty and for the replica to equal the disk."""
+    began = time.monotonic()
+    vm = sampler.vm
+    while True:
+        row = sampler.sample("draining")
+        if row["pending"] == 0:
+            pair.cli("vm", "monitor", vm, 'qemu-io disk0 "flush"')
+            if same_content(pair.primary_disk(vm, 0), pair.tip(vm, 0)):
+                break
+        if time.monotonic() - began > timeout:
+            raise RuntimeError(f"{vm}: the replica did not catch up within {timeout:g} s")
+        time.sleep(SAMPLE)
+    asyncio.run(ReplicaChain(pair.tip(vm, 0).parent).verify())
+    health_began = time.monotonic()
+    while (health := sampler.sample("after")["health"]) != "Normal":
+        if time.monotonic() - health_began > 120:
+            break
+        time.sleep(SAMPLE)
+    return {"drain_s": round(time.monotonic() - began, 1), "equal": True, "verified": True,
+            "final_health": health}  # fmt: skip
+
+
+def new_vm(pair: Pair, name: str) -> None:
+    pair.cli("vm", "new", name, "--disk", DISK)
+    pair.cli("vm", "start", name)
+    pair.enable(name, "--compression", "false", "--frequency", "30")
+    pair.cli("replication", "start-initial", name, "--wait", timeout=900)
+
+
+def phase_load(pair: Pair, wan: Wan, minutes: float) -> dict[str, Any]:
+    wan.shape(rtt=0.2, loss=0.02, rate=20e6)
+    link = goodput(wan)
+    print(f"load: link goodput {link / 1e6:.2f} Mbit/s (200 ms, 2% loss, 20 Mbit/s)", flush=True)
+    new_vm(pair, "load")
+    result: dict[str, Any] = {"goodput_bps": link, "steps": []}
+    for factor in (0.5, 1.5):
+        rate = link / 8 * factor
+        sampler = Sampler(pair, "load", wan)
+        first = sampler.sample(f"writing {rate * 8 / 1e6:.2f} Mbit/s")
+        with Writer(pair, "load", rate, 1 << 30) as writer:
+            sampler.run_for(minutes * 60)
+        last = sampler.samples[-1]
+        growth = (last["pending"] - first["pending"]) / max(1.0, last["t"] - first["t"])
+        step = {
+            "factor": factor, "write_bps": rate * 8, "written": writer.written,
+            "pending_growth_Bps": growth, "predicted_growth_Bps": max(0.0, rate - link / 8),
+            "max_replica_age_s": max((s["replica_age_s"] or 0) for s in sampler.samples),
+            "health_seen": sorted({str(s["health"]) for s in sampler.samples}),
+            "samples": sampler.samples,
+        }  # fmt: skip
+        step |= settle_and_verify(pair, sampler)
+        result["steps"].append(step)
+    return result
+
+
+def phase_outage(pair: Pair, wan: Wan, minutes: float) -> dict[str, Any]:
+    wan.shape(rtt=0.2, loss=0.0, rate=20e6)
+    new_vm(pair, "outage")
+    sampler = Sampler(pair, "outage", wan)
+    with Writer(pair, "outage", 64 * 1024, 1 << 30) as writer:
+        sampler.sample("link down")
+        wan.down()
+        sampler.run_for(minutes * 60)
+        wan.up()
+        sampler.sample("link up")
+        sampler.run_for(60)
+    result: dict[str, Any] = {"down_s": minutes * 60, "written": writer.written}
+    result["health_seen"] = sorted({str(s["health"]) for s in sampler.samples})
+    result["max_pending"] = max(s["pending"] for s in sampler.samples)
+    result |= settle_and_verify(pair, sampler)
+    result["samples"] = sampler.samples
+    return result
+
+
+def phase_flapping(pair: Pair, wan: Wan, minutes: float) -> dict[str, Any]:
+    wan.shape(rtt=0.2, loss=0.0, rate=20e6)
+    new_vm(pair, "flap")
+    sampler = Sampler(pair, "flap", wan)
+    state = {"up": True, "since": time.monotonic(), "flips": 0}
+
+    def flip(now: float) -> None:
+        if now - state["since"] >= 10:
+            (wan.down if state["up"] else wan.up)()
+            state["up"] = not state["up"]
+            state["since"] = now
+            state["flips"] += 1
+
+    with Writer(pair, "flap", 64 * 1024, 1 << 30) as writer:
+        end = time.monotonic() + minutes * 60
+        while time.monotonic() < end:
+            flip(time.monotonic())
+            sampler.sample("up" if state["up"] else "down")
+            time.sleep(1.0 if time.monotonic() - state["since"] < 9 else 0.2)
+        wan.up()
+    result: dict[str, Any] = {"flips": state["flips"], "written": writer.written}
+    result["health_seen"] = sorted({str(s["health"]) for s in sampler.samples})
+    result |= settle_and_verify(pair, sampler)
+    errors = pair.measure("flap")["replication_errors"]
+    result["replication_errors"] = errors
+    result["samples"] = sampler.samples
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--minutes", type=float, default=5.0, help="of each load step, outage, flapping"
+    )
+    ap.add_argument("--phases", default="load,outage,flapping")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/wan_soak.json"))
+    args = ap.parse_args()
+    began = datetime.now(UTC)
+    results: dict[str, Any] = {"started": began.isoformat(), "minutes": args.minutes}
+    wan = Wan.start()
+    cluster = None
+    try:
+        cluster = Cluster.create(
+            names=(REPLICA, PRIMARY),
+            base=Path(f"/tmp/rsoak-{began:%H%M%S}"),
+            sites={
+                PRIMARY: Site(tuple(wan.prefix("a")), wan.address("a")),
+                REPLICA: Site(tuple(wan.prefix("b")), wan.address("b")),
+            },
+        )
+        cluster.start_all()
+        pair = make_pair(cluster)
+        phases = {"load": phase_load, "outage": phase_outage, "flapping": phase_flapping}
+        for name in args.phases.split(","):
+            print(f"== {name}", flush=True)
+            results[name] = phases[name](pair, wan, args.minutes)
+    finally:
+        results["finished"] = datetime.now(UTC).isoformat()
+        results["link"] = wan.stats()
+        if cluster is not None:
+            cluster.close()
+        wan.stop()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
