@@ -72,7 +72,7 @@ def run_case(pair: Pair, proxy: CountingProxy, disk: Path, case: Case, size: int
              rng: random.Random) -> None:  # fmt: skip
     pair.cli("replication", "set", VM, "--compression", str(case.compression).lower())
     offsets = scattered_offsets(size, case.count, case.unit, rng)
-    data_dir = pair.base / "data" / case.name
+    data_dir = pair.base / "data" / case.name.replace(" ", "").replace(",", "-")
     data_dir.mkdir(parents=True, exist_ok=True)
     writes: list[tuple[int, int, int | Path]] = []
     for i, offset in enumerate(offsets):

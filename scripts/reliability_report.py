@@ -54,13 +54,13 @@ def _wan(data: dict[str, Any]) -> list[str]:
             f"The link's goodput, one TCP stream measured in the same run: "
             f"{load['goodput_bps'] / 1e6:.2f} Mbit/s.",
             "",
-            "| load | written MiB | pending growth KiB/s | predicted KiB/s | max age of replica s | "
+            "| load | written MiB | pending log trend KiB/s | predicted KiB/s | max age of replica s | "
             "health seen | drained in s | replica equal and verified | final health |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for step in load["steps"]:
             lines.append(
-                f"| {step['factor']:g} x goodput ({step['write_bps'] / 1e6:.2f} Mbit/s) "
+                f"| {step['factor']:g} x goodput asked, {step['write_bps'] / 1e6:.2f} Mbit/s written "
                 f"| {_mib(step['written'])} | {step['pending_growth_Bps'] / 1024:.0f} "
                 f"| {step['predicted_growth_Bps'] / 1024:.0f} | {step['max_replica_age_s']:.0f} "
                 f"| {', '.join(step['health_seen'])} | {step['drain_s']:.0f} "

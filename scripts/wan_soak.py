@@ -106,6 +106,18 @@ class Writer:
             self.written += length
 
 
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares growth per second: the pending log rises and falls with every cycle, so its
+    trend, not its last value, says whether replication keeps up."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var if var else 0.0
+
+
 class Sampler:
     def __init__(self, pair: Pair, vm: str, wan: Wan) -> None:
         self.pair, self.vm, self.wan = pair, vm, wan
@@ -181,14 +193,15 @@ def phase_load(pair: Pair, wan: Wan, minutes: float) -> dict[str, Any]:
     for factor in (0.5, 1.5):
         rate = link / 8 * factor
         sampler = Sampler(pair, "load", wan)
-        first = sampler.sample(f"writing {rate * 8 / 1e6:.2f} Mbit/s")
+        sampler.sample(f"writing {rate * 8 / 1e6:.2f} Mbit/s")
+        began = time.monotonic()
         with Writer(pair, "load", rate, 1 << 30) as writer:
             sampler.run_for(minutes * 60)
-        last = sampler.samples[-1]
-        growth = (last["pending"] - first["pending"]) / max(1.0, last["t"] - first["t"])
+        actual = writer.written / (time.monotonic() - began)  # the CLI's own pace caps the writer
+        growth = slope([(s["t"], s["pending"]) for s in sampler.samples])
         step = {
-            "factor": factor, "write_bps": rate * 8, "written": writer.written,
-            "pending_growth_Bps": growth, "predicted_growth_Bps": max(0.0, rate - link / 8),
+            "factor": factor, "write_bps": actual * 8, "written": writer.written,
+            "pending_growth_Bps": growth, "predicted_growth_Bps": max(0.0, actual - link / 8),
             "max_replica_age_s": max((s["replica_age_s"] or 0) for s in sampler.samples),
             "health_seen": sorted({str(s["health"]) for s in sampler.samples}),
             "samples": sampler.samples,
