@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -267,6 +268,9 @@ def main() -> None:
     ap.add_argument("--phases", default="load,outage,flapping")
     ap.add_argument("--out", type=Path, default=Path("bench/results/wan_soak.json"))
     args = ap.parse_args()
+    # SIGTERM (timeout, Ctrl-C from a supervisor) ends the run through the finally below, which
+    # stops the agents and the link and deletes the namespaces.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     began = datetime.now(UTC)
     results: dict[str, Any] = {"started": began.isoformat(), "minutes": args.minutes}
     wan = Wan.start()
