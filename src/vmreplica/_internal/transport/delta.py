@@ -325,8 +325,13 @@ async def receive(
         raise StorageError(f"{what} {name}: {where}{e.strerror or e}") from None
     finally:
         if not ok and busy is not None:
+            last = asyncio.wrap_future(busy)
             with contextlib.suppress(BaseException):  # the loop stays free while a batch ends
-                await asyncio.wait([asyncio.wrap_future(busy)])
+                await asyncio.wait([last])
+                if not last.cancelled():
+                    # Read: the stream's own error is what is raised; asyncio would otherwise log
+                    # this one as "never retrieved".
+                    last.exception()
         pool.shutdown(wait=True)  # no write may race the removal below
         if not ok:
             if disk is not None and disk.fd >= 0:
