@@ -12,6 +12,9 @@ scheduler run for --seconds while a writer changes 256 KiB of every disk about o
 (qemu-io on the closed image; a write that finds the image locked by a cycle's storage daemon
 is retried later), reads the CPU time again and divides by the cycles that succeeded meanwhile
 (``successful_replication_count`` from ``replication measure -o json``, summed over the VMs).
+Also reported: cycles missed meanwhile (``missed_replication_count``: the scheduler could not
+start them on time) and each agent's peak resident set (VmRSS, sampled every second; the agent
+process alone, not its children). For the scale figures: ``--vms 50 --seconds 600``.
 
 Baseline: what one VM's cycle costs when done with plain tools and no change tracking, ``qemu-img
 convert -O raw`` of the disk then ``rsync -I --inplace --no-whole-file`` onto the previous raw
@@ -64,6 +67,30 @@ def successes(pair: Pair) -> dict[str, int]:
 
 def errors(pair: Pair) -> int:
     return sum(int(m["replication_errors"]) for m in pair.measure())
+
+
+def missed(pair: Pair) -> int:
+    """Cycles the scheduler could not start on time, summed over the VMs (Hyper-V's count)."""
+    return sum(int(m["missed_replication_count"]) for m in pair.measure())
+
+
+class PeakRss(threading.Thread):
+    """The largest resident set of each agent process, sampled every second."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.peak = dict.fromkeys(pids, 0)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            for host, pid in self.pids.items():
+                with contextlib.suppress(OSError, ValueError):
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            kib = int(line.split()[1])
+                            self.peak[host] = max(self.peak[host], kib * 1024)
 
 
 def set_up(pair: Pair, count: int) -> list[tuple[str, Path]]:
@@ -157,7 +184,10 @@ def main() -> None:
         writer = Writer([d for _, d in vms], 30.0, rng)
         pids = {h: pair.agent_pid(h) for h in (PRIMARY, REPLICA)}
         errors_before = errors(pair)
+        missed_before = missed(pair)
         counts_before = successes(pair)
+        rss = PeakRss(pids)
+        rss.start()
         cpu_before = {h: process_cpu(pid) for h, pid in pids.items()}
         wall = time.monotonic()
         if not args.no_writes:
@@ -170,6 +200,8 @@ def main() -> None:
                 writer.join(30)
         cpu = {h: process_cpu(pid) - cpu_before[h] for h, pid in pids.items()}
         wall = time.monotonic() - wall
+        rss.stop.set()
+        late = missed(pair) - missed_before
         counts_after = successes(pair)
         failed = errors(pair) - errors_before
         cycles = sum(counts_after[n] - counts_before.get(n, 0) for n in counts_after)
@@ -181,16 +213,19 @@ def main() -> None:
     for host, role in ((PRIMARY, "primary"), (REPLICA, "replica")):
         p = per[host]
         rows.append([role, cpu[host].total, cpu[host].total / wall * 100, p.own * 1000,
-                     p.children * 1000, p.total * 1000, p.total / base])  # fmt: skip
+                     p.children * 1000, p.total * 1000, p.total / base,
+                     rss.peak[host] / MiB])  # fmt: skip
     both = per[PRIMARY].total + per[REPLICA].total
     rows.append(["both", cpu[PRIMARY].total + cpu[REPLICA].total,
                  (cpu[PRIMARY].total + cpu[REPLICA].total) / wall * 100, "", "", both * 1000,
-                 both / base])  # fmt: skip
-    print(f"{cycles} successful cycles in {wall:.0f} s ({failed} failed; {writer.written} writes, "
+                 both / base, ""])  # fmt: skip
+    expected = count * wall / 30
+    print(f"{cycles} successful cycles in {wall:.0f} s of about {expected:.0f} scheduled "
+          f"({failed} failed, {late} missed; {writer.written} writes, "
           f"{writer.locked} deferred because a cycle held the image)")  # fmt: skip
     table(
         ["agent", "CPU s", "% of 1 core", "own ms/cycle", "children ms/cycle", "total ms/cycle",
-         "vs baseline"],
+         "vs baseline", "peak RSS MiB"],
         rows,
     )  # fmt: skip
     print(f"baseline: qemu-img convert + rsync of one 32 MiB disk = {base * 1000:.0f} ms CPU")
