@@ -162,3 +162,45 @@ def test_worth_it_only_when_the_blocks_are_at_most_half_of_what_was_copied() -> 
     assert not compact.worth_it(CLUSTER // 2 + 4 * KiB, CLUSTER)
     assert not compact.worth_it(0, 0)
     assert not compact.worth_it(0, CLUSTER)
+
+
+def test_a_compaction_killed_midway_leaves_nothing_that_stops_the_next_cycle(root: Path) -> None:
+    """A killed agent leaves its NBD server, the export of the frozen bitmap (which keeps the
+    bitmap busy: no merge, no enable) and the delta's node in the VM's QEMU, which outlives it.
+    The next cycle's settle clears them, and compacts again."""
+    disk, replica = prefilled(root)
+    cut, again = root / "cut.qcow2", root / "again.qcow2"
+    socket = root / "dead.sock"
+
+    async def scenario() -> int:
+        async with daemon([disk], root / "qsd") as qsd:
+            await second_generation(qsd, root)
+            async with NbdWriter(qsd, root / "w.sock", NODES) as w:
+                await w.write("disk0", 6 * MiB, 4 * KiB, 0xD1)
+            await tracking.rotate(qsd, NODES, 2, [cut])
+            # What the dead agent left, as compact.py makes it.
+            await qsd.execute(
+                "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket)}}}
+            )
+            file = {"driver": "file", "node-name": "vmr-coarse-file", "filename": str(cut)}
+            await qsd.execute(
+                "blockdev-add",
+                {"driver": "qcow2", "node-name": "vmr-coarse", "file": file, "read-only": True},
+            )
+            for node, bitmap in (("disk0", [G2]), ("vmr-coarse", [])):
+                await qsd.execute("block-export-add", {
+                    "type": "nbd", "id": f"vmr-nbd-{node}", "node-name": node,
+                    "name": f"vmr-nbd-{node}", "writable": False, "bitmaps": bitmap,
+                })  # fmt: skip
+            # The cycle never committed: the next one settles generation 2 again.
+            await tracking.settle(qsd, NODES, 2)
+            assert await qsd.execute("query-block-exports") == []
+            assert await leftovers(qsd) == ([], [])
+            assert (await live_bitmaps(qsd))[G2].count == 4 * KiB
+            copied = await tracking.rotate(qsd, NODES, 2, [again])
+            return await compact.compact(qsd, NODES, 2, [again], copied, root / "n.sock")
+
+    assert asyncio.run(scenario()) == CLUSTER - 4 * KiB
+    assert cluster_size(again) == 4 * KiB
+    apply(again, replica)
+    assert equal(replica, disk)

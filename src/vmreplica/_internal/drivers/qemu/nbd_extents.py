@@ -40,7 +40,7 @@ from vmreplica._internal.extents import Extent, align, coalesce
 from vmreplica._internal.files import fsync_dir
 from vmreplica.errors import StorageError, VmrError
 
-__all__ = ["Extent", "align", "coalesce", "copy_ranges", "dirty_extents"]
+__all__ = ["Extent", "align", "clear_leftovers", "coalesce", "copy_ranges", "dirty_extents"]
 
 
 DIRTY = 1  # bit 0 of a qemu:dirty-bitmap context's extent flags
@@ -48,6 +48,30 @@ _STATUS_CHUNK = 1 << 30  # block status requests must stay below 4 GiB
 _COPY_CHUNK = 4 << 20  # QEMU's NBD server takes requests up to 32 MiB
 _EXPORT_TIMEOUT = 30.0
 _PREFIX = "vmr-nbd"
+
+
+async def clear_leftovers(target: QmpTarget) -> None:
+    """Exports and the NBD server an agent killed mid-read left in a QEMU that outlived it.
+
+    An export of a bitmap keeps that bitmap busy (no merge, enable or removal), which would
+    stop every later cycle of the VM.
+    """
+    exports = await target.execute("query-block-exports")
+    stale = [
+        str(e["id"])
+        for e in (exports if isinstance(exports, list) else [])
+        if isinstance(e, dict) and str(e.get("id", "")).startswith(f"{_PREFIX}-")
+    ]
+    for name in stale:
+        with (
+            contextlib.suppress(VmrError, TimeoutError),
+            target.subscribe(("BLOCK_EXPORT_DELETED",)) as events,
+        ):
+            await target.execute("block-export-del", {"id": name, "mode": "hard"})
+            await asyncio.wait_for(_deleted(events, name), _EXPORT_TIMEOUT)
+    if stale:
+        with contextlib.suppress(VmrError):
+            await target.execute("nbd-server-stop")
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmreplica._internal.drivers.qemu import blockjobs, qemu_img
+from vmreplica._internal.drivers.qemu import blockjobs, nbd_extents, qemu_img
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
 from vmreplica._internal.files import fsync_dir
@@ -59,7 +59,7 @@ async def _generations(target: QmpTarget, node: str) -> dict[int, dict[str, Any]
 
 
 async def _clear_leftovers(target: QmpTarget) -> None:
-    """Jobs and target nodes a dead agent left in a QEMU that outlived it."""
+    """Jobs, NBD exports and nodes a dead agent left in a QEMU that outlived it."""
     jobs = await target.execute("query-block-jobs")
     for job in jobs if isinstance(jobs, list) else []:
         device = str(job.get("device", ""))
@@ -67,10 +67,12 @@ async def _clear_leftovers(target: QmpTarget) -> None:
             with target.subscribe(blockjobs.END_EVENTS) as events:
                 stale = blockjobs.Job(str(job.get("device")), Path(), device, "")
                 await asyncio.wait_for(blockjobs.cancel_jobs(target, events, [stale]), 60)
+    await nbd_extents.clear_leftovers(target)
     nodes = await target.execute("query-named-block-nodes", {"flat": True})
     for node in nodes if isinstance(nodes, list) else []:
         node_name = str(node.get("node-name", ""))
-        if re.fullmatch(rf"{JOB_PREFIX}-t\d+", node_name):
+        # Copy targets (vmr-tN), compaction's source (vmr-coarse) and range copies' (vmr-cN).
+        if re.fullmatch(rf"{JOB_PREFIX}-(t\d+|c\d+|coarse)", node_name):
             with contextlib.suppress(VmrError):
                 await target.execute("blockdev-del", {"node-name": node_name})
 
