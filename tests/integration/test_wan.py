@@ -10,6 +10,8 @@ Nothing here asserts a duration.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -118,3 +120,34 @@ def test_deltas_queue_while_the_link_is_down_and_arrive_in_order_when_it_returns
     wait_for(
         lambda: pair.replication("outage")["health"] == "Normal", timeout=60, what="Normal health"
     )
+
+
+def test_a_link_that_dies_mid_delta_and_returns_loses_nothing_and_blocks_nothing(
+    wan: Wan, sites: Pair
+) -> None:
+    """The link goes silent while a delta streams (no FIN, no RST reaches either side), for
+    longer than the sender's 30 s read timeout. The replica must give the dead stream up too:
+    the delta is sent again when the link returns, and the replica equals the primary."""
+    pair = sites
+    wan.shape(rtt=0.2, loss=0.0, rate=20e6)
+    replicated_vm(pair, "cut", "--compression", "false")
+    pair.write("cut", 0, 0x41, "4M", "24M")
+    before = sent(wan)
+    sync = subprocess.Popen(
+        [sys.executable, "-m", "vmreplica", "replication", "sync", "cut"],
+        env=pair.cluster.env(PRIMARY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: sent(wan) - before > 10 * MiB, timeout=120, what="half the delta sent")
+        wan.down()
+        _, err = sync.communicate(timeout=120)
+    finally:
+        wan.up()
+        if sync.poll() is None:
+            sync.kill()
+            sync.wait()
+    assert sync.returncode != 0, "the sync finished over a dead link"
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    pair.cli("replication", "sync", "cut", timeout=300)
+    verified_equal(pair, "cut")
+    assert pair.measure("cut")["pending_replication_size"] == 0

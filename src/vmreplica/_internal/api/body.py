@@ -8,15 +8,20 @@ later), and nesting deep enough to raise RecursionError. Each of those is refuse
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
-from vmreplica.errors import InvalidArgument
+from vmreplica.errors import ConnectionFailed, InvalidArgument
 
 MAX_JSON_BODY = 1 << 20  # JSON routes only; deltas and boot files are streamed
+# A body from which no byte arrives for this long is a lost connection. A link that dies without
+# a FIN or RST reaching us would otherwise hold the handler, and the replica's lock on the VM,
+# until TCP keepalive gives up: two hours by Linux's defaults.
+BODY_IDLE = 60.0
 _MAX_INT_DIGITS = 19
 _INT64 = 1 << 63
 
@@ -69,7 +74,26 @@ ChunkSource = Callable[[int], AsyncIterator[bytes]]
 
 def body_chunks(request: web.Request, size: int) -> AsyncIterator[bytes]:
     source: ChunkSource | None = request.get(BODY_KEY)
-    return source(size) if source is not None else request.content.iter_chunked(size)
+    return source(size) if source is not None else raw_chunks(request, size)
+
+
+def raw_chunks(request: web.Request, size: int, idle: float = BODY_IDLE) -> AsyncIterator[bytes]:
+    """The body as it arrives, up to ``size`` bytes at a time, given up after ``idle`` seconds
+    without a byte."""
+    return _idle_limited(request.content.iter_chunked(size), idle)
+
+
+async def _idle_limited(chunks: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), idle)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ConnectionFailed(
+                f"no data from the sender for {idle:g} s: the connection was lost"
+            ) from None
+        yield chunk
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from vmreplica._internal.api.body import BODY_KEY, MAX_JSON_BODY, read_object
+from vmreplica._internal.api.body import BODY_KEY, MAX_JSON_BODY, raw_chunks, read_object
 from vmreplica._internal.api.errors import Handler, error_middleware, error_response
 from vmreplica._internal.api.listener import (
     KERBEROS_EXCHANGE_KEY,
@@ -172,7 +172,7 @@ def _body_reader(
         exchange.verify(request_message(request.method, request.path_qs, digest), mic)
 
     def reader(size: int) -> AsyncIterator[bytes]:
-        chunks = request.content.iter_chunked(size)
+        chunks = raw_chunks(request, size)
         if _sealed(request):
             return unsealed_body(chunks, exchange.unwrap, check)
         return verified_body(chunks, check)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -64,6 +65,28 @@ class PeerAddress:
         return f"{scheme}://{host}:{self.port}"
 
 
+STALL_TIMEOUT = 60
+"""Seconds a connection may hold data the peer has not acknowledged before it counts as lost."""
+
+
+def _socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A TCP socket that notices a dead link within :data:`STALL_TIMEOUT`.
+
+    aiohttp's read timeout does not cover a request body being written: when a link dies
+    mid-delta (no FIN or RST gets through), Linux retransmits the unacknowledged data for about
+    15 minutes (tcp_retries2) before the write fails. TCP_USER_TIMEOUT bounds that; keepalive
+    probes notice a dead link while waiting for an answer too.
+    """
+    family, kind, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_TIMEOUT * 1000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 20)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+    return sock
+
+
 class PeerClient:
     def __init__(self, peer: PeerAddress, tls: TlsFiles | None, timeout: float = 30.0) -> None:
         self.peer = peer
@@ -81,7 +104,9 @@ class PeerClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> PeerClient:
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout, connector=aiohttp.TCPConnector(socket_factory=_socket)
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
