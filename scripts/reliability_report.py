@@ -82,7 +82,8 @@ def _wan(data: dict[str, Any]) -> list[str]:
                 f"### {title}",
                 "",
                 f"- {what}, while 64 KiB/s were written ({_mib(phase['written'])} MiB in all)",
-                f"- health seen: {', '.join(phase['health_seen'])}; after: {phase['final_health']}",
+                f"- health seen: {', '.join(phase['health_seen'])}; after: {phase['final_health']}"
+                + "".join(f" ({d})" for d in phase.get("final_health_details", [])),
                 f"- the queue drained {phase['drain_s']:.0f} s after the writer stopped; the "
                 f"replica {'equals the primary and verifies' if phase['equal'] else 'DIFFERS'}",
             ]

@@ -174,8 +174,9 @@ def settle_and_verify(pair: Pair, sampler: Sampler, timeout: float = 900) -> dic
         if time.monotonic() - health_began > 120:
             break
         time.sleep(SAMPLE)
+    details = pair.measure(vm)["health_details"]
     return {"drain_s": round(time.monotonic() - began, 1), "equal": True, "verified": True,
-            "final_health": health}  # fmt: skip
+            "final_health": health, "final_health_details": details}  # fmt: skip
 
 
 def new_vm(pair: Pair, name: str) -> None:
