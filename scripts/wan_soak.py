@@ -56,7 +56,7 @@ DISK = "1G"
 SAMPLE = 5.0
 
 
-def goodput(wan: Wan, size: int = 8 * MiB) -> float:
+def goodput(wan: Wan, size: int = 32 * MiB) -> float:
     """Bits per second of one TCP stream from A to B, as the link stands now."""
     server = (
         "import socket,sys;s=socket.socket();s.setsockopt(1,2,1);s.bind(('0.0.0.0',5001));"
@@ -79,7 +79,7 @@ def goodput(wan: Wan, size: int = 8 * MiB) -> float:
 
 
 class Writer:
-    """Writes ``rate`` bytes per second into a running VM's disk, in 1 s steps, until stopped."""
+    """Writes ``rate`` bytes per second into a running VM's disk, in steps, until stopped."""
 
     def __init__(self, pair: Pair, vm: str, rate: float, disk_size: int) -> None:
         self.pair, self.vm, self.rate, self.size = pair, vm, rate, disk_size
@@ -97,8 +97,15 @@ class Writer:
 
     def _run(self) -> None:
         offset, pattern = 0, 1
-        while not self._stop.wait(1.0):
-            length = max(4096, int(self.rate) // 4096 * 4096)
+        last = time.monotonic()
+        while not self._stop.wait(0.2):
+            # What the rate owes since the last write: each CLI call takes a while itself.
+            now = time.monotonic()
+            length = int(self.rate * (now - last)) // 4096 * 4096
+            if length < 4096:
+                continue
+            length = min(length, 64 << 20)
+            last = now
             if offset + length > self.size:
                 offset, pattern = 0, pattern % 250 + 1
             self.pair.cli("vm", "monitor", self.vm,
@@ -199,7 +206,7 @@ def phase_load(pair: Pair, wan: Wan, minutes: float) -> dict[str, Any]:
         began = time.monotonic()
         with Writer(pair, "load", rate, 1 << 30) as writer:
             sampler.run_for(minutes * 60)
-        actual = writer.written / (time.monotonic() - began)  # the CLI's own pace caps the writer
+        actual = writer.written / (time.monotonic() - began)
         growth = slope([(s["t"], s["pending"]) for s in sampler.samples])
         step = {
             "factor": factor, "write_bps": actual * 8, "written": writer.written,
@@ -273,7 +280,12 @@ def main() -> None:
     # stops the agents and the link and deletes the namespaces.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     began = datetime.now(UTC)
-    results: dict[str, Any] = {"started": began.isoformat(), "minutes": args.minutes}
+    # A run of some phases keeps the others' results from an earlier run.
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results |= {"started": began.isoformat(), "minutes": args.minutes}
+    results["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     wan = Wan.start()
     cluster = None
     try:

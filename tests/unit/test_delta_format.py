@@ -17,16 +17,19 @@ from typing import Any
 import blake3
 import pytest
 
-from vmreplica._internal.transport import delta
+from vmreplica._internal.transport import delta, delta_resume
 from vmreplica._internal.transport.delta import (
+    CHUNK,
     MANIFEST,
     DeltaManifest,
     DiskEntry,
+    StreamCut,
     build_manifest,
     iter_stream,
     receive,
     stage_is_complete,
 )
+from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
 
 VM = "vm-0001"
@@ -69,9 +72,9 @@ def manifest_of(d: Path, compression: str, sequence: int = 5) -> DeltaManifest:
     return asyncio.run(build_manifest(d, VM, sequence, "CrashConsistent", compression))
 
 
-def pack(d: Path, m: DeltaManifest) -> bytes:
+def pack(d: Path, m: DeltaManifest, start: ResumePoint | None = None) -> bytes:
     async def collect() -> bytes:
-        return b"".join([piece async for piece in iter_stream(d, m)])
+        return b"".join([piece async for piece in iter_stream(d, m, start)])
 
     return asyncio.run(collect())
 
@@ -221,17 +224,84 @@ def test_flipped_byte_is_refused(
     assert staged_nothing(stage)
 
 
+def cut_at(wire: bytes, keep: float) -> bytes:
+    return wire[: int(keep) if keep >= 1 else int(len(wire) * keep) if keep > 0 else len(wire) - 1]
+
+
 @pytest.mark.parametrize("compression", ["zstd", "none"])
 @pytest.mark.parametrize("keep", [3, 20, 0.5, 0.99, -1])
-def test_truncated_stream_is_refused(
+def test_a_truncated_stream_is_a_cut_that_applies_nothing(
     big_delta: Path, tmp_path: Path, compression: str, keep: float
 ) -> None:
-    wire = pack(big_delta, manifest_of(big_delta, compression))
-    cut = wire[: int(keep) if keep >= 1 else int(len(wire) * keep) if keep > 0 else len(wire) - 1]
+    """A stream that stops short is a lost connection, never a delta: no manifest is staged.
+    Once the manifest has arrived, what did arrive is kept as a resume point."""
+    m = manifest_of(big_delta, compression)
+    wire = pack(big_delta, m)
+    cut = cut_at(wire, keep)
     stage = tmp_path / "stage"
-    with pytest.raises(IntegrityError, match="truncated"):
+    with pytest.raises(StreamCut, match="truncated"):
         unpack(cut, stage)
+    assert not (stage / MANIFEST).exists()
+    if keep in (3, 20):
+        assert staged_nothing(stage)
+    else:
+        point = delta_resume.load(stage)
+        assert point is not None and point.sequence == m.sequence
+        assert point.manifest == delta_resume.digest(m.to_json())
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.99, -1])
+def test_a_cut_stream_resumes_into_the_same_delta_sending_only_the_rest(
+    big_delta: Path, tmp_path: Path, compression: str, keep: float
+) -> None:
+    m = manifest_of(big_delta, compression)
+    wire = pack(big_delta, m)
+    stage = tmp_path / "stage"
+    with pytest.raises(StreamCut):
+        unpack(cut_at(wire, keep), stage)
+    point = delta_resume.load(stage)
+    assert point is not None
+    rest = pack(big_delta, m, start=point)
+    assert unpack(rest, stage, resume=(point.disk, point.offset)) == m
+    assert_same_disks(big_delta, stage, m)
+    received = len(cut_at(wire, keep))
+    # Resent: what arrived but had not reached the file yet, at most one chunk (a block being
+    # decompressed, the receiver's last batch), plus the manifest again.
+    assert len(rest) + received - len(wire) <= CHUNK + 4096
+
+
+def test_a_kept_part_changed_on_disk_fails_the_hash_and_is_dropped(
+    big_delta: Path, tmp_path: Path
+) -> None:
+    m = manifest_of(big_delta, "none")
+    wire = pack(big_delta, m)
+    stage = tmp_path / "stage"
+    with pytest.raises(StreamCut):
+        unpack(cut_at(wire, 0.6), stage)
+    point = delta_resume.load(stage)
+    assert point is not None and point.offset > 0
+    part = stage / f"disk{point.disk}.qcow2.part"
+    data = bytearray(part.read_bytes())
+    data[point.offset // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="hash mismatch"):
+        unpack(pack(big_delta, m, start=point), stage, resume=(point.disk, point.offset))
     assert staged_nothing(stage)
+
+
+def test_a_resume_the_replica_does_not_hold_is_refused(big_delta: Path, tmp_path: Path) -> None:
+    m = manifest_of(big_delta, "zstd")
+    stage = tmp_path / "stage"
+    with pytest.raises(IntegrityError, match="holds no such cut stream"):
+        unpack(pack(big_delta, m), stage, resume=(0, 4096))
+    with pytest.raises(StreamCut):
+        unpack(cut_at(pack(big_delta, m), 0.5), stage)
+    point = delta_resume.load(stage)
+    assert point is not None
+    other = manifest_of(big_delta, "zstd", sequence=6)  # another delta, same files
+    with pytest.raises(IntegrityError, match="holds no such cut stream"):
+        unpack(pack(big_delta, other, start=point), stage, resume=(point.disk, point.offset))
 
 
 @pytest.mark.parametrize("compression", ["zstd", "none"])

@@ -26,6 +26,7 @@ from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.replica.initial import PeerTls
 from vmreplica._internal.engine.services import Services
 from vmreplica._internal.ports.hypervisor import NbdPsk
+from vmreplica._internal.transport import delta_resume
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.fields import parse_vm_id
 
@@ -62,8 +63,9 @@ def peer_routes(engine: Services) -> dict[str, PeerHandler]:
         request: web.Request, authz: Authorization, names: list[str]
     ) -> web.StreamResponse:
         vm_id = parse_vm_id(request.query.get("vm_id"), "query parameter vm_id")
+        resume = delta_resume.parse_query(request.query.get("resume"))
         chunks = body_chunks(request, CHUNK)
-        return _answer(await replica.receiver.receive(authz, names, vm_id, chunks))
+        return _answer(await replica.receiver.receive(authz, names, vm_id, chunks, resume))
 
     async def boot_file(
         request: web.Request, authz: Authorization, names: list[str]

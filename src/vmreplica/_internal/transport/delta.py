@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -31,11 +32,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiohttp.http_exceptions
 import blake3
 import zstandard
 
 from vmreplica._internal.files import fsync_dir, write_atomic
-from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
+from vmreplica._internal.transport import delta_resume
+from vmreplica._internal.transport.delta_resume import ResumePoint
+from vmreplica.errors import (
+    ConnectionFailed,
+    IntegrityError,
+    InvalidArgument,
+    InvalidState,
+    StorageError,
+)
 
 StrPath = str | os.PathLike[str]
 MAGIC = b"VMRD1\n"
@@ -50,6 +61,18 @@ THREADS = min(4, os.cpu_count() or 1)  # blake3, and zstd (1.2x on text with 2 c
 _DISK_RE = re.compile(r"disk(\d+)\.qcow2")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+# How a body that stops short shows, from the socket up through aiohttp's server.
+_LOST = (
+    OSError, EOFError, asyncio.IncompleteReadError, aiohttp.ClientPayloadError,
+    aiohttp.http_exceptions.HttpProcessingError,
+)  # fmt: skip
+
+
+class StreamCut(ConnectionFailed):
+    """The stream ended or stalled before the delta did: the connection was lost. The stage is
+    kept as a resume point (delta_resume.py) instead of being removed."""
 
 
 ManifestCheck = Callable[["DeltaManifest"], None]
@@ -154,12 +177,16 @@ def _block(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
-def _disk_pieces(path: Path, disk: DiskEntry, m: DeltaManifest) -> Generator[bytes, None, None]:
-    """The wire bytes of one disk in pieces of about CHUNK; a file that changed size is refused."""
+def _disk_pieces(
+    path: Path, disk: DiskEntry, m: DeltaManifest, offset: int = 0
+) -> Generator[bytes, None, None]:
+    """The wire bytes of one disk from ``offset`` on, in pieces of about CHUNK; a file that
+    changed size is refused."""
+    left = disk.file_size - offset
     zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=THREADS)
-    chunker = zc.chunker(size=disk.file_size, chunk_size=CHUNK) if m.compression == "zstd" else None
-    left = disk.file_size
+    chunker = zc.chunker(size=left, chunk_size=CHUNK) if m.compression == "zstd" else None
     with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
         while data := f.read(min(CHUNK, left) if left else 1):  # 1: notice a grown file
             if len(data) > left:
                 break
@@ -172,12 +199,21 @@ def _disk_pieces(path: Path, disk: DiskEntry, m: DeltaManifest) -> Generator[byt
         yield _block(b"")
 
 
-async def iter_stream(delta_dir: StrPath, manifest: DeltaManifest) -> AsyncIterator[bytes]:
-    """The request body; reading and compressing the next piece overlaps sending this one."""
+async def iter_stream(
+    delta_dir: StrPath, manifest: DeltaManifest, start: ResumePoint | None = None
+) -> AsyncIterator[bytes]:
+    """The request body; reading and compressing the next piece overlaps sending this one.
+
+    From ``start`` on when the replica kept a cut stream: the disks before it are left out.
+    """
     yield MAGIC + _block(manifest.to_json().encode())
+    first, offset = (start.disk, start.offset) if start is not None else (0, 0)
     with cf.ThreadPoolExecutor(1, thread_name_prefix="vmr-delta-send") as pool:
         for disk in manifest.disks:
-            gen = _disk_pieces(Path(delta_dir, f"disk{disk.index}.qcow2"), disk, manifest)
+            if disk.index < first:
+                continue
+            at = offset if disk.index == first else 0
+            gen = _disk_pieces(Path(delta_dir, f"disk{disk.index}.qcow2"), disk, manifest, at)
             fut = pool.submit(next, gen, b"")
             try:
                 while piece := await asyncio.wrap_future(fut):
@@ -196,43 +232,70 @@ class _Input:
     def __init__(self, chunks: AsyncIterable[bytes]) -> None:
         self._it, self._buf, self._eof = aiter(chunks), bytearray(), False
 
+    async def _fill(self) -> None:
+        try:
+            self._buf += await anext(self._it)
+        except StopAsyncIteration:
+            self._eof = True
+        except ConnectionFailed as e:
+            raise StreamCut(e.message) from None
+        except _LOST as e:
+            raise StreamCut(f"the connection was lost ({e.__class__.__name__})") from None
+
     async def read(self, n: int) -> bytes:
-        """n bytes, fewer only at the end of the stream."""
+        """n bytes, fewer only at the end of the stream; a connection lost is a :class:`StreamCut`."""
         while len(self._buf) < n and not self._eof:
-            try:
-                self._buf += await anext(self._it)
-            except StopAsyncIteration:
-                self._eof = True
+            await self._fill()
+        return self._take(n)
+
+    async def read_some(self, n: int) -> bytes:
+        """Between 1 and n bytes as they arrive, so that a cut loses little; b"" at the end."""
+        if not self._buf and not self._eof:
+            await self._fill()
+        return self._take(n)
+
+    def _take(self, n: int) -> bytes:
         with memoryview(self._buf) as view:
             out = bytes(view[:n])
         del self._buf[:n]  # O(1) at the front of a bytearray
         return out
 
-    async def disk(self, entry: DiskEntry, compressed: bool, label: str) -> AsyncIterator[bytes]:
-        """One disk as sent: raw up to its size, or its blocks' payloads up to the 0 block."""
-        left, truncated = entry.file_size, f"{label}: stream truncated (connection lost?)"
+    async def disk(
+        self, entry: DiskEntry, compressed: bool, label: str, offset: int = 0
+    ) -> AsyncIterator[bytes]:
+        """One disk as sent from ``offset``: raw up to its size, or its blocks' payloads up to
+        the 0 block; in pieces as they arrive."""
+        left, truncated = entry.file_size - offset, f"{label}: stream truncated (connection lost?)"
         while compressed or left:
-            n = min(CHUNK, left)
+            n = left
             if compressed:
                 if len(head := await self.read(4)) < 4:
-                    raise IntegrityError(truncated)
+                    raise StreamCut(truncated)
                 if (n := struct.unpack(">I", head)[0]) == 0:
                     return
                 if n > MAX_BLOCK:
                     raise IntegrityError(f"{label}: bad block length (corrupted in transit?)")
-            if len(data := await self.read(n)) < n:
-                raise IntegrityError(truncated)
-            left -= 0 if compressed else n
-            yield data
+            while n:
+                if not (data := await self.read_some(min(n, CHUNK))):
+                    raise StreamCut(truncated)
+                n -= len(data)
+                left -= 0 if compressed else len(data)
+                yield data
 
 
 class _Disk:
     """Worker-side writer of one staged disk: bounded, hashed and size-checked as it goes."""
 
-    def __init__(self, stage: Path, entry: DiskEntry, sequence: int, compressed: bool) -> None:
+    def __init__(
+        self, stage: Path, entry: DiskEntry, sequence: int, compressed: bool,
+        kept: int | None = None,
+    ) -> None:  # fmt: skip
+        """``kept``: the bytes a cut stream left in the part file, to go on from."""
         self.path, self.entry, self.size = stage / f"disk{entry.index}.qcow2.part", entry, 0
         self.label, self.hasher = f"delta {sequence} disk {entry.index}", blake3.blake3()
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fresh = os.O_EXCL if kept is None else 0
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | fresh | os.O_CLOEXEC, 0o600)
+        self.offset = kept or 0
         dctx = zstandard.ZstdDecompressor(max_window_size=1 << 25)
         # stream_writer only calls write(), with pieces of at most CHUNK
         writer = dctx.stream_writer(self, CHUNK, write_return_read=True, closefd=False)  # type: ignore[arg-type]
@@ -247,6 +310,22 @@ class _Disk:
             view = view[os.write(self.fd, view) :]
         self.size += len(data)
         return len(data)
+
+    def resume(self) -> None:
+        """Keep the first ``offset`` bytes a cut stream left, hashed again from the file."""
+        os.ftruncate(self.fd, self.offset)
+        with open(self.path, "rb", buffering=0) as f:
+            while self.size < self.offset and (data := f.read(min(CHUNK, self.offset - self.size))):
+                self.hasher.update(data)
+                self.size += len(data)
+        if self.size != self.offset:
+            raise IntegrityError(f"{self.label}: the kept part is shorter than its resume point")
+        os.lseek(self.fd, self.offset, os.SEEK_SET)
+
+    def keep(self) -> int:
+        """After a cut: what reached the file, durably; the resume point's offset."""
+        os.fsync(self.fd)
+        return self.size
 
     def finish(self) -> None:
         if self.size != self.entry.file_size:
@@ -266,16 +345,25 @@ async def receive(
     expected_vm_id: str,
     check_manifest: ManifestCheck | None = None,
     max_file_size: int | None = None,
+    resume: tuple[int, int] | None = None,
 ) -> DeltaManifest:
     """Stage a delta in ``staging_dir`` (absent or empty; removed on failure); check_manifest
-    runs before anything is written, so a refused delta costs no disk space."""
+    runs before anything is written, so a refused delta costs no disk space.
+
+    A stream that is cut (:class:`StreamCut`) leaves the stage as a resume point instead; with
+    ``resume`` (disk, offset) the stream goes on from the point the stage holds.
+    """
     inp, stage = _Input(chunks), Path(staging_dir)
     head = await inp.read(len(MAGIC) + 4)
+    if head and len(head) < len(MAGIC) + 4 and head[: len(MAGIC)] == MAGIC[: len(head)]:
+        raise StreamCut("delta stream header truncated (connection lost?)")
     if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
         raise IntegrityError("not a vmreplica delta stream (bad magic or truncated header)")
     (n,) = struct.unpack(">I", head[len(MAGIC) :])
-    if n > MAX_MANIFEST or len(js := await inp.read(n)) < n:
-        raise IntegrityError("delta stream header truncated or oversized (connection lost?)")
+    if n > MAX_MANIFEST:
+        raise IntegrityError("delta stream header oversized")
+    if len(js := await inp.read(n)) < n:
+        raise StreamCut("delta stream header truncated (connection lost?)")
     m = DeltaManifest.from_json(js)
     name = f"delta {m.sequence} of VM {m.vm_id}"
     if m.vm_id != expected_vm_id:
@@ -284,11 +372,27 @@ async def receive(
         check_manifest(m)
     if max_file_size is not None and any(d.file_size > max_file_size for d in m.disks):
         raise IntegrityError(f"{name}: a disk exceeds the limit of {max_file_size} bytes")
-    if stage.exists() and any(stage.iterdir()):
+    digest = delta_resume.digest(m.to_json())
+    first, offset = 0, 0
+    if resume is not None:
+        if delta_resume.load(stage) != ResumePoint(m.sequence, digest, *resume):
+            raise IntegrityError(
+                f"{name}: cannot resume at disk {resume[0]} offset {resume[1]}: the replica "
+                "holds no such cut stream"
+            )
+        first, offset = resume
+        if missing := [
+            d.index for d in m.disks if d.index < first and not disk_file(stage, d.index).is_file()
+        ]:
+            raise IntegrityError(f"{name}: cannot resume: disk {missing[0]} is not staged")
+        delta_resume.clear(stage)
+    elif stage.exists() and any(stage.iterdir()):
         raise InvalidState(f"cannot stage {name}: {stage} still holds another delta")
     pool = cf.ThreadPoolExecutor(1, thread_name_prefix="vmr-delta-recv")
     busy: cf.Future[object] | None = None
     disk: _Disk | None = None
+    current = first  # the disk being received: where a cut stream would resume
+    compressed = m.compression == "zstd"
 
     async def run(fn: Callable[..., object], *args: Any, wait: bool = False) -> None:
         """Start fn once the previous batch is done: one batch on disk while the next arrives."""
@@ -299,24 +403,33 @@ async def receive(
         if wait:
             await asyncio.wrap_future(busy)
 
-    ok = False
+    ok = cut = False
     try:
         stage.mkdir(parents=True, exist_ok=True)
         need, free = sum(d.file_size for d in m.disks), shutil.disk_usage(stage).free
-        if need > free:  # fail before the transfer rather than after it
+        if resume is None and need > free:  # fail before the transfer rather than after it
             raise OSError(errno.ENOSPC, f"{need} bytes needed, {free} free")
         for entry in m.disks:
-            disk = _Disk(stage, entry, m.sequence, m.compression == "zstd")
-            async for data in inp.disk(entry, m.compression == "zstd", disk.label):
+            if entry.index < first:
+                continue
+            kept = offset if resume is not None and entry.index == first else None
+            current = entry.index
+            disk = _Disk(stage, entry, m.sequence, compressed, kept)
+            if kept is not None:
+                await run(disk.resume, wait=True)
+            async for data in inp.disk(entry, compressed, disk.label, kept or 0):
                 await run((disk.dec or disk).write, data)
             await run(disk.finish, wait=True)
-            disk = None
+            disk, current = None, entry.index + 1
         if await inp.read(1):
             raise IntegrityError(f"{name}: unexpected data after the last disk")
         await run(_write_atomic, stage / MANIFEST, m.to_json())
         await run(fsync_dir, stage.parent, wait=True)
         ok = True
         return m
+    except StreamCut:
+        cut = True
+        raise
     except zstandard.ZstdError as e:
         raise IntegrityError(f"{name}: bad compressed data ({e}); corrupted in transit?") from None
     except OSError as e:
@@ -334,9 +447,21 @@ async def receive(
                     last.exception()
         pool.shutdown(wait=True)  # no write may race the removal below
         if not ok:
-            if disk is not None and disk.fd >= 0:
-                os.close(disk.fd)
-            shutil.rmtree(stage, ignore_errors=True)  # it was empty: all in it is ours
+            _leave(stage, disk, ResumePoint(m.sequence, digest, current, 0) if cut else None)
+
+
+def _leave(stage: Path, disk: _Disk | None, cut: ResumePoint | None) -> None:
+    """After a failure: a cut stream's stage is kept as a resume point; anything else goes."""
+    kept = False
+    with contextlib.suppress(OSError):
+        if cut is not None:
+            at = disk.keep() if disk is not None and disk.fd >= 0 else 0
+            delta_resume.save(stage, dataclasses.replace(cut, offset=at))
+            kept = True
+    if disk is not None and disk.fd >= 0:
+        os.close(disk.fd)
+    if not kept:
+        shutil.rmtree(stage, ignore_errors=True)  # it was empty: all in it is ours
 
 
 def stage_is_complete(staging_dir: StrPath) -> DeltaManifest | None:

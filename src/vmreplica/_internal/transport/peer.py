@@ -31,6 +31,7 @@ from vmreplica._internal.tls_refusals import (
 )
 from vmreplica._internal.transport import gss, signed
 from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica.errors import ConnectionFailed, VmrError, error_from_json
 
 UNREACHABLE = "unreachable"
@@ -357,8 +358,11 @@ class Peer:
         answer = await self._client.call(p.INITIAL_CLOSE, request.to_json())
         return p.SequenceAnswer.from_json(answer)
 
-    async def delta(self, vm_id: str, stream: AsyncIterator[bytes]) -> p.SequenceAnswer:
-        answer = await self._client.call(f"{p.DELTA}?vm_id={vm_id}", data=stream, headers=_STREAM)
+    async def delta(
+        self, vm_id: str, stream: AsyncIterator[bytes], resume: ResumePoint | None = None
+    ) -> p.SequenceAnswer:
+        query = f"vm_id={vm_id}" + (f"&resume={resume.query}" if resume else "")
+        answer = await self._client.call(f"{p.DELTA}?{query}", data=stream, headers=_STREAM)
         return p.SequenceAnswer.from_json(answer)
 
     async def vm_state(self, request: p.VmRequest) -> p.VmStateAnswer:

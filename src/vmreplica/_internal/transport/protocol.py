@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Self
 
+from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica._internal.transport.fields import Body, parse_port
 from vmreplica._internal.transport.media import MediaManifest
 from vmreplica.errors import InvalidArgument
@@ -334,14 +335,20 @@ class EnableAnswer:
 class StatusAnswer:
     sequence: int
     state: str
+    resume: ResumePoint | None = None  # a cut delta the replica kept (delta_resume.py)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
         b = Body(data, "status answer")
-        return cls(sequence=b.integer("sequence"), state=b.string("state", 64))
+        resume = b.sub("resume", optional=True)
+        return cls(
+            sequence=b.integer("sequence"), state=b.string("state", 64),
+            resume=None if resume is None else ResumePoint.from_json(resume),
+        )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out: dict[str, Any] = {"sequence": self.sequence, "state": self.state}
+        return out | ({"resume": self.resume.to_json()} if self.resume else {})
 
 
 @dataclasses.dataclass(frozen=True)

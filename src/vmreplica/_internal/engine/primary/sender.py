@@ -3,6 +3,7 @@ leaves the log; what the replica says it already has leaves without being sent."
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -15,8 +16,12 @@ from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.primary.throttle import Throttle
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport import delta_resume
 from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica._internal.transport.peer import open_peer
+
+log = logging.getLogger("vmreplica.primary")
 
 
 class _Counted:
@@ -54,9 +59,14 @@ class Sender:
                     continue  # not committed: its generation still holds the changes
                 faults.hit("primary.before_send")
                 counted = _Counted()
-                stream = wire.iter_stream(delta_dir, manifest)
+                start = _resumable(status.resume, sequence, manifest)
+                if start is not None:
+                    log.info("resuming delta %d of %s at disk %d, byte %d (the replica kept "
+                             "what it had of a cut stream)", sequence, row.vm_name, start.disk,
+                             start.offset)  # fmt: skip
+                stream = wire.iter_stream(delta_dir, manifest, start)
                 await replica.delta(
-                    row.vm_id, counted.through(self._throttle.stream(row.vm_id, stream))
+                    row.vm_id, counted.through(self._throttle.stream(row.vm_id, stream)), start
                 )
                 size = sum(d.file_size for d in manifest.disks)
                 with self._ctx.stores.db.tx() as tx:
@@ -70,3 +80,19 @@ class Sender:
                     )  # fmt: skip
                     missed = 0
                 shutil.rmtree(delta_dir, ignore_errors=True)
+
+
+def _resumable(
+    kept: ResumePoint | None, sequence: int, manifest: wire.DeltaManifest
+) -> ResumePoint | None:
+    """The replica's resume point, if it is of this very delta (the same manifest)."""
+    if kept is None or kept.sequence != sequence:
+        return None
+    if kept.manifest != delta_resume.digest(manifest.to_json()):
+        return None
+    disks = {d.index: d.file_size for d in manifest.disks}
+    if kept.disk not in disks and kept.disk != len(manifest.disks):
+        return None
+    if kept.offset > disks.get(kept.disk, 0):
+        return None
+    return kept

@@ -23,6 +23,7 @@ from vmreplica._internal.engine.replica.common import (
     check_sender,
     register_replica,
     replica_row,
+    staging_dir,
 )
 from vmreplica._internal.engine.replica.initial import InitialImport
 from vmreplica._internal.engine.replica.seed import Seeds
@@ -31,6 +32,7 @@ from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.store.replications import ReplicationRow, Settings
+from vmreplica._internal.transport import delta_resume
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
 
@@ -157,7 +159,9 @@ class ReplicaLifecycle:
             settings = validate.replication_settings(Settings(**req.settings.to_json()))
             if settings != row.settings:
                 self._store.update(row.vm_id, settings=settings)
-        return p.StatusAnswer(row.sequence, row.state)
+        kept = delta_resume.load(staging_dir(row, row.sequence + 1))
+        resume = kept if kept is not None and kept.sequence == row.sequence + 1 else None
+        return p.StatusAnswer(row.sequence, row.state, resume)
 
     def start_guard(self, vm: VmRecord) -> None:
         row = self._store.find(vm.id)

@@ -43,7 +43,12 @@ class Receiver:
         self._media = media
 
     async def receive(
-        self, authz: Authorization, peer_names: list[str], vm_id: str, chunks: AsyncIterable[bytes]
+        self,
+        authz: Authorization,
+        peer_names: list[str],
+        vm_id: str,
+        chunks: AsyncIterable[bytes],
+        resume: tuple[int, int] | None = None,
     ) -> p.SequenceAnswer:
         row = replica_row(self._ctx, vm_id)
         check_sender(self._ctx, row, authz, peer_names)
@@ -65,14 +70,18 @@ class Receiver:
                 row = replica_row(self._ctx, vm_id)
                 check_not_quarantined(self._ctx, row)
             staging = staging_dir(row, row.sequence + 1)
-            shutil.rmtree(staging, ignore_errors=True)
+            if resume is None:  # a whole stream: a cut one kept for resuming is not wanted
+                shutil.rmtree(staging, ignore_errors=True)
             started = datetime.now(UTC)
             try:
                 manifest = await wire.receive(
-                    chunks, staging, expected_vm_id=vm_id, check_manifest=_checker(row)
-                )
+                    chunks, staging, expected_vm_id=vm_id, check_manifest=_checker(row),
+                    resume=resume,
+                )  # fmt: skip
                 for i, chain in enumerate(chains(self._ctx, row)):
                     await chain.check_incoming(disk_file(staging, i))
+            except wire.StreamCut:
+                raise  # the stage stays, as the point where the sender resumes
             except BaseException as e:
                 shutil.rmtree(staging, ignore_errors=True)  # a refused delta leaves nothing
                 if isinstance(e, IntegrityError | ResyncRequired):
