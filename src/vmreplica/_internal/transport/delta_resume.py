@@ -7,8 +7,9 @@ fsynced) and ``resume.json``, naming the manifest (by the blake3 of its JSON) an
 that holds the very same delta sends its manifest again, then disk k from that offset (as a new
 zstd frame when compressed) and the later disks whole. Nothing is trusted more for it: the
 prefix is hashed again from the stage, and every file must still match the manifest's size and
-blake3 in the end. Only a cut on the certificate listener resumes; a Kerberos body that ends
-early fails its MIC check first, which is a refusal, and is sent again whole.
+blake3 in the end. On the Kerberos listener a kept part was never covered by a GSS MIC, so it
+is trusted through that same blake3 only (the resumed request's MIC covers the manifest); a body
+that ends cleanly without its MIC trailer is refused as tampered, and is sent again whole.
 """
 
 from __future__ import annotations
