@@ -27,7 +27,8 @@ from pathlib import Path
 
 import zstandard
 
-from vmreplica._internal.transport.delta import CHUNK, build_manifest, iter_stream, receive
+from vmreplica._internal.transport.delta import CHUNK, build_manifest, iter_stream
+from vmreplica._internal.transport.delta_receive import receive
 
 MB = 1e6
 VM = "bench-vm"

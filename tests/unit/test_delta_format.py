@@ -23,12 +23,10 @@ from vmreplica._internal.transport.delta import (
     MANIFEST,
     DeltaManifest,
     DiskEntry,
-    StreamCut,
     build_manifest,
     iter_stream,
-    receive,
-    stage_is_complete,
 )
+from vmreplica._internal.transport.delta_receive import StreamCut, receive, stage_is_complete
 from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
 

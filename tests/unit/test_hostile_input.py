@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from vmreplica._internal.api.body import parse_object
 from vmreplica._internal.bandwidth import Schedule, parse_rate
 from vmreplica._internal.transport import delta as wire
-from vmreplica._internal.transport import protocol
+from vmreplica._internal.transport import delta_receive, protocol
 from vmreplica._internal.transport.media import MediaManifest
 from vmreplica.errors import VmrError
 
@@ -128,7 +128,7 @@ async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
 
 
 def _receive(data: bytes, stage: Path, chunk: int) -> wire.DeltaManifest:
-    return asyncio.run(wire.receive(_chunks(data, chunk), stage, expected_vm_id=VALID_VM))
+    return asyncio.run(delta_receive.receive(_chunks(data, chunk), stage, expected_vm_id=VALID_VM))
 
 
 @settings(
@@ -155,7 +155,7 @@ def test_a_cut_or_changed_delta_is_refused_and_never_staged(
     chunk = data.draw(st.integers(1, 70_000))
     try:
         _receive(sent, stage, chunk)
-    except wire.StreamCut as e:
+    except delta_receive.StreamCut as e:
         # A stream that stops short is a lost connection: what arrived is kept to resume from,
         # never a delta (no manifest staged), and only a stream that stops short is one.
         assert "\n" not in e.message
@@ -168,5 +168,5 @@ def test_a_cut_or_changed_delta_is_refused_and_never_staged(
         return
     # Accepted: every staged disk still matches the hash its manifest gives (a change the
     # manifest's checks cannot see, such as a digit of its creation time, gets this far).
-    received = wire.stage_is_complete(stage)
+    received = delta_receive.stage_is_complete(stage)
     assert received is not None and received.sequence == 7

@@ -28,6 +28,7 @@ from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.store.replications import OFFLINE, ReplicationRow
 from vmreplica._internal.transport import delta as wire
+from vmreplica._internal.transport import delta_receive
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import IntegrityError, InvalidState, ResyncRequired
@@ -74,13 +75,13 @@ class Receiver:
                 shutil.rmtree(staging, ignore_errors=True)
             started = datetime.now(UTC)
             try:
-                manifest = await wire.receive(
+                manifest = await delta_receive.receive(
                     chunks, staging, expected_vm_id=vm_id, check_manifest=_checker(row),
                     resume=resume,
                 )  # fmt: skip
                 for i, chain in enumerate(chains(self._ctx, row)):
                     await chain.check_incoming(disk_file(staging, i))
-            except wire.StreamCut:
+            except delta_receive.StreamCut:
                 raise  # the stage stays, as the point where the sender resumes
             except BaseException as e:
                 shutil.rmtree(staging, ignore_errors=True)  # a refused delta leaves nothing
