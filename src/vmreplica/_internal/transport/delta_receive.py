@@ -52,6 +52,9 @@ _LOST = (
 )  # fmt: skip
 
 
+BATCH = 256 << 10
+
+
 class StreamCut(ConnectionFailed):
     """The stream ended or stalled before the delta did: the connection was lost. The stage is
     kept as a resume point (delta_resume.py) instead of being removed."""
@@ -80,8 +83,11 @@ class _Input:
         return self._take(n)
 
     async def read_some(self, n: int) -> bytes:
-        """Between 1 and n bytes as they arrive, so that a cut loses little; b"" at the end."""
-        if not self._buf and not self._eof:
+        """Up to n bytes, as soon as :data:`BATCH` of them (or n, or the end) are here: a cut
+        loses less than a batch, and a link that delivers 1.5 KiB segments still makes batches
+        worth a worker's hand-off. b"" at the end."""
+        least = min(n, BATCH)
+        while len(self._buf) < least and not self._eof:
             await self._fill()
         return self._take(n)
 
