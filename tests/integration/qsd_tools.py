@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nbd
 
@@ -101,16 +102,26 @@ def mapped(image: Path) -> tuple[list[Range], list[Range]]:
     return data, zeros
 
 
-def stored_bitmaps(image: Path) -> dict[str, set[str]]:
-    """Persistent bitmaps in the image header and their flags."""
+def image_info(image: Path) -> dict[str, Any]:
+    """``qemu-img info`` of an image, which a running QEMU may hold open."""
     out = subprocess.run(
         ["qemu-img", "info", "--output=json", "-U", str(image)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    data = json.loads(out).get("format-specific", {}).get("data", {})
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+def stored_bitmaps(image: Path) -> dict[str, set[str]]:
+    """Persistent bitmaps in the image header and their flags."""
+    data = image_info(image).get("format-specific", {}).get("data", {})
     return {b["name"]: set(b["flags"]) for b in data.get("bitmaps", [])}
+
+
+def cluster_size(image: Path) -> int:
+    return int(image_info(image)["cluster-size"])
 
 
 @dataclass(frozen=True)

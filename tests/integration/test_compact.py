@@ -5,7 +5,6 @@ the replica ends equal to the disk, and a rewrite that fails ships the delta as 
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from tests.integration.qsd_tools import (
     MiB,
     NbdWriter,
     add_bitmap,
+    cluster_size,
     daemon,
     leftovers,
     live_bitmaps,
@@ -40,16 +40,6 @@ def root(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         reap(tmp_path)
-
-
-def cluster_size(image: Path) -> int:
-    out = subprocess.run(
-        ["qemu-img", "info", "--output=json", "-U", str(image)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return int(json.loads(out)["cluster-size"])
 
 
 def prefilled(root: Path) -> tuple[Path, Path]:
