@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -191,7 +192,12 @@ async def iter_stream(
     """
     yield MAGIC + _block(manifest.to_json().encode())
     first, offset = (start.disk, start.offset) if start is not None else (0, 0)
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="vmr-delta-send") as pool:
+    # Nothing below may block the event loop. A body the HTTP client drops when the connection
+    # breaks is closed later by the garbage collector, and by then the pool's worker may have
+    # gone with its executor (the collector clears the worker's weak reference to it first):
+    # waiting on the pool there hung the whole agent, found by test_initial_compressed.py.
+    pool = cf.ThreadPoolExecutor(1, thread_name_prefix="vmr-delta-send")
+    try:
         for disk in manifest.disks:
             if disk.index < first:
                 continue
@@ -205,5 +211,11 @@ async def iter_stream(
             except OSError as e:
                 raise StorageError(f"cannot read delta {manifest.sequence}: {e}") from None
             finally:
-                cf.wait([fut])  # the worker may still be inside the generator
-                pool.submit(gen.close).result()
+                # Close the file once the worker is out of the generator: at once if it is.
+                fut.add_done_callback(functools.partial(_close, gen))
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _close(gen: Generator[bytes, None, None], _done: object) -> None:
+    gen.close()
