@@ -326,13 +326,19 @@ class _Api:
         use_backup: bool = False,
         destination: str | None = None,
         start_time: str | None = None,
+        compressed: bool = False,
     ) -> _Call[Replication]:
         """Over the network; from the copy on the replica (``use_backup``); or to offline media
-        in ``destination``; now or at ``start_time`` (ISO 8601, at most 7 days ahead)."""
-        return _model(Replication, "replication.start_initial", {
+        in ``destination``; now or at ``start_time`` (ISO 8601, at most 7 days ahead).
+        ``compressed``: over the network as compressed deltas that resume after a cut, for slow
+        links, instead of one NBD copy."""
+        args: dict[str, Any] = {
             "vm": vm, "use_backup": use_backup, "destination": destination,
             "start_time": start_time,
-        })  # fmt: skip
+        }  # fmt: skip
+        if compressed:  # sent only when set: an older agent refuses no field it never sees
+            args["compressed"] = True
+        return _model(Replication, "replication.start_initial", args)
 
     @_Endpoint
     def replication_stop_initial(vm: str) -> _Call[Replication]:

@@ -195,6 +195,7 @@ def build_methods(engine: Services) -> dict[str, Method]:
             bool(a.opt_bool(args, "use_backup")),
             a.opt_str(args, "destination"),
             a.opt_str(args, "start_time"),
+            bool(a.opt_bool(args, "compressed")),
         )
         return replication.to_model(row)
 

@@ -97,7 +97,7 @@ def peer_routes(engine: Services) -> dict[str, PeerHandler]:
         p.REVERSE: _json_route(p.ReverseRequest.from_json, old_primary.become_replica),
         p.ENABLE: _json_route(p.EnableRequest.from_json, replica.lifecycle.enable),
         p.STATUS: _json_route(p.StatusRequest.from_json, replica.lifecycle.status),
-        p.RESYNC_START: _json_route(p.VmRequest.from_json, replica.resync.start),
+        p.RESYNC_START: _json_route(p.ResyncStartRequest.from_json, replica.resync.start),
         p.RESYNC_HASHES: _json_route(p.HashesRequest.from_json, replica.resync.hashes),
         p.RESYNC_FINISH: _json_route(p.VmRequest.from_json, replica.resync.finish),
         p.RESYNC_CANCEL: _json_route(p.VmRequest.from_json, replica.resync.cancel),

@@ -233,22 +233,32 @@ def measure(
 @click.option(
     "--destination", metavar="DIR", help="Write the copy to offline media in DIR (import-initial)."
 )
+@click.option(
+    "--compressed",
+    is_flag=True,
+    help="Send the copy as compressed deltas that resume after a cut (for WAN links).",
+)
 @click.option("--start-time", metavar="ISO", help="Start then (at most 7 days ahead).")
 @click.option("--wait", is_flag=True, help="Show progress until initial replication is done.")
 def start_initial(
     computer_names: tuple[str, ...], output: str, properties: str | None, vm: str,
-    use_backup: bool, destination: str | None, start_time: str | None, wait: bool,
+    use_backup: bool, destination: str | None, compressed: bool, start_time: str | None,
+    wait: bool,
 ) -> None:  # fmt: skip
     """Start initial replication (run on the primary): a full copy over the network, a compare
     against a copy already on the replica (--use-backup), or a copy to offline media
     (--destination DIR, imported on the replica with import-initial).
+
+    --compressed sends the network copy as zstd-compressed deltas of the blocks that are not
+    zero, each resumed from where the replica stopped if the link breaks; the plain copy (NBD,
+    uncompressed) is faster on a LAN.
 
     Run it again on a copy that failed to retry it now rather than on the schedule.
     """
     if destination is not None:  # the agent's working directory is not the caller's
         destination = str(Path(destination).absolute())
     for client in clients(computer_names):
-        row = client.replication_start_initial(vm, use_backup, destination, start_time)
+        row = client.replication_start_initial(vm, use_backup, destination, start_time, compressed)
         if wait and row.state == "Resynchronizing":
             row = _wait_resync(client, vm, "initial replication")
         elif wait and row.state == "InitialReplicationInProgress":

@@ -19,7 +19,7 @@ from vmreplica._internal.engine.server_settings import ServerService
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.models import Measurement, Replication
-from vmreplica._internal.store.replications import SEED, CycleRow, ReplicationRow
+from vmreplica._internal.store.replications import COMPARED, CycleRow, ReplicationRow
 from vmreplica.errors import InvalidArgument, InvalidState
 
 
@@ -229,7 +229,7 @@ class ReplicationService:
         """``replication stop-initial``: whatever kind the initial replication is."""
         self._primary_only(vm, "stop-initial")
         row = self._row(vm)
-        if row.initial_kind == SEED and row.state in (
+        if row.initial_kind in COMPARED and row.state in (
             State.RESYNCHRONIZING, State.RESYNC_SUSPENDED,
         ):  # fmt: skip
             return self.to_model(await self.primary.resync.cancel(vm))

@@ -22,6 +22,10 @@ from vmreplica.errors import NotFound
 # ReplicationRow.initial_kind: how initial replication runs when it is not a plain network copy.
 SEED = "seed"  # from a copy already on the replica, compared block by block (a resync of it)
 OFFLINE = "offline"  # on external media, imported on the replica
+# Over the network as compressed, resumable deltas (start-initial --compressed): a resync of the
+# replica's empty chain, so the blocks that are not zero travel as ordinary deltas.
+COMPRESSED = "compressed"
+COMPARED = (SEED, COMPRESSED)  # the kinds that run as a resynchronization
 
 
 @dataclasses.dataclass(frozen=True)

@@ -368,7 +368,7 @@ class Peer:
     async def vm_state(self, request: p.VmRequest) -> p.VmStateAnswer:
         return p.VmStateAnswer.from_json(await self._client.call(p.VM_STATE, request.to_json()))
 
-    async def resync_start(self, request: p.VmRequest) -> p.SequenceAnswer:
+    async def resync_start(self, request: p.ResyncStartRequest) -> p.SequenceAnswer:
         answer = await self._client.call(p.RESYNC_START, request.to_json())
         return p.SequenceAnswer.from_json(answer)
 

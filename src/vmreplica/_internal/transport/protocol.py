@@ -259,6 +259,23 @@ class ReverseRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResyncStartRequest:
+    """resync-start. ``from_empty``: an initial replication sent as compressed deltas
+    (``start-initial --compressed``), compared against the replica's empty chain."""
+
+    vm_id: str
+    from_empty: bool = False
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        b = Body(data, "resync-start")
+        return cls(vm_id=b.vm_id(), from_empty=b.boolean("from_empty", False))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class HashesRequest:
     """Hashes of ``count`` blocks of ``block_size`` of replicated disk ``disk``, from
     ``first_block`` (a resynchronization's block compare)."""

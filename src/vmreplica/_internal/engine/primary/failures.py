@@ -8,7 +8,7 @@ from datetime import datetime
 
 from vmreplica._internal.engine.context import Context, allows, move
 from vmreplica._internal.engine.states import Command, State
-from vmreplica._internal.store.replications import SEED, ReplicationRow
+from vmreplica._internal.store.replications import COMPARED, ReplicationRow
 from vmreplica.errors import IntegrityError, InvalidState, ResyncRequired, VmrError
 
 log = logging.getLogger("vmreplica.primary")
@@ -25,7 +25,7 @@ def record_failure(
         command = Command.LOSE_TRACKING
     elif isinstance(err, IntegrityError | InvalidState) and row.state == State.INITIAL_IN_PROGRESS:
         command = Command.FAIL_INITIAL
-    elif isinstance(err, IntegrityError | InvalidState) and row.initial_kind == SEED:
+    elif isinstance(err, IntegrityError | InvalidState) and row.initial_kind in COMPARED:
         # The replica refuses the compare (no copy there, another VM's): retrying cannot help.
         command = Command.STOP_INITIAL
     if command is not None:

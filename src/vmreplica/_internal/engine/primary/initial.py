@@ -30,7 +30,13 @@ from vmreplica._internal.engine.primary.throttle import Throttle
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.ports.hypervisor import DiskOwner, NbdCredentials, NbdPsk
-from vmreplica._internal.store.replications import OFFLINE, SEED, ReplicationRow
+from vmreplica._internal.store.replications import (
+    COMPARED,
+    COMPRESSED,
+    OFFLINE,
+    SEED,
+    ReplicationRow,
+)
 from vmreplica._internal.transport import media
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import Peer, open_peer
@@ -54,26 +60,29 @@ class InitialReplication:
 
     async def start(
         self, name: str, use_backup: bool = False, destination: str | None = None,
-        start_time: str | None = None,
+        start_time: str | None = None, compressed: bool = False,
     ) -> ReplicationRow:  # fmt: skip
-        """``start-initial [--use-backup | --destination DIR] [--start-time ISO]``."""
+        """``start-initial [--use-backup | --destination DIR | --compressed] [--start-time ISO]``."""
         rec = self._vms.find(name)
         row = self._store.get(rec.id, name)
         if row.mode != "Primary":
             raise InvalidState(
                 f"VM {name} is a replica here: start initial replication on its primary server"
             )
-        if use_backup and destination is not None:
-            raise InvalidArgument("--use-backup and --destination exclude each other")
-        if row.state == State.INITIAL_IN_PROGRESS and not (use_backup or destination or start_time):
+        if sum((use_backup, destination is not None, compressed)) > 1:
+            raise InvalidArgument("--use-backup, --destination and --compressed exclude each other")
+        if row.state == State.INITIAL_IN_PROGRESS and not (
+            use_backup or destination or start_time or compressed
+        ):
             # A copy that failed waits for the schedule to retry it: start it again now.
             with self._ctx.stores.db.tx() as tx:
                 move(self._ctx, tx, row, Command.RETRY_INITIAL, send_failure=None, last_error=None)
             self._run(rec.id)
             return self._store.get(rec.id, name)
-        command = Command.START_INITIAL_FROM_COPY if use_backup else Command.START_INITIAL
+        compared = use_backup or compressed
+        command = Command.START_INITIAL_FROM_COPY if compared else Command.START_INITIAL
         allows(row, command)
-        kind: str | None = SEED if use_backup else None
+        kind: str | None = SEED if use_backup else COMPRESSED if compressed else None
         media_dir: Path | None = None
         if destination is not None:
             kind, media_dir = OFFLINE, _media_directory(destination)
@@ -99,12 +108,13 @@ class InitialReplication:
         how = {
             SEED: " from the copy on the replica: only the blocks that differ travel",
             OFFLINE: f" to offline media in {media_dir}",
+            COMPRESSED: " as compressed deltas of the blocks that are not zero",
         }.get(kind or "", "")
         with self._ctx.stores.db.tx() as tx:
             move(self._ctx, tx, row, command, initial_progress=0.0, last_error=None,
                  send_failure=None, initial_at=None, initial_kind=kind,
                  initial_media=None if media_dir is None else json.dumps({"path": str(media_dir)}),
-                 resync_next=None, resync_progress=0.0 if kind == SEED else None)  # fmt: skip
+                 resync_next=None, resync_progress=0.0 if kind in COMPARED else None)  # fmt: skip
             self._ctx.events.record(
                 "initial-replication-started", f"initial replication of {row.vm_name} started{how}",
                 row.vm_name, tx=tx,
@@ -114,7 +124,9 @@ class InitialReplication:
         """A scheduled start-initial whose time has come (the scheduler's)."""
         media_dir = json.loads(row.initial_media)["path"] if row.initial_media else None
         command = (
-            Command.START_INITIAL_FROM_COPY if row.initial_kind == SEED else Command.START_INITIAL
+            Command.START_INITIAL_FROM_COPY
+            if row.initial_kind in COMPARED
+            else Command.START_INITIAL
         )
         self.begin(row, command, row.initial_kind, None if media_dir is None else Path(media_dir))
 

@@ -29,7 +29,7 @@ from vmreplica._internal.engine.primary.sender import Sender
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.ports.hypervisor import CopySource, DiskOwner
-from vmreplica._internal.store.replications import SEED, ReplicationRow
+from vmreplica._internal.store.replications import COMPARED, COMPRESSED, ReplicationRow
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import Peer, PeerAddress, open_peer
@@ -124,7 +124,7 @@ class Resync:
         """``replication stop``: the replica is left exactly as before the resynchronization."""
         rec = self._vms.find(name)
         row = self._store.get(rec.id, name)
-        seeding = row.initial_kind == SEED
+        seeding = row.initial_kind in COMPARED
         allows(row, Command.STOP_INITIAL if seeding else Command.CANCEL_RESYNC)
         await self._stop(row.vm_id)
         with self._ctx.stores.db.tx() as tx:
@@ -189,7 +189,8 @@ class Resync:
                     resync_next=json.dumps(start), resync_progress=0.0,
                 )  # fmt: skip
                 row = self._store.get(row.vm_id, row.vm_name)
-            await replica.resync_start(p.VmRequest(row.vm_id))
+            from_empty = row.initial_kind == COMPRESSED
+            await replica.resync_start(p.ResyncStartRequest(row.vm_id, from_empty))
             rec = self._vms.find(row.vm_name)
             async with self._ctx.locks.vm(rec.id):
                 owner = DiskOwner(
@@ -209,15 +210,26 @@ class Resync:
                  time.monotonic() - tally.began)  # fmt: skip
         with self._ctx.stores.db.tx() as tx:
             current = self._store.get(row.vm_id, row.vm_name)
-            seeded = current.initial_kind == SEED
+            seeded = current.initial_kind in COMPARED
             move(self._ctx, tx, current, Command.FINISH_RESYNC, generation=1, resync_next=None,
                  resync_progress=100.0, last_replication_time=now_iso(), initial_kind=None,
                  initial_progress=100.0 if seeded else current.initial_progress)  # fmt: skip
+            how = (
+                "as compressed deltas done"
+                + (
+                    f" ({tally.differing} of the {tally.compared} blocks read by this run "
+                    "held data)"
+                    if tally.compared  # none when a restart found the last delta made
+                    else ""
+                )  # the count of this run only: not after a restart
+                if current.initial_kind == COMPRESSED
+                else f"from the copy on the replica done: {tally.differing} of {tally.compared} "
+                "blocks differed and were sent"
+            )
             if seeded:
                 self._ctx.events.record(
                     "initial-replication-done",
-                    f"initial replication of {row.vm_name} from the copy on the replica done: "
-                    f"{tally.differing} of {tally.compared} blocks differed and were sent",
+                    f"initial replication of {row.vm_name} {how}",
                     row.vm_name,
                     tx=tx,
                 )
@@ -270,6 +282,12 @@ class Resync:
         """Per disk, the blocks of the batch whose hashes differ; both sides hash at once."""
         differing: dict[int, list[int]] = {}
         for n, (first, count) in batch.items():
+            if row.initial_kind == COMPRESSED:
+                # Into the replica's empty chain (resync-start checked it): each block that
+                # is not zero here differs; zero blocks hash as None.
+                here = await self._ctx.driver.hash_view(view, n, BLOCK_SIZE, first, count)
+                differing[n] = [first + i for i, digest in enumerate(here) if digest is not None]
+                continue
             request = p.HashesRequest(row.vm_id, n, BLOCK_SIZE, first, count)
             here, there = await asyncio.gather(
                 self._ctx.driver.hash_view(view, n, BLOCK_SIZE, first, count),
@@ -302,7 +320,9 @@ class Resync:
                 await self._ctx.driver.extract_blocks(
                     view, n, wire.disk_file(delta_dir, n), differing.get(n, []), BLOCK_SIZE
                 )
-            compression = "zstd" if row.settings.compression else "none"
+            # --compressed compresses whatever the setting says: that is what it asks for.
+            compressed = row.settings.compression or row.initial_kind == COMPRESSED
+            compression = "zstd" if compressed else "none"
             await wire.build_manifest(
                 delta_dir, row.vm_id, sequence, "CrashConsistent", compression
             )

@@ -30,7 +30,7 @@ from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.files import fsync_dir, fsync_file
 from vmreplica._internal.ports.hypervisor import ImportTarget, NbdPsk
-from vmreplica._internal.store.replications import OFFLINE, ReplicationRow
+from vmreplica._internal.store.replications import COMPARED, OFFLINE, ReplicationRow
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import InvalidState, StorageError
@@ -74,6 +74,11 @@ class InitialImport:
                 self._ctx.stores.replications.update(
                     row.vm_id, initial_kind=None, initial_media=None, sequence=0
                 )
+                row = replica_row(self._ctx, row.vm_id)
+            if row.state == State.WAITING_FOR_INITIAL and row.initial_kind in COMPARED:
+                # A full copy supersedes the copy compared against (a seed, or the empty chain
+                # of a stopped start-initial --compressed): it becomes the base instead.
+                self._ctx.stores.replications.update(row.vm_id, initial_kind=None)
                 row = replica_row(self._ctx, row.vm_id)
             if row.state != State.WAITING_FOR_INITIAL or row.sequence != 0:
                 raise InvalidState(

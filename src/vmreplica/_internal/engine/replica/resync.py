@@ -12,6 +12,8 @@ cancels it (``resync-cancel``: the overlays are dropped).
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context, allows, move
@@ -25,7 +27,13 @@ from vmreplica._internal.engine.replica.common import (
 from vmreplica._internal.engine.replica.points import RecoveryPoints
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.store.journal import JournalEntry
-from vmreplica._internal.store.replications import SEED, ReplicationRow
+from vmreplica._internal.store.replications import (
+    COMPARED,
+    COMPRESSED,
+    OFFLINE,
+    SEED,
+    ReplicationRow,
+)
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import InvalidArgument, InvalidState
 
@@ -38,14 +46,30 @@ class ReplicaResync:
         self._points = points
 
     async def start(
-        self, authz: Authorization, peer_names: list[str], req: p.VmRequest
+        self, authz: Authorization, peer_names: list[str], req: p.ResyncStartRequest
     ) -> p.SequenceAnswer:
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
             row = replica_row(self._ctx, row.vm_id)
             check_not_quarantined(self._ctx, row)
-            if row.state == State.WAITING_FOR_INITIAL and row.initial_kind != SEED:
+            waiting = row.state == State.WAITING_FOR_INITIAL
+            if waiting and req.from_empty:
+                # start-initial --compressed: the primary sends every block that is not zero,
+                # into the empty chain made at enable; a copy to compare against would be
+                # left with blocks the primary has as zeros.
+                if row.initial_kind == SEED:
+                    raise InvalidState(
+                        f"replica VM {row.vm_name} on {self._ctx.host} holds a copy to start "
+                        "from: start initial replication with --use-backup, not --compressed"
+                    )
+                if row.initial_kind == OFFLINE:  # media written earlier is superseded
+                    shutil.rmtree(Path(str(row.storage_dir)) / "queued", ignore_errors=True)
+                self._ctx.stores.replications.update(
+                    row.vm_id, initial_kind=COMPRESSED, initial_media=None, sequence=0
+                )
+                row = replica_row(self._ctx, row.vm_id)
+            if row.state == State.WAITING_FOR_INITIAL and row.initial_kind not in COMPARED:
                 raise InvalidState(
                     f"replica VM {row.vm_name} on {self._ctx.host} holds no copy to start from: "
                     f"register one there with `vmreplica replication enable {row.vm_name} "
@@ -109,7 +133,7 @@ class ReplicaResync:
         with self._ctx.stores.db.tx() as tx:
             current = replica_row(self._ctx, row.vm_id)
             if current.state == State.RESYNCHRONIZING:
-                seeded = current.initial_kind == SEED  # its first point in time: points start
+                seeded = current.initial_kind in COMPARED  # its first point: points start
                 move(self._ctx, tx, current, Command.FINISH_RESYNC, initial_kind=None,
                      last_rp_time=now_iso() if seeded else current.last_rp_time)  # fmt: skip
             self._ctx.journal.end(tx, "resync-commit", row.vm_id)
@@ -144,7 +168,7 @@ class ReplicaResync:
         The state moves first; overlays left by a crash right after are dropped by recovery,
         which drops them whenever the state is not Resynchronizing."""
         if row.state == State.RESYNCHRONIZING:
-            seeding = row.initial_kind == SEED
+            seeding = row.initial_kind in COMPARED
             with self._ctx.stores.db.tx() as tx:
                 if seeding:  # the deltas went into the overlays dropped below: back to none
                     move(self._ctx, tx, row, Command.CANCEL_SEEDING, sequence=0)
