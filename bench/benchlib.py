@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -27,7 +27,7 @@ from typing import Any
 
 # The test cluster lives in the repository's tests/ package, beside this bench/ directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.localcluster import Cluster, Result, free_port
+from tests.localcluster import Cluster, Result, Site, free_port
 
 __all__ = ["Cluster", "Result", "free_port"]
 
@@ -235,13 +235,15 @@ class Pair:
 
 
 @contextlib.contextmanager
-def replication_pair(configure: Callable[[Cluster], None] | None = None) -> Iterator[Pair]:
-    """Two real agents on loopback, the replica server set up as the integration tests do;
-    ``configure`` may change the hosts' host.toml before the agents start."""
+def replication_pair(
+    configure: Callable[[Cluster], None] | None = None, sites: Mapping[str, Site] | None = None
+) -> Iterator[Pair]:
+    """Two real agents on loopback (or where ``sites`` puts them), the replica server set up as
+    the integration tests do; ``configure`` may change the hosts' host.toml before they start."""
     # Not /tmp/vmr…: other sessions on a shared machine clean those up with a glob.
     base = Path(tempfile.mkdtemp(prefix="rbench-", dir="/tmp"))
     try:
-        cluster = Cluster.create(names=(REPLICA, PRIMARY), base=base)
+        cluster = Cluster.create(names=(REPLICA, PRIMARY), base=base, sites=sites)
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)
         raise

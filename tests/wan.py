@@ -116,3 +116,75 @@ class Wan:
             for entry in self.base.iterdir():
                 entry.unlink()
             self.base.rmdir()
+
+
+VETH_A = "10.232.0.1"
+VETH_B = "10.232.0.2"
+
+
+@dataclass
+class VethLink:
+    """Two sites joined by a kernel veth pair, its rate capped by ``tc tbf`` on both ends: for
+    rates the user-space emulator cannot reach (1 Gbit/s). No delay or loss: this kernel has no
+    ``sch_netem``. Side A is ``10.232.0.1``, side B ``10.232.0.2``."""
+
+    ns_a: str
+    ns_b: str
+
+    @property
+    def devices(self) -> dict[str, tuple[str, str]]:
+        return {"a": (self.ns_a, self.ns_a + "v"), "b": (self.ns_b, self.ns_b + "v")}
+
+    @classmethod
+    def start(cls) -> VethLink:
+        tag = secrets.token_hex(3)
+        link = cls(f"vmrv{tag}a", f"vmrv{tag}b")
+        try:
+            _ip("netns", "add", link.ns_a)
+            _ip("netns", "add", link.ns_b)
+            (ns_a, dev_a), (ns_b, dev_b) = link.devices["a"], link.devices["b"]
+            _ip("link", "add", dev_a, "type", "veth", "peer", "name", dev_b)
+            for ns, dev, addr in ((ns_a, dev_a, VETH_A), (ns_b, dev_b, VETH_B)):
+                _ip("link", "set", dev, "netns", ns)
+                _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+                _ip("-n", ns, "link", "set", dev, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+        except BaseException:
+            link.stop()
+            raise
+        return link
+
+    def prefix(self, side: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns_a if side == "a" else self.ns_b]
+
+    def address(self, side: str) -> str:
+        return VETH_A if side == "a" else VETH_B
+
+    def shape(self, rate: float) -> None:
+        """Cap each direction at ``rate`` bit/s (0: no cap), with a 10 ms bucket."""
+        for ns, dev in self.devices.values():
+            if not rate:
+                subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"],
+                               capture_output=True)  # fmt: skip
+                continue
+            burst = max(64 << 10, int(rate / 8 / 100))
+            done = subprocess.run(
+                ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                 f"{int(rate)}bit", "burst", str(burst), "latency", "100ms"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"tc tbf on {dev}: {done.stderr.strip()}")
+
+    def sent(self, side: str = "a") -> int:
+        """Bytes the side's end of the link has sent."""
+        ns, dev = self.devices[side]
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(done.stdout)
+
+    def stop(self) -> None:
+        for ns in (self.ns_a, self.ns_b):
+            _ip("netns", "del", ns, check=False)  # takes its end of the veth pair with it
