@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -159,3 +160,29 @@ def test_refusals_are_one_line_and_change_nothing(cluster: Cluster) -> None:
     assert len(both.stderr.strip().splitlines()) == 1, both.stderr
     assert state(pair) == "ReadyForInitialReplication"
     assert state(pair, REPLICA) == "WaitingForInitialReplication"
+
+
+def test_a_replica_holding_a_seed_refuses_a_compressed_copy_and_keeps_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Zero blocks do not travel in a compressed copy, so it would leave a seed's blocks where
+    the primary has zeros: the replica refuses it, the primary stops instead of retrying, and
+    the seed still serves --use-backup."""
+    pair = make_pair(cluster)
+    off_vm(pair, tmp_path, random_mib=4, text_mib=0)
+    seeds = cluster.base / "seeds"
+    seeds.mkdir()
+    copy = seeds / "app.qcow2"
+    shutil.copyfile(pair.primary_disk("app", 0), copy)
+    pair.cli("vm", "new", "app", "--disk-path", str(copy), host=REPLICA)
+    pair.cli("replication", "enable", "app", "--as-replica", host=REPLICA)
+    pair.enable("app")
+    pair.cli("replication", "start-initial", "app", "--compressed")
+    wait_for(lambda: state(pair) == "ReadyForInitialReplication", 60, "the refusal to settle")
+    assert state(pair, REPLICA) == "WaitingForInitialReplication"
+    failed = [e for e in pair.json("event", "list") if e["kind"] == "replication-cycle-failed"]
+    assert failed and "--use-backup, not --compressed" in failed[-1]["message"], failed
+    pair.cli("replication", "start-initial", "app", "--use-backup", "--wait", timeout=300)
+    assert state(pair) == "Replicating"
+    pair.cli("replication", "sync", "app")
+    verified_equal(pair)
