@@ -118,15 +118,6 @@ def replicate(
     return seconds, phases(pair, vm)
 
 
-def forget(pair: Pair, vm: str, disk: Path) -> None:
-    """Free the space (and page cache) of a finished case before the next one."""
-    for host in ("vmhost2", "vmhost1"):
-        pair.cli("replication", "remove", vm, host=host)
-        pair.cli("vm", "remove", vm, host=host)
-    disk.unlink(missing_ok=True)
-    shutil.rmtree(pair.storage / vm, ignore_errors=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="512 MiB disk, 256 MiB allocated")
@@ -163,7 +154,7 @@ def main() -> None:
                     shutil.copyfile(source, disk)
                     result = replicate(pair, vm, disk, compression)
                     print(f"  {vm}: {result[0]:.2f} s", flush=True)
-                    forget(pair, vm, disk)
+                    pair.forget(vm, disk)
                     if best is None or result[0] < best[0]:
                         best = result
                 assert best is not None

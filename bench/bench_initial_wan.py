@@ -99,14 +99,6 @@ def replicate(pair: Pair, link: VethLink, vm: str, disk: Path, method: str) -> t
     return seconds, sent
 
 
-def forget(pair: Pair, vm: str, disk: Path) -> None:
-    for host in (PRIMARY, REPLICA):
-        pair.cli("replication", "remove", vm, host=host)
-        pair.cli("vm", "remove", vm, host=host)
-    disk.unlink(missing_ok=True)
-    shutil.rmtree(pair.storage / vm, ignore_errors=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 GiB disk, 512 MiB allocated")
@@ -145,7 +137,7 @@ def main() -> None:
                     disk = disks / f"{vm}.qcow2"
                     shutil.copyfile(source, disk)
                     seconds, sent = replicate(pair, link, vm, disk, method)
-                    forget(pair, vm, disk)
+                    pair.forget(vm, disk)
                     print(f"  {vm}: {seconds:.2f} s, {sent / MiB:.0f} MiB on the link "
                           f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
                     rows.append([

@@ -233,6 +233,14 @@ class Pair:
     def measure(self, name: str | None = None) -> list[dict[str, Any]]:
         return self.json("replication", "measure", *([name] if name else []))
 
+    def forget(self, vm: str, disk: Path) -> None:
+        """Free the space (and page cache) of a finished case before the next one."""
+        for host in (PRIMARY, REPLICA):
+            self.cli("replication", "remove", vm, host=host)
+            self.cli("vm", "remove", vm, host=host)
+        disk.unlink(missing_ok=True)
+        shutil.rmtree(self.storage / vm, ignore_errors=True)
+
 
 @contextlib.contextmanager
 def replication_pair(
