@@ -15,6 +15,7 @@ not recover in time, or a recovery point, or the latest, that fails its checks.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -34,6 +35,10 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, help="start no round after this many minutes")
     parser.add_argument("--recovery-timeout", type=float, default=300.0)
     args = parser.parse_args()
+    # SIGTERM (or SIGINT, which a shell's background job ignores) ends the run through run()'s
+    # finally, which stops the agents and every QEMU of the run.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     base = args.dir or Path(tempfile.mkdtemp(prefix="vmr-torture-", dir="/tmp"))
     deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
     data = run(base, args.seed, args.kills, args.results, deadline=deadline,

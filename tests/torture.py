@@ -64,6 +64,7 @@ class Kill:
     phase: str
     victim: str
     delay: float
+    at: str = ""  # when the kill landed (UTC)
     target: str = ""  # what was killed: "vmhost2 agent", "qemu-img (vmhost1)", ...
     during: bool = False  # the phase's command was still running when the kill landed
     outcome: str = ""  # recovered | timeout | no-target
@@ -170,6 +171,15 @@ class Torture:
                 found.append((int(entry.name), f"{comm.decode()} ({agents[ppid]})"))
         return sorted(found)
 
+    def _log_size(self, name: str) -> int:
+        log = self.cluster.hosts[name].log
+        return log.stat().st_size if log.exists() else 0
+
+    def _log_since(self, name: str, offset: int) -> str:
+        with self.cluster.hosts[name].log.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+
     def log_tails(self, lines: int = 15) -> str:
         out = []
         for name, host in self.cluster.hosts.items():
@@ -187,9 +197,15 @@ class Torture:
         kill = Kill(number, phase, victim, delay)
         self.log(f"{_now()} round {number}: {phase}, kill {victim} after {delay} s")
         op = self._begin(phase, point_pick, kill)
+        mark = self._log_size(PRIMARY)
+
+        def running() -> bool:
+            if phase == "resync":  # its command only starts it; it ends when the log says so
+                return "resync of app finished" not in self._log_since(PRIMARY, mark)
+            return op is not None and op.poll() is None
+
         time.sleep(delay)
-        killed = self._kill(victim, kill, op)
-        kill.during = killed and op is not None and op.poll() is None
+        killed = self._kill(victim, kill, running)
         output = ""
         if op is not None:
             try:
@@ -249,7 +265,9 @@ class Torture:
         return subprocess.Popen(["sh", "-c", body], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
 
-    def _kill(self, victim: str, kill: Kill, op: subprocess.Popen[str] | None) -> bool:
+    def _kill(self, victim: str, kill: Kill, running: Callable[[], bool]) -> bool:
+        kill.during = running()
+        kill.at = _now()
         if victim in ("primary-agent", "replica-agent"):
             name = PRIMARY if victim == "primary-agent" else REPLICA
             self.cluster.kill(name)
@@ -264,6 +282,8 @@ class Torture:
         # A child lives only while a step runs: watch for one until the phase ends.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            kill.during = running()
+            kill.at = _now()
             found = self.children()
             if found:
                 pid, what = found[0]
@@ -271,7 +291,7 @@ class Torture:
                     os.kill(pid, signal.SIGKILL)
                     kill.target = what
                     return True
-            if op is None or op.poll() is not None:
+            if not kill.during:
                 break
             time.sleep(0.01)
         return False
