@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.torture import PHASES
 from tests.torture_check import run
 
 
@@ -34,15 +35,20 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=Path("bench/results/torture.json"))
     parser.add_argument("--minutes", type=float, help="start no round after this many minutes")
     parser.add_argument("--recovery-timeout", type=float, default=300.0)
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help="the phases to draw from (default: all; fewer draws differently)")  # fmt: skip
     args = parser.parse_args()
     # SIGTERM (or SIGINT, which a shell's background job ignores) ends the run through run()'s
     # finally, which stops the agents and every QEMU of the run.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+    phases = tuple(args.phases.split(","))
+    if unknown := set(phases) - set(PHASES):
+        parser.error(f"unknown phases {sorted(unknown)}; known: {', '.join(PHASES)}")
     base = args.dir or Path(tempfile.mkdtemp(prefix="vmr-torture-", dir="/tmp"))
     deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
     data = run(base, args.seed, args.kills, args.results, deadline=deadline,
-               recovery_timeout=args.recovery_timeout,
+               recovery_timeout=args.recovery_timeout, phases=phases,
                log=lambda line: print(line, flush=True))  # fmt: skip
     failed = [r for r in data["rounds"] if r["outcome"] not in ("recovered", "no-target")]
     print(f"{data['kills']} kills, {data['recovered']} recovered, {len(failed)} failed; "

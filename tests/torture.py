@@ -45,15 +45,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests import guest
-from tests.integration.replication_env import PRIMARY, REPLICA, Pair, make_pair, wait_for
+from tests import guest, torture_planned
+from tests.integration.replication_env import PRIMARY, REPLICA, Pair, wait_for
+from tests.integration.test_failover import two_way
 from tests.localcluster import Cluster
 
 VM = "app"
-PHASES = ("cycle", "test-failover", "failover", "resync")
+PHASES = ("cycle", "test-failover", "failover", "resync", "planned")
 VICTIMS = ("primary-agent", "replica-agent", "child", "vm-qemu")
 # How long into each phase a kill may land, in seconds: about the phase's length here (TCG).
-SPAN = {"cycle": 4.0, "test-failover": 2.0, "failover": 2.0, "resync": 8.0}
+SPAN = {"cycle": 4.0, "test-failover": 2.0, "failover": 2.0, "resync": 8.0, "planned": 30.0}
 CHILDREN = (b"qemu-img", b"qemu-storage-d")  # comm is cut at 15 bytes
 GUEST_CACHE = Path(os.environ.get("VMREPLICA_GUEST_CACHE", "~/.cache/vmreplica/guest")).expanduser()
 
@@ -79,8 +80,9 @@ def _now() -> str:
 
 class Torture:
     def __init__(self, cluster: Cluster, seed: int, *, recovery_timeout: float = 300.0,
-                 log: Callable[[str], None] = print) -> None:  # fmt: skip
+                 phases: tuple[str, ...] = PHASES, log: Callable[[str], None] = print) -> None:  # fmt: skip
         self.cluster = cluster
+        self.phases = phases
         self.rng = random.Random(seed)
         self.seed = seed
         self.recovery_timeout = recovery_timeout
@@ -93,7 +95,7 @@ class Torture:
 
     def setup(self) -> None:
         self.cluster.start_all()
-        self.pair = make_pair(self.cluster)
+        self.pair = two_way(self.cluster)  # vmhost2 accepts vmhost1 too: for the reverse
         assets = guest.build_guest_assets(GUEST_CACHE)
         guest.make_data_disk(self.data, 64)
         self.cli("vm", "new", VM, "--disk-path", str(self.data), "--kernel", str(assets.kernel),
@@ -145,12 +147,12 @@ class Torture:
         return [str(p["id"]) for p in self.json("recovery-point", "list", VM, host=REPLICA)]
 
     def vm_pids(self) -> list[int]:
-        marker = str(self.cluster.hosts[PRIMARY].state_dir).encode()
+        """The VM's QEMU, on whichever host runs it (never a test VM's)."""
         out = []
         for pid in self.cluster.qemu_pids():
             with contextlib.suppress(OSError):
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if b"qemu-system" in cmd.split(b"\0")[0] and marker in cmd:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"qemu-system" in args[0] and f"guest={VM}".encode() in args:
                     out.append(pid)
         return out
 
@@ -190,7 +192,7 @@ class Torture:
     # -- one round ---------------------------------------------------------------------------
 
     def round(self, number: int) -> Kill:
-        phase = self.rng.choice(PHASES)
+        phase = self.rng.choice(self.phases)
         victim = self.rng.choice(VICTIMS)
         delay = round(self.rng.uniform(0.0, SPAN[phase]), 2)
         point_pick = self.rng.random()
@@ -237,6 +239,8 @@ class Torture:
     def _begin(self, phase: str, pick: float, kill: Kill) -> subprocess.Popen[str] | None:
         if phase == "cycle":
             return self.popen("replication", "sync", VM, host=PRIMARY)
+        if phase == "planned":
+            return torture_planned.begin(self)
         if phase == "resync":
             for pid in self.vm_pids():
                 os.kill(pid, signal.SIGKILL)
@@ -309,7 +313,7 @@ class Torture:
             if host.process is None:
                 self.cluster.start(name, timeout=120)
                 kill.actions.append(f"{name} agent started again")
-        if not self.vm_pids():
+        if phase != "planned" and not self.vm_pids():  # in a planned one, home() decides where
             self._start_vm(kill)
 
     def _end_failovers(self, kill: Kill) -> None:
@@ -317,17 +321,19 @@ class Torture:
         tests = [v for v in self.json("vm", "list", host=REPLICA) if v["name"].endswith(" - Test")]
         if replica["state"] == "FailedOverWaitingCompletion" or tests:
             done = self.cli("failover", "stop", VM, host=REPLICA, check=False)
-            kill.actions.append(f"failover stop ({done.returncode})")
+            torture_planned.act(kill, f"failover stop ({done.returncode})")
 
     def _recover(self, phase: str, kill: Kill) -> bool:
         deadline = time.monotonic() + self.recovery_timeout
+        if phase == "planned" and not torture_planned.home(self, kill, deadline):
+            return False
         while time.monotonic() < deadline:
             try:
                 self._end_failovers(kill)
                 primary, replica = self.state(PRIMARY), self.state(REPLICA)
-                if (primary["state"], replica["state"]) == ("Replicating", "Replicating") and not (
-                    replica.get("quarantine") or primary.get("quarantine")
-                ):
+                sides = (primary["mode"], primary["state"], replica["state"])
+                quarantined = replica.get("quarantine") or primary.get("quarantine")
+                if sides == ("Primary", "Replicating", "Replicating") and not quarantined:
                     synced = self.cli("replication", "sync", VM, check=False, timeout=150)
                     if synced.returncode == 0:
                         return True
@@ -352,6 +358,7 @@ def summary(torture: Torture, started: str, final: dict[str, Any], asked: int) -
         "started": started,
         "finished": _now(),
         "kills_asked": asked,
+        "phases": list(torture.phases),
         "kills": len(kills),
         "recovered": len(kills) - len(failed),
         "rounds": [asdict(k) for k in torture.kills],
