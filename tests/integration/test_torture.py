@@ -10,12 +10,15 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from tests.torture_check import run
 
 SEED = 815
 KILLS = 6
 
 
+@pytest.mark.timeout(900)  # about 2-5 minutes here; a recovery may take up to its 240 s
 def test_seeded_kills_recover_and_lose_nothing() -> None:
     base = Path(tempfile.mkdtemp(prefix="vmrt", dir="/tmp"))
     results = base.with_name(base.name + ".json")
