@@ -54,9 +54,9 @@ DEFECTS = """## Defects these runs found, each fixed with its reproduction kept 
 
 ## Not yet
 
-- The torture loop does not kill inside a planned failover, reverse or fail-back, nor inside
-  an initial copy; the kills at chosen points there are in `test_failover.py` and
-  `test_initial_copy.py`.
+- The torture loop does not kill inside an initial copy (kills at chosen points there are in
+  `test_initial_copy.py`), nor does it cut the network (`scripts/wan_soak.py` does, without
+  kills).
 - An initial copy cut by the network starts over; it does not resume.
 """
 
@@ -138,8 +138,9 @@ def _torture(data: dict[str, Any]) -> list[str]:
         f"({len(rounds) - len(landed)} rounds found no child process to kill), "
         f"{len(landed) - len(failed)} recovered by themselves (agent or VM started again, as a "
         "service manager or an administrator would), "
-        f"{len(failed)} did not. The command: `.venv/bin/python scripts/torture.py --seed "
-        f"{data['seed']} --kills {data['kills_asked']}`.",
+        f"{len(failed)} did not. Phases drawn from: {', '.join(data.get('phases', []))}. "
+        f"The command: `.venv/bin/python scripts/torture.py --seed {data['seed']} --kills "
+        f"{data['kills_asked']}`.",
         "",
         "| phase | victim | kills | killed while the phase ran | recovered | recovery s, median | "
         "max |",

@@ -13,11 +13,14 @@ into the phase. The phases, each driven through the CLI as an operator would:
 - ``failover``: an unplanned failover to a random point (``--force``, the primary still runs),
   then ``failover stop`` (cancel);
 - ``resync``: the VM's QEMU is killed first (tracking lost), the VM restarted, and
-  ``replication resume --resynchronize`` starts the resynchronization the kill then hits.
+  ``replication resume --resynchronize`` starts the resynchronization the kill then hits (unless
+  the automatic one started first);
+- ``planned``: a planned failover to vmhost1, reverse, the guest writing there, then fail-back
+  and reverse again (tests/torture_planned.py).
 
 After each kill the harness does what a service manager and an administrator would: it starts
-the killed agent again, starts the VM again if its QEMU died, and ends a failover or test
-failover the kill left behind. Then it waits, up to ``recovery_timeout``, for both sides to be
+the killed agent again, starts the VM again if its QEMU died, ends a failover or test
+failover the kill left behind, and finishes a planned round trip it interrupted. Then it waits, up to ``recovery_timeout``, for both sides to be
 Replicating, not quarantined, and a ``replication sync`` to succeed (a lost tracking is mended
 by the VM's automatic resynchronization, whose window spans the day). A recovery that does not
 come is recorded as a failure with the agents' last log lines, and the loop goes on.
