@@ -57,7 +57,7 @@ VM = "app"
 PHASES = ("cycle", "test-failover", "failover", "resync", "planned")
 VICTIMS = ("primary-agent", "replica-agent", "child", "vm-qemu")
 # How long into each phase a kill may land, in seconds: about the phase's length here (TCG).
-SPAN = {"cycle": 4.0, "test-failover": 2.0, "failover": 2.0, "resync": 8.0, "planned": 30.0}
+SPAN = {"cycle": 4.0, "test-failover": 2.0, "failover": 2.0, "resync": 3.0, "planned": 30.0}
 CHILDREN = (b"qemu-img", b"qemu-storage-d")  # comm is cut at 15 bytes
 GUEST_CACHE = Path(os.environ.get("VMREPLICA_GUEST_CACHE", "~/.cache/vmreplica/guest")).expanduser()
 
@@ -249,8 +249,7 @@ class Torture:
         if phase == "planned":
             return torture_planned.begin(self)
         if phase == "resync":
-            for pid in self.vm_pids():
-                os.kill(pid, signal.SIGKILL)
+            self._kill_vm(self.vm_pids())
             wait_for(lambda: self.state(PRIMARY)["state"] == "WaitingForStartResynchronize"
                      or self.json("vm", "get", VM)[0]["state"] == "Off", 60, "the VM off")  # fmt: skip
             self._start_vm(kill)
@@ -288,8 +287,7 @@ class Torture:
             return True
         if victim == "vm-qemu":
             pids = self.vm_pids()
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
+            self._kill_vm(pids)
             kill.target = "VM's QEMU" if pids else ""
             return bool(pids)
         # A child lives only while a step runs: watch for one until the phase ends.
@@ -308,6 +306,12 @@ class Torture:
                 break
             time.sleep(0.01)
         return False
+
+    def _kill_vm(self, pids: list[int]) -> None:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        # Until it is gone: one still exiting would pass for a VM that runs.
+        wait_for(lambda: not set(pids) & set(self.vm_pids()), 30, "the VM's QEMU gone")
 
     # -- recovery ----------------------------------------------------------------------------
 
