@@ -139,7 +139,8 @@ def _torture(data: dict[str, Any]) -> list[str]:
         "",
         f"Run {data['started']} to {data['finished']}, seed {data['seed']}, "
         f"{data['kills_asked']} kills asked, {len(landed)} landed in {len(rounds)} rounds "
-        f"({len(rounds) - len(landed)} rounds found no child process to kill), "
+        f"({len(rounds) - len(landed)} rounds found nothing to kill: no child process, or the VM "
+        "between stop and start), "
         f"{len(landed) - len(failed)} recovered by themselves (agent or VM started again, as a "
         "service manager or an administrator would), "
         f"{len(failed)} did not. Phases drawn from: {', '.join(data.get('phases', []))}. "
