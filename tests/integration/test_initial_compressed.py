@@ -90,7 +90,7 @@ def test_a_copy_cut_on_the_link_resumes_from_what_the_replica_kept(
 ) -> None:
     """The connection breaks at 90% of a 32 MiB copy of random data (29 MiB through a proxy that
     then closes both ends): the next attempt sends the rest, not the whole, and the bytes sent
-    twice are at most one 4 MiB chunk (plus TLS and HTTP framing), counted on the link."""
+    twice are one 4 MiB chunk and what was in flight, not the whole, counted on the link."""
     pair = make_pair(cluster)
     off_vm(pair, tmp_path, random_mib=32, text_mib=0)
     with TcpProxy(pair.port, limit=29 * MiB) as proxy:
@@ -111,7 +111,10 @@ def test_a_copy_cut_on_the_link_resumes_from_what_the_replica_kept(
         print(f"\ncut at 29 MiB: {first} + {second} bytes towards the replica, "
               f"{resent} more than the data")  # fmt: skip
         assert first <= 29 * MiB + 64 * 1024, first
-        assert resent <= 4 * MiB + 2 * MiB, f"{resent} bytes sent again: from the start?"
+        # One 4 MiB chunk, plus what the replica's kernel had received and the agent had not
+        # read when the proxy closed (8.4 MB in all once under a load of 8; 0.05 MB idle).
+        # From the start would be 29 MiB more.
+        assert resent <= 12 * MiB, f"{resent} bytes sent again: from the start?"
         pair.cli("replication", "sync", "app")  # the first cycle after it may be applying now
         verified_equal(pair)
 
