@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -115,6 +116,7 @@ def run_rate(rate: int, minutes: float, assets: GuestAssets, region_mib: int) ->
             sample_for(minutes * 60, primary, replica, VM, watcher, serial, result)
         finally:
             watcher.stop.set()
+        result.phases = watcher.phases()
         after, busy_after = measure_counts(primary), machine_busy()
         result.counts = {k: after[k] - counts[k] for k in after}
         result.cpu = {k: process_cpu(p).total - cpu_before[k] for k, p in pids.items()}
@@ -124,6 +126,10 @@ def run_rate(rate: int, minutes: float, assets: GuestAssets, region_mib: int) ->
     table(ROW_HEADERS, [result.row()])
     cpu = ", ".join(f"{k} {v / result.seconds * 100:.0f}%" for k, v in result.cpu.items())
     print(f"  CPU, % of one core: {cpu}", flush=True)
+    if result.phases:
+        cut, ship = (statistics.median(p[i] for p in result.phases) for i in (0, 1))
+        print(f"  per cycle ({len(result.phases)}), median: cut {cut:.1f} s, send and apply "
+              f"{ship:.1f} s", flush=True)  # fmt: skip
     plot(result, RESULTS / f"rpo_{rate / 1e6:g}MBps.png")
     return result
 
@@ -186,12 +192,12 @@ def main() -> None:
     runs = [run_rate(r, args.minutes, assets, args.region_mib) for r in rates]
     search: list[Run] = []
     if not args.no_break:
-        held = [r.rate for r in runs if not r.broke()]
+        kept = [r.rate for r in runs if not r.broke()]
         broke = [r.rate for r in runs if r.broke()]
         if broke:  # already broken: look below the lowest rate that broke
             steps = sorted({int(min(broke) * f) for f in (0.75, 0.5, 0.25)}, reverse=True)
         else:
-            steps = [s for s in steps if s > max(held, default=0)]
+            steps = [s for s in steps if s > max(kept, default=0)]
         for step in steps:
             search.append(run_rate(step, args.break_minutes, assets, args.region_mib))
             if search[-1].broke() != bool(broke):
@@ -199,12 +205,11 @@ def main() -> None:
     print(f"\n== summary ({time.monotonic() - began:.0f} s in all; {uptime()})")
     table(ROW_HEADERS, [r.row() for r in runs + search])
     all_runs = sorted(runs + search, key=lambda r: r.rate)
-    ok = [r.rate for r in all_runs if not r.broke()]
-    bad = [r.rate for r in all_runs if r.broke()]
-    if bad:
-        print(f"breaks at {min(bad) / 1e6:g} MB/s; holds at {max(ok, default=0) / 1e6:g} MB/s")
-    else:
-        print(f"no break up to {max(ok) / 1e6:g} MB/s")
+    for data, what in ((False, "lag"), (True, "data lag")):
+        ok = [r.rate / 1e6 for r in all_runs if not r.broke(data)]
+        bad = [r.rate / 1e6 for r in all_runs if r.broke(data)]
+        fine = f"held up to {max(ok):g} MB/s" if ok else "held at no rate tried"
+        print(f"{what}: {fine}; " + (f"broke at {min(bad):g} MB/s" if bad else "never broke"))
     print(f"baseline: convert+fsync {copy_rate:.0f} MB/s, a cycle of a VM that is off "
           f"{cycle_rate:.0f} MB/s; half the cycle's rate: {cycle_rate / 2:.0f} MB/s")  # fmt: skip
 

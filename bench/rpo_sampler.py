@@ -45,7 +45,8 @@ class PendingWatcher(threading.Thread):
         super().__init__(name="pending-watcher", daemon=True)
         self.root = vm_dir / "pending"
         self.first_seen: dict[int, float] = {}
-        self.gone: set[int] = set()
+        self.committed: dict[int, float] = {}  # its manifest.json seen: the cut is done
+        self.gone: dict[int, float] = {}
         self.stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -59,7 +60,19 @@ class PendingWatcher(threading.Thread):
             with self._lock:
                 for seq in present:
                     self.first_seen.setdefault(seq, now)
-                self.gone |= set(self.first_seen) - present
+                    if (
+                        seq not in self.committed
+                        and (self.root / str(seq) / "manifest.json").exists()
+                    ):
+                        self.committed[seq] = now
+                for seq in set(self.first_seen) - present - set(self.gone):
+                    self.gone[seq] = now
+
+    def phases(self) -> list[tuple[float, float]]:
+        """(cut seconds, send-and-apply seconds) of each delta seen through both, within 0.1 s."""
+        with self._lock:
+            return [(self.committed[q] - self.first_seen[q], self.gone[q] - self.committed[q])
+                    for q in sorted(self.gone) if q in self.committed]  # fmt: skip
 
     def newest_delivered_cut(self) -> float | None:
         """When the newest delta that has left the pending log began to be cut."""
@@ -83,6 +96,7 @@ class Run:
     load_after: tuple[float, ...] = ()
     busy: float = 0.0  # share of the machine's CPU time busy during the run
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process over the run
+    phases: list[tuple[float, float]] = field(default_factory=list)  # PendingWatcher.phases
     seconds: float = 0.0
 
     @property
@@ -105,8 +119,10 @@ class Run:
                  for part in thirds]  # fmt: skip
         return peaks[1] > peaks[0] + 10.0
 
-    def broke(self) -> bool:
-        return max(self.lags()) > TARGET_LAG or self.growing()
+    def broke(self, data: bool = False) -> bool:
+        """The lag (or the data lag) went over 45 s, or kept growing."""
+        lags = self.lags(data) or [0.0]
+        return max(lags) > TARGET_LAG or self.growing(data)
 
     def row(self) -> list[object]:
         lags, data = self.lags(), self.lags(data=True) or [0.0]
@@ -116,13 +132,15 @@ class Run:
             statistics.median(lags), max(data), statistics.median(data), pending / MiB,
             self.counts.get("successful", 0), self.counts.get("missed", 0),
             self.counts.get("errors", 0), "yes" if self.broke() else "no",
+            "yes" if self.broke(data=True) else "no",
             f"{self.load_before[0]:.2f}/{self.load_after[0]:.2f}", self.busy * 100,
         ]  # fmt: skip
 
 
 ROW_HEADERS = [
     "asked MB/s", "wrote MB/s", "min", "max lag s", "median lag s", "max data lag s",
-    "median data lag s", "max pending MiB", "cycles ok", "missed", "errors", "broke",
+    "median data lag s", "max pending MiB", "cycles ok", "missed", "errors", "lag broke",
+    "data lag broke",
     "load1 before/after", "machine busy %",
 ]  # fmt: skip
 
