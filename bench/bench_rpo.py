@@ -3,7 +3,10 @@
 increasing rates find the rate at which the lag breaks the 45 s target.
 
 Run: ``.venv/bin/python bench/bench_rpo.py [--quick] [--rates 5,20] [--minutes 10]
-[--break-rates 30,40,60,80] [--break-minutes 3] [--no-break]`` (rates in MB/s, 10^6 bytes).
+[--break-rates 25,30,35,40,50,60,80] [--break-minutes 2.5] [--no-break]`` (MB/s: 10^6 bytes).
+The search runs the break rates above the highest rate that held, in order, and stops at the
+first one where the lag broke (over 45 s, or its peak still growing; rpo_sampler.Run.broke); if
+a --rates run already broke, it goes down instead (3/4, 1/2, 1/4 of it) until one holds.
 
 Each rate gets a fresh pair of agents (benchlib.replication_pair) and one VM on the primary: the
 test guest of tests/guest.py under TCG (1 vCPU, 512 MiB) in its load mode, writing the rate in
@@ -161,28 +164,28 @@ def baseline(size_mib: int) -> tuple[float, float]:
         pair.enable(VM, "--frequency", "900")
         pair.start_initial(VM)
         qemu_io_write(disk, [(i * MiB, MiB, chunks[i % POOL_MIB]) for i in range(size_mib)])
-        cycle_s = timed(lambda: pair.sync(VM))
+        cycle_s = timed(lambda: client(pair, PRIMARY).replication_sync(VM))
     size = size_mib * MiB / 1e6
     table(["path", "seconds", "MB/s"],
           [["qemu-img convert -O qcow2 + fsync", convert_s, size / convert_s],
-           ["replication sync (VM off), CLI included", cycle_s, size / cycle_s]])  # fmt: skip
+           ["replication sync (VM off), SDK", cycle_s, size / cycle_s]])  # fmt: skip
     return size / convert_s, size / cycle_s
 
 
 def main() -> None:
     exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1.5 min per rate, 1 min per step")
+    parser.add_argument("--quick", action="store_true", help="1.5 min per rate and per step")
     parser.add_argument("--rates", default="5,20", help="MB/s, comma-separated")
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--break-rates", default="30,40,60,80")
-    parser.add_argument("--break-minutes", type=float, default=3.0)
+    parser.add_argument("--break-rates", default="25,30,35,40,50,60,80")
+    parser.add_argument("--break-minutes", type=float, default=2.5)
     parser.add_argument("--no-break", action="store_true", help="skip the search")
     parser.add_argument("--region-mib", type=int, default=4096)
     parser.add_argument("--baseline-mib", type=int, default=1024)
     args = parser.parse_args()
     if args.quick:
-        args.minutes, args.break_minutes, args.baseline_mib = 1.5, 1.0, 256
+        args.minutes, args.break_minutes, args.baseline_mib = 1.5, 1.5, 256
     rates = [int(float(r) * 1e6) for r in args.rates.split(",")]
     steps = [int(float(r) * 1e6) for r in args.break_rates.split(",")]
     began = time.monotonic()

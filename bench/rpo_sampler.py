@@ -13,6 +13,7 @@ failover at that instant would get; it exceeds the first by the time a cycle tak
 
 from __future__ import annotations
 
+import bisect
 import os
 import statistics
 import threading
@@ -106,6 +107,18 @@ class Run:
         span = last.t - first.t
         return (last.guest_bytes - first.guest_bytes) / span if span > 0 else 0.0
 
+    def at_risk(self) -> list[tuple[float, int]]:
+        """(t, bytes the guest wrote since the cut of the newest delta on the replica): what a
+        failover at t would lose, from the guest's own counter."""
+        ts = [s.t for s in self.samples]
+        out = []
+        for s in self.samples:
+            if s.data_lag is None:
+                continue
+            k = bisect.bisect_left(ts, s.t - s.data_lag)
+            out.append((s.t, s.guest_bytes - self.samples[min(k, len(ts) - 1)].guest_bytes))
+        return out
+
     def lags(self, data: bool = False) -> list[float]:
         if data:
             return [s.data_lag for s in self.samples if s.data_lag is not None]
@@ -127,9 +140,11 @@ class Run:
     def row(self) -> list[object]:
         lags, data = self.lags(), self.lags(data=True) or [0.0]
         pending = max(s.pending for s in self.samples)
+        risk = max((b for _, b in self.at_risk()), default=0)
+        steady = [s.lag for s in self.samples if s.data_lag is not None] or [0.0]
         return [
             f"{self.rate / 1e6:g}", self.achieved / 1e6, self.seconds / 60, max(lags),
-            statistics.median(lags), max(data), statistics.median(data), pending / MiB,
+            max(steady), statistics.median(lags), max(data), statistics.median(data), pending / MiB, risk / MiB,
             self.counts.get("successful", 0), self.counts.get("missed", 0),
             self.counts.get("errors", 0), "yes" if self.broke() else "no",
             "yes" if self.broke(data=True) else "no",
@@ -138,8 +153,8 @@ class Run:
 
 
 ROW_HEADERS = [
-    "asked MB/s", "wrote MB/s", "min", "max lag s", "median lag s", "max data lag s",
-    "median data lag s", "max pending MiB", "cycles ok", "missed", "errors", "lag broke",
+    "asked MB/s", "wrote MB/s", "min", "max lag s", "max lag after 1st delta s", "median lag s", "max data lag s",
+    "median data lag s", "max pending MiB", "max at risk MiB", "cycles ok", "missed", "errors", "lag broke",
     "data lag broke",
     "load1 before/after", "machine busy %",
 ]  # fmt: skip
@@ -187,8 +202,13 @@ def plot(run: Run, path: Path) -> None:
     top.legend(fontsize=7, loc="upper left")
     top.set_title(f"guest writing {run.rate / 1e6:g} MB/s (achieved {run.achieved / 1e6:.1f}); "
                   "30 s frequency", fontsize=9)  # fmt: skip
-    bottom.plot(t, [s.pending / MiB for s in run.samples], color="tab:green", lw=1)
-    bottom.set_ylabel("pending MiB")
+    bottom.plot(t, [s.pending / MiB for s in run.samples], color="tab:green", lw=1,
+                label="pending_replication_size (the pending log)")  # fmt: skip
+    risk = run.at_risk()
+    bottom.plot([x / 60 for x, _ in risk], [b / MiB for _, b in risk], color="tab:purple", lw=1,
+                label="written since the cut of the newest delta on the replica")  # fmt: skip
+    bottom.set_ylabel("MiB")
+    bottom.legend(fontsize=7, loc="upper left")
     bottom.set_xlabel("minutes since the initial replication finished")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
