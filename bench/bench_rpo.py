@@ -5,7 +5,7 @@ increasing rates find the rate at which the lag breaks the 45 s target.
 Run: ``.venv/bin/python bench/bench_rpo.py [--quick] [--rates 5,20] [--minutes 10]
 [--break-rates 25,30,35,40,50,60,80] [--break-minutes 2.5] [--no-break]`` (MB/s: 10^6 bytes).
 The search runs the break rates above the highest rate that held, in order, and stops at the
-first one where the lag broke (over 45 s, or its peak still growing; rpo_sampler.Run.broke); if
+first one where the data lag broke (over 45 s, or its peaks still growing; Run.broke); if
 a --rates run already broke, it goes down instead (3/4, 1/2, 1/4 of it) until one holds.
 
 Each rate gets a fresh pair of agents (benchlib.replication_pair) and one VM on the primary: the
@@ -195,15 +195,15 @@ def main() -> None:
     runs = [run_rate(r, args.minutes, assets, args.region_mib) for r in rates]
     search: list[Run] = []
     if not args.no_break:
-        kept = [r.rate for r in runs if not r.broke()]
-        broke = [r.rate for r in runs if r.broke()]
+        kept = [r.rate for r in runs if not r.broke(data=True)]
+        broke = [r.rate for r in runs if r.broke(data=True)]
         if broke:  # already broken: look below the lowest rate that broke
             steps = sorted({int(min(broke) * f) for f in (0.75, 0.5, 0.25)}, reverse=True)
         else:
             steps = [s for s in steps if s > max(kept, default=0)]
         for step in steps:
             search.append(run_rate(step, args.break_minutes, assets, args.region_mib))
-            if search[-1].broke() != bool(broke):
+            if search[-1].broke(data=True) != bool(broke):
                 break
     print(f"\n== summary ({time.monotonic() - began:.0f} s in all; {uptime()})")
     table(ROW_HEADERS, [r.row() for r in runs + search])

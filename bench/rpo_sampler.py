@@ -14,6 +14,7 @@ failover at that instant would get; it exceeds the first by the time a cycle tak
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 import statistics
 import threading
@@ -124,13 +125,20 @@ class Run:
             return [s.data_lag for s in self.samples if s.data_lag is not None]
         return [s.lag for s in self.samples]
 
+    def peaks(self, data: bool = False) -> list[float]:
+        """The lag just before each delta arrived (it drops by over 5 s), after the first
+        delta; and the last sample, if it is above the last such peak (a cycle still busy)."""
+        steady = [(s.data_lag if data else s.lag) for s in self.samples if s.data_lag is not None]
+        values = [v for v in steady if v is not None]
+        out = [a for a, b in itertools.pairwise(values) if b < a - 5.0]
+        if values and (not out or values[-1] > out[-1]):
+            out.append(values[-1])
+        return out
+
     def growing(self, data: bool = False) -> bool:
-        """The peak lag of the run's last third exceeds its middle third's by over 10 s."""
-        thirds = [[s for s in self.samples if k * self.seconds / 3 <= s.t < (k + 1) * self.seconds / 3]
-                  for k in (1, 2)]  # fmt: skip
-        peaks = [max(((s.data_lag if data else s.lag) or 0.0) for s in part) if part else 0.0
-                 for part in thirds]  # fmt: skip
-        return peaks[1] > peaks[0] + 10.0
+        """The lag's peaks went on rising: the last is over 10 s above the first."""
+        peaks = self.peaks(data)
+        return len(peaks) >= 2 and peaks[-1] > peaks[0] + 10.0
 
     def broke(self, data: bool = False) -> bool:
         """The lag (or the data lag) went over 45 s, or kept growing."""
