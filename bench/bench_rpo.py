@@ -54,7 +54,8 @@ from benchlib import (
 )
 from rpo_sampler import ROW_HEADERS, PendingWatcher, Run, machine_busy, plot, sample_for
 
-from tests.guest import GuestAssets, Load, build_guest_assets, kernel_cmdline, make_data_disk
+from tests.guest import GuestAssets, build_guest_assets, kernel_cmdline, make_data_disk
+from tests.guest_load import Load
 from vmreplica.client import Client
 
 GUEST_CACHE = Path(os.environ.get("VMREPLICA_GUEST_CACHE", "~/.cache/vmreplica/guest")).expanduser()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchlib import MiB
 
-from tests.guest import load_progress
+from tests.guest_load import load_progress
 from vmreplica.client import Client
 
 TARGET_LAG = 45.0

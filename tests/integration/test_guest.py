@@ -23,16 +23,15 @@ import pytest
 
 from tests.guest import (
     GuestAssets,
-    Load,
     build_guest_assets,
     check_records,
     kernel_cmdline,
-    load_progress,
     make_data_disk,
     qemu_args,
     record_line,
     verify_records,
 )
+from tests.guest_load import Load, load_progress
 from vmreplica.errors import IntegrityError
 
 QEMU = "qemu-system-x86_64"
