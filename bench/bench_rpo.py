@@ -110,7 +110,8 @@ def run_rate(rate: int, minutes: float, assets: GuestAssets, region_mib: int) ->
         print(f"  initial replication of the running guest: {time.monotonic() - began:.1f} s",
               flush=True)  # fmt: skip
         primary, replica = client(pair, PRIMARY), client(pair, REPLICA)
-        watcher = PendingWatcher(state / "replication" / primary.vm_get(VM).id)
+        vm_id = primary.vm_get(VM).id
+        watcher = PendingWatcher(state / "replication" / vm_id, pair.storage / VM / "staging")
         watcher.start()
         pids = {"primary agent": pair.agent_pid(PRIMARY), "replica agent": pair.agent_pid(REPLICA),
                 "guest QEMU": int((run_dir / "qemu.pid").read_text())}  # fmt: skip
@@ -131,9 +132,9 @@ def run_rate(rate: int, minutes: float, assets: GuestAssets, region_mib: int) ->
     cpu = ", ".join(f"{k} {v / result.seconds * 100:.0f}%" for k, v in result.cpu.items())
     print(f"  CPU, % of one core: {cpu}", flush=True)
     if result.phases:
-        cut, ship = (statistics.median(p[i] for p in result.phases) for i in (0, 1))
-        print(f"  per cycle ({len(result.phases)}), median: cut {cut:.1f} s, send and apply "
-              f"{ship:.1f} s", flush=True)  # fmt: skip
+        cut, send, apply = (statistics.median(p[i] for p in result.phases) for i in (0, 1, 2))
+        print(f"  per cycle ({len(result.phases)}), median: cut {cut:.1f} s, send {send:.1f} s, "
+              f"apply and acknowledge {apply:.1f} s", flush=True)  # fmt: skip
     plot(result, RESULTS / f"rpo_{rate / 1e6:g}MBps.png")
     return result
 

@@ -41,13 +41,17 @@ class Sample:
 
 
 class PendingWatcher(threading.Thread):
-    """Sees each delta directory of the primary's pending log appear and leave."""
+    """Sees each delta directory of the primary's pending log appear and leave, and the delta's
+    manifest arrive in the replica's staging directory (written once the stream is received
+    and verified, before the apply)."""
 
-    def __init__(self, vm_dir: Path) -> None:
+    def __init__(self, vm_dir: Path, staging: Path) -> None:
         super().__init__(name="pending-watcher", daemon=True)
         self.root = vm_dir / "pending"
+        self.staging = staging
         self.first_seen: dict[int, float] = {}
         self.committed: dict[int, float] = {}  # its manifest.json seen: the cut is done
+        self.received: dict[int, float] = {}  # its manifest.json in staging: sent and checked
         self.gone: dict[int, float] = {}
         self.stop = threading.Event()
         self._lock = threading.Lock()
@@ -67,14 +71,21 @@ class PendingWatcher(threading.Thread):
                         and (self.root / str(seq) / "manifest.json").exists()
                     ):
                         self.committed[seq] = now
+                    if (
+                        seq not in self.received
+                        and (self.staging / str(seq) / "manifest.json").exists()
+                    ):
+                        self.received[seq] = now
                 for seq in set(self.first_seen) - present - set(self.gone):
                     self.gone[seq] = now
 
-    def phases(self) -> list[tuple[float, float]]:
-        """(cut seconds, send-and-apply seconds) of each delta seen through both, within 0.1 s."""
+    def phases(self) -> list[tuple[float, float, float]]:
+        """(cut, send, apply-and-acknowledge) seconds of each delta seen through all, to 0.1 s."""
         with self._lock:
-            return [(self.committed[q] - self.first_seen[q], self.gone[q] - self.committed[q])
-                    for q in sorted(self.gone) if q in self.committed]  # fmt: skip
+            done = [q for q in sorted(self.gone) if q in self.committed and q in self.received]
+            return [(self.committed[q] - self.first_seen[q],
+                     self.received[q] - self.committed[q], self.gone[q] - self.received[q])
+                    for q in done]  # fmt: skip
 
     def newest_delivered_cut(self) -> float | None:
         """When the newest delta that has left the pending log began to be cut."""
@@ -98,7 +109,7 @@ class Run:
     load_after: tuple[float, ...] = ()
     busy: float = 0.0  # share of the machine's CPU time busy during the run
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process over the run
-    phases: list[tuple[float, float]] = field(default_factory=list)  # PendingWatcher.phases
+    phases: list[tuple[float, float, float]] = field(default_factory=list)  # PendingWatcher.phases
     seconds: float = 0.0
 
     @property
