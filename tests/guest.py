@@ -10,6 +10,13 @@ powers off. Kernel arguments: ``vmr.records=N`` writes N more records and powers
 ``vmr.mode=idle`` mounts and waits for the power button, ``vmr.progress=K`` prints
 ``vmr: records: SEQ`` on the serial console every K records (default 50).
 
+``vmr.mode=load vmr.rate=B vmr.region=R vmr.pool=P vmr.seconds=S`` (tests/guest_load.py) writes
+no records: it fills a P MiB pool in tmpfs from /dev/urandom once, then overwrites the R MiB file
+``/data/load.bin`` (allocated once, so the disk never grows past it) front to back and round
+again with 1 MiB slices of the pool, O_DIRECT, paced to B bytes per second since it started, for
+S seconds (0: until the power button). Every second it prints ``vmr: load: bytes=N cs=T`` (bytes
+written in T centiseconds), and ``vmr: load: done bytes=N cs=T`` at the end.
+
 Debian's qemu-guest-agent (``qemu-ga``, with the libraries it links) runs in the guest when the
 VM has the virtio-serial port ``org.qemu.guest_agent.0`` (every VM the agent starts has it), so
 the host can freeze and thaw ``/data``; ``vmr.qga=off`` leaves it out, as a guest without the
@@ -42,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.guest_load import LOAD_SHELL, Load
 from vmreplica.errors import IntegrityError, VmrError
 
 KERNEL_ARGS = "console=ttyS0 quiet panic=-1"
@@ -74,13 +82,17 @@ off() {
   poweroff -f
   sleep 60
 }
-mode=write; limit=0; every=50; qga=on
+mode=write; limit=0; every=50; qga=on; rate=0; region=1024; pool=64; seconds=0
 for a in $(cat /proc/cmdline); do
   case "$a" in
     vmr.mode=*) mode=${a#*=} ;;
     vmr.qga=*) qga=${a#*=} ;;
     vmr.records=*) limit=${a#*=} ;;
     vmr.progress=*) every=${a#*=} ;;
+    vmr.rate=*) rate=${a#*=} ;;
+    vmr.region=*) region=${a#*=} ;;
+    vmr.pool=*) pool=${a#*=} ;;
+    vmr.seconds=*) seconds=${a#*=} ;;
   esac
 done
 for m in $(cat /etc/vmr-modules); do insmod "/lib/modules/$m.ko" || log "insmod $m failed"; done
@@ -130,7 +142,8 @@ if [ -s $F ]; then
     fi
   fi
 fi
-log "ready mode=$mode last_seq=$seq limit=$limit"
+@LOAD@log "ready mode=$mode last_seq=$seq limit=$limit"
+[ "$mode" = load ] && load
 if [ "$mode" = write ]; then
   n=0
   while [ ! -e /run/stop ] && { [ "$limit" -eq 0 ] || [ $n -lt "$limit" ]; }; do
@@ -145,7 +158,7 @@ if [ "$mode" = write ]; then
 fi
 while [ ! -e /run/stop ]; do sleep 0.2; done
 off "power button"
-""".replace("@SUFFIX@", _PAYLOAD_SUFFIX)
+""".replace("@SUFFIX@", _PAYLOAD_SUFFIX).replace("@LOAD@", LOAD_SHELL)
 
 
 @dataclass(frozen=True)
@@ -182,13 +195,20 @@ def record_line(seq: int) -> bytes:
     return f"{seq} {crc:08x} {payload}\n".encode()
 
 
-def kernel_cmdline(*, records: int | None = None, mode: str = "write", extra: str = "") -> str:
-    """``-append`` text: ``records`` more records then power off, or forever; mode write|idle."""
-    if mode not in ("write", "idle"):
-        raise VmrError(f"unknown guest mode {mode!r}; use 'write' or 'idle'")
+def kernel_cmdline(
+    *, records: int | None = None, mode: str = "write", extra: str = "", load: Load | None = None
+) -> str:
+    """``-append`` text: ``records`` more records then power off, or forever; mode
+    write|idle|load (load needs ``load``)."""
+    if mode not in ("write", "idle", "load"):
+        raise VmrError(f"unknown guest mode {mode!r}; use 'write', 'idle' or 'load'")
+    if (mode == "load") != (load is not None):
+        raise VmrError("the guest's load mode and a Load go together")
     args = [KERNEL_ARGS, f"vmr.mode={mode}"]
     if records is not None:
         args.append(f"vmr.records={records}")
+    if load is not None:
+        args += load.args()
     return " ".join([*args, extra]).strip()
 
 

@@ -31,6 +31,7 @@ from tests.guest import (
     record_line,
     verify_records,
 )
+from tests.guest_load import Load, load_progress
 from vmreplica.errors import IntegrityError
 
 QEMU = "qemu-system-x86_64"
@@ -176,6 +177,33 @@ def test_idle_mode_mounts_and_waits(assets: GuestAssets, tmp_path: Path) -> None
     report = verify_records(disk)
     assert (report.count, report.ok) == (0, True)
     assert "no /records.log" in report.details
+
+
+def test_load_mode_overwrites_its_region_with_random_data(
+    assets: GuestAssets, tmp_path: Path
+) -> None:
+    disk = tmp_path / "data.qcow2"
+    make_data_disk(disk)
+    load = Load(rate=8 << 20, region_mib=16, pool_mib=4, seconds=5)
+    with boot(assets, disk, kernel_cmdline(mode="load", load=load), "load") as guest:
+        assert guest.wait_exit(120) == 0
+        console = guest.console()
+    assert "stopping: load time reached" in console, console
+    progress = load_progress(console)
+    assert len(progress) >= 3, console  # a line a second, and the last one
+    wrote = progress[-1][1]
+    # Paced: never ahead of the rate; and past the region's end, so it went round.
+    assert 16 << 20 < wrote <= load.rate * load.seconds + (1 << 20), console
+    assert [b for _, b in progress] == sorted(b for _, b in progress)
+    raw = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
+    region = subprocess.run(
+        ["debugfs", "-R", "cat /load.bin", str(raw)], capture_output=True, check=True
+    ).stdout
+    assert len(region) == 16 << 20  # overwritten in place: the file never grew
+    assert len(zlib.compress(region, 1)) > 0.99 * len(region)  # random, not zeros
+    slices = {region[i : i + 64] for i in range(0, len(region), 1 << 20)}
+    assert len(slices) == load.pool_mib  # 1 MiB slices of the pool, every one of them
 
 
 def test_kill9_leaves_a_valid_prefix_and_guest_resumes(assets: GuestAssets, tmp_path: Path) -> None:
