@@ -53,6 +53,18 @@ class _Tally:
     began: float = 0.0
 
 
+def _how_done(row: ReplicationRow, tally: _Tally) -> str:
+    """How an initial replication run as a resync ended, for its event. The counts are this
+    run's only: a restarted agent that found its last delta made compares nothing."""
+    if row.initial_kind != COMPRESSED:
+        return (f"from the copy on the replica done: {tally.differing} of {tally.compared} "
+                "blocks differed and were sent")  # fmt: skip
+    if not tally.compared:
+        return "as compressed deltas done"
+    return (f"as compressed deltas done ({tally.differing} of the {tally.compared} blocks read "
+            "by this run held data)")  # fmt: skip
+
+
 class Resync:
     def __init__(
         self, ctx: Context, vms: VmService, pending: PendingLog, sender: Sender,
@@ -215,22 +227,10 @@ class Resync:
             move(self._ctx, tx, current, Command.FINISH_RESYNC, generation=1, resync_next=None,
                  resync_progress=100.0, last_replication_time=now_iso(), initial_kind=None,
                  initial_progress=100.0 if seeded else current.initial_progress)  # fmt: skip
-            how = (
-                "as compressed deltas done"
-                + (
-                    f" ({tally.differing} of the {tally.compared} blocks read by this run "
-                    "held data)"
-                    if tally.compared  # none when a restart found the last delta made
-                    else ""
-                )  # the count of this run only: not after a restart
-                if current.initial_kind == COMPRESSED
-                else f"from the copy on the replica done: {tally.differing} of {tally.compared} "
-                "blocks differed and were sent"
-            )
             if seeded:
                 self._ctx.events.record(
                     "initial-replication-done",
-                    f"initial replication of {row.vm_name} {how}",
+                    f"initial replication of {row.vm_name} {_how_done(current, tally)}",
                     row.vm_name,
                     tx=tx,
                 )
