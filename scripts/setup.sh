@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=(qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd python3-venv rsync e2fsprogs iproute2 util-linux systemd chromium
-      python3-gssapi krb5-kdc krb5-admin-server krb5-user faketime)
+      python3-gssapi krb5-kdc krb5-admin-server krb5-user faketime
+      libvirt-daemon-system libvirt-clients python3-libvirt lvm2 etcd-server etcd-client)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
