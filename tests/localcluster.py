@@ -126,6 +126,7 @@ class Cluster:
         names: tuple[str, ...] = HOST_NAMES,
         base: Path | None = None,
         sites: Mapping[str, Site] | None = None,
+        libvirt: Mapping[str, str] | None = None,
     ) -> Cluster:
         """Hosts on loopback, or each where ``sites`` puts it (a network namespace)."""
         # Under /tmp with a short name: QMP unix socket paths must stay under 108 bytes.
@@ -167,6 +168,8 @@ class Cluster:
                 "resolve": resolve,
                 "allow_qemu_io": True,  # tests write guest data with `vm monitor … qemu-io`
             }
+            if libvirt and name in libvirt:  # this host's VMs are domains of that libvirtd
+                config |= {"driver": "libvirt", "libvirt_uri": libvirt[name]}
             host.config.write_text(tomli_w.dumps(config))
             cli_hosts[name] = {
                 "url": f"https://127.0.0.1:{host.mgmt_port}",

@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.libvirt_host import libvirt_host
 from tests.localcluster import Cluster
+
+LIBVIRT_HOSTS = ("vmhost1", "vmhost2")  # the replica and the primary of replication_env
 
 
 @pytest.fixture
@@ -26,3 +34,35 @@ def stopped_cluster() -> Iterator[Cluster]:
         yield c
     finally:
         c.close()
+
+
+@contextlib.contextmanager
+def driver_cluster(driver: str) -> Iterator[Cluster]:
+    """The three agents, vmhost1 and vmhost2 on ``driver``: "qemu", "libvirt" (a private
+    libvirtd each, tests/libvirt_host.py), or "mixed" (vmhost2 on libvirt, vmhost1 on QEMU)."""
+    if driver == "qemu":
+        c = Cluster.create()
+        try:
+            c.start_all()
+            yield c
+        finally:
+            c.close()
+        return
+    names = LIBVIRT_HOSTS if driver == "libvirt" else ("vmhost2",)
+    with contextlib.ExitStack() as stack:
+        # Beside the cluster's directory, not in it: it goes only once each libvirtd is down.
+        roots = Path(tempfile.mkdtemp(prefix="vmrlv", dir="/tmp"))
+        if os.environ.get("VMREPLICA_KEEP_TEST_DIRS") != "1":
+            stack.callback(shutil.rmtree, roots, ignore_errors=True)
+        uris = {n: stack.enter_context(libvirt_host(roots / n)).uri for n in names}
+        c = Cluster.create(libvirt=uris)
+        stack.callback(c.close)  # agents first, then each libvirtd and its domains
+        c.start_all()
+        yield c
+
+
+@pytest.fixture(params=["qemu", "libvirt"])
+def any_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The cluster on each driver in turn: the replication and failover tests run on both."""
+    with driver_cluster(str(request.param)) as c:
+        yield c

@@ -34,6 +34,7 @@ from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import EventLog
 from vmreplica._internal.engine.journal import Journal
 from vmreplica._internal.engine.services import build as build_engine
+from vmreplica._internal.ports.hypervisor import HypervisorDriver
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.store.stores import Stores
 from vmreplica._internal.systemd import Notifier
@@ -71,6 +72,16 @@ def setup_logging() -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def make_driver(config: HostConfig) -> HypervisorDriver:
+    """The one place a driver is chosen (host.toml's ``driver``). libvirt-python is imported
+    only on a host that uses it."""
+    if config.driver == "libvirt":
+        from vmreplica._internal.drivers.libvirt.driver import LibvirtDriver
+
+        return LibvirtDriver(config.libvirt_uri, config.accel)
+    return QemuDriver(config.accel)
+
+
 class Agent:
     def __init__(self, config: HostConfig) -> None:
         self.config = config
@@ -86,7 +97,7 @@ class Agent:
         self.events = EventLog(stores.events, config.name)
         ctx = Context(
             config, stores, self.events, Journal(stores.journal, self.events),
-            QemuDriver(config.accel), own_port=self._own_port,
+            make_driver(config), own_port=self._own_port,
         )  # fmt: skip
         self.engine = build_engine(ctx)
         routes = peer_routes(self.engine)

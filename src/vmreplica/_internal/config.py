@@ -22,6 +22,8 @@ from vmreplica.errors import InvalidArgument, NotFound, StorageError
 
 DEFAULT_SOCKET = "/run/vmreplica/agent.sock"
 DEFAULT_CLI_CONFIG = "~/.config/vmreplica/cli.toml"
+DRIVERS = ("qemu", "libvirt")
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class HostConfig:
     admins: tuple[str, ...] = ()
     resolve: Mapping[str, str] = field(default_factory=dict)
     accel: str = "tcg"
+    # The hypervisor driver: "qemu" (the built-in runtime: QEMU processes of the agent's own)
+    # or "libvirt" (VMs are libvirt domains, at libvirt_uri).
+    driver: str = "qemu"
+    libvirt_uri: str = DEFAULT_LIBVIRT_URI
     # TCP ports a replica serves initial copies on (NBD with TLS), for a firewall to allow;
     # None: any free port.
     initial_copy_ports: tuple[int, int] | None = None
@@ -111,6 +117,11 @@ class HostConfig:
                 else {}
             )
             | ({"allow_qemu_io": True} if self.allow_qemu_io else {})
+            | (
+                {"driver": self.driver, "libvirt_uri": self.libvirt_uri}
+                if self.driver != "qemu"
+                else {}
+            )
             | (
                 {"kerberos": {"keytab": str(k.keytab), "principal": k.principal}}
                 if (k := self.kerberos) is not None
@@ -209,6 +220,8 @@ def load_host_config(path: Path) -> HostConfig:
         admins=tuple(admins),
         resolve={k.lower(): v for k, v in resolve.items()},
         accel=str(data.get("accel", "tcg")),
+        driver=_driver(data.get("driver", "qemu"), path),
+        libvirt_uri=str(data.get("libvirt_uri", DEFAULT_LIBVIRT_URI)),
         initial_copy_ports=_port_range(data.get("initial_copy_ports"), path),
         allow_qemu_io=_flag(data, "allow_qemu_io", path),
         metrics_listen=(
@@ -216,6 +229,12 @@ def load_host_config(path: Path) -> HostConfig:
         ),
         kerberos=_kerberos(data.get("kerberos"), path),
     )
+
+
+def _driver(value: object, path: Path) -> str:
+    if value not in DRIVERS:
+        raise InvalidArgument(f"{path}: driver must be one of {', '.join(DRIVERS)}, not {value!r}")
+    return str(value)
 
 
 def _kerberos(value: object, path: Path) -> KerberosKeys | None:

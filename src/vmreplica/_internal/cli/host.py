@@ -61,6 +61,19 @@ def group() -> None:
     help="QEMU accelerator for VMs.",
 )
 @click.option(
+    "--driver",
+    default="qemu",
+    show_default=True,
+    type=click.Choice(["qemu", "libvirt"]),
+    help="Hypervisor driver: QEMU processes of the agent's own, or libvirt domains.",
+)
+@click.option(
+    "--libvirt-uri",
+    default="qemu:///system",
+    show_default=True,
+    help="libvirt connection URI (with --driver libvirt).",
+)
+@click.option(
     "--initial-copy-ports",
     metavar="FIRST-LAST",
     help="TCP ports this host, as a replica, serves initial copies on (default: any free port).",
@@ -95,6 +108,8 @@ def init(
     admins: tuple[str, ...],
     resolve: tuple[str, ...],
     accel: str,
+    driver: str,
+    libvirt_uri: str,
     initial_copy_ports: str | None,
     metrics_listen: str | None,
     crl: Path | None,
@@ -118,6 +133,8 @@ def init(
         admins=tuple(a.lower() for a in admins),
         resolve=parse_resolve(list(resolve)),
         accel=accel,
+        driver=driver,
+        libvirt_uri=libvirt_uri,
         initial_copy_ports=parse_port_range(initial_copy_ports) if initial_copy_ports else None,
         metrics_listen=_loopback(parse_listen(metrics_listen)) if metrics_listen else None,
         kerberos=_kerberos_keys(name, keytab, principal),

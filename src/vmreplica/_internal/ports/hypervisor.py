@@ -117,6 +117,7 @@ class DiskOwner:
     replicated: tuple[int, ...]
     run_dir: Path
     process: VmProcess | None
+    vm_id: str = ""  # the VM's UUID: a libvirt domain is found by it
 
 
 class DiskSession(Protocol):

@@ -40,7 +40,17 @@ from vmreplica._internal.extents import Extent, align, coalesce
 from vmreplica._internal.files import fsync_dir
 from vmreplica.errors import StorageError, VmrError
 
-__all__ = ["Extent", "align", "clear_leftovers", "coalesce", "copy_ranges", "dirty_extents"]
+__all__ = [
+    "Extent",
+    "align",
+    "clear_leftovers",
+    "coalesce",
+    "copy_between",
+    "copy_ranges",
+    "dirty_extents",
+    "read_dirty",
+    "writable_exports",
+]
 
 
 DIRTY = 1  # bit 0 of a qemu:dirty-bitmap context's extent flags
@@ -126,8 +136,9 @@ def _connect(handle: Any, socket: str, export: str, context: str | None = None) 
     handle.connect_unix(socket)
 
 
-def _read_dirty(socket: str, export: str, bitmap: str) -> list[Extent]:
-    """The dirty ranges of ``bitmap`` on ``export``, the whole disk long; in a worker thread."""
+def read_dirty(socket: str, export: str, bitmap: str) -> list[Extent]:
+    """The dirty ranges of ``bitmap`` on ``export``, the whole disk long; in a worker thread.
+    (libvirt's pull-mode backups export theirs as ``backup-<disk>``: drivers/libvirt.)"""
     context = f"qemu:dirty-bitmap:{bitmap}"
     handle = nbd.NBD()
     try:
@@ -187,7 +198,7 @@ async def dirty_extents(
                 )
             try:
                 async with _export(target, status.node, writable=False, bitmap=bitmap) as name:
-                    result.append(await asyncio.to_thread(_read_dirty, path, name, bitmap))
+                    result.append(await asyncio.to_thread(read_dirty, path, name, bitmap))
             finally:
                 if status.recording:
                     await target.execute(
@@ -196,8 +207,16 @@ async def dirty_extents(
     return result
 
 
-def _copy(socket: str, source: str, dest: str, extents: Sequence[Extent], cluster: int) -> int:
-    """Copy ``extents`` from export ``source`` into ``dest``; in a worker thread.
+def copy_between(
+    src_socket: str,
+    source: str,
+    dst_socket: str,
+    dest: str,
+    extents: Sequence[Extent],
+    cluster: int,
+) -> int:
+    """Copy ``extents`` from export ``source`` into ``dest``, each on its server's socket; in a
+    worker thread.
 
     Clusters that read as zeros are written as zero clusters, so the copy stays sparse; they must
     still be written, since in the replica they replace data. Returns the bytes copied.
@@ -205,8 +224,8 @@ def _copy(socket: str, source: str, dest: str, extents: Sequence[Extent], cluste
     src, dst = nbd.NBD(), nbd.NBD()
     zeros = bytes(cluster)
     try:
-        _connect(src, socket, source)
-        _connect(dst, socket, dest)
+        _connect(src, src_socket, source)
+        _connect(dst, dst_socket, dest)
         copied = 0
         for offset, length in extents:
             end = offset + length
@@ -284,7 +303,9 @@ async def copy_ranges(
                     _export(target, node, writable=False) as source,
                     _export(target, dest_node, writable=True) as sink,
                 ):
-                    copied += await asyncio.to_thread(_copy, path, source, sink, ranges, cluster)
+                    copied += await asyncio.to_thread(
+                        copy_between, path, source, path, sink, ranges, cluster
+                    )
         while added:  # blockdev-del flushes (fdatasync) and closes the file
             await target.execute("blockdev-del", {"node-name": added[-1]})
             added.pop()
@@ -295,3 +316,19 @@ async def copy_ranges(
     for parent in sorted({dest.parent for _, _, dest in work}):
         fsync_dir(parent)
     return copied
+
+
+@contextlib.asynccontextmanager
+async def writable_exports(
+    target: QmpTarget, nodes: Sequence[str], socket: Path
+) -> AsyncIterator[tuple[str, list[tuple[str, int, int]]]]:
+    """``nodes`` of ``target`` (new qcow2 files open in a storage daemon) exported writable on
+    ``socket``: yields the socket and (export, cluster size, virtual size) per node."""
+    found = await blockjobs.block_nodes(target, nodes)
+    async with _server(target, socket) as path, contextlib.AsyncExitStack() as stack:
+        out = []
+        for node in nodes:
+            name = await stack.enter_async_context(_export(target, node, writable=True))
+            image = found[node]["image"]
+            out.append((name, int(image.get("cluster-size") or 65536), int(image["virtual-size"])))
+        yield path, out

@@ -246,9 +246,13 @@ async def convert(
     await _run("convert", f"{src} {dst}", [*args, _arg(src), _arg(dst)])
 
 
-async def map(path: str | os.PathLike[str], *, fmt: str = FORMAT) -> list[Extent]:
-    """Allocation of the image through its whole chain, as runs of equal status."""
-    result = await _json("map", _arg(path), ["map", "--output=json", "-f", fmt, _arg(path)])
+async def map(
+    path: str | os.PathLike[str], *, fmt: str = FORMAT, force_share: bool = False
+) -> list[Extent]:
+    """Allocation of the image through its whole chain, as runs of equal status
+    (``force_share``: of an image a running QEMU has open)."""
+    share = ["-U"] if force_share else []
+    result = await _json("map", _arg(path), ["map", "--output=json", *share, "-f", fmt, _arg(path)])
     if not isinstance(result, list):
         raise VmrError(f"qemu-img map {path}: unexpected output")
     return [

@@ -74,7 +74,14 @@ class OldPrimary:
         the deltas still in the pending log (cut, maybe never applied)."""
         if row.state == State.WAITING_FOR_RESYNC:
             return False, "its change tracking was lost", {}
-        owner = DiskOwner(rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id), None)
+        owner = DiskOwner(
+            rec.name,
+            rec.disks,
+            row.disks,
+            self._vms.run_dir(rec.id),
+            None,
+            vm_id=rec.id,
+        )
         try:
             async with self._ctx.driver.session(owner) as session:
                 await session.settle(row.generation)

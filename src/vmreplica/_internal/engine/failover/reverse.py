@@ -134,7 +134,14 @@ class Reverse(FailoverBase):
         pending.clear(vm_id)
         pending.delta_dir(vm_id, 1).mkdir(parents=True)
         dests = pending.files(vm_id, 1, len(row.disks))
-        owner = DiskOwner(rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id), process)
+        owner = DiskOwner(
+            rec.name,
+            rec.disks,
+            row.disks,
+            self._vms.run_dir(rec.id),
+            process,
+            vm_id=rec.id,
+        )
         async with self._ctx.driver.session(owner) as session:
             await session.cut_top(dests)
             if extra:

@@ -43,7 +43,7 @@ class Cycles:
     def owner(self, rec: VmRecord, row: ReplicationRow) -> DiskOwner:
         return DiskOwner(
             rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id),
-            self._vms.runtime.process(rec.id),
+            self._vms.runtime.process(rec.id), vm_id=rec.id,
         )  # fmt: skip
 
     async def cycle(self, vm_id: str, started: datetime, missed: int = 0) -> None:

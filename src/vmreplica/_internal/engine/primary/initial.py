@@ -206,7 +206,7 @@ class InitialReplication:
         async with self._ctx.locks.vm(rec.id):
             owner = DiskOwner(
                 rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id),
-                self._vms.runtime.process(rec.id),
+                self._vms.runtime.process(rec.id), vm_id=rec.id,
             )  # fmt: skip
             async with driver.point_in_time(owner, generation=1) as source:
                 for n, file in enumerate(files):
@@ -244,7 +244,12 @@ class InitialReplication:
         try:
             async with self._ctx.locks.vm(rec.id):  # an off VM stays off while it is read
                 owner = DiskOwner(
-                    rec.name, rec.disks, row.disks, run_dir, self._vms.runtime.process(rec.id)
+                    rec.name,
+                    rec.disks,
+                    row.disks,
+                    run_dir,
+                    self._vms.runtime.process(rec.id),
+                    vm_id=rec.id,
                 )
                 async with driver.point_in_time(owner, generation=1) as source:
                     await faults.ahit("primary.before_initial_copy")

@@ -208,7 +208,7 @@ class Resync:
             async with self._ctx.locks.vm(rec.id):
                 owner = DiskOwner(
                     rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id),
-                    self._vms.runtime.process(rec.id),
+                    self._vms.runtime.process(rec.id), vm_id=rec.id,
                 )  # fmt: skip
                 # A fresh one starts tracking anew at the view's instant; a continued one keeps
                 # that generation, which holds every write since the first view.

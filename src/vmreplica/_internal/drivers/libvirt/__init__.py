@@ -1,0 +1,1 @@
+"""The libvirt driver: the hypervisor port on libvirt's domains, checkpoints and backups."""
