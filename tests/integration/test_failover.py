@@ -44,7 +44,8 @@ def state(cluster: Cluster, host: str, vm: str = "contoso2") -> tuple[str, str]:
     return str(row["mode"]), str(row["state"])
 
 
-def test_planned_failover_reverse_and_fail_back(cluster: Cluster) -> None:
+def test_planned_failover_reverse_and_fail_back(any_cluster: Cluster) -> None:
+    cluster = any_cluster  # on each driver
     pair = two_way(cluster)
     cluster.cli("vm", "new", "contoso2", "--disk", "64M", host=PRIMARY)
     cluster.cli("vm", "start", "contoso2", host=PRIMARY)
@@ -93,7 +94,8 @@ def test_planned_failover_reverse_and_fail_back(cluster: Cluster) -> None:
     assert pair.measure("contoso2", REPLICA)["health"] == "Normal"
 
 
-def test_unplanned_and_test_failover(cluster: Cluster) -> None:
+def test_unplanned_and_test_failover(any_cluster: Cluster) -> None:
+    cluster = any_cluster  # on each driver
     pair = two_way(cluster)
     cluster.cli("vm", "new", "contoso2", "--disk", "64M", host=PRIMARY)
     cluster.cli("vm", "start", "contoso2", host=PRIMARY)
@@ -303,7 +305,8 @@ def _assert_failed_back(cluster: Cluster) -> None:
     assert same_content(disk_of(cluster, REPLICA), tip)
 
 
-def test_unplanned_failover_delta_failback(cluster: Cluster) -> None:
+def test_unplanned_failover_delta_failback(any_cluster: Cluster) -> None:
+    cluster = any_cluster  # on each driver
     """The old primary held a write never shipped, and its agent was down at the failover: the
     reverse sends what the old primary changed as well, instead of asking for a resync."""
     pair = _replicated_with_unshipped_write(cluster)

@@ -109,7 +109,8 @@ def test_replicate_running_vm(cluster: Cluster) -> None:
     assert pair.json("replication", "get", host=PRIMARY) == []
 
 
-def test_replicate_vm_that_is_off(cluster: Cluster) -> None:
+def test_replicate_vm_that_is_off(any_cluster: Cluster) -> None:
+    cluster = any_cluster  # on each driver
     pair = make_pair(cluster)
     parent = cluster.base / "parent.qcow2"
     import subprocess

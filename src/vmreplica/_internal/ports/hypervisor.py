@@ -236,6 +236,12 @@ class HypervisorDriver(Protocol):
         """The VM's process if it still runs (after an agent restart), else None."""
         ...
 
+    async def forget(self, vm_id: str) -> None:
+        """The VM is off and must not be started here other than through the agent, or is
+        gone: whatever definition the hypervisor keeps of it goes (a libvirt domain, with its
+        checkpoints' records); its files stay. Harmless when there is none."""
+        ...
+
     # -- disk images -------------------------------------------------------------------------
 
     async def check_image(self, path: Path) -> None:

@@ -76,6 +76,38 @@ async def define(conn: Connection, spec: VmSpec, description: str | None = None)
     await conn.run(f"cannot define domain {spec.name!r}", go)
 
 
+async def undefine(conn: Connection, vm_id: str) -> None:
+    """The domain goes, its checkpoints first, bitmaps included, through libvirt (started
+    paused for it if it is off): a bitmap left in an image that later becomes a backing file
+    (a replica chain's base) makes libvirt refuse a new checkpoint of the same name above it."""
+
+    def go(c: Any) -> None:
+        try:
+            dom = c.lookupByUUIDString(vm_id)
+        except libvirt.libvirtError as exc:
+            if is_missing(exc):
+                return
+            raise
+        # Parents before children: deleted in reverse, each is a leaf when it goes.
+        checkpoints = dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
+        disks = [p for _, p in domain_xml.disk_sources(dom.XMLDesc(0))]
+        if checkpoints and all(p.exists() for p in disks):
+            if not dom.isActive():
+                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+            for cp in reversed(checkpoints):
+                with contextlib.suppress(libvirt.libvirtError):
+                    cp.delete()
+        if dom.isActive():
+            dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+        dom.undefineFlags(
+            libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        )
+
+    await conn.run(f"cannot undefine domain {vm_id}", go)
+
+
 def find_pid(vm_id: str, disk: Path | None) -> int:
     """QEMU's pid, from /proc: the process of this UUID that opened this disk (on one machine
     a primary and its replica run with the same UUID). 0 when it cannot be found."""

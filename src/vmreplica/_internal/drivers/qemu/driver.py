@@ -123,6 +123,9 @@ class QemuDriver:
     async def attach(self, spec: VmSpec) -> VmProcess | None:
         return await qemu.attach(spec)
 
+    async def forget(self, vm_id: str) -> None:
+        """QEMU keeps no definition of a VM: the agent's database is all there is."""
+
     # -- disk images -------------------------------------------------------------------------
 
     async def check_image(self, path: Path) -> None:

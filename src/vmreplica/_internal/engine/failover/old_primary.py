@@ -110,6 +110,10 @@ class OldPrimary:
             (str(rec.disks[i]), str(self._ctx.driver.chain(chain_dir(root, n)).base))
             for n, i in enumerate(row.disks)
         ]
+        # A replica VM has no hypervisor definition until a failover (libvirt: its domain and
+        # checkpoints go, while its disks are still where the domain has them). Tracking was
+        # read above; a rollback after a crash leaves the VM to a resynchronization.
+        await self._ctx.driver.forget(vm_id)
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.begin(
                 tx, "become-replica", vm_id, {"root": str(root), "moves": moves}

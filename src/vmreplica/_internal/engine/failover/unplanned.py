@@ -103,6 +103,9 @@ class Failover(FailoverBase):
         """Cancel: the replica is as it was; the VM runs on its chain's tip no more."""
         allows(row, Command.CANCEL_FAILOVER)
         await self._vms.runtime.ensure_off(row.vm_id)
+        # A replica VM exists in the hypervisor only while failed over (libvirt: no domain to
+        # `virsh start` behind the agent's back).
+        await self._ctx.driver.forget(row.vm_id)
         with self._ctx.stores.db.tx() as tx:
             self._vms.set_disks(tx, row.vm_id, [c.tip for c in chains(self._ctx, row)])
             move(self._ctx, tx, row, Command.CANCEL_FAILOVER, failover_point=None)

@@ -210,6 +210,7 @@ class VmService:
             return
         async with self._ctx.locks.vm(vm_id):
             await self.runtime.stop_if_running(rec)
+            await self._ctx.driver.forget(vm_id)
             with self._ctx.stores.db.tx() as tx:
                 self._store.delete(tx, vm_id)
             shutil.rmtree(self.run_dir(vm_id), ignore_errors=True)
@@ -234,6 +235,7 @@ class VmService:
 
     async def _discard(self, rec: VmRecord) -> None:
         """Delete a VM's own files, then its row; safe to repeat after a crash."""
+        await self._ctx.driver.forget(rec.id)
         for path, owned in zip(rec.disks, rec.owned, strict=True):
             if owned:
                 path.unlink(missing_ok=True)
