@@ -27,6 +27,7 @@ from typing import Any
 
 import tomli_w
 
+from tests.libvirt_host import LibvirtHost
 from vmreplica._internal import certs
 
 HOST_NAMES = ("vmhost1", "vmhost2", "vmhost3")
@@ -119,6 +120,8 @@ class Cluster:
     hosts: dict[str, Host] = field(default_factory=dict)
     cli_config: Path = Path()
     ca_dir: Path = Path()
+    # Hosts whose VMs are libvirt domains: their private libvirtd (tests/libvirt_host.py).
+    libvirt: dict[str, LibvirtHost] = field(default_factory=dict)
 
     @classmethod
     def create(

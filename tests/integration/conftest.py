@@ -54,8 +54,9 @@ def driver_cluster(driver: str) -> Iterator[Cluster]:
         roots = Path(tempfile.mkdtemp(prefix="vmrlv", dir="/tmp"))
         if os.environ.get("VMREPLICA_KEEP_TEST_DIRS") != "1":
             stack.callback(shutil.rmtree, roots, ignore_errors=True)
-        uris = {n: stack.enter_context(libvirt_host(roots / n)).uri for n in names}
-        c = Cluster.create(libvirt=uris)
+        hosts = {n: stack.enter_context(libvirt_host(roots / n)) for n in names}
+        c = Cluster.create(libvirt={n: h.uri for n, h in hosts.items()})
+        c.libvirt = hosts
         stack.callback(c.close)  # agents first, then each libvirtd and its domains
         c.start_all()
         yield c

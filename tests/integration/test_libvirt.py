@@ -1,13 +1,27 @@
-"""The libvirt driver on its own: a VM as a libvirt domain, replicated by the agent."""
+"""The libvirt driver beyond the tests both drivers run (test_replication.py, test_failover.py):
+VMs as libvirt domains, a replica that has no domain until failover, kill -9 of the agent and of
+libvirtd during a cycle, and a mixed pair (libvirt primary, built-in runtime replica)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from tests.integration import test_failover
 from tests.integration.conftest import driver_cluster
-from tests.integration.replication_env import PRIMARY, REPLICA, make_pair, verified_equal
+from tests.integration.replication_env import (
+    PRIMARY,
+    REPLICA,
+    make_pair,
+    replicated_vm,
+    restart_with_faults,
+    verified_equal,
+)
 from tests.localcluster import Cluster
 
 
@@ -20,15 +34,74 @@ def lv_cluster() -> Iterator[Cluster]:
 def test_vm_is_a_libvirt_domain_and_replicates(lv_cluster: Cluster) -> None:
     cluster = lv_cluster
     pair = make_pair(cluster)
-    cluster.cli("vm", "new", "app", "--disk", "64M", host=PRIMARY)
-    cluster.cli("vm", "start", "app", host=PRIMARY)
-    pair.write("app", 0, 0x11, "0", "1M")
-    pair.enable("app")
-    pair.start("app")
+    replicated_vm(pair)
+    primary, replica = cluster.libvirt[PRIMARY], cluster.libvirt[REPLICA]
+    vm_id = cluster.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"]
+    assert primary.virsh("domstate", "app").stdout.strip() == "running"
+    assert primary.virsh("domuuid", "app").stdout.strip() == vm_id
+    checkpoints = primary.virsh("checkpoint-list", "app", "--name").stdout.split()
+    assert checkpoints == ["vmr-1"], checkpoints
+    # The replica VM is no domain until a failover: nothing for `virsh start` to start.
+    refused = replica.virsh("start", "app", check=False)
+    assert refused.returncode != 0 and "failed to get domain" in refused.stderr
+
     pair.write("app", 0, 0x33, "2M", "512k")
     cluster.cli("replication", "sync", "app", host=PRIMARY)
     verified_equal(pair, "app")
-    pair.write("app", 0, 0x44, "8M", "64k")
+    # The committed generation is the one checkpoint left: the older one went once the delta
+    # was durable.
+    assert primary.virsh("checkpoint-list", "app", "--name").stdout.split() == ["vmr-2"]
+    cluster.cli("vm", "stop", "app", "--force", host=PRIMARY)
+    assert primary.virsh("domstate", "app").stdout.strip() == "shut off"
+    # A VM that is off: the driver starts the domain paused for the cycle, and stops it again.
     cluster.cli("replication", "sync", "app", host=PRIMARY)
-    verified_equal(pair, "app")
-    assert pair.replication("app", REPLICA)["state"] == "Replicating"
+    assert primary.virsh("domstate", "app").stdout.strip() == "shut off"
+    assert primary.virsh("checkpoint-list", "app", "--name").stdout.split() == ["vmr-3"]
+    cluster.cli("vm", "remove", "app", "--force", host=REPLICA, check=False)
+    cluster.cli("replication", "remove", "app", host=PRIMARY)
+    assert primary.virsh("checkpoint-list", "app", "--name").stdout.split() == []
+    cluster.cli("vm", "remove", "app", host=PRIMARY)
+    assert primary.virsh("list", "--all", "--name").stdout.split() == []
+
+
+def test_kill_agent_and_libvirtd_mid_cycle(lv_cluster: Cluster) -> None:
+    cluster = lv_cluster
+    pair = make_pair(cluster)
+    replicated_vm(pair)
+    libvirtd = cluster.libvirt[PRIMARY]
+
+    # The agent dies between the cut and the commit: the next cycle still ships every write.
+    pair.write("app", 0, 0x22, "2M", "512k")
+    restart_with_faults(cluster, PRIMARY, "primary.after_cut=kill")
+    assert cluster.cli("replication", "sync", "app", host=PRIMARY, check=False).returncode != 0
+    process = cluster.hosts[PRIMARY].process
+    assert process is not None and process.wait(10) == -signal.SIGKILL
+    cluster.hosts[PRIMARY].process = None
+    cluster.start(PRIMARY)
+    pair.write("app", 0, 0x33, "3M", "64k")
+    cluster.cli("replication", "sync", "app", host=PRIMARY)
+    verified_equal(pair)
+
+    # libvirtd dies (kill -9) while a cycle waits between its cut and its commit; the domain
+    # runs on, a new libvirtd takes it back, and the agent reconnects.
+    pair.write("app", 0, 0x44, "5M", "1M")
+    restart_with_faults(cluster, PRIMARY, "primary.after_cut=sleep:6")
+    sync = subprocess.Popen(
+        [sys.executable, "-m", "vmreplica", "replication", "sync", "app"],
+        env=cluster.env(PRIMARY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(3)
+    libvirtd.kill()
+    libvirtd.start()
+    sync.communicate(timeout=120)
+    assert libvirtd.virsh("domstate", "app").stdout.strip() == "running"
+    pair.write("app", 0, 0x55, "7M", "64k")
+    cluster.cli("replication", "sync", "app", host=PRIMARY)
+    verified_equal(pair)
+    assert pair.replication("app")["state"] == "Replicating"
+
+
+def test_mixed_pair_libvirt_primary_builtin_replica() -> None:
+    """vmhost2 runs libvirt, vmhost1 the built-in runtime: fail over, reverse, fail back."""
+    with driver_cluster("mixed") as cluster:
+        test_failover.test_planned_failover_reverse_and_fail_back(cluster)

@@ -74,7 +74,7 @@ class Cycles:
                     await wire.build_manifest(
                         delta_dir, row.vm_id, sequence, consistency, compression
                     )
-                    faults.hit("primary.after_cut")
+                    await faults.ahit("primary.after_cut")  # sleep: a window for tests
                     # The commit point: the delta is durable in the log, the generation moves on.
                     self._store.update(row.vm_id, sequence=sequence, generation=row.generation + 1)
                     committed = True
