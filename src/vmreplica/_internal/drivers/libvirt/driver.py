@@ -38,6 +38,10 @@ from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.ports.hypervisor import DiskOwner, VmProcess, VmSpec
 from vmreplica.errors import InvalidState, VmrError
 
+# How a cycle cuts its delta: "push" (libvirt's backup job writes the delta files) or "pull"
+# (the agent copies the dirty ranges from libvirt's NBD export); push measured faster
+# (bench/bench_libvirt_cycle.py, docs/ARCHITECTURE.md).
+CUT_MODE = "push"
 WORK_DIR = "libvirt"  # in the VM's run directory: backup sockets, scratch images
 HELPER_MEMORY_MB = 128
 
@@ -84,6 +88,7 @@ class LibvirtSession:
     tracker: Tracker
     owner: DiskOwner
     work: Path
+    cut_mode: str = CUT_MODE
 
     @property
     def exports(self) -> list[str]:
@@ -97,7 +102,39 @@ class LibvirtSession:
             await qemu_img.virtual_size(self.owner.disks[i], force_share=True)
             for i in self.owner.replicated
         ]
-        await self.tracker.cut(generation, dests, sizes)
+        if self.cut_mode == "pull":
+            await self._cut_pull(generation, dests, sizes)
+        else:
+            await self.tracker.cut(generation, dests, sizes)
+
+    async def _cut_pull(self, generation: int, dests: Sequence[Path], sizes: Sequence[int]) -> None:
+        """Pull mode, kept to measure against push (bench/bench_libvirt_cycle.py): libvirt
+        exports the disks with G's bitmap, and the agent copies the dirty ranges itself."""
+        files = [Path(d).absolute() for d in dests]
+        for f in files:
+            if f.exists():
+                raise InvalidState(f"cannot cut a delta: {f} already exists")
+        ok = False
+        try:
+            async with self.tracker.pull(
+                self.work, incremental=generation, checkpoint=generation + 1
+            ) as sock:
+                extents = {
+                    n: await asyncio.to_thread(nbd_extents.read_dirty, str(sock), d, f"backup-{d}")
+                    for n, d in enumerate(self.exports)
+                }
+                for f, size in zip(files, sizes, strict=True):
+                    await qemu_img.create(f, size)
+                await _copy_into(sock, self.exports, files, extents, self.work)
+            for parent in sorted({f.parent for f in files}):
+                fsync_dir(parent)
+            ok = True
+        finally:
+            if not ok:
+                for f in files:
+                    f.unlink(missing_ok=True)
+                with contextlib.suppress(VmrError):
+                    await self.tracker.drop(generation + 1)
 
     async def drop(self, generation: int) -> None:
         await self.tracker.drop(generation)
@@ -152,10 +189,13 @@ class LibvirtDriver(QemuDriver):
     """Images, chains, imports and copies are the QEMU driver's (inherited); VMs, sessions and
     point-in-time views are libvirt's."""
 
-    def __init__(self, uri: str = "qemu:///system", accel: str = "tcg") -> None:
+    def __init__(
+        self, uri: str = "qemu:///system", accel: str = "tcg", cut_mode: str = CUT_MODE
+    ) -> None:
         super().__init__(accel)
         self.uri = uri
         self.conn = Connection(uri)
+        self.cut_mode = cut_mode
 
     # -- VMs ---------------------------------------------------------------------------------
 
@@ -245,7 +285,9 @@ class LibvirtDriver(QemuDriver):
     @contextlib.asynccontextmanager
     async def session(self, owner: DiskOwner) -> AsyncIterator[LibvirtSession]:  # type: ignore[override]
         async with self._running(owner):
-            yield LibvirtSession(self._tracker(owner), owner, owner.run_dir / WORK_DIR)
+            yield LibvirtSession(
+                self._tracker(owner), owner, owner.run_dir / WORK_DIR, self.cut_mode
+            )
 
     @contextlib.asynccontextmanager
     async def point_in_time(
