@@ -11,7 +11,9 @@ directories are the same inside and outside.
 
 Its qemu.conf runs QEMU as root with no security driver and no cgroups (two libvirtds would
 otherwise both create ``machine/qemu-1-NAME`` for their first domain of the same name), and
-writes QEMU's output to files (no virtlogd).
+writes QEMU's output to files (no virtlogd). ``namespaces = []``: QEMU sees the host's /dev, so
+the raw block device under a disk's metadata image opens (libvirt 9.0 does not know that data
+file, so it would not put it in QEMU's private /dev; drivers/libvirt/raw.py).
 
 The daemon runs in the foreground as a child of the test (``unshare`` execs it, so the pid is
 libvirtd's own); :meth:`LibvirtHost.stop` destroys its domains and ends it, and kills any QEMU
@@ -40,6 +42,7 @@ security_driver = "none"
 cgroup_controllers = [ ]
 stdio_handler = "file"
 remember_owner = 0
+namespaces = [ ]
 """
 LIBVIRTD_CONF = """\
 unix_sock_group = "root"

@@ -1,6 +1,7 @@
 """The libvirt driver beyond the tests both drivers run (test_replication.py, test_failover.py):
 VMs as libvirt domains, a replica that has no domain until failover, kill -9 of the agent and of
-libvirtd during a cycle, and a mixed pair (libvirt primary, built-in runtime replica)."""
+libvirtd during a cycle, a mixed pair (libvirt primary, built-in runtime replica), and a raw
+block device replicated in place."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +107,44 @@ def test_mixed_pair_libvirt_primary_builtin_replica() -> None:
     """vmhost2 runs libvirt, vmhost1 the built-in runtime: fail over, reverse, fail back."""
     with driver_cluster("mixed") as cluster:
         test_failover.test_planned_failover_reverse_and_fail_back(cluster)
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB raw block device, as an LVM volume or an iSCSI LUN is (this kernel has no
+    device-mapper, so a loop device stands in for the logical volume)."""
+    backing = tmp_path / "lun.img"
+    with open(backing, "wb") as f:
+        f.truncate(64 << 20)
+    device = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        yield Path(device)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def test_raw_block_device_replicates_and_fails_over(loop_device: Path, lv_cluster: Cluster) -> None:
+    cluster = lv_cluster
+    pair = test_failover.two_way(cluster)
+    cluster.cli("vm", "new", "lun", "--disk-path", str(loop_device), host=PRIMARY)
+    cluster.cli("vm", "start", "lun", host=PRIMARY)
+    pair.write("lun", 0, 0x11, "0", "1M")
+    pair.enable("lun")
+    pair.start("lun")
+    pair.write("lun", 0, 0x22, "2M", "1M")
+    cluster.cli("replication", "sync", "lun", host=PRIMARY)
+    verified_equal(pair, "lun")
+    # The guest's disk is still the raw device, written in place: no conversion.
+    with open(loop_device, "rb") as f:
+        f.seek(2 << 20)
+        assert f.read(1 << 20) == bytes([0x22]) * (1 << 20)
+    assert pair.json("vm", "get", "lun")[0]["disks"] == [str(loop_device)]
+
+    cluster.cli("vm", "stop", "lun", "--force", host=PRIMARY)
+    cluster.cli("failover", "start", "lun", "--prepare", host=PRIMARY)
+    cluster.cli("failover", "start", "lun", host=REPLICA)
+    cluster.cli("vm", "start", "lun", host=REPLICA)
+    assert test_failover.reads(cluster, REPLICA, "lun", 0x11, "0", "1M")
+    assert test_failover.reads(cluster, REPLICA, "lun", 0x22, "2M", "1M")

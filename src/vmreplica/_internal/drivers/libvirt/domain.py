@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -21,9 +22,8 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from vmreplica._internal.drivers.libvirt import domain_xml
+from vmreplica._internal.drivers.libvirt import domain_xml, raw
 from vmreplica._internal.drivers.libvirt.connection import Connection, is_missing
-from vmreplica._internal.drivers.qemu import qemu_img
 from vmreplica._internal.ports.hypervisor import GuestAgentUnavailable, VmSpec
 from vmreplica.errors import AccessDenied, InvalidState, NotFound, VmrError
 
@@ -37,14 +37,6 @@ _DIED = {
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED,
     libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN,
 }
-
-
-async def disk_formats(disks: tuple[Path, ...]) -> list[str]:
-    formats = []
-    for disk in disks:
-        info = await qemu_img.info(disk)
-        formats.append(str(info.get("format", "raw")))
-    return formats
 
 
 def _lookup(conn: Any, spec_id: str, name: str) -> Any:
@@ -65,9 +57,13 @@ def _lookup(conn: Any, spec_id: str, name: str) -> Any:
 
 
 async def define(conn: Connection, spec: VmSpec, description: str | None = None) -> None:
-    """Define (or update) the domain of ``spec``; checkpoints of the domain stay."""
-    formats = await disk_formats(spec.disks)
-    xml = domain_xml.domain_xml(spec, formats, description or domain_xml.DESCRIPTION)
+    """Define (or update) the domain of ``spec``; checkpoints of the domain stay. A raw disk
+    is opened through its metadata image (raw.py)."""
+    disks = await raw.domain_disks(spec.disks, spec.run_dir)
+    xml = domain_xml.domain_xml(
+        dataclasses.replace(spec, disks=disks), ["qcow2"] * len(disks),
+        description or domain_xml.DESCRIPTION,
+    )  # fmt: skip
 
     def go(c: Any) -> None:
         _lookup(c, spec.id, spec.name)
@@ -167,7 +163,10 @@ class LibvirtVm:
     def __init__(self, conn: Connection, spec: VmSpec) -> None:
         self._conn = conn
         self.spec = spec
-        self._pid = find_pid(spec.id, spec.disks[0] if spec.disks else None)
+        first = None
+        if spec.disks:
+            first = raw.meta_path(spec.run_dir, 0) if raw.is_raw(spec.disks[0]) else spec.disks[0]
+        self._pid = find_pid(spec.id, first)
 
     def _dom(self, c: Any) -> Any:
         return c.lookupByUUIDString(self.spec.id)

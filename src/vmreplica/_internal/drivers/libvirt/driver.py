@@ -25,7 +25,7 @@ from typing import Any
 
 import libvirt
 
-from vmreplica._internal.drivers.libvirt import domain, domain_xml
+from vmreplica._internal.drivers.libvirt import domain, domain_xml, raw
 from vmreplica._internal.drivers.libvirt.checkpoints import Tracker
 from vmreplica._internal.drivers.libvirt.connection import Connection, is_missing
 from vmreplica._internal.drivers.qemu import nbd_copy, nbd_extents, qemu_img
@@ -36,7 +36,7 @@ from vmreplica._internal.drivers.qemu.tls_creds import kv
 from vmreplica._internal.extents import Extent, align, coalesce
 from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.ports.hypervisor import DiskOwner, VmProcess, VmSpec
-from vmreplica.errors import InvalidState, VmrError
+from vmreplica.errors import InvalidArgument, InvalidState, VmrError
 
 # How a cycle cuts its delta: "push" (libvirt's backup job writes the delta files) or "pull"
 # (the agent copies the dirty ranges from libvirt's NBD export); push measured faster
@@ -98,10 +98,7 @@ class LibvirtSession:
         await self.tracker.settle(generation)
 
     async def cut(self, generation: int, dests: Sequence[Path]) -> None:
-        sizes = [
-            await qemu_img.virtual_size(self.owner.disks[i], force_share=True)
-            for i in self.owner.replicated
-        ]
+        sizes = [await raw.image_size(self.owner.disks[i]) for i in self.owner.replicated]
         if self.cut_mode == "pull":
             await self._cut_pull(generation, dests, sizes)
         else:
@@ -205,6 +202,23 @@ class LibvirtDriver(QemuDriver):
     async def attach(self, spec: VmSpec) -> VmProcess | None:
         return await domain.attach(self.conn, spec)
 
+    # -- disk images: raw disks too (raw.py) ---------------------------------------------------
+
+    async def check_image(self, path: Path) -> None:
+        if raw.is_raw(path):
+            if await raw.image_size(path) <= 0:
+                raise InvalidArgument(f"{path} is an empty raw disk")
+            return
+        await super().check_image(path)
+
+    async def virtual_size(self, path: Path) -> int:
+        return await raw.image_size(path)
+
+    async def required_size(self, path: Path) -> int:
+        if raw.is_raw(path):
+            return await qemu_img.measure_required(path, fmt="raw")
+        return await super().required_size(path)
+
     async def forget(self, vm_id: str) -> None:
         await domain.undefine(self.conn, vm_id)
 
@@ -231,7 +245,7 @@ class LibvirtDriver(QemuDriver):
         if not owner.vm_id:
             raise VmrError(f"VM '{owner.vm_name}': the libvirt driver needs the VM's id")
         found = await self.conn.run(f"cannot look up domain {owner.vm_name!r}", current)
-        want = [d.absolute() for d in owner.disks]
+        want = list(await raw.domain_disks(tuple(owner.disks), owner.run_dir))
         if found is not None and [p.absolute() for p in found] == want:
             return
         spec = VmSpec(

@@ -134,6 +134,34 @@ async def create(
     await _run("create", _arg(path), args)
 
 
+async def create_over_data_file(path: str | os.PathLike[str], data_file: str | os.PathLike[str],
+                                size_bytes: int) -> None:  # fmt: skip
+    """A qcow2 image of metadata only above an existing raw ``data_file``, which it leaves as it
+    is: ``data_file_raw`` keeps the data file a valid raw image of the disk, and
+    ``preallocation=metadata`` maps every cluster to the same offset in it, so the guest sees
+    exactly the raw disk's content.
+
+    ``qemu-img create -o data_file=`` would create (truncate) the data file itself: the image is
+    made over a throw-away file, and ``amend`` then points it at the real one.
+    """
+    scratch = f"{os.fspath(path)}.tmp-data"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(scratch)
+    opts = f"data_file={scratch},data_file_raw=on,preallocation=metadata"
+    try:
+        await _run("create", _arg(path), ["create", "-q", "-f", FORMAT, "-o", opts, _arg(path),
+                                          str(size_bytes)])  # fmt: skip
+        amend = ["amend", "-f", FORMAT, "-o", f"data_file={os.fspath(data_file)}", _arg(path)]
+        await _run("amend", _arg(path), amend)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch)
+
+
 async def info(
     path: str | os.PathLike[str], *, fmt: str = FORMAT, force_share: bool = False
 ) -> dict[str, Any]:

@@ -146,7 +146,7 @@ class VmService:
                 continue
             image = Path(str(disk.path or disk.parent)).absolute()
             flag = "--disk-path" if disk.path else "--disk-parent"
-            if not image.is_file():
+            if not (image.is_file() or image.is_block_device()):
                 raise NotFound(f"{flag} {image}: no such image")
             if disk.path is not None:
                 self._check_disk_is_free(image, flag)
