@@ -85,12 +85,15 @@ def build_methods(engine: Services) -> dict[str, Method]:
         return await vms.new(req)
 
     async def vm_list(args: dict[str, Any]) -> Any:
+        await vms.adopt_defined()  # domains defined with virsh since the last look
         return vms.list()
 
     async def vm_get(args: dict[str, Any]) -> Any:
+        await vms.adopt_defined()
         return vms.get(a.req_str(args, "name"))
 
     async def vm_start(args: dict[str, Any]) -> Any:
+        await vms.adopt_defined()
         await vms.runtime.start(a.req_str(args, "name"))
         return vms.get(a.req_str(args, "name"))
 

@@ -30,6 +30,7 @@ class Services:
         (each kind by the part that owns it; one that fails never stops the rest)."""
         await self.vms.recover_definitions()
         await self.vms.runtime.recover()
+        await self.vms.adopt_defined()
         await self.ctx.journal.recover("fsfreeze")  # a guest left frozen thaws first
         await self.ctx.journal.recover("delete-storage", "seed-adopt", "media-import")
         await self.replica.recovery.recover()

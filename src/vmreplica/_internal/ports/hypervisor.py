@@ -59,6 +59,15 @@ class VmSpec:
     accel: str = "tcg"
 
 
+@dataclasses.dataclass(frozen=True)
+class DefinedVm:
+    """A VM the hypervisor defines on its own (a libvirt domain made with virsh, virt-manager,
+    Cockpit): the agent takes it as one of its VMs. ``spec.run_dir`` is not set."""
+
+    spec: VmSpec
+    running: bool
+
+
 class VmProcess(Protocol):
     """A running VM, started or found again by the driver."""
 
@@ -234,6 +243,10 @@ class HypervisorDriver(Protocol):
 
     async def attach(self, spec: VmSpec) -> VmProcess | None:
         """The VM's process if it still runs (after an agent restart), else None."""
+        ...
+
+    async def defined_vms(self) -> list[DefinedVm]:
+        """Every VM the hypervisor itself defines (none for a bare QEMU)."""
         ...
 
     async def forget(self, vm_id: str) -> None:

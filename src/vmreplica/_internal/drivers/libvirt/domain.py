@@ -40,6 +40,7 @@ _DIED = {
 
 
 def _lookup(conn: Any, spec_id: str, name: str) -> Any:
+    """The domain of this UUID, or None; another domain of the same name is refused."""
     try:
         return conn.lookupByUUIDString(spec_id)
     except libvirt.libvirtError as exc:
@@ -57,19 +58,51 @@ def _lookup(conn: Any, spec_id: str, name: str) -> Any:
 
 
 async def define(conn: Connection, spec: VmSpec, description: str | None = None) -> None:
-    """Define (or update) the domain of ``spec``; checkpoints of the domain stay. A raw disk
-    is opened through its metadata image (raw.py)."""
+    """Define (or update) the domain of ``spec``; its checkpoints stay. A domain vmreplica
+    generated is generated again; one defined by someone else (virsh, virt-manager) keeps its
+    own XML, only its disks pointed where the VM's are now. A raw disk is opened through its
+    metadata image (raw.py)."""
     disks = await raw.domain_disks(spec.disks, spec.run_dir)
-    xml = domain_xml.domain_xml(
+    generated = domain_xml.domain_xml(
         dataclasses.replace(spec, disks=disks), ["qcow2"] * len(disks),
         description or domain_xml.DESCRIPTION,
     )  # fmt: skip
 
     def go(c: Any) -> None:
-        _lookup(c, spec.id, spec.name)
+        dom = _lookup(c, spec.id, spec.name)
+        xml = generated
+        if dom is not None:
+            current = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            if not domain_xml.managed(current):
+                xml = domain_xml.with_disks(current, disks)
         c.defineXML(xml)
 
     await conn.run(f"cannot define domain {spec.name!r}", go)
+
+
+async def defined(conn: Connection, accel: str) -> list[tuple[VmSpec, bool]]:
+    """Every domain, as a spec (no run directory) and whether it runs."""
+
+    def go(c: Any) -> list[tuple[VmSpec, bool]]:
+        out = []
+        for dom in c.listAllDomains():
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            out.append((domain_xml.spec_of(xml, Path(), accel), bool(dom.isActive())))
+        return out
+
+    found: list[tuple[VmSpec, bool]] = await conn.run("cannot list libvirt's domains", go)
+    return found
+
+
+async def targets(conn: Connection, vm_id: str) -> list[str]:
+    """The domain's disk targets (vda, sdb, …), in the order of its disks."""
+
+    def go(c: Any) -> list[str]:
+        xml = c.lookupByUUIDString(vm_id).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        return [t for t, _ in domain_xml.disk_sources(xml)]
+
+    found: list[str] = await conn.run(f"cannot read domain {vm_id}", go)
+    return found
 
 
 async def undefine(conn: Connection, vm_id: str) -> None:

@@ -150,3 +150,57 @@ def backup_xml(
             _sub(node, "scratch", file=str(by_disk[disk]))
         _sub(node, "driver", type="qcow2")
     return ET.tostring(b, encoding="unicode")
+
+
+def _text(root: ET.Element, path: str) -> str | None:
+    node = root.find(path)
+    return node.text if node is not None and node.text else None
+
+
+def spec_of(xml: str, run_dir: Path, accel: str) -> VmSpec:
+    """A domain's XML as a VmSpec: what the agent records of a domain it did not define."""
+    root = ET.fromstring(xml)
+    memory = root.find("memory")
+    kib = int(memory.text or 0) if memory is not None else 0
+    unit = (memory.get("unit") if memory is not None else None) or "KiB"
+    scale = {"b": 1, "bytes": 1, "KiB": 1024, "k": 1024, "MiB": 1 << 20, "M": 1 << 20,
+             "GiB": 1 << 30, "G": 1 << 30}.get(unit, 1024)  # fmt: skip
+    kernel, initrd = _text(root, "./os/kernel"), _text(root, "./os/initrd")
+    return VmSpec(
+        id=str(_text(root, "uuid")), name=str(_text(root, "name")),
+        cpus=int(_text(root, "vcpu") or 1), memory_mb=max(16, kib * scale >> 20),
+        disks=tuple(p for _, p in disk_sources(xml)), run_dir=run_dir,
+        kernel=Path(kernel) if kernel else None, initrd=Path(initrd) if initrd else None,
+        append=_text(root, "./os/cmdline"), accel=accel,
+    )  # fmt: skip
+
+
+def managed(xml: str) -> bool:
+    """Whether vmreplica generated the domain (its description says so)."""
+    return _text(ET.fromstring(xml), "description") == DESCRIPTION
+
+
+def with_disks(xml: str, disks: Sequence[Path]) -> str:
+    """The domain's own XML, its disks (in order) pointed at ``disks``, opened as qcow2: a
+    domain someone else defined keeps everything else (interfaces, graphics, …)."""
+    root = ET.fromstring(xml)
+    elements = [d for d in root.findall("./devices/disk") if d.get("device", "disk") == "disk"]
+    if len(elements) != len(disks):
+        raise InvalidArgument(f"the domain has {len(elements)} disks, not {len(disks)}")
+    for disk, path in zip(elements, disks, strict=True):
+        try:
+            block = stat.S_ISBLK(path.stat().st_mode)
+        except OSError:
+            block = False
+        disk.set("type", "block" if block else "file")
+        source = disk.find("source")
+        if source is None:
+            source = ET.SubElement(disk, "source")
+        for key in ("file", "dev"):
+            source.attrib.pop(key, None)
+        source.set("dev" if block else "file", str(path.absolute()))
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", name="qemu")
+        driver.set("type", "qcow2")
+    return ET.tostring(root, encoding="unicode")

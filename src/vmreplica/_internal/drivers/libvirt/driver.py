@@ -35,7 +35,7 @@ from vmreplica._internal.drivers.qemu.qsd import node_name, start_storage_daemon
 from vmreplica._internal.drivers.qemu.tls_creds import kv
 from vmreplica._internal.extents import Extent, align, coalesce
 from vmreplica._internal.files import fsync_dir
-from vmreplica._internal.ports.hypervisor import DiskOwner, VmProcess, VmSpec
+from vmreplica._internal.ports.hypervisor import DefinedVm, DiskOwner, VmProcess, VmSpec
 from vmreplica.errors import InvalidArgument, InvalidState, VmrError
 
 # How a cycle cuts its delta: "push" (libvirt's backup job writes the delta files) or "pull"
@@ -44,10 +44,6 @@ from vmreplica.errors import InvalidArgument, InvalidState, VmrError
 CUT_MODE = "push"
 WORK_DIR = "libvirt"  # in the VM's run directory: backup sockets, scratch images
 HELPER_MEMORY_MB = 128
-
-
-def _targets(indices: Sequence[int]) -> list[str]:
-    return [domain_xml.target(i) for i in indices]
 
 
 async def _copy_into(
@@ -219,6 +215,9 @@ class LibvirtDriver(QemuDriver):
             return await qemu_img.measure_required(path, fmt="raw")
         return await super().required_size(path)
 
+    async def defined_vms(self) -> list[DefinedVm]:
+        return [DefinedVm(s, r) for s, r in await domain.defined(self.conn, self.accel)]
+
     async def forget(self, vm_id: str) -> None:
         await domain.undefine(self.conn, vm_id)
 
@@ -288,11 +287,12 @@ class LibvirtDriver(QemuDriver):
         finally:
             await self.conn.run(f"cannot stop domain {owner.vm_name!r}", stop)
 
-    def _tracker(self, owner: DiskOwner) -> Tracker:
+    async def _tracker(self, owner: DiskOwner) -> Tracker:
+        """Disks by the domain's own targets: a domain defined with virsh may have sda, hdb…"""
+        names = await domain.targets(self.conn, owner.vm_id)
         return Tracker(
-            self.conn, owner.vm_id, _targets(owner.replicated),
-            _targets(range(len(owner.disks))), owner.vm_name,
-        )  # fmt: skip
+            self.conn, owner.vm_id, [names[i] for i in owner.replicated], names, owner.vm_name
+        )
 
     # -- sessions and copies -------------------------------------------------------------------
 
@@ -300,7 +300,7 @@ class LibvirtDriver(QemuDriver):
     async def session(self, owner: DiskOwner) -> AsyncIterator[LibvirtSession]:  # type: ignore[override]
         async with self._running(owner):
             yield LibvirtSession(
-                self._tracker(owner), owner, owner.run_dir / WORK_DIR, self.cut_mode
+                await self._tracker(owner), owner, owner.run_dir / WORK_DIR, self.cut_mode
             )
 
     @contextlib.asynccontextmanager
@@ -311,7 +311,7 @@ class LibvirtDriver(QemuDriver):
         work = owner.run_dir / INITIAL_DIR
         try:
             async with self._running(owner):
-                tracker = self._tracker(owner)
+                tracker = await self._tracker(owner)
                 if generation is not None:
                     await tracker.remove_all()
                 async with tracker.pull(work, checkpoint=generation) as sock:

@@ -34,6 +34,7 @@ from vmreplica._internal.drivers.qemu.qsd import StorageDaemon, node_name, start
 from vmreplica._internal.extents import Extent, coalesce
 from vmreplica._internal.ports.hypervisor import (
     CopySource,
+    DefinedVm,
     DiskOwner,
     NbdCredentials,
     Progress,
@@ -122,6 +123,9 @@ class QemuDriver:
 
     async def attach(self, spec: VmSpec) -> VmProcess | None:
         return await qemu.attach(spec)
+
+    async def defined_vms(self) -> list[DefinedVm]:
+        return []
 
     async def forget(self, vm_id: str) -> None:
         """QEMU keeps no definition of a VM: the agent's database is all there is."""

@@ -173,6 +173,12 @@ class VmRuntime:
                     "vm-recovery-failed", f"cannot recover VM {rec.name}: {e}", rec.name, "error"
                 )
 
+    async def reattach(self, rec: VmRecord) -> None:
+        """A VM that runs but was started outside the agent (a libvirt domain it adopted)."""
+        async with self._ctx.locks.vm(rec.id):
+            self._set_state(rec.id, RUNNING)
+            await self._reattach(rec)
+
     async def _reattach(self, rec: VmRecord) -> None:
         process = await self._ctx.driver.attach(self._vms.spec(rec))
         if process is None:

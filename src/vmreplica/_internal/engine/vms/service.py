@@ -23,7 +23,7 @@ from vmreplica._internal.store.db import Tx
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.vms import VmRecord
 from vmreplica._internal.transport.delta import disk_file
-from vmreplica.errors import InvalidArgument, InvalidState, NotFound
+from vmreplica.errors import InvalidArgument, InvalidState, NotFound, VmrError
 
 log = logging.getLogger("vmreplica.vms")
 
@@ -198,6 +198,38 @@ class VmService:
             VmRecord(vm_id, name, cpus, memory_mb, kernel, initrd, append, OFF, vm_dir,
                      tuple(disks), (False,) * len(disks)),
         )  # fmt: skip
+
+    async def adopt_defined(self) -> None:
+        """VMs the hypervisor defines that this agent does not know yet (libvirt domains made
+        with virsh, virt-manager, Cockpit) become its VMs, their disks used in place; one that
+        runs is attached. A name another VM of the agent has keeps that domain out."""
+        try:
+            found = await self._ctx.driver.defined_vms()
+        except VmrError as e:
+            log.warning("cannot list the hypervisor's VMs: %s", e)
+            return
+        for vm in found:
+            spec = vm.spec
+            if self._store.by_id(spec.id) is not None:
+                continue
+            if self._store.by_name(spec.name) is not None:
+                log.warning("domain %s (%s): the agent has another VM of that name", spec.name,
+                            spec.id)  # fmt: skip
+                continue
+            with self._ctx.stores.db.tx() as tx:
+                self.register(
+                    tx, spec.id, spec.name, spec.cpus, spec.memory_mb, self.vms_dir / spec.name,
+                    spec.disks, kernel=str(spec.kernel) if spec.kernel else None,
+                    initrd=str(spec.initrd) if spec.initrd else None, append=spec.append,
+                )  # fmt: skip
+                self._ctx.events.record(
+                    "vm-adopted", f"took VM {spec.name} ({spec.id}) from the hypervisor",
+                    spec.name, tx=tx,
+                )  # fmt: skip
+            if vm.running:
+                rec = self.by_id(spec.id)
+                assert rec is not None
+                await self.runtime.reattach(rec)
 
     def set_disks(self, tx: Tx, vm_id: str, disks: Sequence[Path]) -> None:
         """Point a VM at other disk files (failover overlays, reversed chains)."""
