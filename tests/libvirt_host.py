@@ -32,6 +32,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# libvirtd probes QEMU's capabilities on its first start (8 s here) and caches them; the cache is
+# kept between tests (libvirt checks it against QEMU's binary and its own version itself).
+CAPS_CACHE = Path("~/.cache/vmreplica/libvirt-qemu-capabilities").expanduser()
 BIND = ("run/libvirt", "var/lib/libvirt", "var/cache/libvirt", "var/log/libvirt", "etc/libvirt")
 
 QEMU_CONF = """\
@@ -74,6 +77,9 @@ class LibvirtHost:
     def _prepare(self) -> None:
         for rel in BIND:
             (self.root / rel).mkdir(parents=True, exist_ok=True)
+        caps = self.root / "var/cache/libvirt/qemu/capabilities"
+        if CAPS_CACHE.is_dir() and not caps.exists():
+            shutil.copytree(CAPS_CACHE, caps)
         etc = self.root / "etc/libvirt"
         if not (etc / "qemu.conf").exists():
             for name in ("libvirt.conf", "virtlogd.conf", "virtlockd.conf", "qemu-lockd.conf"):
@@ -85,6 +91,11 @@ class LibvirtHost:
             (etc / "hooks").mkdir(exist_ok=True)
 
     def start(self, timeout: float = 30.0) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the daemon; :meth:`wait_ready` waits for it (several start at once)."""
         self._prepare()
         self.socket.unlink(missing_ok=True)
         mounts = " && ".join(
@@ -101,6 +112,9 @@ class LibvirtHost:
                 stderr=log,
                 start_new_session=True,
             )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -132,7 +146,21 @@ class LibvirtHost:
                 pids.append(int(pid_file.read_text().strip()))
         return pids
 
+    def _keep_capabilities(self) -> None:
+        caps = self.root / "var/cache/libvirt/qemu/capabilities"
+        if CAPS_CACHE.exists() or not any(caps.glob("*.xml")):
+            return
+        staging = CAPS_CACHE.with_name(f"{CAPS_CACHE.name}.{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(caps, staging)
+        try:
+            staging.rename(CAPS_CACHE)  # another test's copy may have won: fine
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._keep_capabilities()
         if self.process is not None and self.process.poll() is None:
             names = self.virsh("list", "--name", check=False).stdout.split()
             for name in names:
@@ -151,9 +179,21 @@ class LibvirtHost:
 
 @contextlib.contextmanager
 def libvirt_host(root: Path) -> Iterator[LibvirtHost]:
-    host = LibvirtHost(root)
+    with libvirt_hosts([root]) as hosts:
+        yield hosts[0]
+
+
+@contextlib.contextmanager
+def libvirt_hosts(roots: list[Path]) -> Iterator[list[LibvirtHost]]:
+    """Several daemons, started at once (each takes seconds to probe the host), always
+    stopped."""
+    hosts = [LibvirtHost(root) for root in roots]
     try:
-        host.start()
-        yield host
+        for host in hosts:
+            host.spawn()
+        for host in hosts:
+            host.wait_ready()
+        yield hosts
     finally:
-        host.stop()
+        for host in hosts:
+            host.stop()

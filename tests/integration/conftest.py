@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.libvirt_host import libvirt_host
+from tests.libvirt_host import libvirt_hosts
 from tests.localcluster import Cluster
 
 LIBVIRT_HOSTS = ("vmhost1", "vmhost2")  # the replica and the primary of replication_env
@@ -54,7 +54,8 @@ def driver_cluster(driver: str) -> Iterator[Cluster]:
         roots = Path(tempfile.mkdtemp(prefix="vmrlv", dir="/tmp"))
         if os.environ.get("VMREPLICA_KEEP_TEST_DIRS") != "1":
             stack.callback(shutil.rmtree, roots, ignore_errors=True)
-        hosts = {n: stack.enter_context(libvirt_host(roots / n)) for n in names}
+        started = stack.enter_context(libvirt_hosts([roots / n for n in names]))
+        hosts = dict(zip(names, started, strict=True))
         c = Cluster.create(libvirt={n: h.uri for n, h in hosts.items()})
         c.libvirt = hosts
         stack.callback(c.close)  # agents first, then each libvirtd and its domains
