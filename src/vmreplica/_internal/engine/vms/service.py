@@ -7,6 +7,7 @@ that a crash interrupted. Running them is :mod:`runtime`'s.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import shutil
@@ -70,6 +71,7 @@ class VmService:
         # Directories a replica VM's own storage may be in, for `vm remove --delete-storage`.
         self.storage_roots: Callable[[], list[Path]] = lambda: []
         ctx.journal.register("delete-storage", self._recover_delete_storage)
+        self._adopting = asyncio.Lock()  # two `vm list` at once must not take a domain twice
 
     @property
     def vms_dir(self) -> Path:
@@ -203,6 +205,10 @@ class VmService:
         """VMs the hypervisor defines that this agent does not know yet (libvirt domains made
         with virsh, virt-manager, Cockpit) become its VMs, their disks used in place; one that
         runs is attached. A name another VM of the agent has keeps that domain out."""
+        async with self._adopting:
+            await self._adopt_defined()
+
+    async def _adopt_defined(self) -> None:
         try:
             found = await self._ctx.driver.defined_vms()
         except VmrError as e:
