@@ -140,10 +140,14 @@ class LibvirtHost:
             self.process.wait(10)
 
     def qemu_pids(self) -> list[int]:
+        """The QEMU processes of its domains (run/libvirt/qemu/NAME.pid; driver.pid there is
+        libvirtd's own lock)."""
         pids = []
         for pid_file in (self.root / "run/libvirt/qemu").glob("*.pid"):
             with contextlib.suppress(ValueError, OSError):
-                pids.append(int(pid_file.read_text().strip()))
+                pid = int(pid_file.read_text().strip())
+                if "qemu" in Path(f"/proc/{pid}/comm").read_text():
+                    pids.append(pid)
         return pids
 
     def _keep_capabilities(self) -> None:
@@ -172,9 +176,8 @@ class LibvirtHost:
                 self.process.kill()
                 self.process.wait(10)
         for pid in self.qemu_pids():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if "qemu" in Path(f"/proc/{pid}/comm").read_text():
-                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):  # gone already
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ block device replicated in place."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from tests.integration.replication_env import (
     replicated_vm,
     restart_with_faults,
     verified_equal,
+    wait_for,
 )
 from tests.localcluster import Cluster
 
@@ -148,3 +150,21 @@ def test_raw_block_device_replicates_and_fails_over(loop_device: Path, lv_cluste
     cluster.cli("vm", "start", "lun", host=REPLICA)
     assert test_failover.reads(cluster, REPLICA, "lun", 0x11, "0", "1M")
     assert test_failover.reads(cluster, REPLICA, "lun", 0x22, "2M", "1M")
+
+
+def test_qemu_killed_under_libvirt_requires_resync(lv_cluster: Cluster) -> None:
+    """libvirt reports the domain off as crashed: its bitmaps were never stored, so the agent
+    trusts none of them, now or after a restart."""
+    cluster = lv_cluster
+    pair = make_pair(cluster)
+    replicated_vm(pair)
+    for pid in cluster.libvirt[PRIMARY].qemu_pids():
+        os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: pair.replication("app")["state"] == "WaitingForStartResynchronize",
+        30,
+        "resync required",
+    )
+    assert cluster.cli("replication", "sync", "app", host=PRIMARY, check=False).returncode != 0
+    cluster.cli("vm", "start", "app", host=PRIMARY)
+    assert pair.replication("app")["state"] == "WaitingForStartResynchronize"
