@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vmreplica._internal.cluster.etcd import parse_endpoints
 from vmreplica._internal.cluster.fence import SAFE_FRACTION, Fence, Fenced
+from vmreplica._internal.config import parse_endpoints
 from vmreplica.errors import InvalidArgument
 
 

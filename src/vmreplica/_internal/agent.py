@@ -28,6 +28,8 @@ from vmreplica._internal.api.metrics import loopback_only, metrics_handler
 from vmreplica._internal.api.mgmt import make_app
 from vmreplica._internal.api.peer_routes import peer_routes
 from vmreplica._internal.certs import server_ssl_context
+from vmreplica._internal.cluster.etcd import Etcd
+from vmreplica._internal.cluster.member import Member
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.drivers.qemu.driver import QemuDriver
 from vmreplica._internal.engine.context import Context
@@ -88,6 +90,8 @@ class Agent:
             config, stores, self.events, Journal(stores.journal, self.events),
             QemuDriver(config.accel), own_port=self._own_port,
         )  # fmt: skip
+        self.member = self._cluster_member(config, ctx)
+        ctx.cluster = self.member
         self.engine = build_engine(ctx)
         routes = peer_routes(self.engine)
         self.listener = CertificateListener(self.engine.server, self.engine.auth, routes)
@@ -100,6 +104,47 @@ class Agent:
         self._mgmt_context: ssl.SSLContext | None = None
         self._stop = asyncio.Event()
         self.systemd = Notifier()
+
+    def _cluster_member(self, config: HostConfig, ctx: Context) -> Member | None:
+        cluster = config.cluster
+        if cluster is None:
+            return None
+        address = "{}:{}".format(*config.mgmt_listen)
+
+        async def fenced() -> None:
+            self.events.record(
+                "cluster-fenced",
+                f"node {config.name} lost its lease of cluster {cluster.name}: it applies "
+                "no delta until the lease is valid again",
+                level="warning",
+            )
+
+        def can_take(vm_id: str) -> bool:
+            # Only the node holding the replica relationship can serve a VM (docs/CLUSTER.md).
+            return ctx.stores.replications.find(vm_id) is not None
+
+        return Member(
+            Etcd(cluster.etcd), cluster.name, config.name, address, cluster.lease_ttl,
+            on_fenced=fenced, can_take=can_take,
+        )  # fmt: skip
+
+    async def _join_cluster(self) -> None:
+        """Join before serving, and own again the replicas this node holds (their keys went
+        with the lease of the previous run, or go when it expires: the placement loop)."""
+        member = self.member
+        if member is None:
+            return
+        await member.join()
+        member.start()
+        for row in self.engine.ctx.stores.replications.all():
+            if row.mode == "Replica" and member.can_take(row.vm_id):
+                await member.register(row.vm_id, {})
+                await member.take(row.vm_id)
+        self.events.record(
+            "cluster-joined",
+            f"node {self.config.name} joined cluster {member.cluster} (lease {member.ttl} s, "
+            f"owns {len(member.owned)} VM(s))",
+        )
 
     def _own_port(self, auth: str) -> int | None:
         settings = self.engine.server.get()
@@ -125,6 +170,7 @@ class Agent:
                 level="warning",
             )
         await self.engine.recover()
+        await self._join_cluster()
         await self.listeners.apply(self.engine.server.get(), self.engine.server.listener_files())
         methods = build_methods(self.engine)
         metrics = metrics_handler(self.engine, self._listening)
@@ -215,6 +261,9 @@ class Agent:
             await runner.cleanup()
         self._runners.clear()
         await self.engine.vms.runtime.detach_all()
+        if self.member is not None:
+            await self.member.stop()
+            await self.member.etcd.close()
         with contextlib.suppress(OSError):
             self.config.socket.unlink()
         self.events.record("agent-stopped", f"host agent {self.config.name} stopped")

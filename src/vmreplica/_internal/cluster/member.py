@@ -70,6 +70,7 @@ class Member:
     def __init__(
         self, etcd: Etcd, cluster: str, node: str, address: str, ttl: int,
         *, on_acquired: Hook | None = None, on_fenced: Callable[[], Awaitable[None]] | None = None,
+        can_take: Callable[[str], bool] = lambda vm: True,
     ) -> None:  # fmt: skip
         self.etcd = etcd
         self.cluster = cluster
@@ -81,6 +82,8 @@ class Member:
         self.owned: set[str] = set()
         self.on_acquired = on_acquired
         self.on_fenced = on_fenced
+        # Whether this node can serve a VM (an agent: it has the VM's replica relationship).
+        self.can_take = can_take
         self._tasks: list[asyncio.Task[None]] = []
         self._was_valid = False
 
@@ -168,8 +171,9 @@ class Member:
             await asyncio.sleep(self.ttl / 4 + random.uniform(0, 0.2) * (1 + len(self.owned)))
             with contextlib.suppress(EtcdUnavailable):
                 await self.refresh()
+                taken = await owners(self.etcd, self.cluster)
                 for vm in await self.registered():
-                    if vm not in (await owners(self.etcd, self.cluster)):
+                    if vm not in taken and self.can_take(vm):
                         await self.take(vm)
 
     async def refresh(self) -> None:
@@ -220,6 +224,18 @@ class Member:
         self.owned.discard(vm)
         if not await self.etcd.replace(current.key, current, to.encode(), target.lease):
             raise Fenced(f"VM {vm} changed owner during the move")
+
+    async def adopt(self, vm: str) -> None:
+        """Register `vm` and own it, unless another node does (the port's `adopt`)."""
+        await self.register(vm, {})
+        if vm in self.owned or await self.take(vm):
+            return
+        raise Fenced(f"VM {vm} is owned by node {await self.owner(vm)} of {self.cluster}")
+
+    async def release(self, vm: str) -> None:
+        self.owned.discard(vm)
+        await self.etcd.delete(self._key("vms", vm))
+        await self.etcd.delete(self._key("owners", vm))
 
     async def owner(self, vm: str) -> str | None:
         entry = await self.etcd.get(self._key("owners", vm))

@@ -74,6 +74,10 @@ class ReplicaLifecycle:
             )
         boot = {k: v for k, v in (("kernel", req.kernel), ("initrd", req.initrd)) if v}
         boot_dir = storage / BOOT_DIR
+        if self._ctx.cluster is not None:
+            # In a cluster the replica belongs to the node the primary reached (the initial
+            # placement), which refuses if another node of the cluster owns that VM id.
+            await self._ctx.cluster.adopt(req.vm_id)
         try:
             tips = [
                 (await self._ctx.driver.create_chain(chain_dir(storage, n), size)).tip

@@ -54,6 +54,7 @@ class Receiver:
         row = replica_row(self._ctx, vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(vm_id):
+            self._check_owner(vm_id)
             row = replica_row(self._ctx, vm_id)
             check_not_quarantined(self._ctx, row)
             if row.state in (State.FAILED_OVER_WAITING, State.FAILED_OVER):
@@ -96,6 +97,8 @@ class Receiver:
             if queue:  # applied when the offline media is imported
                 await self._media.queue(row, manifest.sequence, staging, started.isoformat())
                 return p.SequenceAnswer(manifest.sequence)
+            # Again: the stream may have lasted longer than this node's lease.
+            self._check_owner(vm_id)
             self._applier.journal(
                 vm_id, manifest.sequence, staging, started.isoformat(),
                 created=manifest.created, consistency=manifest.consistency,
@@ -106,6 +109,12 @@ class Receiver:
                 consistency=manifest.consistency,
             )  # fmt: skip
             return p.SequenceAnswer(manifest.sequence)
+
+    def _check_owner(self, vm_id: str) -> None:
+        """In a cluster, only the node that owns the VM under a valid lease writes into its
+        replica storage (docs/CLUSTER.md, fencing); the primary keeps a refused delta."""
+        if self._ctx.cluster is not None:
+            self._ctx.cluster.check(vm_id, "apply a delta")
 
 
 def _checker(row: ReplicationRow) -> wire.ManifestCheck:

@@ -7,6 +7,7 @@ that a crash interrupted. Running them is :mod:`runtime`'s.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -23,7 +24,7 @@ from vmreplica._internal.store.db import Tx
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.vms import VmRecord
 from vmreplica._internal.transport.delta import disk_file
-from vmreplica.errors import InvalidArgument, InvalidState, NotFound
+from vmreplica.errors import InvalidArgument, InvalidState, NotFound, VmrError
 
 log = logging.getLogger("vmreplica.vms")
 
@@ -274,6 +275,10 @@ class VmService:
                 if storage is not None:
                     self._ctx.journal.begin(tx, "delete-storage", rec.id, {"path": str(storage)})
             await self._discard(rec)
+            if self._ctx.cluster is not None:
+                # Out of the cluster's registry; etcd down: a stale entry no node can take.
+                with contextlib.suppress(VmrError):
+                    await self._ctx.cluster.release(rec.id)
             what = f"removed VM {name}"
             if storage is not None:
                 what += f" and its replica storage {storage}"

@@ -1,0 +1,22 @@
+"""The cluster port: what the engine knows of a cluster (docs/CLUSTER.md).
+
+The engine never reaches etcd itself: the agent gives it this when host.toml has `[cluster]`
+(`cluster.member.Member` implements it), and None on a host on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ClusterPort(Protocol):
+    def check(self, vm_id: str, what: str) -> None:
+        """Raise (InvalidState) unless this node holds a valid lease and owns `vm_id` now:
+        before every write into the VM's replica storage."""
+
+    async def adopt(self, vm_id: str) -> None:
+        """Register `vm_id` with the cluster and own it (a new replica: the initial placement
+        is the node the primary reached). Raise (InvalidState) if another node owns it."""
+
+    async def release(self, vm_id: str) -> None:
+        """The VM leaves the cluster (its replica was removed)."""
