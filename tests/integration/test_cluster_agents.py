@@ -3,6 +3,10 @@ fence on the replica's data path (docs/CLUSTER.md)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -100,13 +104,14 @@ def test_replica_node_applies_only_under_a_valid_lease(cluster: Cluster, etcd: E
     verified_equal(pair)
 
     etcd.kill(etcd.members[1])
-    pair.write("app", 0, 0x22, "3M", "256k")
 
     def refused() -> bool:
         done = c.cli("replication", "sync", "app", host=PRIMARY, check=False)
         return done.returncode != 0 and "holds no valid cluster lease" in done.stderr
 
     wait_for(refused, 20, "the replica refusing deltas without a quorum")
+    pair.write("app", 0, 0x22, "3M", "256k")
+    assert refused()
     assert not pair.equal("app", 0)
 
     etcd.start(etcd.members[0])
@@ -125,4 +130,14 @@ def test_replica_node_applies_only_under_a_valid_lease(cluster: Cluster, etcd: E
     c.start(REPLICA)
     pair.write("app", 0, 0x23, "4M", "256k")
     c.cli("replication", "sync", "app", host=PRIMARY)
+    verified_equal(pair)
+
+    # The delta waits while another process (a former owner) holds the VM's storage lock.
+    fd = os.open(pair.storage / "app" / "cluster.lock", os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    pair.write("app", 0, 0x24, "5M", "256k")
+    started = time.monotonic()
+    threading.Timer(3, os.close, [fd]).start()  # closing releases the lock
+    c.cli("replication", "sync", "app", host=PRIMARY)
+    assert time.monotonic() - started >= 3
     verified_equal(pair)

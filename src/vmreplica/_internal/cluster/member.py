@@ -23,14 +23,19 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmreplica._internal.cluster.etcd import Etcd, EtcdUnavailable
 from vmreplica._internal.cluster.fence import Fence, Fenced
+from vmreplica._internal.cluster.storage_lock import LOCK_FILE, exclusive_async
 from vmreplica.errors import InvalidState, NotFound
 
 log = logging.getLogger("vmreplica.cluster")
+
+# How long a write waits for the storage lock another node holds (a frozen former owner).
+STORAGE_LOCK_TIMEOUT = 20.0
 
 Hook = Callable[[str], Awaitable[None]]
 
@@ -131,6 +136,13 @@ class Member:
         self.fence.check(what)
         if vm not in self.owned:
             raise Fenced(f"node {self.node} does not own VM {vm}: refusing to {what}")
+
+    @contextlib.asynccontextmanager
+    async def writing(self, vm: str, storage: Path, what: str) -> AsyncIterator[None]:
+        """The storage lock, then the check (the port's `writing`)."""
+        async with exclusive_async(storage / LOCK_FILE, STORAGE_LOCK_TIMEOUT):
+            self.check(vm, what)
+            yield
 
     async def _keepalive(self) -> None:
         while True:

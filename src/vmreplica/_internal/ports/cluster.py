@@ -6,6 +6,8 @@ The engine never reaches etcd itself: the agent gives it this when host.toml has
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Protocol
 
 
@@ -13,6 +15,12 @@ class ClusterPort(Protocol):
     def check(self, vm_id: str, what: str) -> None:
         """Raise (InvalidState) unless this node holds a valid lease and owns `vm_id` now:
         before every write into the VM's replica storage."""
+
+    def writing(self, vm_id: str, storage: Path, what: str) -> AbstractAsyncContextManager[None]:
+        """Hold the VM's storage lock (in `storage`, shared by the nodes), then `check`: for
+        a whole write into the replica storage, so that a node frozen mid-write and fenced
+        meanwhile cannot interleave with the new owner's writes (docs/CLUSTER.md)."""
+        ...
 
     async def adopt(self, vm_id: str) -> None:
         """Register `vm_id` with the cluster and own it (a new replica: the initial placement

@@ -8,9 +8,12 @@ qcow2 of the disk's size. Only then is it journaled and applied (replica/recover
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import AsyncIterable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
+from pathlib import Path
 
 from vmreplica._internal import faults
 from vmreplica._internal.engine.authorization import Authorization
@@ -53,8 +56,7 @@ class Receiver:
     ) -> p.SequenceAnswer:
         row = replica_row(self._ctx, vm_id)
         check_sender(self._ctx, row, authz, peer_names)
-        async with self._ctx.locks.replica(vm_id):
-            self._check_owner(vm_id)
+        async with self._ctx.locks.replica(vm_id), self._owner_writing(row):
             row = replica_row(self._ctx, vm_id)
             check_not_quarantined(self._ctx, row)
             if row.state in (State.FAILED_OVER_WAITING, State.FAILED_OVER):
@@ -115,6 +117,13 @@ class Receiver:
         replica storage (docs/CLUSTER.md, fencing); the primary keeps a refused delta."""
         if self._ctx.cluster is not None:
             self._ctx.cluster.check(vm_id, "apply a delta")
+
+    def _owner_writing(self, row: ReplicationRow) -> AbstractAsyncContextManager[None]:
+        """In a cluster: the VM's storage lock held for the whole stream and apply, and the
+        ownership checked under it."""
+        if self._ctx.cluster is None or not row.storage_dir:
+            return contextlib.nullcontext()
+        return self._ctx.cluster.writing(row.vm_id, Path(row.storage_dir), "apply a delta")
 
 
 def _checker(row: ReplicationRow) -> wire.ManifestCheck:
