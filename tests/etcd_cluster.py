@@ -48,8 +48,8 @@ class EtcdCluster:
     members: list[Member] = field(default_factory=list)
 
     @classmethod
-    def create(cls, size: int = 3) -> EtcdCluster:
-        base = Path(tempfile.mkdtemp(prefix="vmr-etcd-"))
+    def create(cls, size: int = 3, prefix: str = "vmr-etcd-") -> EtcdCluster:
+        base = Path(tempfile.mkdtemp(prefix=prefix))
         c = cls(base)
         for i in range(size):
             name = f"etcd{i}"
