@@ -78,9 +78,37 @@ def test_cluster_commands(stopped_cluster: Cluster, etcd: EtcdCluster) -> None:
     got = c.cli_json("cluster", "get", "--config", config(c, "vmhost3"), "-o", "json")[0]
     assert got["nodes"] == 2 and got["healthy_nodes"] == 2
 
-    # A second agent under a live node's name is refused, and the first one keeps its place.
+    # Settings and authorization entries set on one node are the whole cluster's; the ports
+    # stay each node's own (on loopback, two nodes cannot share one).
+    port1, port3 = c.hosts[REPLICA].replica_port, c.hosts["vmhost3"].replica_port
+    c.cli("server", "set", "--certificate-port", str(port3), host="vmhost3")
+    storage = str(c.base / "shared-storage")
+    c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
+          str(port1), host=REPLICA)  # fmt: skip
+    c.cli("auth", "new", "--allowed-primary", PRIMARY, "--storage-location", storage,
+          "--trust-group", "Production", host=REPLICA)  # fmt: skip
+
+    def settings(host: str) -> tuple[object, ...]:
+        got = c.cli_json("server", "get", "-o", "json", host=host)[0]
+        entries = c.cli_json("auth", "get", "-o", "json", host=host)
+        return (
+            got["replication_enabled"], got["allowed_authentication_type"],
+            got["certificate_authentication_port"],
+            [(e["allowed_primary_server"], e["replica_storage_location"], e["trust_group"])
+             for e in entries],
+        )  # fmt: skip
+
+    entry = [(PRIMARY, storage, "Production")]
+    wait_for(lambda: settings("vmhost3") == (True, "certificate", port3, entry), 15,
+             "the settings on the other node")  # fmt: skip
+    c.cli("auth", "set", "--allowed-primary", PRIMARY, "--trust-group", "Test", host="vmhost3")
+    wait_for(lambda: settings(REPLICA)[3] == [(PRIMARY, storage, "Test")], 15,
+             "the change made on the other node")  # fmt: skip
+    assert settings(REPLICA)[2] == port1
+
+    # Leaving revokes the lease at once: the node is gone from the list.
     c.stop("vmhost3")
-    assert set(nodes(c, REPLICA)) == {REPLICA}  # leaving revokes the lease at once
+    assert set(nodes(c, REPLICA)) == {REPLICA}
     not_a_node = c.cli("cluster", "get", "--config", config(c, PRIMARY), check=False)
     assert not_a_node.returncode == 4 and "is in no cluster" in not_a_node.stderr
 

@@ -16,6 +16,7 @@ import signal
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -123,9 +124,12 @@ class Agent:
             # Only the node holding the replica relationship can serve a VM (docs/CLUSTER.md).
             return ctx.stores.replications.find(vm_id) is not None
 
+        async def settings(snapshot: dict[str, Any]) -> None:
+            await self.engine.cluster_settings.apply(snapshot)
+
         return Member(
             Etcd(cluster.etcd), cluster.name, config.name, address, cluster.lease_ttl,
-            on_fenced=fenced, can_take=can_take,
+            on_fenced=fenced, can_take=can_take, on_settings=settings,
         )  # fmt: skip
 
     async def _join_cluster(self) -> None:
@@ -135,6 +139,9 @@ class Agent:
         if member is None:
             return
         await member.join()
+        snapshot, _ = await member.settings()
+        if snapshot is None:  # the first node: its settings become the cluster's
+            await self.engine.cluster_settings.publish()
         member.start()
         for row in self.engine.ctx.stores.replications.all():
             if row.mode == "Replica" and member.can_take(row.vm_id):

@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmreplica._internal.cluster.etcd import Etcd, EtcdUnavailable
 from vmreplica._internal.cluster.fence import Fence, Fenced
@@ -76,6 +77,7 @@ class Member:
         self, etcd: Etcd, cluster: str, node: str, address: str, ttl: int,
         *, on_acquired: Hook | None = None, on_fenced: Callable[[], Awaitable[None]] | None = None,
         can_take: Callable[[str], bool] = lambda vm: True,
+        on_settings: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:  # fmt: skip
         self.etcd = etcd
         self.cluster = cluster
@@ -89,6 +91,8 @@ class Member:
         self.on_fenced = on_fenced
         # Whether this node can serve a VM (an agent: it has the VM's replica relationship).
         self.can_take = can_take
+        self.on_settings = on_settings
+        self._settings_revision = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._was_valid = False
 
@@ -182,11 +186,36 @@ class Member:
         while True:
             await asyncio.sleep(self.ttl / 4 + random.uniform(0, 0.2) * (1 + len(self.owned)))
             with contextlib.suppress(EtcdUnavailable):
+                await self._follow_settings()
                 await self.refresh()
                 taken = await owners(self.etcd, self.cluster)
                 for vm in await self.registered():
                     if vm not in taken and self.can_take(vm):
                         await self.take(vm)
+
+    async def settings(self) -> tuple[dict[str, Any] | None, int]:
+        """The cluster's replication settings and authorization entries, and their revision."""
+        entry = await self.etcd.get(prefix(self.cluster) + "settings")
+        if entry is None:
+            return None, 0
+        value = json.loads(entry.value)
+        return (value if isinstance(value, dict) else None), entry.mod_revision
+
+    async def publish_settings(self, snapshot: dict[str, Any]) -> None:
+        await self.etcd.put(prefix(self.cluster) + "settings", json.dumps(snapshot).encode())
+
+    async def _follow_settings(self) -> None:
+        snapshot, revision = await self.settings()
+        if snapshot is None or revision == self._settings_revision:
+            return
+        if self.on_settings is not None:
+            try:
+                await self.on_settings(snapshot)
+            except Exception:
+                # Not taken: tried again at the next pass (a storage location not mounted yet).
+                log.exception("cannot apply the cluster's settings")
+                return
+        self._settings_revision = revision
 
     async def refresh(self) -> None:
         """The VMs etcd says this node owns, under its current lease."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ClusterPort(Protocol):
@@ -25,6 +25,9 @@ class ClusterPort(Protocol):
     async def adopt(self, vm_id: str) -> None:
         """Register `vm_id` with the cluster and own it (a new replica: the initial placement
         is the node the primary reached). Raise (InvalidState) if another node owns it."""
+
+    async def publish_settings(self, snapshot: dict[str, Any]) -> None:
+        """Make `snapshot` the cluster's replication settings and authorization entries."""
 
     async def release(self, vm_id: str) -> None:
         """The VM leaves the cluster (its replica was removed)."""
