@@ -58,9 +58,7 @@ async def main() -> None:
         emit("fenced", node=a.node)
 
     etcd = Etcd(a.etcd.split(","), timeout=1)
-    member = Member(
-        etcd, a.cluster, a.node, "127.0.0.1:0", a.ttl, on_acquired=took, on_fenced=fenced
-    )
+    member = Member(etcd, a.cluster, a.node, lambda: "", a.ttl, on_acquired=took, on_fenced=fenced)
     await member.join()
     member.start()
     emit("joined", node=a.node, pid=os.getpid())

@@ -141,6 +141,8 @@ def test_replica_node_applies_only_under_a_valid_lease(cluster: Cluster, etcd: E
     pair.write("app", 0, 0x22, "3M", "256k")
     assert refused()
     assert not pair.equal("app", 0)
+    fenced = [e for e in pair.json("event", "list", host=REPLICA) if e["kind"] == "cluster-fenced"]
+    assert len(fenced) == 1 and "lost its lease of cluster r" in str(fenced[0]["message"])
 
     etcd.start(etcd.members[0])
     etcd.start(etcd.members[1])

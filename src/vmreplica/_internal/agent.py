@@ -40,7 +40,7 @@ from vmreplica._internal.engine.services import build as build_engine
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.store.stores import Stores
 from vmreplica._internal.systemd import Notifier
-from vmreplica._internal.transport.peer import KERBEROS
+from vmreplica._internal.transport.peer import CERTIFICATE, KERBEROS
 from vmreplica.errors import ConnectionFailed, StorageError, VmrError
 
 log = logging.getLogger("vmreplica.agent")
@@ -110,7 +110,11 @@ class Agent:
         cluster = config.cluster
         if cluster is None:
             return None
-        address = "{}:{}".format(*config.mgmt_listen)
+
+        def address() -> str:
+            # Where a primary reaches this node's replication listener: a redirect names it.
+            port = self._own_port(CERTIFICATE)
+            return f"{config.mgmt_listen[0]}:{port}" if port else ""
 
         async def fenced() -> None:
             self.events.record(

@@ -74,7 +74,7 @@ async def owners(etcd: Etcd, cluster: str) -> dict[str, str]:
 
 class Member:
     def __init__(
-        self, etcd: Etcd, cluster: str, node: str, address: str, ttl: int,
+        self, etcd: Etcd, cluster: str, node: str, address: Callable[[], str], ttl: int,
         *, on_acquired: Hook | None = None, on_fenced: Callable[[], Awaitable[None]] | None = None,
         can_take: Callable[[str], bool] = lambda vm: True,
         on_settings: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
@@ -82,7 +82,10 @@ class Member:
         self.etcd = etcd
         self.cluster = cluster
         self.node = node
+        # Where this node's replication listener is, "HOST:PORT" ("" when it does not listen):
+        # read again on every placement pass, since `server set` may change the port.
         self.address = address
+        self._published_address = ""
         self.ttl = ttl
         self.fence = Fence(node)
         self.lease = 0
@@ -105,11 +108,13 @@ class Member:
             raise NotFound(f"no cluster {self.cluster} in etcd at {', '.join(self.etcd.endpoints)}")
         sent = time.monotonic()
         lease = await self.etcd.grant(self.ttl)
-        body = json.dumps({"address": self.address}).encode()
+        address = self.address()
+        body = json.dumps({"address": address}).encode()
         if not await self.etcd.create(self._key("nodes", self.node), body, lease):
             await self.etcd.revoke(lease)
             raise InvalidState(f"node {self.node} is already a live member of {self.cluster}")
         self.lease = lease
+        self._published_address = address
         self.owned = set()
         self.fence.renewed(sent, self.ttl)
         self._was_valid = True
@@ -186,12 +191,33 @@ class Member:
         while True:
             await asyncio.sleep(self.ttl / 4 + random.uniform(0, 0.2) * (1 + len(self.owned)))
             with contextlib.suppress(EtcdUnavailable):
+                await self._publish_address()
                 await self._follow_settings()
                 await self.refresh()
                 taken = await owners(self.etcd, self.cluster)
                 for vm in await self.registered():
                     if vm not in taken and self.can_take(vm):
                         await self.take(vm)
+
+    async def _publish_address(self) -> None:
+        address = self.address()
+        if address != self._published_address and self.fence.valid:
+            body = json.dumps({"address": address}).encode()
+            await self.etcd.put(self._key("nodes", self.node), body, self.lease)
+            self._published_address = address
+
+    async def owner_address(self, vm: str) -> tuple[str, str, int] | None:
+        """The port's `owner_address`: another live node that owns `vm` and listens."""
+        owner = await self.owner(vm)
+        if owner is None or owner == self.node:
+            return None
+        entry = await self.etcd.get(self._key("nodes", owner))
+        if entry is None:
+            return None
+        host, _, port = str(json.loads(entry.value).get("address", "")).rpartition(":")
+        if not host or not port.isdigit() or int(port) == 0:
+            return None
+        return owner, host, int(port)
 
     async def settings(self) -> tuple[dict[str, Any] | None, int]:
         """The cluster's replication settings and authorization entries, and their revision."""

@@ -26,6 +26,10 @@ class ClusterPort(Protocol):
         """Register `vm_id` with the cluster and own it (a new replica: the initial placement
         is the node the primary reached). Raise (InvalidState) if another node owns it."""
 
+    async def owner_address(self, vm_id: str) -> tuple[str, str, int] | None:
+        """The node owning `vm_id` and its replication listener (address, port), if another
+        node of the cluster owns it and listens; None otherwise."""
+
     async def publish_settings(self, snapshot: dict[str, Any]) -> None:
         """Make `snapshot` the cluster's replication settings and authorization entries."""
 

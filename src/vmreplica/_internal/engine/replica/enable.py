@@ -21,6 +21,7 @@ from vmreplica._internal.engine.replica.common import (
     REPLICA,
     chain_dir,
     check_sender,
+    redirect_if_elsewhere,
     register_replica,
     replica_row,
     staging_dir,
@@ -157,6 +158,7 @@ class ReplicaLifecycle:
     async def status(
         self, authz: Authorization, peer_names: list[str], req: p.StatusRequest
     ) -> p.StatusAnswer:
+        await redirect_if_elsewhere(self._ctx, req.vm_id)
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         if req.settings is not None:

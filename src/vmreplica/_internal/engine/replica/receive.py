@@ -23,6 +23,7 @@ from vmreplica._internal.engine.replica.common import (
     chains,
     check_not_quarantined,
     check_sender,
+    redirect_if_elsewhere,
     replica_row,
     staging_dir,
 )
@@ -54,6 +55,7 @@ class Receiver:
         chunks: AsyncIterable[bytes],
         resume: tuple[int, int] | None = None,
     ) -> p.SequenceAnswer:
+        await redirect_if_elsewhere(self._ctx, vm_id)
         row = replica_row(self._ctx, vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(vm_id), self._owner_writing(row):

@@ -1,0 +1,127 @@
+"""The data path's redirect (transport/redirect.py): a primary replicates to the cluster's name,
+the name moves to a node that does not own the VM, and that node sends the primary to the owner.
+
+The cluster's name is a TCP proxy standing in for a floating address (or DNS round-robin): on
+loopback every node listens on 127.0.0.1 with a port of its own, so "the name moves" is the
+proxy switching its target. Both replica nodes' certificates carry the name `broker.test`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import tomllib
+from collections.abc import Iterator
+
+import pytest
+import tomli_w
+
+from tests.etcd_cluster import EtcdCluster
+from tests.integration.replication_env import PRIMARY, REPLICA, Pair, verified_equal, wait_for
+from tests.localcluster import Cluster, free_port
+from vmreplica._internal import certs
+
+BROKER = "broker.test"
+OTHER = "vmhost3"
+
+
+class Proxy:
+    """Forwards every connection to `target` (switchable) on 127.0.0.1; counts connections."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.connections = 0
+        self.port = free_port()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdCluster]:
+    c = EtcdCluster.create()
+    try:
+        c.start()
+        c.wait_healthy()
+        yield c
+    finally:
+        c.close()
+
+
+def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
+    stopped_cluster: Cluster, etcd: EtcdCluster
+) -> None:
+    c = stopped_cluster
+    for node in (REPLICA, OTHER):
+        certs.issue(c.ca_dir, [node, BROKER], c.hosts[node].dir / "tls")
+    primary = tomllib.loads(c.hosts[PRIMARY].config.read_text())
+    primary["resolve"][BROKER] = "127.0.0.1"
+    c.hosts[PRIMARY].config.write_text(tomli_w.dumps(primary))
+    member = ("--name", "r", "--etcd", etcd.endpoints_arg, "--lease-ttl", "3")
+    c.cli("cluster", "init", "--config", str(c.hosts[REPLICA].config), *member)
+    c.cli("cluster", "join", "--config", str(c.hosts[OTHER].config), *member)
+    c.start_all()
+
+    port1, port3 = c.hosts[REPLICA].replica_port, c.hosts[OTHER].replica_port
+    c.cli("server", "set", "--certificate-port", str(port3), host=OTHER)
+    c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
+          str(port1), host=REPLICA)  # fmt: skip
+    storage = c.base / "shared-storage"
+    c.cli("auth", "new", "--allowed-primary", PRIMARY, "--storage-location", str(storage),
+          "--trust-group", "Production", host=REPLICA)  # fmt: skip
+    wait_for(lambda: bool(c.cli_json("auth", "get", "-o", "json", host=OTHER)), 15,
+             "the entry on the other node")  # fmt: skip
+    wait_for(
+        lambda: c.cli_json("server", "get", "-o", "json", host=OTHER)[0]["replication_enabled"],
+        15, "the other node listening",
+    )  # fmt: skip
+
+    proxy = Proxy(port1)
+    try:
+        pair = Pair(c, proxy.port, storage)
+        c.cli("vm", "new", "app", "--disk", "64M", host=PRIMARY)
+        c.cli("vm", "start", "app", host=PRIMARY)
+        pair.write("app", 0, 0x11, "0", "1M")
+        c.cli("replication", "enable", "app", "--replica-server", BROKER, "--replica-port",
+              str(proxy.port), "--auth", "certificate", host=PRIMARY)  # fmt: skip
+        pair.start("app")
+        verified_equal(pair)
+
+        # The name moves to the node that does not own the VM: one redirect, then the owner.
+        proxy.target = port3
+        pair.write("app", 0, 0x22, "2M", "256k")
+        before = proxy.connections
+        c.cli("replication", "sync", "app", host=PRIMARY)
+        verified_equal(pair)
+        assert proxy.connections == before + 1
+        assert c.cli_json("vm", "list", "-o", "json", host=OTHER) == []
+
+        # Remembered: the next cycles go to the owner straight away.
+        pair.write("app", 0, 0x33, "3M", "256k")
+        c.cli("replication", "sync", "app", host=PRIMARY)
+        verified_equal(pair)
+        assert proxy.connections == before + 1
+    finally:
+        proxy.close()
