@@ -13,6 +13,7 @@ import socket
 import threading
 import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -74,14 +75,24 @@ def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
     stopped_cluster: Cluster, etcd: EtcdCluster
 ) -> None:
     c = stopped_cluster
-    for node in (REPLICA, OTHER):
-        certs.issue(c.ca_dir, [node, BROKER], c.hosts[node].dir / "tls")
     primary = tomllib.loads(c.hosts[PRIMARY].config.read_text())
     primary["resolve"][BROKER] = "127.0.0.1"
     c.hosts[PRIMARY].config.write_text(tomli_w.dumps(primary))
     member = ("--name", "r", "--etcd", etcd.endpoints_arg, "--lease-ttl", "3")
     c.cli("cluster", "init", "--config", str(c.hosts[REPLICA].config), *member)
     c.cli("cluster", "join", "--config", str(c.hosts[OTHER].config), *member)
+
+    # The broker's name: recorded once, each node's certificate issued for it.
+    config1, config3 = str(c.hosts[REPLICA].config), str(c.hosts[OTHER].config)
+    warned = c.cli("cluster", "broker", "add", "--config", config3, "--name", BROKER)
+    assert f"does not carry {BROKER}" in warned.stderr
+    other = c.cli("cluster", "broker", "add", "--config", config3, "--name", "b2.test", check=False)
+    assert other.returncode == 4 and f"already has the broker name {BROKER}" in other.stderr
+    for config in (config1, config3):
+        info = c.cli_json("cluster", "broker", "add", "--config", config, "--name", BROKER,
+                          "--ca", str(c.ca_dir), "-o", "json")[0]  # fmt: skip
+        assert info["broker"] == BROKER
+        assert BROKER in certs.cert_dns_names(Path(config).parent / "tls" / "cert.pem")
     c.start_all()
 
     port1, port3 = c.hosts[REPLICA].replica_port, c.hosts[OTHER].replica_port

@@ -30,7 +30,7 @@ from vmreplica._internal.api.mgmt import make_app
 from vmreplica._internal.api.peer_routes import peer_routes
 from vmreplica._internal.certs import server_ssl_context
 from vmreplica._internal.cluster.etcd import Etcd
-from vmreplica._internal.cluster.member import Member
+from vmreplica._internal.cluster.member import Member, cluster_config
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.drivers.qemu.driver import QemuDriver
 from vmreplica._internal.engine.context import Context
@@ -151,6 +151,14 @@ class Agent:
             if row.mode == "Replica" and member.can_take(row.vm_id):
                 await member.register(row.vm_id, {})
                 await member.take(row.vm_id)
+        broker = (await cluster_config(member.etcd, member.cluster)).get("broker")
+        if broker and broker not in certs.cert_dns_names(self.config.tls.cert):
+            self.events.record(
+                "cluster-broker-certificate",
+                f"this node's certificate does not carry the broker name {broker}: primaries "
+                "replicating to it refuse this node (`vmreplica cluster broker add --ca`)",
+                level="warning",
+            )
         self.events.record(
             "cluster-joined",
             f"node {self.config.name} joined cluster {member.cluster} (lease {member.ttl} s, "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import shutil
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import TypeVar
 
 import click
 
+from vmreplica._internal import certs
+from vmreplica._internal.certs import check_dns_name
 from vmreplica._internal.cli.output import output_options, render
 from vmreplica._internal.cluster import member
 from vmreplica._internal.cluster.etcd import Etcd
@@ -138,6 +142,54 @@ def node_list_cmd(config_path: Path, output: str, properties: str | None) -> Non
         ]
 
     render(_run(settings, fetch), ClusterNode, output, properties)
+
+
+@group.group("broker")
+def broker_group() -> None:
+    """The cluster's Replica Broker name (its client access point)."""
+
+
+@broker_group.command("add")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="The host.toml of a node of the cluster.")  # fmt: skip
+@click.option("--name", "cap", required=True, help="The broker's name (FQDN) primaries use.")
+@click.option("--ca", "ca_dir", type=click.Path(path_type=Path),
+              help="CA directory: issue this node's certificate for its name and the broker's.")  # fmt: skip
+@output_options
+def broker_add_cmd(
+    config_path: Path, cap: str, ca_dir: Path | None, output: str, properties: str | None
+) -> None:
+    """Give the cluster its broker name; run it on every node (with --ca, or issue each node a
+    certificate carrying both names), then restart the node's agent."""
+    config = load_host_config(config_path)
+    settings = _settings(config_path)
+    cap = check_dns_name(cap.lower())
+
+    async def record(etcd: Etcd) -> None:
+        current = await member.cluster_config(etcd, settings.name)
+        broker = current.get("broker")
+        if broker and broker != cap:
+            raise InvalidState(f"cluster {settings.name} already has the broker name {broker}")
+        if broker != cap:
+            await member.set_cluster_config(etcd, settings.name, current | {"broker": cap})
+
+    _run(settings, record)
+    if ca_dir is not None:
+        # Issued beside the node's files, then moved over them: the agent reads them at start.
+        tls = config.tls
+        staging = tls.cert.parent / ".broker-issue"
+        issued = certs.issue(ca_dir, [config.name, cap], staging)
+        os.replace(issued.key, tls.key)
+        os.replace(issued.cert, tls.cert)
+        shutil.rmtree(staging, ignore_errors=True)
+    elif cap not in certs.cert_dns_names(config.tls.cert):
+        click.echo(
+            f"vmreplica: warning: {config.tls.cert} does not carry {cap}: primaries that "
+            f"replicate to {cap} will refuse this node (issue it with --ca, or `vmreplica cert "
+            f"issue --name {config.name} --name {cap}`)",
+            err=True,
+        )
+    render([_info(settings)], ClusterInfo, output, properties)
 
 
 def _info(settings: ClusterSettings) -> ClusterInfo:
