@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -161,6 +162,18 @@ def test_replica_node_applies_only_under_a_valid_lease(cluster: Cluster, etcd: E
     pair.write("app", 0, 0x23, "4M", "256k")
     c.cli("replication", "sync", "app", host=PRIMARY)
     verified_equal(pair)
+
+    # Paused past its lease (SIGSTOP): on SIGCONT the node finds its lease gone, fenced, joins
+    # again with a new lease and takes back the VM nobody else can serve; cycles go on.
+    agent = c.hosts[REPLICA].process
+    assert agent is not None
+    os.kill(agent.pid, signal.SIGSTOP)
+    time.sleep(int(TTL) + 2)
+    os.kill(agent.pid, signal.SIGCONT)
+    pair.write("app", 0, 0x25, "6M", "256k")
+    wait_for(applied, 30, "deltas applied after the pause")
+    verified_equal(pair)
+    assert nodes(c, REPLICA)[REPLICA]["owned_vms"] == [vm_id]
 
     # The delta waits while another process (a former owner) holds the VM's storage lock.
     fd = os.open(pair.storage / "app" / "cluster.lock", os.O_RDWR)

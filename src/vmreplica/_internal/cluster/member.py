@@ -190,14 +190,20 @@ class Member:
         them, weighted by how many VMs this node owns already."""
         while True:
             await asyncio.sleep(self.ttl / 4 + random.uniform(0, 0.2) * (1 + len(self.owned)))
-            with contextlib.suppress(EtcdUnavailable):
+            try:
                 await self._publish_address()
                 await self._follow_settings()
                 await self.refresh()
+                if not self.fence.valid:
+                    continue  # fenced: nothing to take until the lease is back
                 taken = await owners(self.etcd, self.cluster)
                 for vm in await self.registered():
                     if vm not in taken and self.can_take(vm):
                         await self.take(vm)
+            except Exception as e:
+                # The loop must outlive any one pass (a lease lost between the check and the
+                # take, etcd gone): the next pass tries again.
+                log.warning("cluster placement pass failed: %s", e)
 
     async def _publish_address(self) -> None:
         address = self.address()
