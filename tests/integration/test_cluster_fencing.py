@@ -25,6 +25,8 @@ import pytest
 from tests.etcd_cluster import EtcdCluster
 from vmreplica._internal.cluster import member
 from vmreplica._internal.cluster.etcd import Etcd
+from vmreplica._internal.cluster.fence import Fenced
+from vmreplica.errors import NotFound
 
 T = TypeVar("T")
 TTL = 3
@@ -202,3 +204,31 @@ def test_etcd_member_losses(nodes: Nodes) -> None:
     assert all(n == owner for n, _ in nodes.records("vm1"))
     contiguous(nodes.records("vm1"))
     assert not [e for n in nodes.procs for e in nodes.events(n, "took") if n != owner]
+
+
+def test_a_planned_move_hands_the_vm_to_the_target_under_its_lease(etcd: EtcdCluster) -> None:
+    async def scenario(e: Etcd) -> None:
+        await member.create_cluster(e, "c", {"name": "c"})
+        n1 = member.Member(e, "c", "n1", lambda: "", 10)  # no keepalive loop: a long lease
+        n2 = member.Member(e, "c", "n2", lambda: "", 10)
+        await n1.join()
+        await n2.join()
+        await n1.adopt("vm1")
+        with pytest.raises(Fenced, match="owned by node n1"):
+            await n2.adopt("vm1")
+        with pytest.raises(Fenced, match="does not own VM vm1"):
+            await n2.move("vm1", "n1")
+        with pytest.raises(NotFound, match="node n9 is not a live member"):
+            await n1.move("vm1", "n9")
+        await n1.move("vm1", "n2")
+        with pytest.raises(Fenced, match="does not own VM vm1"):
+            n1.check("vm1", "apply a delta")
+        await n2.refresh()
+        n2.check("vm1", "apply a delta")
+        assert await n1.owner("vm1") == "n2"
+        # Bound to n2's lease: n2 leaving frees it at once.
+        await n2.stop()
+        assert await n1.owner("vm1") is None
+        await n1.stop()
+
+    run(scenario, etcd)
