@@ -213,9 +213,9 @@ def test_a_planned_move_hands_the_vm_to_the_target_under_its_lease(etcd: EtcdClu
         n2 = member.Member(e, "c", "n2", lambda: "", 10)
         await n1.join()
         await n2.join()
-        await n1.adopt("vm1")
+        await n1.adopt("vm1", Path("/nonexistent"))
         with pytest.raises(Fenced, match="owned by node n1"):
-            await n2.adopt("vm1")
+            await n2.adopt("vm1", Path("/nonexistent"))
         with pytest.raises(Fenced, match="does not own VM vm1"):
             await n2.move("vm1", "n1")
         with pytest.raises(NotFound, match="node n9 is not a live member"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,5 +135,32 @@ def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
         c.cli("replication", "sync", "app", host=PRIMARY)
         verified_equal(pair)
         assert proxy.connections == before + 1
+
+        # The owner dies (kill -9): the other node takes the VM over from the shared storage
+        # once the lease expired, and the name, which leads to it, serves the primary again.
+        vm_id = str(c.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"])
+        agent = c.hosts[REPLICA].process
+        assert agent is not None
+        agent.kill()
+        agent.wait()
+        c.hosts[REPLICA].process = None
+        killed = time.monotonic()
+        wait_for(lambda: owned(c, OTHER) == [vm_id], 20, "the takeover")
+        took = time.monotonic() - killed
+        assert took < 3 + 3 / 4 + 2, took
+        pair.write("app", 0, 0x44, "4M", "256k")
+        c.cli("replication", "sync", "app", host=PRIMARY)
+        verified_equal(pair)
+        taken = pair.replication("app", OTHER)
+        assert taken["state"] == "Replicating" and taken["mode"] == "Replica"
+        events = [e["kind"] for e in c.cli_json("event", "list", "-o", "json", host=OTHER)]
+        assert "replica-taken-over" in events
     finally:
         proxy.close()
+
+
+def owned(c: Cluster, node: str) -> list[str]:
+    rows = c.cli_json(
+        "cluster", "node", "list", "--config", str(c.hosts[node].config), "-o", "json"
+    )
+    return [vm for r in rows if r["name"] == node for vm in r["owned_vms"]]

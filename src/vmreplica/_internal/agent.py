@@ -36,6 +36,7 @@ from vmreplica._internal.drivers.qemu.driver import QemuDriver
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import EventLog
 from vmreplica._internal.engine.journal import Journal
+from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.services import build as build_engine
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.store.stores import Stores
@@ -124,16 +125,29 @@ class Agent:
                 level="warning",
             )
 
-        def can_take(vm_id: str) -> bool:
-            # Only the node holding the replica relationship can serve a VM (docs/CLUSTER.md).
-            return ctx.stores.replications.find(vm_id) is not None
+        def can_take(vm_id: str, info: dict[str, Any]) -> bool:
+            # A VM whose relationship this node holds, or whose facts lie in one of this
+            # node's storage locations (the shared storage; engine/replica/handoff.py).
+            if ctx.stores.replications.find(vm_id) is not None:
+                return True
+            storage = info.get("storage")
+            if not isinstance(storage, str):
+                return False
+            path = Path(storage)
+            return path.parent in self._storage_locations() and (path / handoff.FILE).exists()
+
+        async def acquired(vm_id: str) -> None:
+            assert self.member is not None
+            storage = self.member.registry.get(vm_id, {}).get("storage")
+            if isinstance(storage, str):
+                await handoff.take_over(ctx, self.engine.vms, vm_id, Path(storage))
 
         async def settings(snapshot: dict[str, Any]) -> None:
             await self.engine.cluster_settings.apply(snapshot)
 
         return Member(
             Etcd(cluster.etcd), cluster.name, config.name, address, cluster.lease_ttl,
-            on_fenced=fenced, can_take=can_take, on_settings=settings,
+            on_fenced=fenced, can_take=can_take, on_settings=settings, on_acquired=acquired,
         )  # fmt: skip
 
     async def _join_cluster(self) -> None:
@@ -148,8 +162,8 @@ class Agent:
             await self.engine.cluster_settings.publish()
         member.start()
         for row in self.engine.ctx.stores.replications.all():
-            if row.mode == "Replica" and member.can_take(row.vm_id):
-                await member.register(row.vm_id, {})
+            if row.mode == "Replica" and row.storage_dir:
+                await member.register(row.vm_id, {"storage": row.storage_dir})
                 await member.take(row.vm_id)
         broker = (await cluster_config(member.etcd, member.cluster)).get("broker")
         if broker and broker not in certs.cert_dns_names(self.config.tls.cert):
@@ -164,6 +178,13 @@ class Agent:
             f"node {self.config.name} joined cluster {member.cluster} (lease {member.ttl} s, "
             f"owns {len(member.owned)} VM(s))",
         )
+
+    def _storage_locations(self) -> set[Path]:
+        settings = self.engine.server.get()
+        locations = {Path(e.replica_storage_location) for e in self.engine.auth.auth_list()}
+        if settings.default_storage_location:
+            locations.add(Path(settings.default_storage_location))
+        return locations
 
     def _own_port(self, auth: str) -> int | None:
         settings = self.engine.server.get()

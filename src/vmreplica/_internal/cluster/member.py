@@ -76,7 +76,7 @@ class Member:
     def __init__(
         self, etcd: Etcd, cluster: str, node: str, address: Callable[[], str], ttl: int,
         *, on_acquired: Hook | None = None, on_fenced: Callable[[], Awaitable[None]] | None = None,
-        can_take: Callable[[str], bool] = lambda vm: True,
+        can_take: Callable[[str, dict[str, Any]], bool] = lambda vm, info: True,
         on_settings: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:  # fmt: skip
         self.etcd = etcd
@@ -95,6 +95,7 @@ class Member:
         # Whether this node can serve a VM (an agent: it has the VM's replica relationship).
         self.can_take = can_take
         self.on_settings = on_settings
+        self.registry: dict[str, dict[str, Any]] = {}
         self._settings_revision = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._was_valid = False
@@ -197,8 +198,8 @@ class Member:
                 if not self.fence.valid:
                     continue  # fenced: nothing to take until the lease is back
                 taken = await owners(self.etcd, self.cluster)
-                for vm in await self.registered():
-                    if vm not in taken and self.can_take(vm):
+                for vm, info in (await self.registered()).items():
+                    if vm not in taken and self.can_take(vm, info):
                         await self.take(vm)
             except Exception as e:
                 # The loop must outlive any one pass (a lease lost between the check and the
@@ -213,7 +214,14 @@ class Member:
             self._published_address = address
 
     async def owner_address(self, vm: str) -> tuple[str, str, int] | None:
-        """The port's `owner_address`: another live node that owns `vm` and listens."""
+        """The port's `owner_address`: another live node that owns `vm` and listens (None
+        also when etcd does not answer: the caller's own ownership check decides then)."""
+        try:
+            return await self._owner_address(vm)
+        except EtcdUnavailable:
+            return None
+
+    async def _owner_address(self, vm: str) -> tuple[str, str, int] | None:
         owner = await self.owner(vm)
         if owner is None or owner == self.node:
             return None
@@ -267,8 +275,16 @@ class Member:
             if self.on_acquired is not None:
                 await self.on_acquired(vm)
 
-    async def registered(self) -> list[str]:
-        return [e.key.rsplit("/", 1)[1] for e in await self.etcd.get_prefix(self._key("vms", ""))]
+    async def registered(self) -> dict[str, dict[str, Any]]:
+        """The registry: each VM the cluster keeps owned, and what a node needs to serve it
+        (`storage`: its replica storage directory, shared by the nodes)."""
+        entries = await self.etcd.get_prefix(self._key("vms", ""))
+        out = {}
+        for e in entries:
+            info = json.loads(e.value)
+            out[e.key.rsplit("/", 1)[1]] = info if isinstance(info, dict) else {}
+        self.registry = out
+        return out
 
     async def register(self, vm: str, info: dict[str, str]) -> None:
         await self.etcd.put(self._key("vms", vm), json.dumps(info).encode())
@@ -298,9 +314,9 @@ class Member:
         if not await self.etcd.replace(current.key, current, to.encode(), target.lease):
             raise Fenced(f"VM {vm} changed owner during the move")
 
-    async def adopt(self, vm: str) -> None:
+    async def adopt(self, vm: str, storage: Path) -> None:
         """Register `vm` and own it, unless another node does (the port's `adopt`)."""
-        await self.register(vm, {})
+        await self.register(vm, {"storage": str(storage)})
         if vm in self.owned or await self.take(vm):
             return
         raise Fenced(f"VM {vm} is owned by node {await self.owner(vm)} of {self.cluster}")

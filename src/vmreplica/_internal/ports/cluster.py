@@ -22,7 +22,7 @@ class ClusterPort(Protocol):
         meanwhile cannot interleave with the new owner's writes (docs/CLUSTER.md)."""
         ...
 
-    async def adopt(self, vm_id: str) -> None:
+    async def adopt(self, vm_id: str, storage: Path) -> None:
         """Register `vm_id` with the cluster and own it (a new replica: the initial placement
         is the node the primary reached). Raise (InvalidState) if another node owns it."""
 

@@ -102,10 +102,13 @@ def check_not_quarantined(ctx: Context, row: ReplicationRow) -> None:
 
 
 async def redirect_if_elsewhere(ctx: Context, vm_id: str) -> None:
-    """In a cluster, a request for a VM this node does not hold, which another node owns: a
-    redirect naming that node (transport/redirect.py) instead of "no such VM"."""
-    if ctx.cluster is None or ctx.stores.replications.find(vm_id) is not None:
+    """In a cluster, a request for a VM another node owns: a redirect naming that node
+    (transport/redirect.py). A node that holds the VM's relationship but does not own it (a
+    former owner) refuses: its facts may be older than the shared storage's."""
+    if ctx.cluster is None:
         return
     owner = await ctx.cluster.owner_address(vm_id)
     if owner is not None:
         raise Misdirected(vm_id, *owner)
+    if ctx.stores.replications.find(vm_id) is not None:
+        ctx.cluster.check(vm_id, "answer for this VM")

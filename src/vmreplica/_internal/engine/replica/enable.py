@@ -78,7 +78,7 @@ class ReplicaLifecycle:
         if self._ctx.cluster is not None:
             # In a cluster the replica belongs to the node the primary reached (the initial
             # placement), which refuses if another node of the cluster owns that VM id.
-            await self._ctx.cluster.adopt(req.vm_id)
+            await self._ctx.cluster.adopt(req.vm_id, storage)
         try:
             tips = [
                 (await self._ctx.driver.create_chain(chain_dir(storage, n), size)).tip

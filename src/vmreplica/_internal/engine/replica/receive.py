@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import AsyncIterable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterable, AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from vmreplica._internal import faults
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.apply import Applier
 from vmreplica._internal.engine.replica.common import (
     chains,
@@ -120,12 +120,17 @@ class Receiver:
         if self._ctx.cluster is not None:
             self._ctx.cluster.check(vm_id, "apply a delta")
 
-    def _owner_writing(self, row: ReplicationRow) -> AbstractAsyncContextManager[None]:
+    @contextlib.asynccontextmanager
+    async def _owner_writing(self, row: ReplicationRow) -> AsyncIterator[None]:
         """In a cluster: the VM's storage lock held for the whole stream and apply, and the
-        ownership checked under it."""
+        ownership checked under it; after an apply, the facts written beside the chains
+        (handoff.py) before the lock is released."""
         if self._ctx.cluster is None or not row.storage_dir:
-            return contextlib.nullcontext()
-        return self._ctx.cluster.writing(row.vm_id, Path(row.storage_dir), "apply a delta")
+            yield
+            return
+        async with self._ctx.cluster.writing(row.vm_id, Path(row.storage_dir), "apply a delta"):
+            yield
+            handoff.export(self._ctx, row.vm_id)
 
 
 def _checker(row: ReplicationRow) -> wire.ManifestCheck:
