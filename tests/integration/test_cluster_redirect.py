@@ -155,6 +155,26 @@ def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
         assert taken["state"] == "Replicating" and taken["mode"] == "Replica"
         events = [e["kind"] for e in c.cli_json("event", "list", "-o", "json", host=OTHER)]
         assert "replica-taken-over" in events
+
+        # The former owner comes back with its old rows: it does not own the VM, so it sends
+        # a primary to the owner and refuses to fail over. When the owner dies in turn, it
+        # takes the VM back with the shared storage's facts, not its own older ones.
+        c.start(REPLICA)
+        refused = c.cli("failover", "start", "app", "--force", host=REPLICA, check=False)
+        assert refused.returncode == 4 and "refusing to fail over" in refused.stderr, refused
+        proxy.target = port1
+        pair.write("app", 0, 0x55, "5M", "256k")
+        c.cli("replication", "sync", "app", host=PRIMARY)
+        verified_equal(pair)
+        agent = c.hosts[OTHER].process
+        assert agent is not None
+        agent.kill()
+        agent.wait()
+        c.hosts[OTHER].process = None
+        wait_for(lambda: owned(c, REPLICA) == [vm_id], 20, "the takeover back")
+        pair.write("app", 0, 0x66, "6M", "256k")
+        c.cli("replication", "sync", "app", host=PRIMARY)
+        verified_equal(pair)
     finally:
         proxy.close()
 

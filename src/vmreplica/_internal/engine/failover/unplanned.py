@@ -24,6 +24,10 @@ class Failover(FailoverBase):
         self._ctx.journal.register("failover", self._roll_back)
 
     async def start(self, row: ReplicationRow, point: str | None, force: bool) -> ReplicationRow:
+        if self._ctx.cluster is not None:
+            # In a cluster only the owning node fails over (and so runs the VM): another
+            # node's facts may be older than the shared storage (docs/CLUSTER.md).
+            self._ctx.cluster.check(row.vm_id, "fail over this replica VM")
         if row.state != State.RESYNCHRONIZING:
             allows(row, Command.FAIL_OVER)
         primary_check = await self._split_brain_guard(row, force)

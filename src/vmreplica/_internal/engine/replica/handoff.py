@@ -68,24 +68,29 @@ def exported(storage: Path) -> dict[str, Any] | None:
 
 
 async def take_over(ctx: Context, vms: VmService, vm_id: str, storage: Path) -> bool:
-    """This node now owns `vm_id`: hold its relationship, from the shared storage if need be.
-    False when there is nothing to take (no file: the VM never finished its enable)."""
-    if ctx.stores.replications.find(vm_id) is not None:
-        return True
+    """This node now owns `vm_id`: hold its relationship as the shared storage has it. The file
+    wins over this node's own rows, which are older when this node owned the VM before another
+    one did. False when there is nothing to take (no file: the VM never finished its enable),
+    and then this node's own rows, if any, stand."""
     facts = exported(storage)
     if facts is None or facts["vm"]["id"] != vm_id:
-        return False
+        return ctx.stores.replications.find(vm_id) is not None
     v, r = facts["vm"], dict(facts["replication"])
+    local = ctx.stores.replications.find(vm_id)
+    if local is not None and (local.sequence, local.state) == (r["sequence"], r["state"]):
+        return True  # this node's rows are the file's: keep them (and their cycle history)
     r["settings"] = Settings(**r["settings"])
     r["disks"] = tuple(r["disks"])
     # This node is the replica server now (a reverse replication calls it back).
     row = ReplicationRow(**(r | {"replica_server": ctx.host}))
     async with ctx.locks.replica(vm_id):
         with ctx.stores.db.tx() as tx:
-            vms.register(
-                tx, v["id"], v["name"], v["cpus"], v["memory_mb"], Path(v["vm_dir"]),
-                [Path(d) for d in v["disks"]], v["kernel"], v["initrd"], v["append"],
-            )  # fmt: skip
+            if ctx.stores.vms.by_id(vm_id) is None:
+                vms.register(
+                    tx, v["id"], v["name"], v["cpus"], v["memory_mb"], Path(v["vm_dir"]),
+                    [Path(d) for d in v["disks"]], v["kernel"], v["initrd"], v["append"],
+                )  # fmt: skip
+            ctx.stores.replications.delete(tx, vm_id)  # with its points and cycles
             ctx.stores.replications.insert(tx, row)
             for p in facts["points"]:
                 ctx.stores.points.add(tx, vm_id, p["id"], p["creation_time"], p["kind"])
