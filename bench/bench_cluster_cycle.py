@@ -1,7 +1,12 @@
 """The broker's cost on one cycle: `replication sync` of a VM replicating to the cluster's name
 versus one replicating straight to the owning node, in the same run.
 
-Run: ``.venv/bin/python bench/bench_cluster_cycle.py [--rounds 7]``.
+Run: ``.venv/bin/python bench/bench_cluster_cycle.py [--rounds 7] [--takeovers 10] [--ttl 10]``.
+
+Second part, with real agents: kill -9 of the agent owning the replica of `broker`, 10 times,
+alternating nodes (the killed agent is started again after each run): the time until the other
+node owns the VM in etcd, and until a `replication sync` through the name succeeds (the proxy is
+pointed at the survivor first, as a floating address would move).
 
 Three agents on loopback: vmhost2 the primary, vmhost1 and vmhost3 nodes of a replica cluster on
 a real 3-member etcd, with the broker name `broker.test` (each node's certificate issued for it
@@ -16,9 +21,11 @@ include the CLI's start-up, like the baseline `vm get`.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import statistics
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 
@@ -34,9 +41,54 @@ from benchlib import (
 
 from tests.etcd_cluster import EtcdCluster
 from tests.localcluster import Cluster
+from vmreplica._internal.cluster import member
+from vmreplica._internal.cluster.etcd import Etcd
 
 PRIMARY, NODE1, NODE3 = "vmhost2", "vmhost1", "vmhost3"
 BROKER = "broker.test"
+
+
+def owner_of(etcd: EtcdCluster, vm_id: str) -> str | None:
+    async def ask() -> str | None:
+        client = Etcd(etcd.endpoints, timeout=1)
+        try:
+            return (await member.owners(client, "bench")).get(vm_id)
+        finally:
+            await client.close()
+
+    return asyncio.run(ask())
+
+
+def kill_owners(c: Cluster, etcd: EtcdCluster, disk: Path, runs: int) -> list[tuple[float, float]]:
+    """kill -9 the agent owning `broker`, time the other node's takeover and the first cycle
+    that succeeds through the name (the proxy pointed at the survivor: the floating address
+    moved), then start the killed agent again for the next run."""
+    vm_id = str(c.cli_json("vm", "get", "broker", host=PRIMARY)[0]["id"])
+    out = []
+    for n in range(runs):
+        owner = owner_of(etcd, vm_id)
+        assert owner in (NODE1, NODE3), owner
+        other = NODE3 if owner == NODE1 else NODE1
+        PROXY[0].target_port = c.hosts[other].replica_port
+        qemu_io_write(disk, [(100 * MiB + n * MiB, MiB, 0x80 + n)])
+        process = c.hosts[owner].process
+        assert process is not None
+        start = time.monotonic()
+        process.kill()
+        process.wait()
+        c.hosts[owner].process = None
+        while owner_of(etcd, vm_id) != other:
+            time.sleep(0.05)
+        owned = time.monotonic() - start
+        while c.cli("replication", "sync", "broker", host=PRIMARY, check=False).returncode:
+            time.sleep(0.2)
+        out.append((owned, time.monotonic() - start))
+        print(f"takeover {n + 1}: owned {owned:.2f} s, cycle done {out[-1][1]:.2f} s", flush=True)
+        c.start(owner)
+    return out
+
+
+PROXY: list[CountingProxy] = []
 
 
 def main() -> None:
@@ -44,6 +96,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--takeovers", type=int, default=10)
+    parser.add_argument("--ttl", type=int, default=10, help="the nodes' lease TTL")
     args = parser.parse_args()
     exit_cleanly_on_sigterm()
     base = Path(tempfile.mkdtemp(prefix="rbench-cluster-", dir="/tmp"))
@@ -55,7 +109,7 @@ def main() -> None:
         primary = tomllib.loads(c.hosts[PRIMARY].config.read_text())
         primary["resolve"][BROKER] = "127.0.0.1"
         c.hosts[PRIMARY].config.write_text(tomli_w.dumps(primary))
-        member = ("--name", "bench", "--etcd", etcd.endpoints_arg)
+        member = ("--name", "bench", "--etcd", etcd.endpoints_arg, "--lease-ttl", str(args.ttl))
         c.cli("cluster", "init", "--config", str(c.hosts[NODE1].config), *member)
         c.cli("cluster", "join", "--config", str(c.hosts[NODE3].config), *member)
         for node in (NODE1, NODE3):
@@ -69,6 +123,7 @@ def main() -> None:
         c.cli("auth", "new", "--allowed-primary", PRIMARY, "--storage-location",
               str(base / "shared"), "--trust-group", "Bench", host=NODE1)  # fmt: skip
         with CountingProxy(port1) as proxy:
+            PROXY.append(proxy)
             disks = {}
             for vm, server, port in (("direct", NODE1, port1), ("broker", BROKER, proxy.port)):
                 c.cli("vm", "new", vm, "--disk", "256M", host=PRIMARY)
@@ -89,6 +144,7 @@ def main() -> None:
                 for vm in ("direct", "broker"):
                     times[vm].append(cycle(vm, n))
                 noop.append(timed(lambda: c.cli("vm", "get", "direct", host=PRIMARY)))
+            takeovers = kill_owners(c, etcd, disks["broker"], args.takeovers)
         direct, broker = statistics.median(times["direct"]), statistics.median(times["broker"])
         print(f"\n{args.rounds} rounds, a 1 MiB delta per cycle, CLI start-up included")
         table(
@@ -104,6 +160,12 @@ def main() -> None:
                 ["baseline: vm get (no-op CLI call)", f"{statistics.median(noop):.3f}", ""],
             ],
         )
+        if takeovers:
+            owned, synced = zip(*takeovers, strict=True)
+            print(f"\nkill -9 of the agent owning `broker`, {len(takeovers)} runs, lease TTL "
+                  f"{args.ttl} s: the other node owns it after median {statistics.median(owned):.2f} s "
+                  f"(max {max(owned):.2f} s); a cycle through the name succeeded after median "
+                  f"{statistics.median(synced):.2f} s (max {max(synced):.2f} s)")  # fmt: skip
     finally:
         c.close()
         etcd.close()

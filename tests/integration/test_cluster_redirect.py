@@ -175,6 +175,12 @@ def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
         pair.write("app", 0, 0x66, "6M", "256k")
         c.cli("replication", "sync", "app", host=PRIMARY)
         verified_equal(pair)
+
+        # An unplanned failover in the replica cluster: on the owning node, which runs the VM.
+        c.cli("failover", "start", "app", "--force", host=REPLICA)
+        c.cli("vm", "start", "app", host=REPLICA)
+        assert c.cli_json("vm", "get", "app", "-o", "json", host=REPLICA)[0]["state"] == "Running"
+        c.cli("vm", "stop", "app", "--force", host=REPLICA)
     finally:
         proxy.close()
 
