@@ -16,6 +16,7 @@ import signal
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -28,17 +29,20 @@ from vmreplica._internal.api.metrics import loopback_only, metrics_handler
 from vmreplica._internal.api.mgmt import make_app
 from vmreplica._internal.api.peer_routes import peer_routes
 from vmreplica._internal.certs import server_ssl_context
+from vmreplica._internal.cluster.etcd import Etcd
+from vmreplica._internal.cluster.member import Member, cluster_config
 from vmreplica._internal.config import HostConfig
 from vmreplica._internal.drivers.qemu.driver import QemuDriver
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import EventLog
 from vmreplica._internal.engine.journal import Journal
+from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.services import build as build_engine
 from vmreplica._internal.ports.hypervisor import HypervisorDriver
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.store.stores import Stores
 from vmreplica._internal.systemd import Notifier
-from vmreplica._internal.transport.peer import KERBEROS
+from vmreplica._internal.transport.peer import CERTIFICATE, KERBEROS
 from vmreplica.errors import ConnectionFailed, StorageError, VmrError
 
 log = logging.getLogger("vmreplica.agent")
@@ -99,6 +103,8 @@ class Agent:
             config, stores, self.events, Journal(stores.journal, self.events),
             make_driver(config), own_port=self._own_port,
         )  # fmt: skip
+        self.member = self._cluster_member(config, ctx)
+        ctx.cluster = self.member
         self.engine = build_engine(ctx)
         routes = peer_routes(self.engine)
         self.listener = CertificateListener(self.engine.server, self.engine.auth, routes)
@@ -111,6 +117,85 @@ class Agent:
         self._mgmt_context: ssl.SSLContext | None = None
         self._stop = asyncio.Event()
         self.systemd = Notifier()
+
+    def _cluster_member(self, config: HostConfig, ctx: Context) -> Member | None:
+        cluster = config.cluster
+        if cluster is None:
+            return None
+
+        def address() -> str:
+            # Where a primary reaches this node's replication listener: a redirect names it.
+            port = self._own_port(CERTIFICATE)
+            return f"{config.mgmt_listen[0]}:{port}" if port else ""
+
+        async def fenced() -> None:
+            self.events.record(
+                "cluster-fenced",
+                f"node {config.name} lost its lease of cluster {cluster.name}: it applies "
+                "no delta until the lease is valid again",
+                level="warning",
+            )
+
+        def can_take(vm_id: str, info: dict[str, Any]) -> bool:
+            # A VM whose relationship this node holds, or whose facts lie in one of this
+            # node's storage locations (the shared storage; engine/replica/handoff.py).
+            if ctx.stores.replications.find(vm_id) is not None:
+                return True
+            storage = info.get("storage")
+            if not isinstance(storage, str):
+                return False
+            path = Path(storage)
+            return path.parent in self._storage_locations() and (path / handoff.FILE).exists()
+
+        async def acquired(vm_id: str) -> None:
+            assert self.member is not None
+            storage = self.member.registry.get(vm_id, {}).get("storage")
+            if isinstance(storage, str):
+                await handoff.take_over(ctx, self.engine.vms, vm_id, Path(storage))
+
+        async def settings(snapshot: dict[str, Any]) -> None:
+            await self.engine.cluster_settings.apply(snapshot)
+
+        return Member(
+            Etcd(cluster.etcd), cluster.name, config.name, address, cluster.lease_ttl,
+            on_fenced=fenced, can_take=can_take, on_settings=settings, on_acquired=acquired,
+        )  # fmt: skip
+
+    async def _join_cluster(self) -> None:
+        """Join before serving, and own again the replicas this node holds (their keys went
+        with the lease of the previous run, or go when it expires: the placement loop)."""
+        member = self.member
+        if member is None:
+            return
+        await member.join()
+        snapshot, _ = await member.settings()
+        if snapshot is None:  # the first node: its settings become the cluster's
+            await self.engine.cluster_settings.publish()
+        member.start()
+        for row in self.engine.ctx.stores.replications.all():
+            if row.mode == "Replica" and row.storage_dir:
+                await member.register(row.vm_id, {"storage": row.storage_dir})
+                await member.take(row.vm_id)
+        broker = (await cluster_config(member.etcd, member.cluster)).get("broker")
+        if broker and broker not in certs.cert_dns_names(self.config.tls.cert):
+            self.events.record(
+                "cluster-broker-certificate",
+                f"this node's certificate does not carry the broker name {broker}: primaries "
+                "replicating to it refuse this node (`vmreplica cluster broker add --ca`)",
+                level="warning",
+            )
+        self.events.record(
+            "cluster-joined",
+            f"node {self.config.name} joined cluster {member.cluster} (lease {member.ttl} s, "
+            f"owns {len(member.owned)} VM(s))",
+        )
+
+    def _storage_locations(self) -> set[Path]:
+        settings = self.engine.server.get()
+        locations = {Path(e.replica_storage_location) for e in self.engine.auth.auth_list()}
+        if settings.default_storage_location:
+            locations.add(Path(settings.default_storage_location))
+        return locations
 
     def _own_port(self, auth: str) -> int | None:
         settings = self.engine.server.get()
@@ -136,6 +221,7 @@ class Agent:
                 level="warning",
             )
         await self.engine.recover()
+        await self._join_cluster()
         await self.listeners.apply(self.engine.server.get(), self.engine.server.listener_files())
         methods = build_methods(self.engine)
         metrics = metrics_handler(self.engine, self._listening)
@@ -226,6 +312,9 @@ class Agent:
             await runner.cleanup()
         self._runners.clear()
         await self.engine.vms.runtime.detach_all()
+        if self.member is not None:
+            await self.member.stop()
+            await self.member.etcd.close()
         with contextlib.suppress(OSError):
             self.config.socket.unlink()
         self.events.record("agent-stopped", f"host agent {self.config.name} stopped")

@@ -236,3 +236,31 @@ class RecoveryPoint(Model):
     size: int
 
     table_fields: ClassVar[tuple[str, ...]] = ("id", "vm_name", "creation_time", "kind", "size")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo(Model):
+    """`cluster get`: a cluster of hosts on etcd (docs/CLUSTER.md)."""
+
+    name: str
+    etcd_endpoints: list[str]
+    broker: str | None
+    nodes: int
+    healthy_nodes: int
+    vms: int
+    created: str | None = None
+
+    table_fields: ClassVar[tuple[str, ...]] = ("name", "broker", "nodes", "healthy_nodes", "vms")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterNode(Model):
+    """`cluster node list`: a node, its health (its etcd lease) and the VMs it owns."""
+
+    name: str
+    address: str
+    healthy: bool
+    lease_remaining: int
+    owned_vms: list[str]
+
+    table_fields: ClassVar[tuple[str, ...]] = ("name", "address", "healthy", "owned_vms")

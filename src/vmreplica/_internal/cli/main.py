@@ -10,6 +10,7 @@ import click
 from vmreplica._internal.cli import (
     auth,
     cert,
+    cluster,
     event,
     failover,
     host,
@@ -29,7 +30,7 @@ def cli() -> None:
     """Disaster-recovery replication of QEMU/KVM virtual machines (like Hyper-V Replica)."""
 
 
-for module in (host, cert, server, auth, vm, replication, recovery_point, failover, event):
+for module in (host, cluster, cert, server, auth, vm, replication, recovery_point, failover, event):
     cli.add_command(module.group)
 
 

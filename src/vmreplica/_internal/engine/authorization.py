@@ -129,6 +129,36 @@ class AuthorizationService:
                 )
         return victims
 
+    def entries(self) -> list[tuple[str, str, str]]:
+        """(allowed primary, storage location, trust group) of every entry: what the cluster
+        shares (the computer name is each node's own)."""
+        return sorted(
+            (e.allowed_primary_server, e.replica_storage_location, e.trust_group)
+            for e in self.auth_list()
+        )
+
+    def replace_all(self, entries: list[tuple[str, str, str]]) -> None:
+        """The cluster's entries, as another node published them (validated there)."""
+        current = {e[0]: e for e in self.entries()}
+        wanted = {e[0]: e for e in entries}
+        if current == wanted:
+            return
+        for _, location, _ in wanted.values():
+            ensure_location(self._events, Path(location))
+        with self._db.tx() as tx:
+            for name in current.keys() - wanted.keys():
+                self._store.delete(tx, name)
+            for name, (_, location, group) in wanted.items():
+                if name not in current:
+                    self._store.insert(tx, AuthRow(name, location, group))
+                elif current[name] != wanted[name]:
+                    self._store.update(tx, name, location, group)
+            self._events.record(
+                "auth-entries-synced",
+                f"authorization entries set from the cluster: {len(wanted)} in all",
+                tx=tx,
+            )
+
     def authorize(self, peer_names: list[str]) -> Authorization:
         """The entry that lets a peer replicate here, by the DNS names of its certificate."""
         raw = self._server.raw()

@@ -13,6 +13,7 @@ from vmreplica._internal.config import HostConfig
 from vmreplica._internal.engine.events import EventLog
 from vmreplica._internal.engine.journal import Journal
 from vmreplica._internal.engine.states import Command, Side, State, transition
+from vmreplica._internal.ports.cluster import ClusterPort
 from vmreplica._internal.ports.hypervisor import HypervisorDriver
 from vmreplica._internal.store.db import Tx
 from vmreplica._internal.store.replications import ReplicationRow, RowChanges
@@ -57,6 +58,8 @@ class Context:
     # split brain and to reverse replication later. The agent sets it.
     # The port of this host's listener for an authentication type, None if it is closed.
     own_port: Callable[[str], int | None] = lambda auth: None
+    # The cluster this host is a node of (docs/CLUSTER.md); None: a host on its own.
+    cluster: ClusterPort | None = None
 
     @property
     def host(self) -> str:

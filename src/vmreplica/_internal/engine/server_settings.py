@@ -172,6 +172,15 @@ class ServerService:
             raise InvalidArgument(
                 "replication from any server requires a default storage location: add --storage-location PATH"
             )
+        return await self._store(old, new)
+
+    async def apply_values(self, values: dict[str, object]) -> ServerSettings:
+        """Settings another node of the cluster published (already validated there)."""
+        old = self.raw()
+        new = old | {k: v for k, v in values.items() if k in _DEFAULTS}
+        return await self._store(old, new)
+
+    async def _store(self, old: dict[str, object], new: dict[str, object]) -> ServerSettings:
         if new["replication_allowed_from_any_server"] and new["default_storage_location"]:
             ensure_location(self._events, Path(str(new["default_storage_location"])))
 

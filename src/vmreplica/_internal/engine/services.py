@@ -7,6 +7,7 @@ import dataclasses
 from vmreplica._internal.engine import primary as primary_side
 from vmreplica._internal.engine import replica as replica_side
 from vmreplica._internal.engine.authorization import AuthorizationService
+from vmreplica._internal.engine.cluster_settings import ClusterSettings
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.failover import FailoverService
 from vmreplica._internal.engine.relationships import ReplicationService
@@ -24,6 +25,7 @@ class Services:
     replica: replica_side.Replica
     failover: FailoverService
     replication: ReplicationService
+    cluster_settings: ClusterSettings
 
     async def recover(self) -> None:
         """At start-up, before any request: definitions, running VMs, then every journal entry
@@ -45,4 +47,7 @@ def build(ctx: Context) -> Services:
     replica = replica_side.build(ctx, vms)
     failover = FailoverService(ctx, vms, primary, replica)
     replication = ReplicationService(ctx, server, auth, vms, primary, replica)
-    return Services(ctx, server, auth, vms, primary, replica, failover, replication)
+    cluster_settings = ClusterSettings(ctx, server, auth)
+    return Services(
+        ctx, server, auth, vms, primary, replica, failover, replication, cluster_settings
+    )

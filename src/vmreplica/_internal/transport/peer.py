@@ -29,9 +29,10 @@ from vmreplica._internal.tls_refusals import (
     own_certificate_refused,
     peer_certificate_refused,
 )
-from vmreplica._internal.transport import gss, signed
+from vmreplica._internal.transport import gss, redirect, signed
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta_resume import ResumePoint
+from vmreplica._internal.transport.redirect import redirect_in
 from vmreplica.errors import ConnectionFailed, VmrError, error_from_json
 
 UNREACHABLE = "unreachable"
@@ -227,6 +228,8 @@ def decode_answer(status: int, raw: bytes) -> dict[str, Any]:
         decoded = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         decoded = None
+    if (redirected := redirect_in(decoded, status)) is not None:
+        raise redirected
     if status >= 400 or not isinstance(decoded, dict):
         raise error_from_json(decoded, status)
     result = decoded.get("result", {})
@@ -344,7 +347,13 @@ class Peer:
         )
 
     async def status(self, request: p.StatusRequest) -> p.StatusAnswer:
-        return p.StatusAnswer.from_json(await self._client.call(p.STATUS, request.to_json()))
+        """Every cycle starts here: in a cluster, this is where the owner is found, and the
+        calls that follow on this Peer go to it (transport/redirect.py)."""
+
+        async def call() -> p.StatusAnswer:
+            return p.StatusAnswer.from_json(await self._client.call(p.STATUS, request.to_json()))
+
+        return await redirect.following(self._client, request.vm_id, call)
 
     async def initial_open(
         self, request: p.InitialOpenRequest

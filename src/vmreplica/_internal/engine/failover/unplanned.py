@@ -11,6 +11,7 @@ from vmreplica._internal import faults
 from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.context import allows, move
 from vmreplica._internal.engine.failover.common import FailoverBase
+from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.common import chains
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.store.replications import ReplicationRow
@@ -24,6 +25,7 @@ class Failover(FailoverBase):
         self._ctx.journal.register("failover", self._roll_back)
 
     async def start(self, row: ReplicationRow, point: str | None, force: bool) -> ReplicationRow:
+        self._owner_only(row, "fail over this replica VM")
         if row.state != State.RESYNCHRONIZING:
             allows(row, Command.FAIL_OVER)
         primary_check = await self._split_brain_guard(row, force)
@@ -34,7 +36,20 @@ class Failover(FailoverBase):
                 row = self._store.get(row.vm_id, row.vm_name)
                 allows(row, Command.FAIL_OVER)
             chosen = await self._choose_point(row, point)
-            return await self._fail_over(row, chosen, primary_check)
+            row = await self._fail_over(row, chosen, primary_check)
+            self._share(row)
+            return row
+
+    def _owner_only(self, row: ReplicationRow, what: str) -> None:
+        """In a cluster only the owning node fails over (and so runs the VM): another node's
+        facts may be older than the shared storage's (docs/CLUSTER.md)."""
+        if self._ctx.cluster is not None:
+            self._ctx.cluster.check(row.vm_id, what)
+
+    def _share(self, row: ReplicationRow) -> None:
+        """In a cluster: the new state beside the chains, for a node that takes over."""
+        if self._ctx.cluster is not None:
+            handoff.export(self._ctx, row.vm_id)
 
     async def _fail_over(
         self, row: ReplicationRow, point: int, primary_check: str
@@ -102,6 +117,7 @@ class Failover(FailoverBase):
     async def stop(self, row: ReplicationRow) -> None:
         """Cancel: the replica is as it was; the VM runs on its chain's tip no more."""
         allows(row, Command.CANCEL_FAILOVER)
+        self._owner_only(row, "cancel the failover")
         await self._vms.runtime.ensure_off(row.vm_id)
         # A replica VM exists in the hypervisor only while failed over (libvirt: no domain to
         # `virsh start` behind the agent's back).
@@ -116,9 +132,11 @@ class Failover(FailoverBase):
                 tx=tx,
             )
         shutil.rmtree(Path(str(row.storage_dir)) / "failover", ignore_errors=True)
+        self._share(row)
 
     async def complete(self, row: ReplicationRow) -> ReplicationRow:
         allows(row, Command.COMPLETE_FAILOVER)
+        self._owner_only(row, "complete the failover")
         point = row.failover_point
         if point is None:
             raise InvalidState(f"there is no failover of {row.vm_name} to complete")
@@ -137,4 +155,5 @@ class Failover(FailoverBase):
                 row.vm_name,
                 tx=tx,
             )
+        self._share(row)
         return self._store.get(row.vm_id, row.vm_name)

@@ -15,6 +15,7 @@ from vmreplica._internal.ports.hypervisor import ReplicaChain
 from vmreplica._internal.store.db import Tx
 from vmreplica._internal.store.replications import ReplicationRow, Settings
 from vmreplica._internal.transport import protocol as p
+from vmreplica._internal.transport.redirect import Misdirected
 from vmreplica.errors import AccessDenied, InvalidState, NotFound
 
 REPLICA = "Replica"
@@ -98,3 +99,16 @@ def check_not_quarantined(ctx: Context, row: ReplicationRow) -> None:
             f"replica VM {row.vm_name} on {ctx.host} takes no changes: {row.quarantine}; fix the "
             f"cause, then run `vmreplica replication resume {row.vm_name}` on {ctx.host}"
         )
+
+
+async def redirect_if_elsewhere(ctx: Context, vm_id: str) -> None:
+    """In a cluster, a request for a VM another node owns: a redirect naming that node
+    (transport/redirect.py). A node that holds the VM's relationship but does not own it (a
+    former owner) refuses: its facts may be older than the shared storage's."""
+    if ctx.cluster is None:
+        return
+    owner = await ctx.cluster.owner_address(vm_id)
+    if owner is not None:
+        raise Misdirected(vm_id, *owner)
+    if ctx.stores.replications.find(vm_id) is not None:
+        ctx.cluster.check(vm_id, "answer for this VM")

@@ -21,6 +21,7 @@ from vmreplica._internal.engine.replica.common import (
     REPLICA,
     chain_dir,
     check_sender,
+    redirect_if_elsewhere,
     register_replica,
     replica_row,
     staging_dir,
@@ -74,6 +75,10 @@ class ReplicaLifecycle:
             )
         boot = {k: v for k, v in (("kernel", req.kernel), ("initrd", req.initrd)) if v}
         boot_dir = storage / BOOT_DIR
+        if self._ctx.cluster is not None:
+            # In a cluster the replica belongs to the node the primary reached (the initial
+            # placement), which refuses if another node of the cluster owns that VM id.
+            await self._ctx.cluster.adopt(req.vm_id, storage)
         try:
             tips = [
                 (await self._ctx.driver.create_chain(chain_dir(storage, n), size)).tip
@@ -153,6 +158,7 @@ class ReplicaLifecycle:
     async def status(
         self, authz: Authorization, peer_names: list[str], req: p.StatusRequest
     ) -> p.StatusAnswer:
+        await redirect_if_elsewhere(self._ctx, req.vm_id)
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         if req.settings is not None:

@@ -17,6 +17,7 @@ from vmreplica._internal import faults
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
+from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.apply import Applier
 from vmreplica._internal.engine.replica.common import (
     chains,
@@ -136,6 +137,8 @@ class InitialImport:
             self._applier.journal(row.vm_id, 1, staging, started, size=size)
             faults.hit("replica.after_stage")
             await self._recovery.apply(row, 1, staging, started, size)
+            if self._ctx.cluster is not None:  # the facts beside the chains (handoff.py)
+                handoff.export(self._ctx, row.vm_id)
             return p.SequenceAnswer(1, size)
 
     async def close_import(self, vm_id: str) -> None:

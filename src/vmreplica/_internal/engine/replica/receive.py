@@ -8,18 +8,22 @@ qcow2 of the disk's size. Only then is it journaled and applied (replica/recover
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 from vmreplica._internal import faults
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.apply import Applier
 from vmreplica._internal.engine.replica.common import (
     chains,
     check_not_quarantined,
     check_sender,
+    redirect_if_elsewhere,
     replica_row,
     staging_dir,
 )
@@ -51,9 +55,10 @@ class Receiver:
         chunks: AsyncIterable[bytes],
         resume: tuple[int, int] | None = None,
     ) -> p.SequenceAnswer:
+        await redirect_if_elsewhere(self._ctx, vm_id)
         row = replica_row(self._ctx, vm_id)
         check_sender(self._ctx, row, authz, peer_names)
-        async with self._ctx.locks.replica(vm_id):
+        async with self._ctx.locks.replica(vm_id), self._owner_writing(row):
             row = replica_row(self._ctx, vm_id)
             check_not_quarantined(self._ctx, row)
             if row.state in (State.FAILED_OVER_WAITING, State.FAILED_OVER):
@@ -96,6 +101,8 @@ class Receiver:
             if queue:  # applied when the offline media is imported
                 await self._media.queue(row, manifest.sequence, staging, started.isoformat())
                 return p.SequenceAnswer(manifest.sequence)
+            # Again: the stream may have lasted longer than this node's lease.
+            self._check_owner(vm_id)
             self._applier.journal(
                 vm_id, manifest.sequence, staging, started.isoformat(),
                 created=manifest.created, consistency=manifest.consistency,
@@ -106,6 +113,24 @@ class Receiver:
                 consistency=manifest.consistency,
             )  # fmt: skip
             return p.SequenceAnswer(manifest.sequence)
+
+    def _check_owner(self, vm_id: str) -> None:
+        """In a cluster, only the node that owns the VM under a valid lease writes into its
+        replica storage (docs/CLUSTER.md, fencing); the primary keeps a refused delta."""
+        if self._ctx.cluster is not None:
+            self._ctx.cluster.check(vm_id, "apply a delta")
+
+    @contextlib.asynccontextmanager
+    async def _owner_writing(self, row: ReplicationRow) -> AsyncIterator[None]:
+        """In a cluster: the VM's storage lock held for the whole stream and apply, and the
+        ownership checked under it; after an apply, the facts written beside the chains
+        (handoff.py) before the lock is released."""
+        if self._ctx.cluster is None or not row.storage_dir:
+            yield
+            return
+        async with self._ctx.cluster.writing(row.vm_id, Path(row.storage_dir), "apply a delta"):
+            yield
+            handoff.export(self._ctx, row.vm_id)
 
 
 def _checker(row: ReplicationRow) -> wire.ManifestCheck:

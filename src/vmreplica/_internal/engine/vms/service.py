@@ -8,6 +8,7 @@ that a crash interrupted. Running them is :mod:`runtime`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -314,6 +315,10 @@ class VmService:
                 if storage is not None:
                     self._ctx.journal.begin(tx, "delete-storage", rec.id, {"path": str(storage)})
             await self._discard(rec)
+            if self._ctx.cluster is not None:
+                # Out of the cluster's registry; etcd down: a stale entry no node can take.
+                with contextlib.suppress(VmrError):
+                    await self._ctx.cluster.release(rec.id)
             what = f"removed VM {name}"
             if storage is not None:
                 what += f" and its replica storage {storage}"

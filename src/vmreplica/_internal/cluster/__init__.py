@@ -1,0 +1,1 @@
+"""Clusters: membership, VM ownership and fencing on etcd (docs/CLUSTER.md)."""

@@ -1,0 +1,107 @@
+"""A replica relationship that follows its VM across the nodes of a cluster (docs/CLUSTER.md).
+
+The relationship's facts live in the owning node's own database; the chains live in the shared
+storage. So the owner also writes the facts beside the chains (`relationship.json` in the VM's
+replica storage, atomically) each time it finishes a write there, while it still holds the VM's
+storage lock: the file and the chains always agree. A node that takes the VM over (its owner's
+lease expired) and holds no relationship for it imports the file in one transaction, then lets
+each chain finish what a crash left half done (`ReplicaChain.recover`).
+
+What a crash of the owner can leave: a delta committed into `tip` whose sequence the file does
+not have yet (the owner died between the commit and the file). The primary, which had no answer
+for it, sends it again and the new owner applies it a second time; a delta holds whole blocks
+of one instant, so writing them again yields the same image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.replica.common import chains
+from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.store.replications import ReplicationRow, Settings
+from vmreplica.errors import IntegrityError, StorageError
+
+FILE = "relationship.json"
+
+
+def export(ctx: Context, vm_id: str) -> None:
+    """Write the facts of `vm_id`'s replica beside its chains (call it under the storage lock)."""
+    row = ctx.stores.replications.find(vm_id)
+    vm = ctx.stores.vms.by_id(vm_id)
+    if row is None or vm is None or not row.storage_dir:
+        return
+    facts = {
+        "vm": {
+            "id": vm.id, "name": vm.name, "cpus": vm.cpus, "memory_mb": vm.memory_mb,
+            "kernel": vm.kernel, "initrd": vm.initrd, "append": vm.append,
+            "vm_dir": str(vm.vm_dir), "disks": [str(d) for d in vm.disks],
+        },
+        "replication": dataclasses.asdict(row),
+        "points": [dataclasses.asdict(p) for p in ctx.stores.points.all(vm_id)],
+    }  # fmt: skip
+    path = Path(row.storage_dir) / FILE
+    tmp = path.with_suffix(".tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(facts, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def exported(storage: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads((storage / FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"unreadable {storage / FILE}: {e}") from e
+    return value if isinstance(value, dict) else None
+
+
+async def take_over(ctx: Context, vms: VmService, vm_id: str, storage: Path) -> bool:
+    """This node now owns `vm_id`: hold its relationship as the shared storage has it. The file
+    wins over this node's own rows, which are older when this node owned the VM before another
+    one did. False when there is nothing to take (no file: the VM never finished its enable),
+    and then this node's own rows, if any, stand."""
+    facts = exported(storage)
+    if facts is None or facts["vm"]["id"] != vm_id:
+        return ctx.stores.replications.find(vm_id) is not None
+    v, r = facts["vm"], dict(facts["replication"])
+    local = ctx.stores.replications.find(vm_id)
+    if local is not None and (local.sequence, local.state) == (r["sequence"], r["state"]):
+        return True  # this node's rows are the file's: keep them (and their cycle history)
+    r["settings"] = Settings(**r["settings"])
+    r["disks"] = tuple(r["disks"])
+    # This node is the replica server now (a reverse replication calls it back).
+    row = ReplicationRow(**(r | {"replica_server": ctx.host}))
+    async with ctx.locks.replica(vm_id):
+        with ctx.stores.db.tx() as tx:
+            if ctx.stores.vms.by_id(vm_id) is None:
+                vms.register(
+                    tx, v["id"], v["name"], v["cpus"], v["memory_mb"], Path(v["vm_dir"]),
+                    [Path(d) for d in v["disks"]], v["kernel"], v["initrd"], v["append"],
+                )  # fmt: skip
+            ctx.stores.replications.delete(tx, vm_id)  # with its points and cycles
+            ctx.stores.replications.insert(tx, row)
+            for p in facts["points"]:
+                ctx.stores.points.add(tx, vm_id, p["id"], p["creation_time"], p["kind"])
+            ctx.events.record(
+                "replica-taken-over",
+                f"replica VM {row.vm_name} taken over from the shared storage at sequence "
+                f"{row.sequence}",
+                row.vm_name,
+                tx=tx,
+            )
+        pinned = frozenset(p["id"] for p in facts["points"])
+        for chain in chains(ctx, row):
+            await chain.recover(pinned)
+    return True

@@ -1,0 +1,37 @@
+"""The cluster port: what the engine knows of a cluster (docs/CLUSTER.md).
+
+The engine never reaches etcd itself: the agent gives it this when host.toml has `[cluster]`
+(`cluster.member.Member` implements it), and None on a host on its own.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class ClusterPort(Protocol):
+    def check(self, vm_id: str, what: str) -> None:
+        """Raise (InvalidState) unless this node holds a valid lease and owns `vm_id` now:
+        before every write into the VM's replica storage."""
+
+    def writing(self, vm_id: str, storage: Path, what: str) -> AbstractAsyncContextManager[None]:
+        """Hold the VM's storage lock (in `storage`, shared by the nodes), then `check`: for
+        a whole write into the replica storage, so that a node frozen mid-write and fenced
+        meanwhile cannot interleave with the new owner's writes (docs/CLUSTER.md)."""
+        ...
+
+    async def adopt(self, vm_id: str, storage: Path) -> None:
+        """Register `vm_id` with the cluster and own it (a new replica: the initial placement
+        is the node the primary reached). Raise (InvalidState) if another node owns it."""
+
+    async def owner_address(self, vm_id: str) -> tuple[str, str, int] | None:
+        """The node owning `vm_id` and its replication listener (address, port), if another
+        node of the cluster owns it and listens; None otherwise."""
+
+    async def publish_settings(self, snapshot: dict[str, Any]) -> None:
+        """Make `snapshot` the cluster's replication settings and authorization entries."""
+
+    async def release(self, vm_id: str) -> None:
+        """The VM leaves the cluster (its replica was removed)."""
