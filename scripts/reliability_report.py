@@ -27,10 +27,14 @@ cycle and of the replica's apply, a connection cut through a proxy, a full disk,
 replayed and out-of-order deltas), `tests/unit/test_hostile_input.py` and
 `test_hostile_clients.py` (hypothesis on every parser, slow and many clients),
 `test_certificates.py` (expired, not yet valid and revoked certificates),
-`test_torture.py` (the crash-torture loop below: seed 815, six kills).
+`test_torture.py` (the crash-torture loop below: seed 2104, six kills).
 
 The network runs use `tests/wan.py`: two network namespaces joined by a link emulated in user
-space (`tests/linkemu.py`), because this machine's kernel has no `sch_netem`.
+space (`tests/linkemu.py`, TUN devices and one process moving the packets): delay, loss, rate
+caps and outages are done there, because this machine's kernel (6.18) has no `sch_netem`
+module: `tc qdisc add dev lo root netem delay 10ms` fails with "Error: Specified qdisc kind is
+unknown.", so `tc netem` is used nowhere. `tc tbf`, which this kernel has, caps a plain veth
+pair in `bench/bench_initial_wan.py` (no added delay there).
 """
 
 
@@ -157,13 +161,14 @@ def _torture(data: dict[str, Any]) -> list[str]:
         f"The command: `.venv/bin/python scripts/torture.py --seed {data['seed']} --kills "
         f"{data['kills_asked']}`.",
         "",
-        "| phase | victim | kills | killed while the phase ran | recovered | recovery s, median | "
-        "max |",
+        "| phase | victim killed | kills | killed while the phase ran | recovered | "
+        "recovery s, median | max |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in landed:
-        groups.setdefault((r["phase"], r["victim"]), []).append(r)
+        # Runs before the kinds were recorded name the drawn victim ("child") instead.
+        groups.setdefault((r["phase"], r.get("kind") or r["victim"]), []).append(r)
     for (phase, victim), rows in sorted(groups.items()):
         times = sorted(r["recovery_s"] for r in rows)
         lines.append(
@@ -173,10 +178,33 @@ def _torture(data: dict[str, Any]) -> list[str]:
         )
     targets: dict[str, int] = {}
     for r in landed:
-        kind = r["target"].split(" (")[0]
-        targets[kind] = targets.get(kind, 0) + 1
-    lines += ["", "What was killed: " + ", ".join(f"{k} {n}" for k, n in sorted(targets.items()))]
-    lines.append("")
+        targets[r["target"]] = targets.get(r["target"], 0) + 1
+    kinds: dict[str, int] = {}
+    for r in landed:
+        kinds[r.get("kind") or r["victim"]] = kinds.get(r.get("kind") or r["victim"], 0) + 1
+    lines += [
+        "",
+        "What was killed, by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+        + "; by process (host): " + ", ".join(f"{k} {n}" for k, n in sorted(targets.items())),
+        "",
+    ]  # fmt: skip
+    if loads := sorted(r["load1"] for r in landed if "load1" in r):
+        lines += [
+            f"The machine's 1-minute load average at the kills (2 cores, shared with other "
+            f"sessions): median {loads[len(loads) // 2]:.2f}, max {loads[-1]:.2f}.",
+            "",
+        ]
+    if "point_checks" in data:
+        checks = data["point_checks"]
+        bad = [c for c in checks if not c["ok"]]
+        lines += [
+            f"Recovery points opened during the run (one per round, the oldest not yet opened, "
+            f"through a test failover, before pruning could take it): {len(checks)} of the "
+            f"{data['points_made']} points listed at some moment of the run; "
+            f"{len(checks) - len(bad)} clean ext4 with an unbroken prefix of valid records, "
+            f"{len(bad)} not.",
+            "",
+        ]
     if "primary" in final:
         points = ", ".join(f"{p['id']} ({p['records']})" for p in final["points"])
         lines += [
@@ -194,6 +222,11 @@ def _torture(data: dict[str, Any]) -> list[str]:
     else:
         lines.append("Lost or failed:")
         lines += [f"- {p}" for p in problems]
+        lines += [
+            f"- point {c['id']} opened after round {c['round']}: {'; '.join(c['errors'])}"
+            for c in data.get("point_checks", [])
+            if not c["ok"]
+        ]
         lines += [
             f"- round {r['round']} ({r['phase']}, {r['target'] or r['victim']}): "
             f"{r['outcome']}: {r['detail'].splitlines()[0] if r['detail'] else ''}"

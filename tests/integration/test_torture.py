@@ -7,14 +7,18 @@ kill that finds no child running draws another round."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.torture import helpers_of
 from tests.torture_check import run
 
-SEED = 815
+SEED = 2104
 KILLS = 6
 
 
@@ -37,3 +41,29 @@ def test_seeded_kills_recover_and_lose_nothing() -> None:
     assert final["points"][-1]["id"] == "Latest" and len(final["points"]) >= 3, final["points"]
     assert final["points"][-1]["records"] == final["primary"]["records"] > 0
     assert not data["lost"]
+
+
+def test_the_harness_sees_storage_daemons_and_qemu_img(tmp_path: Path) -> None:
+    """The reproduction of a harness defect: it looked for comm ``qemu-storage-d`` (14 bytes),
+    the kernel keeps 15 (``qemu-storage-da``), so it never saw, and never killed, a storage
+    daemon. A real daemon and a real qemu-img, children of this process, must both be found."""
+    sock = tmp_path / "m.sock"
+    daemon = subprocess.Popen(["qemu-storage-daemon", "--chardev",
+                               f"socket,id=m,path={sock},server=on,wait=off", "--monitor",
+                               "chardev=m"])  # fmt: skip
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "x.qcow2"), "1M"],
+                   check=True)  # fmt: skip
+    # A qemu-img that lives a while: many small reads of a tiny image.
+    image = subprocess.Popen(["qemu-img", "bench", "-c", "100000000", "-s", "512",
+                              str(tmp_path / "x.qcow2")], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kinds = {(pid, kind) for pid, kind, _ in helpers_of({os.getpid(): "test"})}
+        assert (daemon.pid, "qemu-storage-daemon") in kinds, kinds
+        assert (image.pid, "qemu-img") in kinds, kinds
+    finally:
+        for proc in (daemon, image):
+            proc.kill()
+            proc.wait()
