@@ -133,6 +133,21 @@ def _wan(data: dict[str, Any]) -> list[str]:
                 f"- the queue drained {phase['drain_s']:.0f} s after the writer stopped; the "
                 f"replica {'equals the primary and verifies' if phase['equal'] else 'DIFFERS'}",
             ]
+            if "normal_after_drain_s" in phase:
+                after = phase["normal_after_drain_s"]
+                lines.append(
+                    "- health back to Normal with no operator "
+                    + (f"{after:.0f} s after the queue drained" if after is not None
+                       else "NOT within the harness's wait")
+                    + "".join(f"; until then: {d}" for d in phase["details_until_normal"])
+                    + _window(phase["window_at_end"])
+                )  # fmt: skip
+            loads = [s["load1"] for s in phase.get("samples", []) if "load1" in s]
+            if loads:
+                lines.append(
+                    f"- load average (1 min) while it ran: median {sorted(loads)[len(loads) // 2]}"
+                    f", max {max(loads)} (2 cores, shared)"
+                )
             if "max_pending" in phase:
                 lines.append(f"- largest pending log: {_mib(phase['max_pending'])} MiB")
             if "replication_errors" in phase:
@@ -141,6 +156,14 @@ def _wan(data: dict[str, Any]) -> list[str]:
                 )
             lines.append("")
     return lines
+
+
+def _window(w: dict[str, Any]) -> str:
+    return (
+        f" (the monitoring window {w['monitoring_start_time']} to {w['monitoring_end_time']} "
+        f"then held {w['successful_replication_count']} successful, "
+        f"{w['missed_replication_count']} missed and {w['replication_errors']} failed cycles)"
+    )
 
 
 def _torture(data: dict[str, Any]) -> list[str]:

@@ -4,10 +4,11 @@ kill -9 hits, at random moments of random phases, the primary agent, the replica
 qemu-img or qemu-storage-daemon child of either agent, or the VM's QEMU.
 
 Every choice comes from ``random.Random(seed)``: each round picks a phase, a victim and a delay
-into the phase. A ``child`` victim is whichever helper an agent runs at the kill moment: the
-harness watches for one while the phase runs and, when it sees some, picks the kind among the
-kinds present (qemu-storage-daemon, qemu-img) and then the process, from a second generator of
-the same seed (so the round draws stay those of the seed). Each kill records its ``kind``.
+into the phase. A ``child`` victim is a helper an agent runs: its kind (qemu-storage-daemon or
+qemu-img) is drawn from a second generator of the same seed (so the rounds' draws stay those of
+the seed), and the harness watches, from the delay on while the phase runs, for a process of
+that kind and kills the oldest one; if the phase runs none, the round found nothing to kill
+and another round is drawn. Each kill records the kind it hit and the helper kinds present.
 The phases, each driven through the CLI as an operator would:
 
 - ``cycle``: ``replication sync``; with ``--recovery-point-interval 1`` and
@@ -127,7 +128,7 @@ class Torture:
         self.cluster = cluster
         self.phases = phases
         self.rng = random.Random(seed)
-        # The child kind and process: drawn only when children are seen, so from another stream.
+        # The child kind: drawn only in child rounds, so from a stream of its own.
         self.child_rng = random.Random(f"{seed}-child")
         self.point_checks: list[dict[str, Any]] = []
         self.points_made: set[str] = set()  # "id@creation_time": ids start over after "initial"
@@ -340,7 +341,7 @@ class Torture:
             seen |= {k for _, k, _ in found}
             if mine := [c for c in found if c[1] == kill.wanted]:
                 kill.kinds_present = sorted({k for _, k, _ in found})
-                pid, kind, agent = self.child_rng.choice(mine)
+                pid, kind, agent = mine[0]  # the oldest of the kind
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     kill.target, kill.kind = f"{kind} ({agent})", kind
