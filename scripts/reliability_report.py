@@ -71,7 +71,8 @@ DEFECTS = """## Defects these runs found, each fixed with its reproduction kept 
   `test_torture.py::test_the_harness_sees_storage_daemons_and_qemu_img` runs a real daemon and a
   real qemu-img (it fails with the old name). And `scripts/wan_soak.py` reported as "drained in"
   the drain plus its wait of up to 120 s for health (the 143 s after the outage of the run of
-  2026-11-30 was at most 23 s of drain); the drain and the wait are now separate figures.
+  2026-11-30 was at most 23 s of drain, and the load steps' "drained in" above, from that older
+  harness, hold the same wait); the drain and the wait are now separate figures.
 
 ## Health after an outage
 
@@ -123,8 +124,9 @@ def _wan(data: dict[str, Any]) -> list[str]:
     lines = [
         "## Poor networks: `scripts/wan_soak.py`",
         "",
-        f"Run {data['started']} to {data['finished']}, {data['minutes']:g} minutes per step. "
-        "Link counters at the end: "
+        f"Last run {data['started']} to {data['finished']} (commit {data.get('commit', '?')}), "
+        f"{data['minutes']:g} minutes per step; phases not in it ({_missing(data)}) keep the "
+        "figures of an earlier run. Link counters at the end of the last run: "
         f"{_mib(data['link']['a_to_b']['bytes'])} MiB primary to replica, "
         f"{data['link']['a_to_b']['dropped']} packets dropped that way.",
         "",
@@ -132,6 +134,8 @@ def _wan(data: dict[str, Any]) -> list[str]:
     if load := data.get("load"):
         lines += [
             "### Steady load at 200 ms, 2% loss, 20 Mbit/s, 30 s frequency",
+            "",
+            _ran(load, data),
             "",
             f"The link's goodput, one TCP stream measured in the same run: "
             f"{load['goodput_bps'] / 1e6:.2f} Mbit/s.",
@@ -163,6 +167,8 @@ def _wan(data: dict[str, Any]) -> list[str]:
             lines += [
                 f"### {title}",
                 "",
+                _ran(phase, data),
+                "",
                 f"- {what}, while 64 KiB/s were written ({_mib(phase['written'])} MiB in all)",
                 f"- health seen: {', '.join(phase['health_seen'])}; after: {phase['final_health']}"
                 + "".join(f" ({d})" for d in phase.get("final_health_details", [])),
@@ -175,7 +181,7 @@ def _wan(data: dict[str, Any]) -> list[str]:
                     "- health back to Normal with no operator "
                     + (f"{after:.0f} s after the queue drained" if after is not None
                        else "NOT within the harness's wait")
-                    + "".join(f"; until then: {d}" for d in phase["details_until_normal"])
+                    + _until(phase["details_until_normal"])
                     + _window(phase["window_at_end"])
                 )  # fmt: skip
             loads = [s["load1"] for s in phase.get("samples", []) if "load1" in s]
@@ -183,6 +189,11 @@ def _wan(data: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"- load average (1 min) while it ran: median {sorted(loads)[len(loads) // 2]}"
                     f", max {max(loads)} (2 cores, shared)"
+                )
+            if key == "outage" and (back := _backlog_cleared(phase["samples"])) is not None:
+                lines.append(
+                    f"- the backlog queued while the link was down was sent and applied "
+                    f"{back:.0f} s after the link came back (first sample with nothing pending)"
                 )
             if "max_pending" in phase:
                 lines.append(f"- largest pending log: {_mib(phase['max_pending'])} MiB")
@@ -192,6 +203,50 @@ def _wan(data: dict[str, Any]) -> list[str]:
                 )
             lines.append("")
     return lines
+
+
+def _samples(phase: dict[str, Any]) -> list[dict[str, Any]]:
+    if "steps" in phase:
+        return [s for step in phase["steps"] for s in step["samples"]]
+    return list(phase.get("samples", []))
+
+
+def _of_last_run(phase: dict[str, Any], data: dict[str, Any]) -> bool:
+    if "run" in phase:
+        return bool(phase["run"]["started"] >= data["started"])
+    # Written before phases recorded their run: the harness of the same round (2026-12-01)
+    # first recorded the load average in every sample, so those samples mark the last run.
+    return any("load1" in s for s in _samples(phase))
+
+
+def _missing(data: dict[str, Any]) -> str:
+    """The phases in the file that an earlier run wrote."""
+    keys = ("load", "outage", "flapping")
+    return ", ".join(k for k in keys if k in data and not _of_last_run(data[k], data)) or "none"
+
+
+def _ran(phase: dict[str, Any], data: dict[str, Any]) -> str:
+    if run := phase.get("run"):
+        return f"Ran {run['started']} to {run['finished']} (commit {run['commit']})."
+    if _of_last_run(phase, data):
+        return "From the last run."
+    return "From an earlier run, whose time the results file does not hold."
+
+
+def _until(details: list[str]) -> str:
+    """The first and the last reason health gave while it was not Normal."""
+    if not details:
+        return ""
+    if len(details) == 1:
+        return f"; until then: {details[0]}"
+    return f"; until then, first: {details[0]}; last: {details[-1]}"
+
+
+def _backlog_cleared(samples: list[dict[str, Any]]) -> float | None:
+    up = next((s["t"] for s in samples if s["note"] == "link up"), None)
+    if up is None:
+        return None
+    return next((s["t"] - up for s in samples if s["t"] > up and s["pending"] == 0), None)
 
 
 def _window(w: dict[str, Any]) -> str:

@@ -324,7 +324,11 @@ def main() -> None:
         phases = {"load": phase_load, "outage": phase_outage, "flapping": phase_flapping}
         for name in args.phases.split(","):
             print(f"== {name}", flush=True)
+            phase_began = datetime.now(UTC).isoformat()
             results[name] = phases[name](pair, wan, args.minutes)
+            # Phases of other runs stay in the file: each says which run it came from.
+            results[name]["run"] = {"started": phase_began, "finished": datetime.now(UTC)
+                                    .isoformat(), "commit": results["commit"]}  # fmt: skip
     finally:
         results["finished"] = datetime.now(UTC).isoformat()
         results["link"] = wan.stats()
