@@ -267,13 +267,20 @@ def _torture(data: dict[str, Any]) -> list[str]:
         "",
         f"Run {data['started']} to {data['finished']}, seed {data['seed']}, "
         f"{data['kills_asked']} kills asked, {len(landed)} landed in {len(rounds)} rounds "
-        f"({len(rounds) - len(landed)} rounds found nothing to kill: no child process, or the VM "
-        "between stop and start), "
+        f"({len(rounds) - len(landed)} rounds found nothing to kill: no helper of the drawn kind "
+        "ran while the phase did, or the VM was between stop and start), "
         f"{len(landed) - len(failed)} recovered by themselves (agent or VM started again, as a "
         "service manager or an administrator would), "
         f"{len(failed)} did not. Phases drawn from: {', '.join(data.get('phases', []))}. "
         f"The command: `.venv/bin/python scripts/torture.py --seed {data['seed']} --kills "
-        f"{data['kills_asked']}`.",
+        f"{data['kills_asked']}"
+        + (f" --minutes {data['minutes']:g}`." if data.get("minutes") else "`.")
+        + (
+            " It stopped starting rounds at its time limit (`--minutes`) with fewer kills than "
+            "asked."
+            if len(landed) < data["kills_asked"] and "primary" in final
+            else ""
+        ),
         "",
         "| phase | victim killed | kills | killed while the phase ran | recovered | "
         "recovery s, median | max |",
