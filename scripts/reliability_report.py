@@ -309,6 +309,19 @@ def _torture(data: dict[str, Any]) -> list[str]:
         + "; by process (host): " + ", ".join(f"{k} {n}" for k, n in sorted(targets.items())),
         "",
     ]  # fmt: skip
+    wanted = sorted({r["wanted"] for r in rounds if r.get("wanted")})
+    if wanted:
+        parts = []
+        for kind in wanted:
+            drawn = [r for r in rounds if r.get("wanted") == kind]
+            hit = sum(r["outcome"] != "no-target" for r in drawn)
+            parts.append(f"{kind} drawn {len(drawn)} times, killed {hit} times")
+        lines += [
+            "Child rounds (the helper kind is drawn, then awaited while the phase runs): "
+            + "; ".join(parts)
+            + ". The others found no helper of their kind while their phase ran.",
+            "",
+        ]
     if loads := sorted(r["load1"] for r in landed if "load1" in r):
         lines += [
             f"The machine's 1-minute load average at the kills (2 cores, shared with other "
