@@ -78,9 +78,9 @@ DEFECTS = """## Defects these runs found, each fixed with its reproduction kept 
 
 Health is computed over the monitoring window (REFERENCE.md, "Health"): Warning while more than
 20% of the window's cycles were missed. A cycle that cannot send holds its VM's schedule until
-TCP gives up (60 s, `TCP_USER_TIMEOUT`), and the periods that pass meanwhile are missed, as in
-Hyper-V; a 5-minute outage at a 30 s frequency thus leaves about 6 to 7 missed and 3 failed
-cycles in the window. Once the queue has drained, health stays Warning only until successful
+it gives up (its connection and send timeouts, 60 s for a link gone silent), and the periods
+that pass meanwhile are counted missed, as in Hyper-V; the 5-minute outages of this round's two
+runs left 6 and 7 missed and 3 failed cycles in the window. Once the queue has drained, health stays Warning only until successful
 cycles bring the missed ones to 20% or less of the window's cycles (7 missed need 35 cycles
 in all), or the window ends; then it is Normal with no operator. The figures above say how
 long that took. This is the rule working, not a defect; an operator who wants Normal at once
