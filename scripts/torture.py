@@ -15,6 +15,7 @@ not recover in time, or a recovery point, or the latest, that fails its checks.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import tempfile
@@ -50,6 +51,9 @@ def main() -> int:
     data = run(base, args.seed, args.kills, args.results, deadline=deadline,
                recovery_timeout=args.recovery_timeout, phases=phases,
                log=lambda line: print(line, flush=True))  # fmt: skip
+    if args.minutes:  # the report shows the command: with its time limit
+        data["minutes"] = args.minutes
+        args.results.write_text(json.dumps(data, indent=2) + "\n")
     failed = [r for r in data["rounds"] if r["outcome"] not in ("recovered", "no-target")]
     print(f"{data['kills']} kills, {data['recovered']} recovered, {len(failed)} failed; "
           f"final check {'ok' if data['final'].get('ok') else 'FAILED'}: "

@@ -4,7 +4,12 @@ kill -9 hits, at random moments of random phases, the primary agent, the replica
 qemu-img or qemu-storage-daemon child of either agent, or the VM's QEMU.
 
 Every choice comes from ``random.Random(seed)``: each round picks a phase, a victim and a delay
-into the phase. The phases, each driven through the CLI as an operator would:
+into the phase. A ``child`` victim is a helper an agent runs: its kind (qemu-storage-daemon or
+qemu-img) is drawn from a second generator of the same seed (so the rounds' draws stay those of
+the seed), and the harness watches, from the delay on while the phase runs, for a process of
+that kind and kills the oldest one; if the phase runs none, the round found nothing to kill
+and another round is drawn. Each kill records the kind it hit and the helper kinds present.
+The phases, each driven through the CLI as an operator would:
 
 - ``cycle``: ``replication sync``; with ``--recovery-point-interval 1`` and
   ``--recovery-history 2`` each cycle also freezes a recovery point on the replica and prunes
@@ -16,14 +21,21 @@ into the phase. The phases, each driven through the CLI as an operator would:
   ``replication resume --resynchronize`` starts the resynchronization the kill then hits (unless
   the automatic one started first);
 - ``planned``: a planned failover to vmhost1, reverse, the guest writing there, then fail-back
-  and reverse again (tests/torture_planned.py).
+  and reverse again (tests/torture_planned.py);
+- ``initial``: replication removed on both sides with the replica's storage, enabled again,
+  and the kill lands in ``start-initial --wait``: the NBD copy into the replica's
+  qemu-storage-daemon (tests/torture_initial.py).
 
 After each kill the harness does what a service manager and an administrator would: it starts
 the killed agent again, starts the VM again if its QEMU died, ends a failover or test
 failover the kill left behind, and finishes a planned round trip it interrupted. Then it waits, up to ``recovery_timeout``, for both sides to be
 Replicating, not quarantined, and a ``replication sync`` to succeed (a lost tracking is mended
 by the VM's automatic resynchronization, whose window spans the day). A recovery that does not
-come is recorded as a failure with the agents' last log lines, and the loop goes on.
+come is recorded as a failure with the agents' last log lines, and the loop goes on. Then the
+oldest recovery point not yet opened is opened through a test failover and checked as at the
+end (:func:`tests.torture_check.check_point`): with ``--recovery-history 2`` points are pruned
+within a round or two, and opening each one made would double the run's length, so each round
+opens one, and the results count the points made and opened.
 
 At the end (:mod:`tests.torture_check`): the guest is stopped cleanly, a last sync made, and
 every recovery point on the replica is opened through a test failover and checked: ext4 clean
@@ -43,22 +55,29 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests import guest, torture_planned
+from tests import guest, torture_initial, torture_planned
 from tests.integration.replication_env import PRIMARY, REPLICA, Pair, wait_for
 from tests.integration.test_failover import two_way
 from tests.localcluster import Cluster
 
 VM = "app"
-PHASES = ("cycle", "test-failover", "failover", "resync", "planned")
+PHASES = ("cycle", "test-failover", "failover", "resync", "planned", "initial")
 VICTIMS = ("primary-agent", "replica-agent", "child", "vm-qemu")
+# The kinds a kill records: a child victim is one of the two helper kinds.
+KINDS = ("primary-agent", "replica-agent", "qemu-storage-daemon", "qemu-img", "vm-qemu")
 # How long into each phase a kill may land, in seconds: about the phase's length here (TCG).
-SPAN = {"cycle": 4.0, "test-failover": 2.0, "failover": 2.0, "resync": 3.0, "planned": 30.0}
-CHILDREN = (b"qemu-img", b"qemu-storage-d")  # comm is cut at 15 bytes
+# The initial copy of the guest's 64 MiB disk (its allocated part) is over within a second or
+# two; a child victim is watched for from the delay on, so a short span still finds the copy.
+SPAN = {"cycle": 4.0, "test-failover": 2.0, "failover": 2.0, "resync": 3.0, "planned": 30.0,
+        "initial": 1.0}  # fmt: skip
+# /proc/PID/stat's comm is the name cut to 15 bytes: "qemu-storage-da". The earlier key here,
+# b"qemu-storage-d" (14), matched no process, and no storage daemon was ever killed.
+CHILDREN = {b"qemu-img": "qemu-img", b"qemu-storage-daemon"[:15]: "qemu-storage-daemon"}
 GUEST_CACHE = Path(os.environ.get("VMREPLICA_GUEST_CACHE", "~/.cache/vmreplica/guest")).expanduser()
 
 
@@ -68,6 +87,10 @@ class Kill:
     phase: str
     victim: str
     delay: float
+    kind: str = ""  # one of KINDS: what was killed
+    load1: float = 0.0  # the machine's 1-minute load average at the kill: it is shared
+    wanted: str = ""  # a child victim: the kind drawn for it
+    kinds_present: list[str] = field(default_factory=list)  # child kinds seen at a child kill
     at: str = ""  # when the kill landed (UTC)
     target: str = ""  # what was killed: "vmhost2 agent", "qemu-img (vmhost1)", ...
     during: bool = False  # the phase's command was still running when the kill landed
@@ -75,6 +98,24 @@ class Kill:
     recovery_s: float = 0.0
     actions: list[str] = field(default_factory=list)  # what the operator side did
     detail: str = ""
+
+
+def helpers_of(parents: dict[int, str]) -> list[tuple[int, str, str]]:
+    """(pid, kind, parent's name) of every qemu-img and qemu-storage-daemon whose parent is one
+    of ``parents`` (pid to name), oldest first."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        comm = stat[stat.index(b"(") + 1 : stat.rindex(b")")]
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if ppid in parents and comm in CHILDREN:
+            found.append((int(entry.name), CHILDREN[comm], parents[ppid]))
+    return sorted(found)
 
 
 def _now() -> str:
@@ -87,6 +128,11 @@ class Torture:
         self.cluster = cluster
         self.phases = phases
         self.rng = random.Random(seed)
+        # The child kind: drawn only in child rounds, so from a stream of its own.
+        self.child_rng = random.Random(f"{seed}-child")
+        self.point_checks: list[dict[str, Any]] = []
+        self.points_made: set[str] = set()  # "id@creation_time": ids start over after "initial"
+        self.checked: set[str] = set()
         self.seed = seed
         self.recovery_timeout = recovery_timeout
         self.log = log
@@ -159,22 +205,10 @@ class Torture:
                     out.append(pid)
         return out
 
-    def children(self) -> list[tuple[int, str]]:
-        """qemu-img and qemu-storage-daemon processes whose parent is an agent."""
+    def children(self) -> list[tuple[int, str, str]]:
+        """(pid, kind, agent) of qemu-img and qemu-storage-daemon processes an agent started."""
         agents = {h.process.pid: name for name, h in self.cluster.hosts.items() if h.process}
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_bytes()
-            except OSError:
-                continue
-            comm = stat[stat.index(b"(") + 1 : stat.rindex(b")")]
-            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-            if ppid in agents and comm in CHILDREN:
-                found.append((int(entry.name), f"{comm.decode()} ({agents[ppid]})"))
-        return sorted(found)
+        return helpers_of(agents)
 
     def _log_size(self, name: str) -> int:
         log = self.cluster.hosts[name].log
@@ -225,7 +259,8 @@ class Torture:
                 kill.actions.append("the phase's command hung: killed")
         if not killed:
             kill.outcome = "no-target"
-            kill.detail = f"no {victim} to kill while the phase ran; phase said: {output[-200:]}"
+            kill.detail = (f"no {kill.wanted or victim} to kill while the phase ran (children seen: "
+                           f"{', '.join(kill.kinds_present) or 'none'}); phase said: {output[-200:]}")  # fmt: skip
         begun = time.monotonic()
         try:
             self._operator(kill, phase)
@@ -248,6 +283,8 @@ class Torture:
             return self.popen("replication", "sync", VM, host=PRIMARY)
         if phase == "planned":
             return torture_planned.begin(self)
+        if phase == "initial":
+            return torture_initial.begin(self, kill)
         if phase == "resync":
             self._kill_vm(self.vm_pids())
             wait_for(lambda: self.state(PRIMARY)["state"] == "WaitingForStartResynchronize"
@@ -278,33 +315,41 @@ class Torture:
                                 stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
 
     def _kill(self, victim: str, kill: Kill, running: Callable[[], bool]) -> bool:
+        kill.load1 = round(os.getloadavg()[0], 2)
         kill.during = running()
         kill.at = _now()
         if victim in ("primary-agent", "replica-agent"):
             name = PRIMARY if victim == "primary-agent" else REPLICA
             self.cluster.kill(name)
-            kill.target = f"{name} agent"
+            kill.target, kill.kind = f"{name} agent", victim
             return True
         if victim == "vm-qemu":
             pids = self.vm_pids()
             self._kill_vm(pids)
-            kill.target = "VM's QEMU" if pids else ""
+            kill.target, kill.kind = ("VM's QEMU", victim) if pids else ("", "")
             return bool(pids)
-        # A child lives only while a step runs: watch for one until the phase ends.
+        # A child lives only while a step runs: watch for one of the drawn kind until the phase
+        # ends. Killing the first child seen hit only qemu-img: a phase's first helper is a
+        # short qemu-img (info, create), and a storage daemon starts later and lives briefly.
+        kill.wanted = self.child_rng.choice(("qemu-storage-daemon", "qemu-img"))
+        seen: set[str] = set()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             kill.during = running()
             kill.at = _now()
             found = self.children()
-            if found:
-                pid, what = found[0]
+            seen |= {k for _, k, _ in found}
+            if mine := [c for c in found if c[1] == kill.wanted]:
+                kill.kinds_present = sorted({k for _, k, _ in found})
+                pid, kind, agent = mine[0]  # the oldest of the kind
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                    kill.target = what
+                    kill.target, kill.kind = f"{kind} ({agent})", kind
                     return True
             if not kill.during:
                 break
             time.sleep(0.01)
+        kill.kinds_present = sorted(seen)  # what the phase ran instead, if anything
         return False
 
     def _kill_vm(self, pids: list[int]) -> None:
@@ -340,6 +385,8 @@ class Torture:
         deadline = time.monotonic() + self.recovery_timeout
         if phase == "planned" and not torture_planned.home(self, kill, deadline):
             return False
+        if phase == "initial" and not torture_initial.finish(self, kill, deadline):
+            return False
         while time.monotonic() < deadline:
             try:
                 self._end_failovers(kill)
@@ -361,20 +408,3 @@ class Torture:
     def records_seen(self) -> int:
         found = re.findall(r"vmr: records: (\d+)", self.serial())
         return max(map(int, found), default=0)
-
-
-def summary(torture: Torture, started: str, final: dict[str, Any], asked: int) -> dict[str, Any]:
-    kills = [k for k in torture.kills if k.outcome != "no-target"]
-    failed = [k for k in kills if k.outcome != "recovered"]
-    return {
-        "seed": torture.seed,
-        "started": started,
-        "finished": _now(),
-        "kills_asked": asked,
-        "phases": list(torture.phases),
-        "kills": len(kills),
-        "recovered": len(kills) - len(failed),
-        "rounds": [asdict(k) for k in torture.kills],
-        "final": final,
-        "lost": bool(failed) or not final.get("ok", False),
-    }

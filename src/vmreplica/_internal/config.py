@@ -253,6 +253,8 @@ def _driver(value: object, path: Path) -> str:
     if value not in DRIVERS:
         raise InvalidArgument(f"{path}: driver must be one of {', '.join(DRIVERS)}, not {value!r}")
     return str(value)
+
+
 def _cluster(value: object, path: Path) -> ClusterSettings | None:
     if value is None:
         return None
