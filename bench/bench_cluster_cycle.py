@@ -42,7 +42,6 @@ from benchlib import (
 from tests.etcd_cluster import EtcdCluster
 from tests.localcluster import Cluster
 from vmreplica._internal.cluster import member
-from vmreplica._internal.cluster.etcd import Etcd
 
 PRIMARY, NODE1, NODE3 = "vmhost2", "vmhost1", "vmhost3"
 BROKER = "broker.test"
@@ -50,7 +49,7 @@ BROKER = "broker.test"
 
 def owner_of(etcd: EtcdCluster, vm_id: str) -> str | None:
     async def ask() -> str | None:
-        client = Etcd(etcd.endpoints, timeout=1)
+        client = etcd.client(timeout=1)
         try:
             return (await member.owners(client, "bench")).get(vm_id)
         finally:
@@ -109,7 +108,8 @@ def main() -> None:
         primary = tomllib.loads(c.hosts[PRIMARY].config.read_text())
         primary["resolve"][BROKER] = "127.0.0.1"
         c.hosts[PRIMARY].config.write_text(tomli_w.dumps(primary))
-        member = ("--name", "bench", "--etcd", etcd.endpoints_arg, "--lease-ttl", str(args.ttl))
+        member = ("--name", "bench", "--etcd", etcd.endpoints_arg, *etcd.tls_args,
+                  "--lease-ttl", str(args.ttl))  # fmt: skip
         c.cli("cluster", "init", "--config", str(c.hosts[NODE1].config), *member)
         c.cli("cluster", "join", "--config", str(c.hosts[NODE3].config), *member)
         for node in (NODE1, NODE3):

@@ -63,7 +63,6 @@ def one_run(etcd: EtcdCluster, run: int, ttl: int) -> tuple[float, float]:
     import asyncio
 
     from vmreplica._internal.cluster import member
-    from vmreplica._internal.cluster.etcd import Etcd
 
     name = f"bench{run}"
     work = etcd.base / name
@@ -71,7 +70,7 @@ def one_run(etcd: EtcdCluster, run: int, ttl: int) -> tuple[float, float]:
     shared.mkdir(parents=True)
 
     async def init() -> None:
-        client = Etcd(etcd.endpoints, timeout=1)
+        client = etcd.client(timeout=1)
         await member.create_cluster(client, name, {"name": name})
         await client.put(f"/vmreplica/{name}/vms/vm1", b"{}")
         await client.close()
@@ -83,7 +82,8 @@ def one_run(etcd: EtcdCluster, run: int, ttl: int) -> tuple[float, float]:
         with open(work / f"{node}.out", "wb") as out:
             procs[node] = subprocess.Popen(
                 [sys.executable, "-m", "tests.cluster_node", "--etcd", etcd.endpoints_arg,
-                 "--cluster", name, "--node", node, "--ttl", str(ttl), "--shared", str(shared)],
+                 *etcd.tls_args, "--cluster", name, "--node", node, "--ttl", str(ttl),
+                 "--shared", str(shared)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
             )  # fmt: skip
     try:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from vmreplica._internal.cluster.etcd import Etcd
+from vmreplica._internal.cluster.etcd import Etcd, ssl_context
 from vmreplica._internal.cluster.fence import Fenced
 from vmreplica._internal.cluster.member import Member
 from vmreplica._internal.cluster.storage_lock import exclusive
@@ -49,6 +49,8 @@ async def main() -> None:
     p.add_argument("--node", required=True)
     p.add_argument("--ttl", type=int, default=3)
     p.add_argument("--shared", type=Path, required=True)
+    for flag in ("--etcd-ca", "--etcd-cert", "--etcd-key"):  # https:// etcd (mutual TLS)
+        p.add_argument(flag, type=Path)
     a = p.parse_args()
 
     async def took(vm: str) -> None:
@@ -57,7 +59,8 @@ async def main() -> None:
     async def fenced() -> None:
         emit("fenced", node=a.node)
 
-    etcd = Etcd(a.etcd.split(","), timeout=1)
+    tls = None if a.etcd_ca is None else ssl_context(a.etcd_ca, a.etcd_cert, a.etcd_key)
+    etcd = Etcd(a.etcd.split(","), timeout=1, ssl=tls)
     member = Member(etcd, a.cluster, a.node, lambda: "", a.ttl, on_acquired=took, on_fenced=fenced)
     await member.join()
     member.start()

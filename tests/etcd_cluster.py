@@ -4,6 +4,12 @@ Each instance has its own temporary directory and its own ports (`localcluster.f
 range of this xdist worker), so two test files can run one each at the same time. Heartbeat and
 election timeouts are small (50 ms, 500 ms): a member's death elects a new leader within about a
 second, which keeps lease-based tests short. `close()` always kills every member it started.
+
+Clients reach the members over TLS with `--client-cert-auth`, as production must (docs/CLUSTER.md,
+"Security"): a CA and the certificates (`localhost`, server and client use) are made once per
+instance with `vmreplica._internal.certs`. `tls_args` are the CLI's flags, `client()` an `Etcd`
+with the client certificate. `EtcdCluster.create(tls=False)` keeps plain http for a test that needs
+it. Peer traffic stays plain http: it never leaves loopback.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
@@ -20,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.localcluster import free_port
+from vmreplica._internal import certs
+from vmreplica._internal.cluster.etcd import Etcd
 
 ETCD = "/usr/bin/etcd"
 
@@ -32,10 +41,16 @@ class Member:
     data_dir: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    tls: bool = True
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        # The certificates name `localhost` (certs.issue takes DNS names only).
+        return f"https://localhost:{self.client_port}" if self.tls else self.listen_url
+
+    @property
+    def listen_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -46,17 +61,52 @@ class Member:
 class EtcdCluster:
     base: Path
     members: list[Member] = field(default_factory=list)
+    tls: bool = True
 
     @classmethod
-    def create(cls, size: int = 3, prefix: str = "vmr-etcd-") -> EtcdCluster:
+    def create(cls, size: int = 3, prefix: str = "vmr-etcd-", *, tls: bool = True) -> EtcdCluster:
         base = Path(tempfile.mkdtemp(prefix=prefix))
-        c = cls(base)
+        c = cls(base, tls=tls)
+        if tls:
+            certs.new_ca(base / "ca", "vmreplica test etcd CA")
+            certs.issue(base / "ca", ["localhost"], base / "server")
+            certs.issue(base / "ca", ["localhost"], base / "client")
         for i in range(size):
             name = f"etcd{i}"
             c.members.append(
-                Member(name, free_port(), free_port(), base / name, base / f"{name}.log")
+                Member(name, free_port(), free_port(), base / name, base / f"{name}.log", tls=tls)
             )
         return c
+
+    # The client's TLS files (the CA that signed etcd's certificate, the client certificate).
+
+    @property
+    def ca(self) -> Path:
+        return self.base / "client" / "ca.pem"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.base / "client" / "cert.pem"
+
+    @property
+    def client_key(self) -> Path:
+        return self.base / "client" / "key.pem"
+
+    @property
+    def tls_args(self) -> tuple[str, ...]:
+        """`cluster init|join` flags (`tests.cluster_node` takes the same)."""
+        if not self.tls:
+            return ()
+        return ("--etcd-ca", str(self.ca), "--etcd-cert", str(self.client_cert),
+                "--etcd-key", str(self.client_key))  # fmt: skip
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        return certs.client_ssl_context(self.ca, self.client_cert, self.client_key)
+
+    def client(self, timeout: float = 1) -> Etcd:
+        return Etcd(self.endpoints, timeout=timeout, ssl=self.ssl_context())
 
     @property
     def endpoints(self) -> list[str]:
@@ -76,7 +126,7 @@ class EtcdCluster:
                 ETCD,
                 f"--name={m.name}",
                 f"--data-dir={m.data_dir}",
-                f"--listen-client-urls={m.client_url}",
+                f"--listen-client-urls={m.listen_url}",
                 f"--advertise-client-urls={m.client_url}",
                 f"--listen-peer-urls={m.peer_url}",
                 f"--initial-advertise-peer-urls={m.peer_url}",
@@ -88,6 +138,14 @@ class EtcdCluster:
                 "--logger=zap",
                 "--log-outputs=stderr",
             ]
+            if self.tls:
+                server = self.base / "server"
+                args += [
+                    "--client-cert-auth",
+                    f"--trusted-ca-file={server / 'ca.pem'}",
+                    f"--cert-file={server / 'cert.pem'}",
+                    f"--key-file={server / 'key.pem'}",
+                ]
             with open(m.log, "ab") as log:
                 m.process = subprocess.Popen(
                     args, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
@@ -96,7 +154,8 @@ class EtcdCluster:
     def healthy(self, member: Member) -> bool:
         """etcd's own /health: true only when the member sees a leader (a quorum)."""
         try:
-            with urllib.request.urlopen(f"{member.client_url}/health", timeout=1) as r:
+            url, context = f"{member.client_url}/health", self.ssl_context()
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 return b'"true"' in r.read()
         except (urllib.error.URLError, OSError):
             return False

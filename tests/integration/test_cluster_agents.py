@@ -22,6 +22,7 @@ from tests.integration.replication_env import (
     wait_for,
 )
 from tests.localcluster import Cluster
+from vmreplica._internal import certs
 
 TTL = "3"
 
@@ -49,15 +50,43 @@ def nodes(cluster: Cluster, host: str) -> dict[str, dict[str, object]]:
     return {str(r["name"]): r for r in rows}
 
 
+def refused_by_etcd(c: Cluster, etcd: EtcdCluster) -> None:
+    """etcd runs with --client-cert-auth: no client certificate, or one of another CA, is
+    refused in one line, and host.toml stays as it was."""
+    host = config(c, REPLICA)
+    before = c.hosts[REPLICA].config.read_text()
+    init = ("cluster", "init", "--config", host, "--name", "r", "--etcd", etcd.endpoints_arg)
+    other = c.base / "other-etcd-ca"
+    certs.new_ca(other / "ca", "not the etcd CA")
+    certs.issue(other / "ca", ["localhost"], other / "client")
+    cases = [
+        ((), 2, "https:// needs --etcd-ca, --etcd-cert and --etcd-key"),
+        (("--etcd-ca", str(etcd.ca)), 2, "give --etcd-ca, --etcd-cert and --etcd-key together"),
+        (("--etcd-ca", str(etcd.ca), "--etcd-cert", str(c.base / "nope.pem"), "--etcd-key",
+          str(etcd.client_key)), 3, f"certificate not found: {c.base / 'nope.pem'}"),
+        (("--etcd-ca", str(etcd.ca), "--etcd-cert", str(other / "client/cert.pem"),
+          "--etcd-key", str(other / "client/key.pem")), 6, "TLS refused"),
+    ]  # fmt: skip
+    for args, code, message in cases:
+        r = c.cli(*init, *args, check=False)
+        assert r.returncode == code and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    http = [u.replace("https://", "http://") for u in etcd.endpoints]
+    r = c.cli(*init[:-1], ",".join(http), check=False)  # a TLS port answers no plain http
+    assert r.returncode == 6 and r.stderr.count("\n") == 1, r.stderr
+    assert c.hosts[REPLICA].config.read_text() == before
+
+
 def test_cluster_commands(stopped_cluster: Cluster, etcd: EtcdCluster) -> None:
     c = stopped_cluster
     urls = etcd.endpoints_arg
-    member = ("--etcd", urls, "--lease-ttl", TTL)
+    member = ("--etcd", urls, *etcd.tls_args, "--lease-ttl", TTL)
 
     bad = c.cli("cluster", "init", "--config", config(c, REPLICA), "--name", "r", "--etcd",
                 "localhost:2379", check=False)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
-    assert "--etcd: 'localhost:2379' is not http://HOST:PORT" in bad.stderr
+    assert "--etcd: 'localhost:2379' is not https://HOST:PORT" in bad.stderr
+    refused_by_etcd(c, etcd)
     missing = c.cli("cluster", "join", "--config", config(c, "vmhost3"), "--name", "r", *member,
                     check=False)  # fmt: skip
     assert missing.returncode == 3 and "no cluster r in etcd" in missing.stderr
@@ -113,13 +142,26 @@ def test_cluster_commands(stopped_cluster: Cluster, etcd: EtcdCluster) -> None:
     not_a_node = c.cli("cluster", "get", "--config", config(c, PRIMARY), check=False)
     assert not_a_node.returncode == 4 and "is in no cluster" in not_a_node.stderr
 
+    # An agent whose client certificate etcd does not trust stops at start, in one line.
+    toml = c.hosts["vmhost3"].config
+    other = c.base / "other-etcd-ca" / "client"
+    toml.write_text(toml.read_text().replace(str(etcd.client_cert), str(other / "cert.pem"))
+                    .replace(str(etcd.client_key), str(other / "key.pem")))  # fmt: skip
+    log = c.hosts["vmhost3"].log
+    log.write_text("")
+    with pytest.raises(RuntimeError, match="agent vmhost3 exited"):
+        c.start("vmhost3")
+    lines = log.read_text().splitlines()
+    assert "Traceback" not in log.read_text(), lines
+    assert lines[-1].startswith("vmreplica: etcd at https://") and "TLS refused" in lines[-1]
+
 
 def test_replica_node_applies_only_under_a_valid_lease(cluster: Cluster, etcd: EtcdCluster) -> None:
     """The replica host is a node; etcd loses its quorum: the replica refuses deltas (the
     primary keeps them), nobody else takes the VM; quorum back: the next cycle applies them."""
     c = cluster
     c.cli("cluster", "init", "--config", config(c, REPLICA), "--name", "r", "--etcd",
-          etcd.endpoints_arg, "--lease-ttl", TTL)  # fmt: skip
+          etcd.endpoints_arg, *etcd.tls_args, "--lease-ttl", TTL)  # fmt: skip
     c.stop(REPLICA)
     c.start(REPLICA)
     pair = make_pair(c)

@@ -45,7 +45,7 @@ class Nodes:
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "tests.cluster_node", "--etcd", self.etcd.endpoints_arg,
-             "--cluster", self.cluster, "--node", name, "--ttl", str(TTL),
+             *self.etcd.tls_args, "--cluster", self.cluster, "--node", name, "--ttl", str(TTL),
              "--shared", str(self.shared)],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
         )  # fmt: skip
@@ -81,7 +81,7 @@ class Nodes:
 
 def run(fn: Callable[[Etcd], Awaitable[T]], etcd: EtcdCluster) -> T:
     async def go() -> T:
-        client = Etcd(etcd.endpoints, timeout=1)
+        client = etcd.client(timeout=1)
         try:
             return await fn(client)
         finally:

@@ -79,7 +79,7 @@ def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
     primary = tomllib.loads(c.hosts[PRIMARY].config.read_text())
     primary["resolve"][BROKER] = "127.0.0.1"
     c.hosts[PRIMARY].config.write_text(tomli_w.dumps(primary))
-    member = ("--name", "r", "--etcd", etcd.endpoints_arg, "--lease-ttl", "3")
+    member = ("--name", "r", "--etcd", etcd.endpoints_arg, *etcd.tls_args, "--lease-ttl", "3")
     c.cli("cluster", "init", "--config", str(c.hosts[REPLICA].config), *member)
     c.cli("cluster", "join", "--config", str(c.hosts[OTHER].config), *member)
 

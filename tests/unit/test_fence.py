@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vmreplica._internal.cluster.fence import SAFE_FRACTION, Fence, Fenced
-from vmreplica._internal.config import parse_endpoints
+from vmreplica._internal.cluster_config import parse_endpoints
 from vmreplica.errors import InvalidArgument
 
 
@@ -53,7 +53,8 @@ def test_a_lease_etcd_says_is_gone_fences_at_once() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["", "127.0.0.1:2379", "https://a:1", "http://a", "http://a:1/x", "http://:1"]
+    "value",
+    ["", "127.0.0.1:2379", "ftp://a:1", "http://a", "https://a:x", "http://a:1/x", "http://:1"],
 )
 def test_bad_etcd_urls_are_one_line_errors(value: str) -> None:
     with pytest.raises(InvalidArgument, match="--etcd"):

@@ -157,7 +157,7 @@ class Agent:
             await self.engine.cluster_settings.apply(snapshot)
 
         return Member(
-            Etcd(cluster.etcd), cluster.name, config.name, address, cluster.lease_ttl,
+            Etcd(cluster.etcd, ssl=cluster.ssl_context()), cluster.name, config.name, address, cluster.lease_ttl,
             on_fenced=fenced, can_take=can_take, on_settings=settings, on_acquired=acquired,
         )  # fmt: skip
 
@@ -167,6 +167,14 @@ class Agent:
         member = self.member
         if member is None:
             return
+        if not member.etcd.authenticated:
+            self.events.record(
+                "cluster-etcd-unauthenticated",
+                f"etcd is reached over plain http ({', '.join(member.etcd.endpoints)}), without "
+                "authentication: anyone who reaches its port can authorize their own primary or "
+                "take VMs (use https:// with etcd_ca, etcd_cert, etcd_key: docs/CLUSTER.md)",
+                level="warning",
+            )
         await member.join()
         snapshot, _ = await member.settings()
         if snapshot is None:  # the first node: its settings become the cluster's

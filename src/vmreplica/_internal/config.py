@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 import tomli_w
 
 from vmreplica._internal.certs import check_dns_name
+from vmreplica._internal.cluster_config import ClusterSettings, parse_cluster
 from vmreplica.errors import InvalidArgument, NotFound, StorageError
 
 DEFAULT_SOCKET = "/run/vmreplica/agent.sock"
@@ -55,19 +55,6 @@ class PeerCredentials:
 
     tls: TlsFiles
     kerberos: KerberosKeys
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """`[cluster]`: the cluster this host is a node of (docs/CLUSTER.md)."""
-
-    name: str
-    etcd: tuple[str, ...]
-    # The node's etcd lease: another node can take this node's VMs this long after its death.
-    lease_ttl: int = 10
-
-    def to_toml(self) -> dict[str, Any]:
-        return {"name": self.name, "etcd": list(self.etcd), "lease_ttl": self.lease_ttl}
 
 
 @dataclass(frozen=True)
@@ -245,7 +232,7 @@ def load_host_config(path: Path) -> HostConfig:
             parse_listen(str(data["metrics_listen"])) if data.get("metrics_listen") else None
         ),
         kerberos=_kerberos(data.get("kerberos"), path),
-        cluster=_cluster(data.get("cluster"), path),
+        cluster=parse_cluster(data.get("cluster"), path),
     )
 
 
@@ -253,45 +240,6 @@ def _driver(value: object, path: Path) -> str:
     if value not in DRIVERS:
         raise InvalidArgument(f"{path}: driver must be one of {', '.join(DRIVERS)}, not {value!r}")
     return str(value)
-
-
-def _cluster(value: object, path: Path) -> ClusterSettings | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{path}: [cluster] must be a table with name and etcd")
-    etcd, ttl = value.get("etcd"), value.get("lease_ttl", 10)
-    if not isinstance(etcd, list) or not all(isinstance(u, str) for u in etcd):
-        raise InvalidArgument(f"{path}: [cluster] etcd must be a list of http://HOST:PORT URLs")
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 2 <= ttl <= 300:
-        raise InvalidArgument(f"{path}: [cluster] lease_ttl must be 2..300 seconds")
-    try:
-        endpoints = parse_endpoints(",".join(etcd))
-        name = validate_cluster_name(str(value.get("name", "")))
-    except InvalidArgument as e:
-        raise InvalidArgument(f"{path}: [cluster] {e.message}") from e
-    return ClusterSettings(name, endpoints, ttl)
-
-
-def validate_cluster_name(name: str) -> str:
-    """A cluster name is a key component in etcd: letters, digits, `-`, `_`, `.`."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
-        raise InvalidArgument(
-            f"invalid cluster name {name!r}: 1 to 63 letters, digits, '.', '-' or '_'"
-        )
-    return name
-
-
-def parse_endpoints(value: str) -> tuple[str, ...]:
-    """`http://host:port[,…]` → the endpoints, checked (one-line errors, nothing changed)."""
-    endpoints = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not endpoints:
-        raise InvalidArgument("--etcd: give at least one URL, e.g. http://10.0.0.1:2379")
-    for url in endpoints:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname or parts.port is None or parts.path:
-            raise InvalidArgument(f"--etcd: {url!r} is not http://HOST:PORT")
-    return endpoints
 
 
 def _kerberos(value: object, path: Path) -> KerberosKeys | None:

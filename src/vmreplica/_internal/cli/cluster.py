@@ -23,22 +23,21 @@ from vmreplica._internal.certs import check_dns_name
 from vmreplica._internal.cli.output import output_options, render
 from vmreplica._internal.cluster import member
 from vmreplica._internal.cluster.etcd import Etcd
-from vmreplica._internal.config import (
+from vmreplica._internal.cluster_config import (
     ClusterSettings,
-    load_host_config,
     parse_endpoints,
     validate_cluster_name,
-    write_toml_atomic,
 )
+from vmreplica._internal.config import load_host_config, write_toml_atomic
 from vmreplica._internal.models import ClusterInfo, ClusterNode
-from vmreplica.errors import InvalidState
+from vmreplica.errors import InvalidArgument, InvalidState
 
 T = TypeVar("T")
 
 
 def _run(settings: ClusterSettings, fn: Callable[[Etcd], Awaitable[T]]) -> T:
     async def go() -> T:
-        etcd = Etcd(settings.etcd)
+        etcd = Etcd(settings.etcd, ssl=settings.ssl_context())
         try:
             return await fn(etcd)
         finally:
@@ -63,11 +62,34 @@ def _write(config_path: Path, settings: ClusterSettings) -> None:
     write_toml_atomic(config_path, dataclasses.replace(config, cluster=settings).to_toml())
 
 
+def _membership(
+    name: str, etcd: str, lease_ttl: int, tls: tuple[Path | None, Path | None, Path | None]
+) -> ClusterSettings:
+    """The settings `init|join` write, all checked first (one-line errors, nothing changed):
+    the URLs, the TLS files together, and that the files make a usable client context."""
+    ca, cert, key = (p.resolve() if p is not None else None for p in tls)
+    try:
+        settings = ClusterSettings(
+            validate_cluster_name(name), parse_endpoints(etcd), lease_ttl, ca, cert, key
+        )
+    except InvalidArgument as e:
+        raise InvalidArgument(e.message.replace("etcd_ca", "--etcd-ca")
+                              .replace("etcd_cert", "--etcd-cert")
+                              .replace("etcd_key", "--etcd-key")) from e  # fmt: skip
+    settings.ssl_context()  # a missing, unreadable or mismatched file refuses here
+    return settings
+
+
 def membership_options(f: Callable[..., None]) -> Callable[..., None]:
+    for flag, what in (("--etcd-key", "this node's client key"),
+                       ("--etcd-cert", "this node's client certificate for etcd"),
+                       ("--etcd-ca", "the CA etcd's certificate must be issued by")):  # fmt: skip
+        f = click.option(flag, type=click.Path(path_type=Path), metavar="PEM",
+                         help=f"{what.capitalize()} (https:// etcd, mutual TLS).")(f)  # fmt: skip
     f = click.option("--lease-ttl", type=click.IntRange(2, 300), default=10, show_default=True,
                      help="Seconds after a node's death before another can take its VMs.")(f)  # fmt: skip
     f = click.option("--etcd", "etcd", required=True, metavar="URL[,URL…]",
-                     help="etcd client URLs, http://HOST:PORT.")(f)  # fmt: skip
+                     help="etcd client URLs, https://HOST:PORT (http:// is unauthenticated).")(f)  # fmt: skip
     f = click.option("--name", required=True, help="The cluster's name.")(f)
     return click.option("--config", "config_path", required=True,
                         type=click.Path(path_type=Path), help="This host's host.toml.")(f)  # fmt: skip
@@ -82,10 +104,18 @@ def group() -> None:
 @membership_options
 @output_options
 def init_cmd(
-    config_path: Path, name: str, etcd: str, lease_ttl: int, output: str, properties: str | None
+    config_path: Path,
+    name: str,
+    etcd: str,
+    lease_ttl: int,
+    etcd_ca: Path | None,
+    etcd_cert: Path | None,
+    etcd_key: Path | None,
+    output: str,
+    properties: str | None,
 ) -> None:
     """Create a cluster in etcd and make this host its first node (restart its agent)."""
-    settings = ClusterSettings(validate_cluster_name(name), parse_endpoints(etcd), lease_ttl)
+    settings = _membership(name, etcd, lease_ttl, (etcd_ca, etcd_cert, etcd_key))
     load_host_config(config_path)  # a bad host.toml refuses before etcd is changed
     created = datetime.now(UTC).isoformat(timespec="seconds")
     _run(settings, lambda e: member.create_cluster(e, name, {"name": name, "created": created}))
@@ -97,10 +127,18 @@ def init_cmd(
 @membership_options
 @output_options
 def join_cmd(
-    config_path: Path, name: str, etcd: str, lease_ttl: int, output: str, properties: str | None
+    config_path: Path,
+    name: str,
+    etcd: str,
+    lease_ttl: int,
+    etcd_ca: Path | None,
+    etcd_cert: Path | None,
+    etcd_key: Path | None,
+    output: str,
+    properties: str | None,
 ) -> None:
     """Make this host a node of an existing cluster (restart its agent)."""
-    settings = ClusterSettings(validate_cluster_name(name), parse_endpoints(etcd), lease_ttl)
+    settings = _membership(name, etcd, lease_ttl, (etcd_ca, etcd_cert, etcd_key))
     info = _info(settings)  # refuses a cluster that does not exist
     _write(config_path, settings)
     render([info], ClusterInfo, output, properties)

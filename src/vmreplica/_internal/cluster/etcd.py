@@ -12,17 +12,24 @@ bound to a lease, reads by prefix, and transactions that compare a key's existen
 revision. Each call carries a short deadline (`timeout`) so that a member without a quorum
 makes the call fail instead of hanging, and a failed call moves to the next endpoint. Every
 failure leaves here as :class:`EtcdUnavailable`, one line naming the endpoints.
+
+`https://` endpoints take `ssl`, a client context (:func:`ssl_context`): etcd is verified against
+the cluster's CA and this node presents its client certificate (etcd's `--client-cert-auth`). A
+TLS failure (a certificate etcd does not trust, or one this node does not) says so in that line.
 """
 
 from __future__ import annotations
 
 import base64
+import ssl as _ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from vmreplica._internal import certs
 from vmreplica.errors import ConnectionFailed
 
 # A request to a member that lost its quorum waits for a leader; past this, try the next one.
@@ -57,17 +64,48 @@ def _put(key: str, value: bytes, lease: int) -> dict[str, Any]:
     return {"key": _b64(key), "value": _b64(value)} | ({"lease": str(lease)} if lease else {})
 
 
+def ssl_context(ca: str | Path, cert: str | Path, key: str | Path) -> _ssl.SSLContext:
+    """Mutual TLS to etcd: trust only `ca`, present `cert`/`key` (one-line errors on bad files)."""
+    return certs.client_ssl_context(ca, cert, key)
+
+
+def _tls_failure(e: BaseException) -> bool:
+    """A refused handshake: ours (etcd's certificate) or etcd's (our certificate, or none)."""
+    if isinstance(e, aiohttp.ClientSSLError):
+        return True
+    text = str(e)
+    return any(w in text for w in ("SSL", "CERTIFICATE", "certificate", "TLS"))
+
+
 class Etcd:
-    def __init__(self, endpoints: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        ssl: _ssl.SSLContext | None = None,
+    ) -> None:
         self.endpoints = tuple(endpoints)
         self.timeout = timeout
+        self.ssl = ssl
         self._current = 0
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def authenticated(self) -> bool:
+        """Every endpoint is https with a client certificate (otherwise anyone who reaches
+        etcd's port can rewrite the cluster: docs/CLUSTER.md, "Security")."""
+        return self.ssl is not None and all(u.startswith("https://") for u in self.endpoints)
+
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        last = ""
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                # An http:// endpoint ignores the context; https:// without one uses the
+                # system's CAs (config refuses that combination).
+                connector=aiohttp.TCPConnector(ssl=self.ssl if self.ssl is not None else True),
+            )
+        last, tls = "", False
         for _ in self.endpoints:
             url = self.endpoints[self._current] + path
             try:
@@ -78,9 +116,15 @@ class Etcd:
                     # A member without a leader answers "context deadline exceeded" or
                     # "no leader": the next endpoint may have the quorum.
                     last = f"HTTP {r.status}: {answer.get('error', answer) if isinstance(answer, dict) else answer}"
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                last = f"{type(e).__name__}: {e}"
+            except (aiohttp.ClientError, TimeoutError, ValueError, _ssl.SSLError) as e:
+                last = " ".join(f"{type(e).__name__}: {e}".split())
+                tls = tls or _tls_failure(e)
             self._current = (self._current + 1) % len(self.endpoints)
+        if tls:
+            raise EtcdUnavailable(
+                f"etcd at {', '.join(self.endpoints)}: TLS refused (is etcd_cert issued by the CA "
+                f"etcd trusts, and etcd's certificate by etcd_ca?): {last}"
+            )
         raise EtcdUnavailable(
             f"etcd did not answer at {', '.join(self.endpoints)} (down, or no quorum): {last}"
         )
