@@ -226,3 +226,25 @@ def test_replica_node_applies_only_under_a_valid_lease(cluster: Cluster, etcd: E
     c.cli("replication", "sync", "app", host=PRIMARY)
     assert time.monotonic() - started >= 3
     verified_equal(pair)
+
+
+def test_plain_http_etcd_works_with_a_warning(stopped_cluster: Cluster) -> None:
+    """http:// is still accepted (clusters set up before TLS), and the agent says at start that
+    etcd is unauthenticated."""
+    c = stopped_cluster
+    plain = EtcdCluster.create(tls=False)
+    try:
+        plain.start()
+        plain.wait_healthy()
+        c.cli("cluster", "init", "--config", config(c, REPLICA), "--name", "p", "--etcd",
+              plain.endpoints_arg, "--lease-ttl", TTL)  # fmt: skip
+        c.start(REPLICA)
+        assert nodes(c, REPLICA)[REPLICA]["healthy"]
+        events = c.cli_json("event", "list", "-o", "json", host=REPLICA)
+        warned = [e for e in events if e["kind"] == "cluster-etcd-unauthenticated"]
+        assert len(warned) == 1 and warned[0]["level"] == "warning", warned
+        assert "without authentication" in str(warned[0]["message"])
+        assert "cluster-etcd-unauthenticated" in c.hosts[REPLICA].log.read_text()
+        c.stop(REPLICA)
+    finally:
+        plain.close()

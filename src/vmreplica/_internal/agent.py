@@ -175,7 +175,11 @@ class Agent:
                 "take VMs (use https:// with etcd_ca, etcd_cert, etcd_key: docs/CLUSTER.md)",
                 level="warning",
             )
-        await member.join()
+        try:
+            await member.join()
+        except BaseException:  # etcd refused or down: the agent stops, with one line
+            await member.etcd.close()
+            raise
         snapshot, _ = await member.settings()
         if snapshot is None:  # the first node: its settings become the cluster's
             await self.engine.cluster_settings.publish()
