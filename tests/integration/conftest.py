@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.etcd_cluster import EtcdCluster
 from tests.libvirt_host import libvirt_hosts
 from tests.localcluster import Cluster
 
@@ -68,3 +69,15 @@ def any_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The cluster on each driver in turn: the replication and failover tests run on both."""
     with driver_cluster(str(request.param)) as c:
         yield c
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdCluster]:
+    """A real 3-member etcd on loopback, client TLS with certificates; always stopped."""
+    c = EtcdCluster.create()
+    try:
+        c.start()
+        c.wait_healthy()
+        yield c
+    finally:
+        c.close()

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,17 +24,6 @@ from tests.localcluster import Cluster
 from vmreplica._internal import certs
 
 TTL = "3"
-
-
-@pytest.fixture
-def etcd() -> Iterator[EtcdCluster]:
-    c = EtcdCluster.create()
-    try:
-        c.start()
-        c.wait_healthy()
-        yield c
-    finally:
-        c.close()
 
 
 def config(cluster: Cluster, host: str) -> str:

@@ -105,17 +105,6 @@ def contiguous(records: list[tuple[str, int]]) -> None:
 
 
 @pytest.fixture
-def etcd() -> Iterator[EtcdCluster]:
-    c = EtcdCluster.create()
-    try:
-        c.start()
-        c.wait_healthy()
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
 def nodes(etcd: EtcdCluster) -> Iterator[Nodes]:
     shared = etcd.base / "shared"
     shared.mkdir()

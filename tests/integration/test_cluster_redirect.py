@@ -13,10 +13,8 @@ import socket
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import tomli_w
 
 from tests.etcd_cluster import EtcdCluster
@@ -59,17 +57,6 @@ class Proxy:
 
     def close(self) -> None:
         self._server.close()
-
-
-@pytest.fixture
-def etcd() -> Iterator[EtcdCluster]:
-    c = EtcdCluster.create()
-    try:
-        c.start()
-        c.wait_healthy()
-        yield c
-    finally:
-        c.close()
 
 
 def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
