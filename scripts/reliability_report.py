@@ -99,20 +99,19 @@ NOT_YET = """## Not yet
   of a running VM, a test failover) then counts as a round that found nothing to kill. Storage
   daemons run in an initial copy (the replica's import), and for a VM that is off (the
   planned round trip's last cycle and its preparation).
-- The plain initial copy (NBD) cut by the network starts over; `start-initial --compressed`
-  resumes (its deltas resume like any other: 48,905 bytes more than the data were sent in
-  all after a cut at 90% of 32 MiB, `test_initial_compressed.py`). What resuming the plain copy
-  would take: the replica now deletes its staging images when the import closes before the
-  copy finished (`engine/replica/initial.py`, `close_import`); it would instead keep them and
-  move them into the chains as a seed (the `seed-adopt` journal step of `engine/replica/seed.py`,
-  which already survives a crash), and say so in its status; the primary's retry
-  (`engine/primary/initial.py`, `start`/`run`) would then switch, on seeing that seed, to the
-  compared kind (`START_INITIAL_FROM_COPY`, as `--use-backup` does), which runs as a resync
-  hashing 64 KiB blocks on both sides and sends only those that differ. Blocks the cut copy
-  wrote are then not sent again (32 bytes of hash each instead); blocks in flight at the cut
-  (qemu-img convert's parallel requests) are. A test would cut the copy at 90% through the
-  counting proxy, as `test_initial_compressed.py` does, and bound the bytes resent. Not done
-  in this round for lack of time.
+- The plain initial copy (NBD) cut by the network now resumes (`engine/replica/kept.py`): the
+  replica keeps what arrived as its chains' base (`initial_kind = "kept"`, recorded before the
+  renames, so a kill -9 anywhere leaves a valid base; a restarted agent keeps the images still
+  staged, and a kill -9 of the replica mid-copy keeps only what its import daemon had flushed), and the primary's retry, seeing it in the replica's status, runs as a compare of
+  64 KiB blocks on both sides: a block the cut copy wrote costs its hash (64 hex digits), and
+  only those it had not written, or had in flight (qemu-img convert's 16 parallel requests),
+  travel again. After a cut at 90% of 32 MiB, 1,077,201 and 1,082,217 bytes (two runs) more
+  than the data crossed the links in all, the hashes and the HTTPS of the retry included
+  (`test_initial_resume.py`, bounded there at 8 MiB; from the start would be 29 MiB more); `start-initial --compressed` resumes too (48,905 bytes more, same cut,
+  `test_initial_compressed.py`). Still not done: the retry runs when the plain copy's did
+  before (at the next replication interval, or `start-initial` again), not at once; the
+  compare reads both whole disks to hash them, so a resumed copy saves bytes on the link, not
+  time reading; and a copy cut before any data arrived starts over on NBD (nothing to keep).
 """
 
 

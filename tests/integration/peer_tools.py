@@ -118,10 +118,16 @@ class TcpProxy:
     each way (TLS and HTTP framing included: what a link between the sites would carry), and,
     with ``limit`` set, cutting each connection after that many bytes towards the agent."""
 
-    def __init__(self, target_port: int, limit: int | None = None) -> None:
+    def __init__(
+        self, target_port: int, limit: int | None = None, *, port: int = 0,
+        target_host: str = "127.0.0.1",
+    ) -> None:  # fmt: skip
+        """``port`` and ``target_host``: to stand in for a port the agent gives out (the initial
+        copy's NBD port), listen on 127.0.0.1 at that port and forward to another loopback
+        address, where the agent, reached there, serves it."""
         self.limit = limit
-        self._target = target_port
-        self._server = socket.create_server(("127.0.0.1", 0))
+        self._target = (target_host, target_port)
+        self._server = socket.create_server(("127.0.0.1", port))
         self.port = self._server.getsockname()[1]
         self._lock = threading.Lock()
         self._bytes = 0
@@ -145,7 +151,7 @@ class TcpProxy:
                 continue
             except OSError:
                 return  # closed
-            upstream = socket.create_connection(("127.0.0.1", self._target))
+            upstream = socket.create_connection(self._target)
             threading.Thread(
                 target=self._pump, args=(client, upstream, self.limit, True), daemon=True
             ).start()

@@ -263,6 +263,8 @@ def start_initial(
             row = _wait_resync(client, vm, "initial replication")
         elif wait and row.state == "InitialReplicationInProgress":
             row = _wait_initial(client, vm)
+            if row.state == "Resynchronizing":  # it resumed from what the replica kept
+                row = _wait_resync(client, vm, "initial replication")
         render([row], Replication, output, properties)
 
 
@@ -294,7 +296,7 @@ def _wait_initial(client: Client, vm: str) -> Replication:
             if polls % 10 == 0:
                 _raise_if_failing(client, vm)
             time.sleep(0.1)
-    if row.state != "Replicating":
+    if row.state not in ("Replicating", "Resynchronizing"):
         detail = client.replication_measure(vm)[0].health_details
         raise VmrError(
             f"initial replication of {vm} did not finish (state {row.state}): {'; '.join(detail)}"

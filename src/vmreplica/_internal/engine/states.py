@@ -51,6 +51,11 @@ class Command(enum.Enum):
         "start initial replication from the copy on the replica (start-initial --use-backup)",
         True,
     )
+    RESUME_INITIAL_FROM_KEPT = (
+        "resume_initial_from_kept",
+        "resume initial replication from the part of the copy already on the replica",
+        False,
+    )
     STOP_INITIAL = ("stop_initial", "stop initial replication (replication stop-initial)", True)
     RETRY_INITIAL = ("retry_initial", "start initial replication again", True)
     FINISH_INITIAL = ("finish_initial", "finish initial replication", False)
@@ -103,6 +108,9 @@ TRANSITIONS: dict[tuple[Side, State, Command], State] = {
     # Initial replication from a copy already on the replica (seeding): a resynchronization of
     # that copy, so only the blocks that differ travel.
     (P, S.READY_FOR_INITIAL, C.START_INITIAL_FROM_COPY): S.RESYNCHRONIZING,
+    # A plain copy that was cut, retried against what the replica kept of it (a seed, so the
+    # same resynchronization): the blocks that arrived are compared, not sent again.
+    (P, S.INITIAL_IN_PROGRESS, C.RESUME_INITIAL_FROM_KEPT): S.RESYNCHRONIZING,
     (R, S.WAITING_FOR_INITIAL, C.START_RESYNC): S.RESYNCHRONIZING,
     (R, S.RESYNCHRONIZING, C.CANCEL_SEEDING): S.WAITING_FOR_INITIAL,
     # Stopping an initial replication of any kind: back to where it can be started again.

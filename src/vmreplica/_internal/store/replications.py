@@ -25,7 +25,10 @@ OFFLINE = "offline"  # on external media, imported on the replica
 # Over the network as compressed, resumable deltas (start-initial --compressed): a resync of the
 # replica's empty chain, so the blocks that are not zero travel as ordinary deltas.
 COMPRESSED = "compressed"
-COMPARED = (SEED, COMPRESSED)  # the kinds that run as a resynchronization
+# What arrived of a plain network copy that was cut, kept on the replica as its chains' base
+# (engine/replica/kept.py): the retry compares against it as against a seed.
+KEPT = "kept"
+COMPARED = (SEED, COMPRESSED, KEPT)  # the kinds that run as a resynchronization
 
 
 @dataclasses.dataclass(frozen=True)

@@ -353,6 +353,8 @@ class StatusAnswer:
     sequence: int
     state: str
     resume: ResumePoint | None = None  # a cut delta the replica kept (delta_resume.py)
+    # What a cut initial copy wrote, kept as the chains' base (engine/replica/kept.py).
+    kept_initial: bool = False
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
@@ -361,10 +363,12 @@ class StatusAnswer:
         return cls(
             sequence=b.integer("sequence"), state=b.string("state", 64),
             resume=None if resume is None else ResumePoint.from_json(resume),
+            kept_initial=b.boolean("kept_initial", False),
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sequence": self.sequence, "state": self.state}
+        out |= {"kept_initial": True} if self.kept_initial else {}
         return out | ({"resume": self.resume.to_json()} if self.resume else {})
 
 

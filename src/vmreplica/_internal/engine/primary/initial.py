@@ -4,7 +4,8 @@ starting at the same instant.
 The data does not go through the HTTPS stream: the replica opens an import for it (initial-open)
 and the driver copies a point-in-time view of the disks straight into it (for QEMU: NBD with TLS
 from a fleecing export into the replica's new base images). initial-close then has the replica
-adopt the images as its chains' base. A copy that fails or is interrupted is started over.
+adopt the images as its chains' base. A copy that fails or is interrupted leaves what it wrote
+on the replica (engine/replica/kept.py), and its retry goes on as a compare against that.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from vmreplica._internal.ports.hypervisor import DiskOwner, NbdCredentials, NbdP
 from vmreplica._internal.store.replications import (
     COMPARED,
     COMPRESSED,
+    KEPT,
     OFFLINE,
     SEED,
     ReplicationRow,
@@ -173,6 +175,9 @@ class InitialReplication:
                 # The replica adopted the copy before a crash lost its acknowledgement here. The
                 # tracking of generation 1 started when that copy began; settle() checks it.
                 size = row.initial_size or 0
+            elif status.kept_initial and row.initial_kind is None:
+                self._resume_from_kept(row)
+                return
             else:
                 size = await self._copy(row, replica)
         now = now_iso()
@@ -191,6 +196,25 @@ class InitialReplication:
                 tx=tx,
             )
         self._pending.clear(row.vm_id)
+
+    def _resume_from_kept(self, row: ReplicationRow) -> None:
+        """The replica kept what an earlier attempt wrote (engine/replica/kept.py): the copy
+        goes on as a compare against it, as from a seed, in one step that a crash leaves either
+        undone (the next retry asks again) or done (the scheduler runs the compare)."""
+        done = row.initial_progress or 0.0
+        with self._ctx.stores.db.tx() as tx:
+            move(self._ctx, tx, row, Command.RESUME_INITIAL_FROM_KEPT, initial_kind=KEPT,
+                 resync_next=None, resync_progress=0.0, last_error=None,
+                 send_failure=None)  # fmt: skip
+            self._ctx.events.record(
+                "initial-replication-resumed",
+                f"initial replication of {row.vm_name} resumes from the {done:.0f}% already on "
+                "the replica: both sides hash their disks and only the blocks that differ travel",
+                row.vm_name,
+                tx=tx,
+            )
+        log.info("initial copy of %s: resuming from what the replica kept", row.vm_name)
+        self._run(row.vm_id)  # at once, not an interval later
 
     async def _export(self, row: ReplicationRow, replica: Peer) -> int:
         """Offline media: a point-in-time copy of every disk into the destination, its manifest,

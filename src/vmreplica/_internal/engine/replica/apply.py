@@ -61,7 +61,8 @@ class Applier:
                 fields: dict[str, Any] = {}
                 if initial:
                     move(self._ctx, tx, current, Command.FINISH_INITIAL)
-                    fields = {"last_rp_time": now, "initial_size": size}
+                    # A base kept from a cut copy (kept.py) is replaced by now.
+                    fields = {"last_rp_time": now, "initial_size": size, "initial_kind": None}
                     self._ctx.events.record(
                         "initial-replication-done",
                         f"initial replication of {row.vm_name} applied",

@@ -32,7 +32,7 @@ from vmreplica._internal.engine.server_settings import warn_if_shared
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.files import fsync_dir
-from vmreplica._internal.store.replications import ReplicationRow, Settings
+from vmreplica._internal.store.replications import KEPT, ReplicationRow, Settings
 from vmreplica._internal.transport import delta_resume
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
@@ -167,7 +167,12 @@ class ReplicaLifecycle:
                 self._store.update(row.vm_id, settings=settings)
         kept = delta_resume.load(staging_dir(row, row.sequence + 1))
         resume = kept if kept is not None and kept.sequence == row.sequence + 1 else None
-        return p.StatusAnswer(row.sequence, row.state, resume)
+        kept_initial = (
+            row.state == State.WAITING_FOR_INITIAL
+            and row.sequence == 0
+            and row.initial_kind == KEPT
+        )
+        return p.StatusAnswer(row.sequence, row.state, resume, kept_initial)
 
     def start_guard(self, vm: VmRecord) -> None:
         row = self._store.find(vm.id)

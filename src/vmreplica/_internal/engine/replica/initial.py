@@ -1,7 +1,7 @@
 """The replica's side of an initial copy: new images served for the sender's copy
 (initial-open), then adopted as the chains' base once the sender says the copy is complete
-(initial-close). Whatever an earlier attempt left is discarded first: an initial copy that did
-not finish is started over, never resumed."""
+(initial-close). What a copy that did not finish wrote is kept as the chains' base (kept.py),
+for the retry to compare against; a new copy replaces it when it finishes."""
 
 from __future__ import annotations
 
@@ -26,15 +26,16 @@ from vmreplica._internal.engine.replica.common import (
     replica_row,
     staging_dir,
 )
+from vmreplica._internal.engine.replica.kept import keep_cut_copy
 from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.files import fsync_dir, fsync_file
 from vmreplica._internal.ports.hypervisor import ImportTarget, NbdPsk
-from vmreplica._internal.store.replications import COMPARED, OFFLINE, ReplicationRow
+from vmreplica._internal.store.replications import COMPARED, KEPT, OFFLINE, ReplicationRow
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
-from vmreplica.errors import InvalidState, StorageError
+from vmreplica.errors import InvalidState, StorageError, VmrError
 
 log = logging.getLogger("vmreplica.replica")
 
@@ -76,7 +77,9 @@ class InitialImport:
                     row.vm_id, initial_kind=None, initial_media=None, sequence=0
                 )
                 row = replica_row(self._ctx, row.vm_id)
-            if row.state == State.WAITING_FOR_INITIAL and row.initial_kind in COMPARED:
+            # A kept cut copy keeps its kind: its base holds data until this copy replaces it.
+            superseded = [kind for kind in COMPARED if kind != KEPT]
+            if row.state == State.WAITING_FOR_INITIAL and row.initial_kind in superseded:
                 # A full copy supersedes the copy compared against (a seed, or the empty chain
                 # of a stopped start-initial --compressed): it becomes the base instead.
                 self._ctx.stores.replications.update(row.vm_id, initial_kind=None)
@@ -118,8 +121,8 @@ class InitialImport:
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
             row = replica_row(self._ctx, row.vm_id)
-            if not req.ok:
-                await self.close_import(row.vm_id)
+            if not req.ok:  # cut, stopped or failed: what arrived is kept
+                await self.close_import(row.vm_id, keep=True)
                 return p.SequenceAnswer(row.sequence)
             if row.sequence >= 1:  # a retried close: it was applied already
                 return p.SequenceAnswer(row.sequence, row.initial_size or 0)
@@ -127,7 +130,7 @@ class InitialImport:
             if opened is None:
                 raise InvalidState(
                     f"no initial copy of {row.vm_name} is open on {self._ctx.host} (did it "
-                    "restart?): the copy starts over"
+                    "restart?): the next start compares against what it kept"
                 )
             target, started = opened
             staging = staging_dir(row, 1)
@@ -141,17 +144,27 @@ class InitialImport:
                 handoff.export(self._ctx, row.vm_id)
             return p.SequenceAnswer(1, size)
 
-    async def close_import(self, vm_id: str) -> None:
+    async def close_import(self, vm_id: str, keep: bool = False) -> None:
+        """Stop serving the import; with ``keep``, what the copy wrote becomes the chains' base
+        (kept.py), else it goes."""
         opened = self._imports.pop(vm_id, None)
-        if opened is not None:
+        if opened is not None and keep:
+            # Closed, not killed: killed, its images' metadata would not say what arrived.
+            with contextlib.suppress(VmrError):  # then killed (finish), and less is kept
+                await opened[0].finish()
+        elif opened is not None:
             await opened[0].discard()
         row = self._ctx.stores.replications.find(vm_id)
-        if row is not None and row.storage_dir is not None and row.sequence == 0:
+        if row is None or row.storage_dir is None or row.sequence != 0:
+            return
+        if not (keep and await keep_cut_copy(self._ctx, row)):
             shutil.rmtree(staging_dir(row, 1), ignore_errors=True)
 
     async def close_all(self) -> None:
+        """The agent stops: the copies it served are cut, and kept for their retries."""
         for vm_id in list(self._imports):
-            await self.close_import(vm_id)
+            async with self._ctx.locks.replica(vm_id):  # not beside a close of the same copy
+                await self.close_import(vm_id, keep=True)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from pathlib import Path
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.replica.apply import Applier
 from vmreplica._internal.engine.replica.common import REPLICA, chains, replica_row
+from vmreplica._internal.engine.replica.kept import keep_cut_copy
 from vmreplica._internal.engine.replica.points import RecoveryPoints
 from vmreplica._internal.engine.replica.resync import ReplicaResync, ensure_overlays
 from vmreplica._internal.store.journal import JournalEntry
@@ -111,6 +112,8 @@ class ReplicaRecovery:
                 await chain.recover(row.pinned)
             await ensure_overlays(self._ctx, row)
             if vm_id not in self._imports:  # nothing staged is needed any more
+                # but an initial copy this agent's death cut is kept for its retry
+                await keep_cut_copy(self._ctx, row)
                 shutil.rmtree(Path(row.storage_dir) / "staging", ignore_errors=True)
         return finished
 

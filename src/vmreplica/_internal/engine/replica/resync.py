@@ -30,6 +30,7 @@ from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import (
     COMPARED,
     COMPRESSED,
+    KEPT,
     OFFLINE,
     SEED,
     ReplicationRow,
@@ -62,6 +63,14 @@ class ReplicaResync:
                     raise InvalidState(
                         f"replica VM {row.vm_name} on {self._ctx.host} holds a copy to start "
                         "from: start initial replication with --use-backup, not --compressed"
+                    )
+                if row.initial_kind == KEPT or await _bases_hold_data(self._ctx, row):
+                    # The kind says so; the bases' check also covers a kind that another
+                    # start (offline media announced since) replaced.
+                    raise InvalidState(
+                        f"replica VM {row.vm_name} on {self._ctx.host} holds part of an earlier "
+                        "initial copy: start initial replication without --compressed, which "
+                        "resumes from it"
                     )
                 if row.initial_kind == OFFLINE:  # media written earlier is superseded
                     shutil.rmtree(Path(str(row.storage_dir)) / "queued", ignore_errors=True)
@@ -182,6 +191,10 @@ class ReplicaResync:
                 )
         for chain in chains(self._ctx, row):
             await chain.end_resync(commit=False)
+
+
+async def _bases_hold_data(ctx: Context, row: ReplicationRow) -> bool:
+    return any([await ctx.driver.allocated(chain.base) for chain in chains(ctx, row)])
 
 
 def _has_overlays(ctx: Context, row: ReplicationRow) -> bool:
