@@ -14,8 +14,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
-
+from vmreplica._internal import local_http
 from vmreplica._internal.certs import client_ssl_context
 from vmreplica._internal.config import DEFAULT_SOCKET, RemoteHost, tls_server_name
 from vmreplica._internal.tls_refusals import own_certificate_refused, peer_certificate_refused
@@ -52,20 +51,24 @@ class Transport:
 
     async def request(self, method: str, args: dict[str, Any] | None) -> Any:
         body = json.dumps({k: v for k, v in (args or {}).items() if v is not None}).encode()
+        if self.remote is None:
+            status, raw = await asyncio.to_thread(
+                local_http.post, self.socket, method, body, self.timeout
+            )
+            return decode_result(status, raw)
+        return await self._remote_request(self.remote, method, body)
+
+    async def _remote_request(self, remote: RemoteHost, method: str, body: bytes) -> Any:
+        # Imported here: only HTTPS needs it, and the local CLI starts faster without it.
+        import aiohttp
+
         headers = {"Content-Type": "application/json"}
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
-            if self.remote is None:
-                connector = aiohttp.UnixConnector(path=str(self.socket))
-                async with (
-                    aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                    session.post(f"http://agent/v1/{method}", data=body, headers=headers) as resp,
-                ):
-                    return decode_result(resp.status, await resp.read())
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
                 session.post(
-                    f"{self.remote.url}/v1/{method}",
+                    f"{remote.url}/v1/{method}",
                     data=body,
                     headers=headers,
                     ssl=self.ssl or True,
@@ -82,39 +85,28 @@ class Transport:
             ) from e
         except aiohttp.ClientConnectorError as e:
             err = e.os_error
-            if self.remote is not None and isinstance(err, ssl.SSLError | ConnectionResetError):
+            if isinstance(err, ssl.SSLError | ConnectionResetError):
                 refused = own_certificate_refused(
-                    str(err), self.remote.cert, self.target, refused=True, crl=self.remote.crl
+                    str(err), remote.cert, self.target, refused=True, crl=remote.crl
                 )
                 if refused is not None:
                     raise AccessDenied(refused) from e
-            if isinstance(err, PermissionError):
-                raise AccessDenied(
-                    f"access denied to {self.target}: the management socket is root-only"
-                ) from e
-            if self.remote is None:
-                raise ConnectionFailed(
-                    f"cannot reach the local agent at {self.socket}: is `vmreplica host serve` running? "
-                    "(set VMREPLICA_SOCKET or use -c NAME)"
-                ) from e
             raise ConnectionFailed(
-                f"cannot reach {self.target} at {self.remote.url}: {err.strerror or err}"
+                f"cannot reach {self.target} at {remote.url}: {err.strerror or err}"
             ) from e
         except (aiohttp.ClientError, TimeoutError) as e:
-            if self.remote is not None and isinstance(
-                e, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError
-            ):
+            if isinstance(e, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError):
                 refused = own_certificate_refused(
                     f"{e} {e.__cause__ or ''}",
-                    self.remote.cert,
+                    remote.cert,
                     self.target,
                     refused=True,
-                    crl=self.remote.crl,
+                    crl=remote.crl,
                 )
                 raise AccessDenied(
                     refused
                     or f"{self.target} refused the connection: is the administrator certificate "
-                    f"{self.remote.cert} issued by its CA?"
+                    f"{remote.cert} issued by its CA?"
                 ) from e
             raise ConnectionFailed(
                 f"{self.target}: request failed ({e or type(e).__name__})"

@@ -14,15 +14,13 @@ import shutil
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from vmreplica._internal import certs
 from vmreplica._internal.certs import check_dns_name
 from vmreplica._internal.cli.output import output_options, render
-from vmreplica._internal.cluster import member
-from vmreplica._internal.cluster.etcd import Etcd
 from vmreplica._internal.cluster_config import (
     ClusterSettings,
     parse_endpoints,
@@ -32,10 +30,17 @@ from vmreplica._internal.config import load_host_config, write_toml_atomic
 from vmreplica._internal.models import ClusterInfo, ClusterNode
 from vmreplica.errors import InvalidArgument, InvalidState
 
+if TYPE_CHECKING:
+    from vmreplica._internal.cluster.etcd import Etcd
+
 T = TypeVar("T")
 
 
 def _run(settings: ClusterSettings, fn: Callable[[Etcd], Awaitable[T]]) -> T:
+    # The etcd client (and aiohttp under it) is imported only by the commands that speak to
+    # etcd, so that every other command of the CLI starts without it.
+    from vmreplica._internal.cluster.etcd import Etcd
+
     async def go() -> T:
         etcd = Etcd(settings.etcd, ssl=settings.ssl_context())
         try:
@@ -118,6 +123,8 @@ def init_cmd(
     settings = _membership(name, etcd, lease_ttl, (etcd_ca, etcd_cert, etcd_key))
     load_host_config(config_path)  # a bad host.toml refuses before etcd is changed
     created = datetime.now(UTC).isoformat(timespec="seconds")
+    from vmreplica._internal.cluster import member
+
     _run(settings, lambda e: member.create_cluster(e, name, {"name": name, "created": created}))
     _write(config_path, settings)
     render([_info(settings)], ClusterInfo, output, properties)
@@ -166,6 +173,8 @@ def node_list_cmd(config_path: Path, output: str, properties: str | None) -> Non
     """Every node with its health: a live etcd lease, and the VMs it owns."""
     settings = _settings(config_path)
 
+    from vmreplica._internal.cluster import member
+
     async def fetch(etcd: Etcd) -> list[ClusterNode]:
         owners = await member.owners(etcd, settings.name)
         return [
@@ -203,6 +212,8 @@ def broker_add_cmd(
     settings = _settings(config_path)
     cap = check_dns_name(cap.lower())
 
+    from vmreplica._internal.cluster import member
+
     async def record(etcd: Etcd) -> None:
         current = await member.cluster_config(etcd, settings.name)
         broker = current.get("broker")
@@ -231,6 +242,8 @@ def broker_add_cmd(
 
 
 def _info(settings: ClusterSettings) -> ClusterInfo:
+    from vmreplica._internal.cluster import member
+
     async def fetch(etcd: Etcd) -> ClusterInfo:
         config = await member.cluster_config(etcd, settings.name)
         nodes = await member.nodes(etcd, settings.name)
