@@ -38,6 +38,7 @@ from vmreplica._internal.engine.events import EventLog
 from vmreplica._internal.engine.journal import Journal
 from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.services import build as build_engine
+from vmreplica._internal.memory import tune_allocator
 from vmreplica._internal.ports.hypervisor import HypervisorDriver
 from vmreplica._internal.store.db import Database
 from vmreplica._internal.store.stores import Stores
@@ -369,6 +370,8 @@ class Agent:
 
 def serve(config: HostConfig) -> None:
     setup_logging()
+    # Before any thread exists: arenas are per thread (memory.py says why).
+    tune_allocator()
     # Every file and directory the agent and its children make is private, whatever the mode
     # of the directory it lands in: replica images are copies of the guests' disks.
     os.umask(0o077)

@@ -1,0 +1,55 @@
+"""glibc's allocator, tuned for a long-lived agent of many VMs.
+
+By default glibc gives every thread that allocates its own arena (up to 8 per core) and raises
+its mmap threshold each time a large block is freed, so the agent's buffers of a few hundred KiB
+(delta chunks, TLS records, zstd frames), allocated from asyncio's worker threads, end up in
+arenas that keep the freed memory: the resident size grew with the number of VMs although the
+live objects did not (tracemalloc: a few MiB). Two arenas, and fixed mmap and trim thresholds,
+return those blocks to the kernel when they are freed.
+
+Measured with bench/bench_cpu.py --vms 30 --seconds 90 (VMs off), the same tunables set through
+GLIBC_TUNABLES in the second of two back-to-back runs: peak RSS primary 131 -> 90 MiB, replica
+132 -> 98 MiB, CPU per cycle within noise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+# mallopt parameters from glibc's <malloc.h>.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+ARENAS = 2
+MMAP_THRESHOLD = 128 * 1024
+TRIM_THRESHOLD = 256 * 1024
+
+
+def tune_allocator() -> bool:
+    """Set the agent's allocator parameters; call before any thread starts. False where the C
+    library is not glibc (the defaults then stay, nothing else changes)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        log.info("not glibc: the allocator keeps its defaults")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    done = all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (M_ARENA_MAX, ARENAS),
+            (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        )
+    )
+    if not done:
+        log.warning("mallopt refused a parameter: the allocator keeps some of its defaults")
+    return done
