@@ -44,6 +44,8 @@ class Attach:
         facts = read_facts(path)
         if facts is None or facts.get("to") != self._ctx.host or facts["vm"]["id"] != vm_id:
             return True  # never moved, or moved elsewhere: this node's own rows stand
+        if facts.get("attached") == self._ctx.host:
+            return True  # attached before (the agent restarted): the VM is as the operator left it
         try:
             await self._attach(vm_id, facts)
         except VmrError as e:
@@ -55,8 +57,7 @@ class Attach:
             return True
         rec = self._vms.by_id(vm_id)
         state = rec.state if rec is not None else ""
-        if facts.get("attached") != self._ctx.host:
-            write_facts(path, facts | {"attached": self._ctx.host, "state": state})
+        write_facts(path, facts | {"attached": self._ctx.host, "state": state})
         return True
 
     async def _attach(self, vm_id: str, facts: dict[str, Any]) -> None:

@@ -187,7 +187,14 @@ class VmMove:
         """Stop the schedule and the VM, and send the last delta: nothing stays on this node."""
         await self._scheduler.stop_vm(rec.id)
         if ran:
-            await self._vms.runtime.stop(rec.name, force=force, timeout=timeout)
+            try:
+                await self._vms.runtime.stop(rec.name, force=force, timeout=timeout)
+            except InvalidState as e:
+                raise InvalidState(
+                    f"cannot move VM {rec.name}: it did not power off within {timeout:.0f} s (the "
+                    "guest ignored the ACPI request); it keeps running here (`vm move --force` "
+                    "turns it off)"
+                ) from e
         if not replicated:
             return
         try:
