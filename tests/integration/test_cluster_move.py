@@ -90,9 +90,12 @@ class Env:
                          host=B)  # fmt: skip
         return {r["name"]: r["owned_vms"] for r in rows}
 
+    def kinds(self, host: str) -> set[str]:
+        return {e["kind"] for e in self.json("event", "list", host=host)}
+
     def no_resync(self) -> None:
         for host in (A, B, REPLICA):
-            kinds = {e["kind"] for e in self.json("event", "list", host=host)}
+            kinds = self.kinds(host)
             assert not {k for k in kinds if "resync" in k}, (host, kinds)
 
 
@@ -139,6 +142,12 @@ def test_a_running_primary_vm_moves_between_nodes_and_replication_continues_with
     assert stuck.returncode == 4 and "did not power off within 2 s" in stuck.stderr, stuck
     assert env.json("vm", "get", "app", host=A)[0]["state"] == "Running"
     assert env.vms(B) == []
+    # A VM whose replication is not Replicating is busy: refused, nothing changes.
+    env.cli("replication", "suspend", "app", host=A)
+    busy = env.cli("vm", "move", "app", "--to", B, "--force", host=A, check=False)
+    assert busy.returncode == 4 and "is busy" in busy.stderr, busy
+    assert env.json("vm", "get", "app", host=A)[0]["state"] == "Running"
+    env.cli("replication", "resume", "app", host=A)
 
     times = []
     here, there, pattern = A, B, 0x20
@@ -195,6 +204,8 @@ def test_a_move_killed_at_each_point_ends_with_the_vm_running_on_exactly_one_nod
     wait_for(lambda: env.json("vm", "get", "app", host=A)[0]["state"] == "Running", 60,
              "the VM running again on A")  # fmt: skip
     assert env.vms(B) == []
+    assert "vm-move-rolled-back" in env.kinds(A)
+    assert not list(env.disk.parent.glob(".vmreplica-*.json"))
     env.write(A, 0x31, "2M")
     env.synced(A)
 
@@ -209,6 +220,7 @@ def test_a_move_killed_at_each_point_ends_with_the_vm_running_on_exactly_one_nod
              "the VM running on B")  # fmt: skip
     restart_when_gone(env, A)
     assert env.vms(A) == []
+    assert "vm-moved" in env.kinds(A) and "vm-attached" in env.kinds(B)
     assert env.reads(B, 0x31, "2M")
     env.write(B, 0x32, "3M")
     env.synced(B)
