@@ -136,6 +136,7 @@ def test_a_running_primary_vm_moves_between_nodes_and_replication_continues_with
 ) -> None:
     env = primary_cluster(stopped_cluster, etcd)
     vm_id = env.json("vm", "get", "app", host=A)[0]["id"]
+    assert env.owners() == {A: [vm_id], B: []}  # owned since `replication enable`
 
     # A guest that ignores the ACPI request (this one has no OS) keeps running where it is.
     stuck = env.cli("vm", "move", "app", "--to", B, "--timeout", "2", host=A, check=False)

@@ -75,6 +75,28 @@ def read_facts(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def shared(ctx: Context, rec: VmRecord) -> bool:
+    """The VM's disks can be in a shared storage: it has some, none in this node's state."""
+    state = ctx.config.state_dir.resolve()
+    return bool(rec.disks) and not any(d.resolve().is_relative_to(state) for d in rec.disks)
+
+
+async def claim(ctx: Context, rec: VmRecord) -> None:
+    """On a node of a cluster: a primary VM in the shared storage is in the registry and owned
+    by this node (at `replication enable`, at a move, at the node's start); refused if another
+    node owns it."""
+    cluster = ctx.cluster
+    if cluster is None or not shared(ctx, rec) or cluster.owns(rec.id):
+        return
+    await cluster.register(rec.id, {"primary": str(facts_path(rec))})
+    if not await cluster.take(rec.id):
+        owner = await cluster.owner(rec.id)
+        raise InvalidState(
+            f"VM {rec.name} is owned by node {owner} of cluster {cluster.cluster}: only its "
+            "owner runs and replicates it"
+        )
+
+
 def cluster_of(ctx: Context, what: str) -> ClusterPort:
     if ctx.cluster is None:
         raise InvalidState(f"cannot {what}: {ctx.host} is not a node of a cluster (no [cluster])")
@@ -129,11 +151,7 @@ class VmMove:
             raise InvalidState(f"VM {name} is busy: a move of it is in progress")
         self._check_shared(rec)
         path = facts_path(rec)
-        if not cluster.owns(rec.id):
-            await cluster.register(rec.id, {"primary": str(path)})
-            if not await cluster.take(rec.id):
-                owner = await cluster.owner(rec.id)
-                raise InvalidState(f"VM {name} is owned by node {owner}, not {self._ctx.host}")
+        await claim(self._ctx, rec)
         ran = rec.state == RUNNING
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.begin(
@@ -171,15 +189,11 @@ class VmMove:
         }  # fmt: skip
 
     def _check_shared(self, rec: VmRecord) -> None:
-        if not rec.disks:
-            raise InvalidState(f"VM {rec.name} has no disk: nothing in the shared storage")
-        state = self._ctx.config.state_dir.resolve()
-        for disk in rec.disks:
-            if disk.resolve().is_relative_to(state):
-                raise InvalidState(
-                    f"VM {rec.name} cannot move: its disk {disk} is in this node's state "
-                    "directory, not in the cluster's shared storage"
-                )
+        if not shared(self._ctx, rec):
+            raise InvalidState(
+                f"VM {rec.name} cannot move: its disks are not in the cluster's shared storage "
+                "(none, or in this node's state directory)"
+            )
 
     async def _quiesce(
         self, rec: VmRecord, replicated: bool, ran: bool, force: bool, timeout: float
@@ -269,12 +283,11 @@ class VmMove:
         await self._ctx.journal.recover(KIND)
         for row in self._ctx.stores.replications.all():
             rec = self._vms.by_id(row.vm_id)
-            if row.mode != "Primary" or rec is None or not rec.disks:
-                continue
-            if rec.disks[0].resolve().is_relative_to(self._ctx.config.state_dir.resolve()):
-                continue  # not in a shared storage: this node's own VM
-            await cluster.register(row.vm_id, {"primary": str(facts_path(rec))})
-            await cluster.take(row.vm_id)
+            if row.mode == "Primary" and rec is not None:
+                try:
+                    await claim(self._ctx, rec)
+                except InvalidState as e:
+                    self._ctx.events.record("vm-owned-elsewhere", e.message, rec.name, "warning")
 
 
 def vm_facts(rec: VmRecord) -> dict[str, Any]:
