@@ -15,17 +15,28 @@ import sqlite3
 import statistics
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from tests.etcd_cluster import EtcdCluster
-from tests.integration.replication_env import died_by_sigkill, same_content, wait_for
+from tests.integration.replication_env import (
+    Pair,
+    died_by_sigkill,
+    same_content,
+    verified_equal,
+    wait_for,
+)
+from tests.integration.test_cluster_redirect import Proxy, owned
 from tests.localcluster import Cluster
 from vmreplica._internal import certs
 from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 
 REPLICA, A, B = "vmhost1", "vmhost2", "vmhost3"
 BROKER = "pbroker.test"
+RBROKER = "rbroker.test"
 TIMEOUT = 300.0  # generous: the machine is shared and loaded
 
 
@@ -226,3 +237,57 @@ def test_a_move_killed_at_each_point_ends_with_the_vm_running_on_exactly_one_nod
     env.write(B, 0x32, "3M")
     env.synced(B)
     env.no_resync()
+
+
+def test_a_replica_vm_moves_between_the_nodes_of_a_replica_cluster(
+    stopped_cluster: Cluster, etcd: EtcdCluster
+) -> None:
+    """The relationship moves; the primary, replicating to the replica cluster's broker name,
+    is redirected to the new owner, which applies the next delta."""
+    c = stopped_cluster
+    primary = tomllib.loads(c.hosts[A].config.read_text())
+    primary["resolve"][RBROKER] = "127.0.0.1"
+    c.hosts[A].config.write_text(tomli_w.dumps(primary))
+    member = ("--name", "r", "--etcd", etcd.endpoints_arg, *etcd.tls_args, "--lease-ttl", "3")
+    c.cli("cluster", "init", "--config", str(c.hosts[REPLICA].config), *member)
+    c.cli("cluster", "join", "--config", str(c.hosts[B].config), *member)
+    for node in (REPLICA, B):
+        c.cli("cluster", "broker", "add", "--config", str(c.hosts[node].config), "--name",
+              RBROKER, "--ca", str(c.ca_dir))  # fmt: skip
+    c.start_all()
+    port1, port3 = c.hosts[REPLICA].replica_port, c.hosts[B].replica_port
+    c.cli("server", "set", "--certificate-port", str(port3), host=B)
+    c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
+          str(port1), host=REPLICA)  # fmt: skip
+    storage = c.base / "shared-storage"
+    c.cli("auth", "new", "--allowed-primary", A, "--storage-location", str(storage),
+          "--trust-group", "Production", host=REPLICA)  # fmt: skip
+    wait_for(lambda: bool(c.cli_json("auth", "get", "-o", "json", host=B)), 30,
+             "the entry on the other node")  # fmt: skip
+    proxy = Proxy(port1)
+    try:
+        pair = Pair(c, proxy.port, storage)
+        c.cli("vm", "new", "app", "--disk", "64M", host=A)
+        c.cli("vm", "start", "app", host=A)
+        pair.write("app", 0, 0x11, "0", "1M")
+        c.cli("replication", "enable", "app", "--replica-server", RBROKER, "--replica-port",
+              str(proxy.port), "--auth", "certificate", host=A)  # fmt: skip
+        pair.start("app")
+        verified_equal(pair)
+        vm_id = str(c.cli_json("vm", "get", "app", host=A)[0]["id"])
+
+        out = c.cli_json("vm", "move", "app", "--to", B, host=REPLICA)[0]
+        assert out["target"] == B and out["state"] == "HandedOver", out
+        wait_for(lambda: owned(c, B) == [vm_id], 30, "B owning the replica")
+        wait_for(lambda: bool(c.cli_json("replication", "get", "-o", "json", host=B)), 30,
+                 "B holding the relationship")  # fmt: skip
+
+        # The name still leads to the source, which redirects the primary to B.
+        pair.write("app", 0, 0x22, "2M", "256k")
+        c.cli("replication", "sync", "app", host=A)
+        verified_equal(pair)
+        events = {e["kind"] for e in c.cli_json("event", "list", "-o", "json", host=B)}
+        assert "replica-taken-over" in events
+        assert not {k for k in events if "resync" in k}
+    finally:
+        proxy.close()

@@ -36,6 +36,7 @@ from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.primary.cycle import Cycles
 from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.primary.scheduler import Scheduler
+from vmreplica._internal.engine.replica import move as replica_move
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.ports.cluster import ClusterPort
@@ -138,10 +139,7 @@ class VmMove:
             )
         row = self._ctx.stores.replications.find(rec.id)
         if row is not None and row.mode != "Primary":
-            raise InvalidState(
-                f"VM {name} is a replica VM: it follows its relationship's owner (not built: "
-                "`vm move` of a replica VM)"
-            )
+            return await replica_move.move(self._ctx, cluster, rec, row, to)
         if row is not None and row.state != State.REPLICATING:
             raise InvalidState(
                 f"VM {name} is busy: its replication is {row.state}; move it while it is "
