@@ -179,6 +179,9 @@ def test_a_running_primary_vm_moves_between_nodes_and_replication_continues_with
               f"({out['handover_seconds']:.2f} s to the handover), {times[-1]:.2f} s CLI")  # fmt: skip
         here, there = there, here
     env.no_resync()
+    # Nothing changed on the replica: its one entry names the broker, not a node.
+    entries = env.json("auth", "get", host=REPLICA)
+    assert [e["allowed_primary_server"] for e in entries] == [BROKER], entries
     print(f"vm move: median {statistics.median(times):.2f} s, max {max(times):.2f} s")
 
     # Only the owner runs it: the former node has no VM, and the move refuses bad input.
