@@ -195,6 +195,12 @@ def test_a_running_primary_vm_moves_between_nodes_and_replication_continues_with
     alone = env.cli("vm", "move", "app", "--to", A, host=REPLICA, check=False)
     assert alone.returncode != 0 and "not a node of a cluster" in alone.stderr, alone
     assert env.json("vm", "get", "app", host=here)[0]["state"] == "Running"
+    # A node that is down (it left: its lease is revoked) is not a target.
+    env.c.stop(there)
+    wait_for(lambda: there not in env.owners(), 30, f"{there} gone")
+    down = env.cli("vm", "move", "app", "--to", there, "--force", host=here, check=False)
+    assert down.returncode != 0 and f"no live node {there}" in down.stderr, down
+    assert env.json("vm", "get", "app", host=here)[0]["state"] == "Running"
 
 
 def restart_when_gone(env: Env, host: str, faults: str = "") -> None:
