@@ -215,6 +215,16 @@ def test_a_move_killed_at_each_point_ends_with_the_vm_running_on_exactly_one_nod
     env = primary_cluster(stopped_cluster, etcd)
     c = env.c
 
+    # A failure after the facts were written: rolled back at once, A runs the VM again.
+    c.stop(A)
+    c.start(A, extra_env={"VMREPLICA_FAULTS": "vm.move.after_export=error"})
+    failed = env.cli("vm", "move", "app", "--to", B, "--force", host=A, check=False)
+    assert failed.returncode != 0 and "injected fault" in failed.stderr, failed
+    assert env.json("vm", "get", "app", host=A)[0]["state"] == "Running"
+    assert env.vms(B) == [] and not list(env.disk.parent.glob(".vmreplica-*.json"))
+    env.write(A, 0x30, "1M")
+    env.synced(A)
+
     # Killed after the facts were written, before the handover: rolled back, A runs the VM.
     c.stop(A)
     c.start(A, extra_env={"VMREPLICA_FAULTS": "vm.move.after_export=kill"})

@@ -22,6 +22,7 @@ Either way the VM runs on exactly one node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -165,17 +166,28 @@ class VmMove:
             raise
         rec = self._vms.by_id(rec.id) or rec
         row = self._ctx.stores.replications.find(rec.id)
-        write_facts(path, {
-            "vm": vm_facts(rec), "replication": row_facts(row), "running": ran,
-            "from": self._ctx.host, "to": to,
-        })  # fmt: skip
-        faults.hit("vm.move.after_export")
+        try:
+            write_facts(path, {
+                "vm": vm_facts(rec), "replication": row_facts(row), "running": ran,
+                "from": self._ctx.host, "to": to,
+            })  # fmt: skip
+            faults.hit("vm.move.after_export")
+        except BaseException:
+            await self._roll_back(rec.id, ran)
+            raise
         try:
             await cluster.move(rec.id, to)
-        except BaseException:
-            if await cluster.owner(rec.id) != to:
+        except VmrError as e:
+            try:
+                owner = await cluster.owner(rec.id)
+            except VmrError:
+                raise InvalidState(
+                    f"the handover of VM {name} to {to} is unresolved ({e.message}); the VM is "
+                    f"off, and the agent finishes or rolls back the move at its next start"
+                ) from e
+            if owner != to:
                 await self._roll_back(rec.id, ran)
-            raise
+                raise
         faults.hit("vm.move.after_handover")
         self._forget(rec.id, to)
         handed = time.monotonic() - began
@@ -228,7 +240,8 @@ class VmMove:
             Path(str(entry[0].data.get("facts", ""))).unlink(missing_ok=True)
         cluster = self._ctx.cluster
         if cluster is not None and not cluster.owns(vm_id):
-            await cluster.take(vm_id)
+            with contextlib.suppress(VmrError):  # nobody else takes a primary VM
+                await cluster.take(vm_id)
         if rec is not None and ran and rec.state != RUNNING:
             try:
                 await self._vms.runtime.start(rec.name)
