@@ -47,6 +47,7 @@ from vmreplica._internal.models import (
     Replication,
     ServerSettings,
     Vm,
+    VmMove,
 )
 from vmreplica._internal.sdk import Transport, wait
 from vmreplica.errors import VmrError
@@ -254,6 +255,14 @@ class _Api:
     @_Endpoint
     def vm_stop(name: str, force: bool = False, timeout: float | None = None) -> _Call[Vm]:
         return _model(Vm, "vm.stop", {"name": name, "force": force, "timeout": timeout})
+
+    @_Endpoint
+    def vm_move(
+        name: str, to: str, force: bool = False, timeout: float | None = None
+    ) -> _Call[VmMove]:
+        return _model(
+            VmMove, "vm.move", {"name": name, "to": to, "force": force, "timeout": timeout}
+        )
 
     @_Endpoint
     def vm_remove(name: str, force: bool = False, delete_storage: bool = False) -> _Call[Vm]:

@@ -150,6 +150,8 @@ class Agent:
 
         async def acquired(vm_id: str) -> None:
             assert self.member is not None
+            if await self.engine.primary.attach.acquired(vm_id):  # a primary VM (vm move)
+                return
             storage = self.member.registry.get(vm_id, {}).get("storage")
             if isinstance(storage, str):
                 await handoff.take_over(ctx, self.engine.vms, vm_id, Path(storage))
@@ -189,6 +191,7 @@ class Agent:
             if row.mode == "Replica" and row.storage_dir:
                 await member.register(row.vm_id, {"storage": row.storage_dir})
                 await member.take(row.vm_id)
+        await self.engine.primary.move.joined()
         broker = (await cluster_config(member.etcd, member.cluster)).get("broker")
         if broker and broker not in certs.cert_dns_names(self.config.tls.cert):
             self.events.record(

@@ -96,6 +96,21 @@ class Vm(Model):
 
 
 @dataclasses.dataclass(frozen=True)
+class VmMove(Model):
+    """What `vm move` did: the VM, the nodes, its state on the target, how long it took."""
+
+    name: str
+    id: str
+    source: str
+    target: str
+    state: str
+    handover_seconds: float
+    seconds: float
+
+    table_fields: ClassVar[tuple[str, ...]] = ("name", "source", "target", "state", "seconds")
+
+
+@dataclasses.dataclass(frozen=True)
 class Event(Model):
     computer_name: str
     id: int

@@ -116,6 +116,15 @@ def build_methods(engine: Services) -> dict[str, Method]:
         await vms.runtime.stop(name, bool(a.opt_bool(args, "force")), timeout or 60.0)
         return vms.get(name)
 
+    async def vm_move(args: dict[str, Any]) -> Any:
+        timeout = a.opt_float(args, "timeout")
+        if timeout is not None and not 0 < timeout <= 86400:
+            raise InvalidArgument("--timeout must be from 0 to 86400 seconds")
+        return await primary.move.move(
+            a.req_str(args, "name"), validate.fqdn(a.req_str(args, "to"), "node name"),
+            bool(a.opt_bool(args, "force")), timeout or 60.0,
+        )  # fmt: skip
+
     async def vm_remove(args: dict[str, Any]) -> Any:
         return await vms.remove(
             a.req_str(args, "name"),
@@ -296,6 +305,7 @@ def build_methods(engine: Services) -> dict[str, Method]:
         "vm.start": vm_start,
         "vm.stop": vm_stop,
         "vm.remove": vm_remove,
+        "vm.move": vm_move,
         "vm.monitor": vm_monitor,
         "event.list": event_list,
         "replication.test_connection": replication_test_connection,

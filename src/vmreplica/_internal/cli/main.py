@@ -18,6 +18,7 @@ from vmreplica._internal.cli import (
     replication,
     server,
     vm,
+    vm_move,
 )
 from vmreplica.errors import VmrError
 
@@ -32,6 +33,7 @@ def cli() -> None:
 
 for module in (host, cluster, cert, server, auth, vm, replication, recovery_point, failover, event):
     cli.add_command(module.group)
+vm.group.add_command(vm_move.command)
 
 
 def main(argv: list[str] | None = None) -> int:

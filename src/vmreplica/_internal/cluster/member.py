@@ -314,6 +314,16 @@ class Member:
         if not await self.etcd.replace(current.key, current, to.encode(), target.lease):
             raise Fenced(f"VM {vm} changed owner during the move")
 
+    def owns(self, vm: str) -> bool:
+        return vm in self.owned
+
+    def foreign(self, vm: str) -> bool:
+        """The registry, as last read, holds `vm` and this node does not own it."""
+        return vm in self.registry and vm not in self.owned
+
+    async def live_nodes(self) -> list[str]:
+        return [n.name for n in await nodes(self.etcd, self.cluster) if n.healthy]
+
     async def adopt(self, vm: str, storage: Path) -> None:
         """Register `vm` and own it, unless another node does (the port's `adopt`)."""
         await self.register(vm, {"storage": str(storage)})

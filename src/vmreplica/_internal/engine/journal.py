@@ -22,6 +22,9 @@ Kinds (registered by the module that owns the operation):
   (engine/primary/consistency.py); thawed.
 - ``media-import``: offline media becoming a replica's base, then the queued deltas applied
   (engine/replica/media.py); rolled back before the bases are in place, finished after.
+- ``vm-move``: a primary VM handed to another node of its cluster (engine/primary/move.py);
+  recovered once the node joined its cluster: finished if the target owns the VM, else rolled
+  back.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ Recover = Callable[[JournalEntry], Awaitable[None]]
 
 KINDS = (
     "apply", "freeze", "prune", "resync-commit", "failover", "test-failover", "become-replica",
-    "reverse", "delete-storage", "seed-adopt", "media-import", "fsfreeze",
+    "reverse", "delete-storage", "seed-adopt", "media-import", "fsfreeze", "vm-move",
 )  # fmt: skip
 
 

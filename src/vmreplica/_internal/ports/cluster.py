@@ -12,6 +12,9 @@ from typing import Any, Protocol
 
 
 class ClusterPort(Protocol):
+    cluster: str  # the cluster's name
+    node: str  # this node's name
+
     def check(self, vm_id: str, what: str) -> None:
         """Raise (InvalidState) unless this node holds a valid lease and owns `vm_id` now:
         before every write into the VM's replica storage."""
@@ -35,3 +38,34 @@ class ClusterPort(Protocol):
 
     async def release(self, vm_id: str) -> None:
         """The VM leaves the cluster (its replica was removed)."""
+
+    # -- the primary side: a primary VM owned by one node, moved between nodes (vm move) --
+
+    def owns(self, vm_id: str) -> bool:
+        """This node owns `vm_id` under its current lease (as last read)."""
+        ...
+
+    def foreign(self, vm_id: str) -> bool:
+        """The cluster keeps `vm_id` owned and this node does not own it (as last read)."""
+        ...
+
+    async def live_nodes(self) -> list[str]:
+        """The names of the cluster's live nodes."""
+        ...
+
+    async def owner(self, vm_id: str) -> str | None:
+        """The node owning `vm_id` now, if any."""
+
+    async def registered(self) -> dict[str, dict[str, Any]]:
+        """The registry: every VM the cluster keeps owned, and what a node needs to serve it."""
+        ...
+
+    async def register(self, vm_id: str, info: dict[str, str]) -> None:
+        """Put `vm_id` in the registry with `info`."""
+
+    async def take(self, vm_id: str) -> bool:
+        """Own `vm_id` if no node does: one txn; False if another node owns it."""
+        ...
+
+    async def move(self, vm_id: str, to: str) -> None:
+        """Give `vm_id`, which this node owns, to the live node `to`: one txn."""

@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 
 from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.primary.attach import Attach
 from vmreplica._internal.engine.primary.consistency import AppConsistency
 from vmreplica._internal.engine.primary.control import PrimaryControl
 from vmreplica._internal.engine.primary.cycle import Cycles
 from vmreplica._internal.engine.primary.enable import PrimaryEnable
 from vmreplica._internal.engine.primary.initial import InitialReplication
+from vmreplica._internal.engine.primary.move import VmMove
 from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.primary.resync import Resync
 from vmreplica._internal.engine.primary.scheduler import Scheduler
@@ -31,6 +33,8 @@ class Primary:
     scheduler: Scheduler
     pending: PendingLog
     resync: Resync
+    move: VmMove  # `vm move` in a cluster: the source's side
+    attach: Attach  # and the target's
 
 
 def build(ctx: Context, vms: VmService) -> Primary:
@@ -48,6 +52,7 @@ def build(ctx: Context, vms: VmService) -> Primary:
     return Primary(
         enable=PrimaryEnable(ctx, vms, scheduler.kick), initial=initial, cycles=cycles,
         sender=sender, control=control, scheduler=scheduler, pending=pending, resync=resync,
+        move=VmMove(ctx, vms, cycles, pending, scheduler), attach=Attach(ctx, vms, scheduler),
     )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from vmreplica._internal import validate
 from vmreplica._internal.engine.connect import authentication_type, peer_address
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
+from vmreplica._internal.engine.primary.move import claim
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.store.replications import ReplicationRow, Settings
@@ -54,6 +55,7 @@ class PrimaryEnable:
         disks = tuple(i for i, d in enumerate(rec.disks) if str(d) not in excluded)
         if not disks:
             raise InvalidArgument(f"VM {name} would have no disk left to replicate")
+        await claim(self._ctx, rec)  # a node of a cluster: only the VM's owner replicates it
         sizes = [await self._ctx.driver.virtual_size(rec.disks[i]) for i in disks]
         peer = peer_address(self._ctx.config, replica_server, replica_port, auth, settings.encrypt)
         row = ReplicationRow(
