@@ -103,7 +103,7 @@ class EtcdCluster:
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.tls:
             return None
-        return certs.client_ssl_context(self.ca, self.client_cert, self.client_key)
+        return certs.etcd_client_ssl_context(self.ca, self.client_cert, self.client_key)
 
     def client(self, timeout: float = 1) -> Etcd:
         return Etcd(self.endpoints, timeout=timeout, ssl=self.ssl_context())

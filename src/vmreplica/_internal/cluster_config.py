@@ -46,7 +46,7 @@ class ClusterSettings:
         """The client context for etcd (one-line errors for missing or unusable files)."""
         if self.etcd_ca is None or self.etcd_cert is None or self.etcd_key is None:
             return None
-        return certs.client_ssl_context(self.etcd_ca, self.etcd_cert, self.etcd_key)
+        return certs.etcd_client_ssl_context(self.etcd_ca, self.etcd_cert, self.etcd_key)
 
     def to_toml(self) -> dict[str, Any]:
         files = {k: str(v) for k in TLS_KEYS if (v := getattr(self, k)) is not None}

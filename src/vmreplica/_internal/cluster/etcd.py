@@ -66,7 +66,7 @@ def _put(key: str, value: bytes, lease: int) -> dict[str, Any]:
 
 def ssl_context(ca: str | Path, cert: str | Path, key: str | Path) -> _ssl.SSLContext:
     """Mutual TLS to etcd: trust only `ca`, present `cert`/`key` (one-line errors on bad files)."""
-    return certs.client_ssl_context(ca, cert, key)
+    return certs.etcd_client_ssl_context(ca, cert, key)
 
 
 def _tls_failure(e: BaseException) -> bool:
