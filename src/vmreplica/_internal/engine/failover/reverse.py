@@ -94,6 +94,7 @@ class Reverse(FailoverBase):
                 )
             if row.storage_dir:  # what it said is in the journal now
                 (Path(row.storage_dir) / FAILBACK_FILE).unlink(missing_ok=True)
+            self._share(row)
             if reason is not None:
                 raise ResyncRequired(
                     f"replication of {name} is reversed, but {peer.fqdn} cannot be brought up to "
