@@ -26,7 +26,14 @@ from pathlib import Path
 import tomli_w
 
 from tests.etcd_cluster import EtcdCluster
-from tests.integration.replication_env import PRIMARY, REPLICA, Pair, verified_equal, wait_for
+from tests.integration.replication_env import (
+    PRIMARY,
+    REPLICA,
+    Pair,
+    same_content,
+    verified_equal,
+    wait_for,
+)
 from tests.integration.test_cluster_redirect import BROKER, OTHER, Proxy, owned
 from tests.localcluster import Cluster
 from vmreplica._internal.engine.replica.ha import RUNS_FILE
@@ -36,10 +43,13 @@ TTL = 3
 
 
 @contextmanager
-def broker_cluster(c: Cluster, etcd: EtcdCluster, faults: str = "") -> Iterator[tuple[Pair, Proxy]]:
+def broker_cluster(
+    c: Cluster, etcd: EtcdCluster, faults: str = "", primary_accepts: bool = False
+) -> Iterator[tuple[Pair, Proxy]]:
     """Two replica nodes (REPLICA, OTHER) of cluster "r" sharing one storage, the broker name
     BROKER in front of them, and VM "app" on PRIMARY replicating to it, owned by REPLICA
-    (started with the fault points `faults`)."""
+    (started with the fault points `faults`). With `primary_accepts`, PRIMARY accepts the
+    cluster (its broker name) as a primary: replication can be reversed."""
     primary = tomllib.loads(c.hosts[PRIMARY].config.read_text())
     primary["resolve"][BROKER] = "127.0.0.1"
     c.hosts[PRIMARY].config.write_text(tomli_w.dumps(primary))
@@ -63,6 +73,11 @@ def broker_cluster(c: Cluster, etcd: EtcdCluster, faults: str = "") -> Iterator[
         lambda: c.cli_json("server", "get", "-o", "json", host=OTHER)[0]["replication_enabled"],
         15, "the other node listening",
     )  # fmt: skip
+    if primary_accepts:
+        c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
+              str(c.hosts[PRIMARY].replica_port), host=PRIMARY)  # fmt: skip
+        c.cli("auth", "new", "--allowed-primary", BROKER, "--storage-location",
+              str(c.base / "primary-replicas"), "--trust-group", "Production", host=PRIMARY)  # fmt: skip
     proxy = Proxy(port1)
     try:
         pair = Pair(c, proxy.port, storage)
@@ -225,3 +240,67 @@ def test_a_failed_over_vm_runs_again_on_the_node_that_takes_it_over(
         # Stopped by the operator: it is no longer to run anywhere.
         c.cli("vm", "stop", "app", "--force", host=other)
         assert not (storage / RUNS_FILE).exists()
+
+
+def reads(c: Cluster, host: str, pattern: int, offset: str, length: str) -> bool:
+    out = c.cli(
+        "vm", "monitor", "app", f'qemu-io disk0 "read -P {pattern:#x} {offset} {length}"', host=host
+    ).stdout
+    return "Pattern verification failed" not in out and "read " in out
+
+
+def test_reverse_and_failback_through_the_broker_name(
+    stopped_cluster: Cluster, etcd: EtcdCluster
+) -> None:
+    """Planned failover to the cluster, reverse (the owner replicates back to PRIMARY), then
+    fail back with the reverse sent to the broker's name, which leads to the node that does
+    not own the VM: redirected to the owner, and the cycles after it too."""
+    c = stopped_cluster
+    with broker_cluster(c, etcd, primary_accepts=True) as (pair, proxy):
+        pair.write("app", 0, 0x22, "2M", "1M")
+        c.cli("vm", "stop", "app", "--force", host=PRIMARY)
+        c.cli("failover", "start", "app", "--prepare", host=PRIMARY)
+        refused = c.cli("failover", "start", "app", host=OTHER, check=False)
+        assert refused.returncode != 0
+        c.cli("failover", "start", "app", host=REPLICA)
+        c.cli("replication", "set", "app", "--reverse", host=REPLICA)
+        assert pair.replication("app", REPLICA)["mode"] == "Primary"
+        assert pair.replication("app", PRIMARY)["mode"] == "Replica"
+        facts = json.loads((pair.storage / "app" / FILE).read_text())
+        assert facts["replication"]["mode"] == "Primary"  # the facts follow the reverse
+
+        c.cli("vm", "start", "app", host=REPLICA)
+        assert reads(c, REPLICA, 0x11, "0", "1M") and reads(c, REPLICA, 0x22, "2M", "1M")
+        pair.write("app", 0, 0x33, "3M", "512k", host=REPLICA)
+        c.cli("replication", "sync", "app", host=REPLICA)
+
+        # Fail back: the reverse goes to the broker's name, which leads to OTHER.
+        assert proxy.target == c.hosts[OTHER].replica_port
+        c.cli("vm", "stop", "app", "--force", host=REPLICA)
+        c.cli("failover", "start", "app", "--prepare", host=REPLICA)
+        c.cli("failover", "start", "app", host=PRIMARY)
+        c.stop(PRIMARY)  # it forgets the owner it remembered: the reverse asks the name
+        c.start(PRIMARY)
+        before = proxy.connections
+        c.cli("replication", "set", "app", "--reverse", "--replica-server", BROKER,
+              "--replica-port", str(proxy.port), host=PRIMARY)  # fmt: skip
+        assert proxy.connections > before
+        assert pair.replication("app", PRIMARY)["mode"] == "Primary"
+        back = pair.replication("app", REPLICA)
+        assert back["mode"] == "Replica" and back["state"] == "Replicating", back
+        assert c.cli_json("vm", "list", "-o", "json", host=OTHER) == []
+        c.cli("vm", "start", "app", host=PRIMARY)
+        for pattern, offset, length in (
+            (0x11, "0", "1M"),
+            (0x22, "2M", "1M"),
+            (0x33, "3M", "512k"),
+        ):
+            assert reads(c, PRIMARY, pattern, offset, length)
+        pair.write("app", 0, 0x44, "5M", "64k")
+        c.cli("replication", "sync", "app", host=PRIMARY)
+        tip = Path(str(c.cli_json("vm", "get", "app", "-o", "json", host=REPLICA)[0]["disks"][0]))
+        c.cli("vm", "monitor", "app", 'qemu-io disk0 "flush"', host=PRIMARY)
+        assert same_content(pair.primary_disk("app", 0), tip)
+        # The facts lie beside the chains' new directory: a takeover finds them.
+        facts = json.loads((tip.parent.parent / FILE).read_text())
+        assert facts["replication"]["mode"] == "Replica"
