@@ -6,7 +6,8 @@ node dies, never twice at once.
 A node's death is its agent killed with -9 and the QEMU processes it ran killed with it (a host
 that loses power). The broker's name is the TCP proxy of test_cluster_redirect.py.
 `VMR_HA_ROUNDS=N` repeats the node death N times and prints the HA time (the kill until the VM
-runs again on the other node): median and maximum, with the lease TTL.
+runs again on the other node): median and maximum, with the lease TTL (`VMR_HA_TTL`, 3 s
+by default).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from tests.localcluster import Cluster
 from vmreplica._internal.engine.replica.ha import RUNS_FILE
 from vmreplica._internal.engine.replica.handoff import FILE, STEP_FILE
 
-TTL = 3
+TTL = int(os.environ.get("VMR_HA_TTL", "3"))  # the lease TTL of the nodes
 
 
 @contextmanager
