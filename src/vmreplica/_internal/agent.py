@@ -37,6 +37,7 @@ from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import EventLog
 from vmreplica._internal.engine.journal import Journal
 from vmreplica._internal.engine.replica import handoff
+from vmreplica._internal.engine.replica.ha import ReplicaHa
 from vmreplica._internal.engine.services import build as build_engine
 from vmreplica._internal.memory import tune_allocator
 from vmreplica._internal.ports.hypervisor import HypervisorDriver
@@ -107,6 +108,7 @@ class Agent:
         self.member = self._cluster_member(config, ctx)
         ctx.cluster = self.member
         self.engine = build_engine(ctx)
+        self.ha = self._cluster_ha(ctx)
         routes = peer_routes(self.engine)
         self.listener = CertificateListener(self.engine.server, self.engine.auth, routes)
         self.kerberos = KerberosListener(
@@ -136,6 +138,8 @@ class Agent:
                 "no delta until the lease is valid again",
                 level="warning",
             )
+            if self.ha is not None:  # the VMs it runs stop now (engine/replica/ha.py)
+                await self.ha.fenced()
 
         def can_take(vm_id: str, info: dict[str, Any]) -> bool:
             # A VM whose relationship this node holds, or whose facts lie in one of this
@@ -153,8 +157,8 @@ class Agent:
             if await self.engine.primary.attach.acquired(vm_id):  # a primary VM (vm move)
                 return
             storage = self.member.registry.get(vm_id, {}).get("storage")
-            if isinstance(storage, str):
-                await handoff.take_over(ctx, self.engine.vms, vm_id, Path(storage))
+            if isinstance(storage, str) and self.ha is not None:
+                await self.ha.acquired(vm_id, Path(storage))
 
         async def settings(snapshot: dict[str, Any]) -> None:
             await self.engine.cluster_settings.apply(snapshot)
@@ -162,6 +166,15 @@ class Agent:
         return Member(
             Etcd(cluster.etcd, ssl=cluster.ssl_context()), cluster.name, config.name, address, cluster.lease_ttl,
             on_fenced=fenced, can_take=can_take, on_settings=settings, on_acquired=acquired,
+        )  # fmt: skip
+
+    def _cluster_ha(self, ctx: Context) -> ReplicaHa | None:
+        member = self.member
+        if member is None:
+            return None
+        return ReplicaHa(
+            ctx, self.engine.vms, self.engine.replica.recovery,
+            lambda: set(member.owned), lambda: member.fence.remaining,
         )  # fmt: skip
 
     async def _join_cluster(self) -> None:
@@ -187,6 +200,8 @@ class Agent:
         if snapshot is None:  # the first node: its settings become the cluster's
             await self.engine.cluster_settings.publish()
         member.start()
+        if self.ha is not None:
+            self.ha.start()
         for row in self.engine.ctx.stores.replications.all():
             if row.mode == "Replica" and row.storage_dir:
                 await member.register(row.vm_id, {"storage": row.storage_dir})
@@ -328,6 +343,8 @@ class Agent:
             await runner.cleanup()
         self._runners.clear()
         await self.engine.vms.runtime.detach_all()
+        if self.ha is not None:
+            await self.ha.stop()
         if self.member is not None:
             await self.member.stop()
             await self.member.etcd.close()

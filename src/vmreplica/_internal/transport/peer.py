@@ -398,7 +398,12 @@ class Peer:
         return p.SequenceAnswer.from_json(answer)
 
     async def reverse(self, request: p.ReverseRequest) -> p.ReverseAnswer:
-        return p.ReverseAnswer.from_json(await self._client.call(p.REVERSE, request.to_json()))
+        """A failback to a cluster's broker name finds the node owning the VM as STATUS does."""
+
+        async def call() -> p.ReverseAnswer:
+            return p.ReverseAnswer.from_json(await self._client.call(p.REVERSE, request.to_json()))
+
+        return await redirect.following(self._client, request.vm_id, call)
 
 
 _STREAM = {"Content-Type": "application/octet-stream"}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vmreplica._internal import extents as ext
 from vmreplica._internal.engine.context import Context
-from vmreplica._internal.engine.replica import Replica
+from vmreplica._internal.engine.replica import Replica, handoff
 from vmreplica._internal.engine.replica.common import chains
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
@@ -40,6 +40,12 @@ class FailoverBase:
         self._vms = vms
         self._replica = replica
         self._store = ctx.stores.replications
+
+    def _share(self, row: ReplicationRow) -> None:
+        """In a cluster: the new state beside the chains, for a node that takes over
+        (engine/replica/handoff.py)."""
+        if self._ctx.cluster is not None:
+            handoff.export(self._ctx, row.vm_id)
 
     def _row(self, name: str) -> tuple[VmRecord, ReplicationRow]:
         rec = self._vms.find(name)

@@ -19,7 +19,8 @@ from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context, allows, move
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.primary import Primary
-from vmreplica._internal.engine.replica.common import chain_dir
+from vmreplica._internal.engine.replica import handoff
+from vmreplica._internal.engine.replica.common import chain_dir, redirect_if_elsewhere
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.ports.hypervisor import DiskOwner
@@ -42,6 +43,7 @@ class OldPrimary:
         self, authz: Authorization, peer_names: list[str], req: p.ReverseRequest
     ) -> p.ReverseAnswer:
         vm_id = req.vm_id
+        await redirect_if_elsewhere(self._ctx, vm_id)  # in a cluster: the owner answers
         row = self._store.find(vm_id)
         if row is None or row.mode != "Primary":
             raise NotFound(f"{self._ctx.host} is not the primary of VM {req.vm_name}")
@@ -64,6 +66,10 @@ class OldPrimary:
                 # An older new primary would ignore the ranges and silently leave them stale.
                 intact, reason, extents = False, "it holds writes that were never replicated", {}
             await self._convert(authz, peer_names, req, rec, row)
+            if self._ctx.cluster is not None:  # the chains moved: the registry and the facts
+                storage = Path(str(self._store.get(vm_id, row.vm_name).storage_dir))
+                await self._ctx.cluster.adopt(vm_id, storage)
+                handoff.export(self._ctx, vm_id)
         return p.ReverseAnswer(intact, reason, extents)
 
     async def _tracking_intact(

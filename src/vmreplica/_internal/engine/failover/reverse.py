@@ -48,6 +48,8 @@ class Reverse(FailoverBase):
         delta 1 is cut."""
         rec, row = self._row(name)
         allows(row, Command.REVERSE)
+        if self._ctx.cluster is not None:  # only the owner (docs/CLUSTER.md)
+            self._ctx.cluster.check(row.vm_id, "reverse replication")
         server = replica_server or row.primary_server
         port = replica_port or row.peer_port
         if port is None:
@@ -94,6 +96,7 @@ class Reverse(FailoverBase):
                 )
             if row.storage_dir:  # what it said is in the journal now
                 (Path(row.storage_dir) / FAILBACK_FILE).unlink(missing_ok=True)
+            self._share(row)
             if reason is not None:
                 raise ResyncRequired(
                     f"replication of {name} is reversed, but {peer.fqdn} cannot be brought up to "

@@ -47,6 +47,7 @@ class TestFailover(FailoverBase):
                     rec.name,
                     tx=tx,
                 )
+        self._share(row)
         return self._store.get(row.vm_id, rec.name)
 
     async def stop(self, row: ReplicationRow) -> None:
@@ -57,3 +58,4 @@ class TestFailover(FailoverBase):
         self._ctx.events.record(
             "test-failover-stopped", f"test VM of {row.vm_name} removed", row.vm_name
         )
+        self._share(row)

@@ -11,7 +11,6 @@ from vmreplica._internal import faults
 from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.context import allows, move
 from vmreplica._internal.engine.failover.common import FailoverBase
-from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.common import chains
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.store.replications import ReplicationRow
@@ -45,11 +44,6 @@ class Failover(FailoverBase):
         facts may be older than the shared storage's (docs/CLUSTER.md)."""
         if self._ctx.cluster is not None:
             self._ctx.cluster.check(row.vm_id, what)
-
-    def _share(self, row: ReplicationRow) -> None:
-        """In a cluster: the new state beside the chains, for a node that takes over."""
-        if self._ctx.cluster is not None:
-            handoff.export(self._ctx, row.vm_id)
 
     async def _fail_over(
         self, row: ReplicationRow, point: int, primary_check: str

@@ -16,6 +16,7 @@ from typing import Any
 from vmreplica._internal import faults
 from vmreplica._internal.engine.context import Context, move
 from vmreplica._internal.engine.events import now_iso
+from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.common import chains, replica_row
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.store.replications import ReplicationRow
@@ -31,6 +32,8 @@ class Applier:
         data = {"sequence": sequence, "staging": str(staging), "started": started, **extra}
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.begin(tx, "apply", vm_id, data)
+        if self._ctx.cluster is not None:  # the intent beside the chains (handoff.py)
+            handoff.write_step(self._ctx, vm_id, data)
 
     async def finish(
         self,

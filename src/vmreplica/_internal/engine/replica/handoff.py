@@ -17,17 +17,43 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.replica.common import chains
 from vmreplica._internal.engine.vms import VmService
+from vmreplica._internal.files import write_atomic
 from vmreplica._internal.store.replications import ReplicationRow, Settings
 from vmreplica.errors import IntegrityError, StorageError
 
 FILE = "relationship.json"
+STEP_FILE = "step.json"  # the delta being applied: journaled on the owner, beside the chains
+
+
+def write_step(ctx: Context, vm_id: str, data: dict[str, Any]) -> None:
+    """Record beside the chains that a verified, journaled stage is being applied (call it
+    under the storage lock, after the journal entry and before the first write to a chain):
+    a node taking over finishes that apply instead of letting the primary send it again."""
+    row = ctx.stores.replications.find(vm_id)
+    if row is None or not row.storage_dir:
+        return
+    path = Path(row.storage_dir) / STEP_FILE
+    try:
+        write_atomic(path, json.dumps(data).encode())
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def read_step(storage: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads((storage / STEP_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"unreadable {storage / STEP_FILE}: {e}") from e
+    return value if isinstance(value, dict) else None
 
 
 def export(ctx: Context, vm_id: str) -> None:
@@ -46,13 +72,8 @@ def export(ctx: Context, vm_id: str) -> None:
         "points": [dataclasses.asdict(p) for p in ctx.stores.points.all(vm_id)],
     }  # fmt: skip
     path = Path(row.storage_dir) / FILE
-    tmp = path.with_suffix(".tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(facts, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(facts).encode())
     except OSError as e:
         raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
 
@@ -81,15 +102,24 @@ async def take_over(ctx: Context, vms: VmService, vm_id: str, storage: Path) -> 
         return True  # this node's rows are the file's: keep them (and their cycle history)
     r["settings"] = Settings(**r["settings"])
     r["disks"] = tuple(r["disks"])
-    # This node is the replica server now (a reverse replication calls it back).
-    row = ReplicationRow(**(r | {"replica_server": ctx.host}))
+    if r["mode"] == "Replica":
+        # This node is the replica server now (a reverse replication calls it back).
+        r["replica_server"] = ctx.host
+    if r.get("test_vm_id") is not None and ctx.stores.vms.by_id(r["test_vm_id"]) is None:
+        # A test VM is no part of the facts that travel: it ended with its node.
+        r["test_vm_id"] = r["test_point"] = None
+        shutil.rmtree(storage / "test", ignore_errors=True)
+    row = ReplicationRow(**r)
     async with ctx.locks.replica(vm_id):
         with ctx.stores.db.tx() as tx:
+            disks = [Path(d) for d in v["disks"]]
             if ctx.stores.vms.by_id(vm_id) is None:
                 vms.register(
                     tx, v["id"], v["name"], v["cpus"], v["memory_mb"], Path(v["vm_dir"]),
-                    [Path(d) for d in v["disks"]], v["kernel"], v["initrd"], v["append"],
+                    disks, v["kernel"], v["initrd"], v["append"],
                 )  # fmt: skip
+            else:  # a former owner's record: the disks are the file's (a failover's overlays)
+                vms.set_disks(tx, vm_id, disks)
             ctx.stores.replications.delete(tx, vm_id)  # with its points and cycles
             ctx.stores.replications.insert(tx, row)
             for p in facts["points"]:

@@ -112,6 +112,7 @@ class Receiver:
                 row, manifest.sequence, staging, started.isoformat(),
                 consistency=manifest.consistency,
             )  # fmt: skip
+            faults.hit("replica.after_apply_record")  # recorded here, not answered, not shared
             return p.SequenceAnswer(manifest.sequence)
 
     def _check_owner(self, vm_id: str) -> None:

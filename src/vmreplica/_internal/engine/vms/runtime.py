@@ -37,6 +37,7 @@ class VmRuntime:
         # Hooks for the replication engine: a VM about to start, and a VM that went off.
         self.start_guards: list[Callable[[VmRecord], None]] = []
         self.on_off: list[Callable[[VmRecord, bool], None]] = []
+        self.on_started: list[Callable[[VmRecord], None]] = []
 
     def process(self, vm_id: str) -> VmProcess | None:
         return self._running.get(vm_id)
@@ -64,6 +65,8 @@ class VmRuntime:
             self._set_state(rec.id, RUNNING)
             self._adopt(rec, process)
             self._ctx.events.record("vm-started", f"started VM {name} (pid {process.pid})", name)
+            for hook in self.on_started:
+                hook(rec)
 
     def _adopt(self, rec: VmRecord, process: VmProcess) -> None:
         self._running[rec.id] = process
@@ -136,6 +139,22 @@ class VmRuntime:
         if rec is not None and rec.state == RUNNING:
             async with self._ctx.locks.vm(vm_id):
                 await self._stop_process(rec, force=True, timeout=0)
+
+    async def kill(self, vm_id: str, why: str) -> bool:
+        """Kill it at once, before waiting for its lock (a node fenced from its cluster must
+        not run it a moment longer); then record it off. False: it was not running."""
+        process = self._running.get(vm_id)
+        rec = self._vms.by_id(vm_id)
+        if process is None or rec is None:
+            return False
+        await process.kill()
+        async with self._ctx.locks.vm(vm_id):
+            if self._running.get(vm_id) is process:  # not recorded by its watcher meanwhile
+                watcher = self._watchers.pop(vm_id, None)
+                if watcher is not None:
+                    watcher.cancel()
+                await self._went_off(rec, False, why)
+        return True
 
     async def stop(
         self, name: str, force: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT
