@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+import threading
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
 from tests.etcd_cluster import EtcdCluster
-from tests.integration.cluster_env import Env, Proxy, owned
+from tests.integration.cluster_env import TIMEOUT, Env, Proxy, owned
 from tests.integration.replication_env import Pair, died_by_sigkill, verified_equal, wait_for
 from tests.localcluster import Cluster
 from vmreplica._internal import certs
@@ -172,6 +174,34 @@ def test_a_move_killed_at_each_point_ends_with_the_vm_running_on_exactly_one_nod
     assert "vm-moved" in env.kinds(A) and "vm-attached" in env.kinds(B)
     assert env.reads(B, 0x31, "2M")
     env.write(B, 0x32, "3M")
+    env.synced(B)
+    env.no_resync()
+
+
+def test_a_cycle_requested_during_a_move_is_refused_and_the_move_completes(
+    stopped_cluster: Cluster, etcd: EtcdCluster
+) -> None:
+    """Only the move's own last cycle runs while the VM moves: a `replication sync` then is
+    refused as busy (a delta cut after the last one would stay in the source's pending log,
+    which the move forgets, and move the tracking generation behind the facts B takes)."""
+    env = primary_cluster(stopped_cluster, etcd)
+    c = env.c
+    # Each cycle holds its cycle lock 4 s after the cut: the sync below reaches A in the move.
+    c.stop(A)
+    c.start(A, extra_env={"VMREPLICA_FAULTS": "primary.after_cut=sleep:4"})
+    env.write(A, 0x40, "1M")
+    moved: list[Any] = []
+    mover = threading.Thread(target=lambda: moved.append(env.move(B, A)), daemon=True)
+    mover.start()
+    wait_for(lambda: "vm-move-started" in env.kinds(A), 60, "the move to begin")
+    busy = env.cli("replication", "sync", "app", host=A, check=False)
+    assert busy.returncode == 4 and "a move of it is in progress" in busy.stderr, busy
+    mover.join(TIMEOUT)
+    assert moved and moved[0]["state"] == "Running", moved
+    assert env.vms(A) == [] and env.vms(B) == ["app"]
+    # The refusal was no failure of the replication; the next cycle, on B, is a delta.
+    assert env.reads(B, 0x40, "1M")
+    env.write(B, 0x41, "2M")
     env.synced(B)
     env.no_resync()
 
