@@ -89,7 +89,7 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
-        for i in range(24):  # 8 MiB .. 14 MiB
+        for i in range(64):  # 8 MiB .. 24 MiB, until stopped
             if self.stop.is_set():
                 return
             pattern, offset = 0x40 + i, f"{8192 + 256 * i}k"
