@@ -9,11 +9,9 @@ after a move, without any change on the replica.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import sqlite3
 import statistics
 import subprocess
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -22,92 +20,14 @@ from typing import Any
 import tomli_w
 
 from tests.etcd_cluster import EtcdCluster
-from tests.integration.replication_env import (
-    Pair,
-    died_by_sigkill,
-    same_content,
-    verified_equal,
-    wait_for,
-)
-from tests.integration.test_cluster_redirect import Proxy, owned
+from tests.integration.cluster_env import TIMEOUT, Env, Proxy, owned
+from tests.integration.replication_env import Pair, died_by_sigkill, verified_equal, wait_for
 from tests.localcluster import Cluster
 from vmreplica._internal import certs
-from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 
 REPLICA, A, B = "vmhost1", "vmhost2", "vmhost3"
 BROKER = "pbroker.test"
 RBROKER = "rbroker.test"
-TIMEOUT = 300.0  # generous: the machine is shared and loaded
-
-
-class Env:
-    def __init__(self, c: Cluster, storage: Path, disk: Path) -> None:
-        self.c = c
-        self.storage = storage
-        self.disk = disk
-
-    def cli(self, *args: str, host: str, check: bool = True) -> Any:
-        return self.c.cli(*args, host=host, check=check, timeout=TIMEOUT)
-
-    def json(self, *args: str, host: str) -> list[dict[str, Any]]:
-        rows = self.c.cli(*args, "-o", "json", host=host, timeout=TIMEOUT).json()
-        assert isinstance(rows, list)
-        return rows
-
-    def vms(self, host: str) -> list[str]:
-        return [v["name"] for v in self.json("vm", "list", host=host)]
-
-    def write(self, host: str, pattern: int, offset: str, length: str = "256k") -> None:
-        out = self.cli("vm", "monitor", "app", f'qemu-io disk0 "write -P {pattern:#x} {offset} '
-                       f'{length}"', host=host).stdout  # fmt: skip
-        assert "wrote" in out, out
-
-    def reads(self, host: str, pattern: int, offset: str, length: str = "256k") -> bool:
-        out = self.cli("vm", "monitor", "app", f'qemu-io disk0 "read -P {pattern:#x} {offset} '
-                       f'{length}"', host=host).stdout  # fmt: skip
-        return "read" in out and "Pattern verification failed" not in out
-
-    def synced(self, host: str) -> dict[str, Any]:
-        """One cycle on `host`; the replica took it as a delta (its sequence follows the
-        primary's), verifies, and reads as the primary's disk does."""
-        before = self.sequence(REPLICA)
-        self.cli("replication", "sync", "app", host=host)
-        row = self.json("replication", "get", "app", host=host)[0]
-        assert row["state"] == "Replicating", row
-        assert self.sequence(REPLICA) == self.sequence(host) > before
-        # A delta of what was written (256 KiB), not a copy of the disk.
-        size = self.json("replication", "measure", "app", host=host)[0]["last_replication_size"]
-        assert 0 < size < 2 << 20, size
-        self.cli("vm", "monitor", "app", 'qemu-io disk0 "flush"', host=host)
-        tip = self.storage / "app" / "disk0" / "tip.qcow2"
-        asyncio.run(ReplicaChain(tip.parent).verify())
-        assert same_content(self.disk, tip)
-        return row
-
-    def sequence(self, host: str) -> int:
-        """The relationship's sequence as `host`'s database has it (read-only)."""
-        db = self.c.hosts[host].state_dir / "state.db"
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            (value,) = con.execute("SELECT sequence FROM replications").fetchone()
-        return int(value)
-
-    def move(self, to: str, host: str, *extra: str) -> dict[str, Any]:
-        out = self.json("vm", "move", "app", "--to", to, "--force", *extra, host=host)[0]
-        assert out["target"] == to and out["state"] == "Running", out
-        return out
-
-    def owners(self) -> dict[str, list[str]]:
-        rows = self.json("cluster", "node", "list", "--config", str(self.c.hosts[B].config),
-                         host=B)  # fmt: skip
-        return {r["name"]: r["owned_vms"] for r in rows}
-
-    def kinds(self, host: str) -> set[str]:
-        return {e["kind"] for e in self.json("event", "list", host=host)}
-
-    def no_resync(self) -> None:
-        for host in (A, B, REPLICA):
-            kinds = self.kinds(host)
-            assert not {k for k in kinds if "resync" in k}, (host, kinds)
 
 
 def primary_cluster(c: Cluster, etcd: EtcdCluster) -> Env:
@@ -131,7 +51,7 @@ def primary_cluster(c: Cluster, etcd: EtcdCluster) -> Env:
     shared.mkdir()
     disk = shared / "app.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    env = Env(c, storage, disk)
+    env = Env(c, storage, disk, REPLICA, (A, B))
     env.cli("vm", "new", "app", "--disk-path", str(disk), host=A)
     env.cli("vm", "start", "app", host=A)
     env.write(A, 0x11, "0", "1M")
@@ -254,6 +174,34 @@ def test_a_move_killed_at_each_point_ends_with_the_vm_running_on_exactly_one_nod
     assert "vm-moved" in env.kinds(A) and "vm-attached" in env.kinds(B)
     assert env.reads(B, 0x31, "2M")
     env.write(B, 0x32, "3M")
+    env.synced(B)
+    env.no_resync()
+
+
+def test_a_cycle_requested_during_a_move_is_refused_and_the_move_completes(
+    stopped_cluster: Cluster, etcd: EtcdCluster
+) -> None:
+    """Only the move's own last cycle runs while the VM moves: a `replication sync` then is
+    refused as busy (a delta cut after the last one would stay in the source's pending log,
+    which the move forgets, and move the tracking generation behind the facts B takes)."""
+    env = primary_cluster(stopped_cluster, etcd)
+    c = env.c
+    # Each cycle holds its cycle lock 4 s after the cut: the sync below reaches A in the move.
+    c.stop(A)
+    c.start(A, extra_env={"VMREPLICA_FAULTS": "primary.after_cut=sleep:4"})
+    env.write(A, 0x40, "1M")
+    moved: list[Any] = []
+    mover = threading.Thread(target=lambda: moved.append(env.move(B, A)), daemon=True)
+    mover.start()
+    wait_for(lambda: "vm-move-started" in env.kinds(A), 60, "the move to begin")
+    busy = env.cli("replication", "sync", "app", host=A, check=False)
+    assert busy.returncode == 4 and "a move of it is in progress" in busy.stderr, busy
+    mover.join(TIMEOUT)
+    assert moved and moved[0]["state"] == "Running", moved
+    assert env.vms(A) == [] and env.vms(B) == ["app"]
+    # The refusal was no failure of the replication; the next cycle, on B, is a delta.
+    assert env.reads(B, 0x40, "1M")
+    env.write(B, 0x41, "2M")
     env.synced(B)
     env.no_resync()
 

@@ -8,9 +8,6 @@ proxy switching its target. Both replica nodes' certificates carry the name `bro
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 import tomllib
 from pathlib import Path
@@ -18,45 +15,13 @@ from pathlib import Path
 import tomli_w
 
 from tests.etcd_cluster import EtcdCluster
+from tests.integration.cluster_env import Proxy, owned
 from tests.integration.replication_env import PRIMARY, REPLICA, Pair, verified_equal, wait_for
-from tests.localcluster import Cluster, free_port
+from tests.localcluster import Cluster
 from vmreplica._internal import certs
 
 BROKER = "broker.test"
 OTHER = "vmhost3"
-
-
-class Proxy:
-    """Forwards every connection to `target` (switchable) on 127.0.0.1; counts connections."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.connections = 0
-        self.port = free_port()
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._server.close()
 
 
 def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
@@ -170,10 +135,3 @@ def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
         c.cli("vm", "stop", "app", "--force", host=REPLICA)
     finally:
         proxy.close()
-
-
-def owned(c: Cluster, node: str) -> list[str]:
-    rows = c.cli_json(
-        "cluster", "node", "list", "--config", str(c.hosts[node].config), "-o", "json"
-    )
-    return [vm for r in rows if r["name"] == node for vm in r["owned_vms"]]

@@ -24,6 +24,13 @@ from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import delta as wire
 from vmreplica.errors import InvalidState, ResyncRequired, VmrError
 
+MOVE = "vm-move"  # the journal kind of `vm move` (engine/primary/move.py)
+
+
+class MoveInProgress(InvalidState):
+    """A cycle refused while the VM moves to another node."""
+
+
 RESYNC_PENDING_FRACTION = 0.5
 
 
@@ -46,10 +53,18 @@ class Cycles:
             self._vms.runtime.process(rec.id), vm_id=rec.id,
         )  # fmt: skip
 
-    async def cycle(self, vm_id: str, started: datetime, missed: int = 0) -> None:
-        """Cut a delta of everything written since the last one, queue it, send the queue."""
+    async def cycle(
+        self, vm_id: str, started: datetime, missed: int = 0, *, moving: bool = False
+    ) -> None:
+        """Cut a delta of everything written since the last one, queue it, send the queue.
+
+        While the VM moves (`vm move`), only the move's own last cycle runs: a delta cut after
+        it would move the tracking generation on in the shared images behind the facts the
+        target takes, and stay in this node's pending log, which the move forgets."""
         async with self._ctx.locks.cycle(vm_id):
             row = self._store.get(vm_id, vm_id)
+            if not moving and self._ctx.journal.entries(MOVE, subject=vm_id):
+                raise MoveInProgress(f"VM {row.vm_name} is busy: a move of it is in progress")
             rec = self._vms.find(row.vm_name)
             sequence = row.sequence + 1
             delta_dir = self._pending.delta_dir(row.vm_id, sequence)
@@ -113,6 +128,8 @@ class Cycles:
         started = datetime.now(UTC)
         try:
             await self.cycle(rec.id, started)
+        except MoveInProgress:
+            raise  # not a failure of the replication: the move sends the last delta
         except VmrError as e:
             record_failure(self._ctx, self._store.get(rec.id, name), started, e, 0)
             raise

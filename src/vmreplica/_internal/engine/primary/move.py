@@ -34,7 +34,7 @@ from typing import Any
 
 from vmreplica._internal import faults
 from vmreplica._internal.engine.context import Context
-from vmreplica._internal.engine.primary.cycle import Cycles
+from vmreplica._internal.engine.primary.cycle import MOVE, Cycles
 from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.primary.scheduler import Scheduler
 from vmreplica._internal.engine.replica import move as replica_move
@@ -45,7 +45,7 @@ from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica.errors import InvalidArgument, InvalidState, NotFound, StorageError, VmrError
 
-KIND = "vm-move"
+KIND = MOVE
 RUNNING = "Running"
 ATTACH_TIMEOUT = 120.0  # how long the source waits for the target to attach the VM
 
@@ -222,7 +222,7 @@ class VmMove:
         if not replicated:
             return
         try:
-            await self._cycles.cycle(rec.id, datetime.now(UTC))
+            await self._cycles.cycle(rec.id, datetime.now(UTC), moving=True)
         except VmrError as e:
             raise InvalidState(
                 f"cannot move VM {rec.name}: its last delta did not reach the replica: {e.message}"
