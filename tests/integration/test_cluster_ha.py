@@ -27,6 +27,7 @@ from pathlib import Path
 import tomli_w
 
 from tests.etcd_cluster import EtcdCluster
+from tests.integration.cluster_env import Proxy, owned
 from tests.integration.replication_env import (
     PRIMARY,
     REPLICA,
@@ -35,7 +36,7 @@ from tests.integration.replication_env import (
     verified_equal,
     wait_for,
 )
-from tests.integration.test_cluster_redirect import BROKER, OTHER, Proxy, owned
+from tests.integration.test_cluster_redirect import BROKER, OTHER
 from tests.localcluster import Cluster
 from vmreplica._internal.engine.replica.ha import RUNS_FILE
 from vmreplica._internal.engine.replica.handoff import FILE, STEP_FILE
