@@ -104,6 +104,7 @@ def test_replica_domain_is_defined_from_the_primary_s(lv_cluster: Cluster) -> No
     cluster.cli("vm", "stop", "web", "--force", host=PRIMARY)
     cluster.cli("failover", "start", "web", "--prepare", host=PRIMARY)
     cluster.cli("failover", "start", "web", host=REPLICA)
+    cluster.cli("replication", "set", "web", "--reverse", host=REPLICA)
     cluster.cli("vm", "start", "web", host=REPLICA)
     failed_over = _domain(cluster, REPLICA, "web")
     assert failed_over.findtext("uuid") == uuid
@@ -119,3 +120,17 @@ def test_replica_domain_is_defined_from_the_primary_s(lv_cluster: Cluster) -> No
     assert str(serial.get("path")).startswith(str(cluster.hosts[REPLICA].state_dir))
     assert test_failover.reads(cluster, REPLICA, "web", 0x11, "0", "1M")
     assert test_failover.reads(cluster, REPLICA, "web", 0x22, "1M", "1M")
+
+    # Fail back: the old primary kept its own XML when it became the replica; its domain is
+    # defined from that again, not generated from the VM's record.
+    cluster.cli("vm", "stop", "web", "--force", host=REPLICA)
+    cluster.cli("failover", "start", "web", "--prepare", host=REPLICA)
+    cluster.cli("failover", "start", "web", host=PRIMARY)
+    cluster.cli("replication", "set", "web", "--reverse", host=PRIMARY)
+    cluster.cli("vm", "start", "web", host=PRIMARY)
+    home = _domain(cluster, PRIMARY, "web")
+    assert home.findtext("uuid") == uuid
+    assert str(home.findtext("description")).startswith(DESCRIPTION)
+    iface = home.find("./devices/interface")
+    assert iface is not None and iface.find("mac").get("address") == MAC  # type: ignore[union-attr]
+    assert test_failover.reads(cluster, PRIMARY, "web", 0x22, "1M", "1M")
