@@ -26,6 +26,7 @@ from tests.integration.replication_env import (
     verified_equal,
     wait_for,
 )
+from tests.libvirt_host import LibvirtHost
 from tests.localcluster import Cluster
 
 
@@ -102,6 +103,85 @@ def test_kill_agent_and_libvirtd_mid_cycle(lv_cluster: Cluster) -> None:
     pair.write("app", 0, 0x55, "7M", "64k")
     cluster.cli("replication", "sync", "app", host=PRIMARY)
     verified_equal(pair)
+    assert pair.replication("app")["state"] == "Replicating"
+
+
+def _cli_in_background(cluster: Cluster, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vmreplica", *args],
+        env=cluster.env(PRIMARY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _checkpoints(libvirtd: LibvirtHost) -> list[str]:
+    return libvirtd.virsh("checkpoint-list", "app", "--name", check=False).stdout.split()
+
+
+def _kill_libvirtd_in_job(libvirtd: LibvirtHost, checkpoints: int) -> None:
+    """Once the backup began (its checkpoint is there; the agent then sleeps at the fault
+    point, the job up), kill -9 of libvirtd and a new one. Killed inside virDomainBackupBegin
+    itself, libvirt 9.0's new daemon keeps the domain's job lock ("held by monitor=init")
+    for good: not what this tests (docs/ARCHITECTURE.md)."""
+    wait_for(lambda: len(_checkpoints(libvirtd)) == checkpoints, 60, "the backup to begin")
+    time.sleep(5)  # backupBegin has returned: the agent is at the fault point (15 s)
+    libvirtd.kill()
+    libvirtd.start()
+
+
+def _until_ok(cluster: Cluster, *args: str, within: float = 240) -> None:
+    """The command as the scheduler would retry it, until it succeeds."""
+    deadline = time.monotonic() + within
+    while True:
+        done = cluster.cli(*args, host=PRIMARY, check=False, timeout=600)
+        if done.returncode == 0:
+            return
+        assert time.monotonic() < deadline, done.stderr
+        time.sleep(10)
+
+
+@pytest.mark.timeout(600)
+def test_kill_libvirtd_during_a_pull_backup(lv_cluster: Cluster) -> None:
+    """kill -9 of libvirtd while the initial copy reads a pull backup's NBD export: nothing
+    written is lost, the replica ends equal to the primary and verifies, cycles go on."""
+    cluster = lv_cluster
+    pair = make_pair(cluster)
+    libvirtd = cluster.libvirt[PRIMARY]
+    cluster.cli("vm", "new", "app", "--disk", "64M", host=PRIMARY)
+    cluster.cli("vm", "start", "app", host=PRIMARY)
+    pair.write("app", 0, 0x11, "0", "8M")
+    pair.enable("app")
+    restart_with_faults(cluster, PRIMARY, "libvirt.pull_job=sleep:15")
+    initial = _cli_in_background(cluster, "replication", "start-initial", "app", "--wait")
+    _kill_libvirtd_in_job(libvirtd, 1)
+    initial.communicate(timeout=300)
+    restart_with_faults(cluster, PRIMARY, "")
+    if pair.replication("app")["state"] != "Replicating":  # it failed: retried
+        _until_ok(cluster, "replication", "start-initial", "app", "--wait")
+    assert pair.replication("app")["state"] == "Replicating"
+    verified_equal(pair, "app")
+    pair.write("app", 0, 0x33, "9M", "64k")
+    _until_ok(cluster, "replication", "sync", "app")
+    verified_equal(pair, "app")
+
+
+@pytest.mark.timeout(600)
+def test_kill_libvirtd_during_a_push_backup(lv_cluster: Cluster) -> None:
+    """kill -9 of libvirtd after a cycle's push backup began and before the agent read its
+    result: the cycle completes or fails and is retried, and nothing written is lost."""
+    cluster = lv_cluster
+    pair = make_pair(cluster)
+    replicated_vm(pair)
+    libvirtd = cluster.libvirt[PRIMARY]
+    pair.write("app", 0, 0x22, "2M", "4M")
+    restart_with_faults(cluster, PRIMARY, "libvirt.push_job=sleep:15")
+    sync = _cli_in_background(cluster, "replication", "sync", "app")
+    _kill_libvirtd_in_job(libvirtd, 2)
+    sync.communicate(timeout=300)
+    assert libvirtd.virsh("domstate", "app").stdout.strip() == "running"
+    restart_with_faults(cluster, PRIMARY, "")
+    pair.write("app", 0, 0x33, "9M", "64k")
+    _until_ok(cluster, "replication", "sync", "app")
+    verified_equal(pair, "app")
     assert pair.replication("app")["state"] == "Replicating"
 
 
