@@ -5,6 +5,7 @@ block device replicated in place."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,6 +185,34 @@ def test_kill_libvirtd_during_a_push_backup(lv_cluster: Cluster) -> None:
     _until_ok(cluster, "replication", "sync", "app")
     verified_equal(pair, "app")
     assert pair.replication("app")["state"] == "Replicating"
+
+
+def _qmp(libvirtd: LibvirtHost, command: str, **arguments: object) -> Any:
+    text = json.dumps({"execute": command, "arguments": arguments})
+    return json.loads(libvirtd.virsh("qemu-monitor-command", "app", text).stdout)["return"]
+
+
+def test_orphaned_backup_bitmap_is_removed(lv_cluster: Cluster) -> None:
+    """What a libvirtd killed inside a backup job can leave: QEMU still holds the job's
+    temporary ``backup-vda`` bitmap, which libvirt's new daemon does not know, and every later
+    backup fails on it ("Bitmap already exists"). The cycle removes it and goes on."""
+    cluster = lv_cluster
+    pair = make_pair(cluster)
+    replicated_vm(pair)
+    libvirtd = cluster.libvirt[PRIMARY]
+    nodes = _qmp(libvirtd, "query-named-block-nodes", flat=True)
+    node = next(
+        n["node-name"]
+        for n in nodes
+        if any(b["name"] == "vmr-1" for b in n.get("dirty-bitmaps", []))
+    )
+    _qmp(libvirtd, "block-dirty-bitmap-add", node=node, name="backup-vda")
+    pair.write("app", 0, 0x22, "2M", "1M")
+    cluster.cli("replication", "sync", "app", host=PRIMARY)
+    verified_equal(pair, "app")
+    left = [b["name"] for n in _qmp(libvirtd, "query-named-block-nodes", flat=True)
+            for b in n.get("dirty-bitmaps", [])]  # fmt: skip
+    assert "backup-vda" not in left and "vmr-2" in left, left
 
 
 def test_mixed_pair_libvirt_primary_builtin_replica() -> None:
