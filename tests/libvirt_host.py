@@ -77,6 +77,9 @@ class LibvirtHost:
     def _prepare(self) -> None:
         for rel in BIND:
             (self.root / rel).mkdir(parents=True, exist_ok=True)
+            # The mount point: /run is a tmpfs, and /run/libvirt exists only once a libvirtd
+            # of the host's own ran since boot.
+            Path("/", rel).mkdir(parents=True, exist_ok=True)
         caps = self.root / "var/cache/libvirt/qemu/capabilities"
         if CAPS_CACHE.is_dir() and not caps.exists():
             shutil.copytree(CAPS_CACHE, caps)

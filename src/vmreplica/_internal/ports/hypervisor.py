@@ -44,6 +44,15 @@ Progress = Callable[[float], None]  # percent done, 0 to 100
 
 
 @dataclasses.dataclass(frozen=True)
+class Definition:
+    """A primary's own domain XML, kept by its replica (definition.py): a driver that has
+    domains defines the failed-over (``test``: the test failover's) domain from it."""
+
+    xml: str
+    test: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class VmSpec:
     """What a hypervisor needs to run a VM; ``run_dir`` is the VM's private working folder."""
 
@@ -57,6 +66,7 @@ class VmSpec:
     initrd: Path | None = None
     append: str | None = None
     accel: str = "tcg"
+    definition: Definition | None = None  # a replica VM's primary's domain XML
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +263,11 @@ class HypervisorDriver(Protocol):
         """The VM is off and must not be started here other than through the agent, or is
         gone: whatever definition the hypervisor keeps of it goes (a libvirt domain, with its
         checkpoints' records); its files stay. Harmless when there is none."""
+        ...
+
+    async def definition(self, vm_id: str) -> str | None:
+        """The hypervisor's own definition of the VM (a libvirt domain's XML), which a primary
+        sends its replica; None when it keeps none."""
         ...
 
     # -- disk images -------------------------------------------------------------------------

@@ -94,3 +94,22 @@ def parse_port(value: object, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
         raise InvalidArgument(f"{what} must be a port from 1 to 65535")
     return value
+
+
+MAX_DEFINITION = 256 << 10  # bytes of a domain's XML (definition.MAX_DEFINITION)
+
+
+def parse_definition(value: object) -> str | None:
+    """A domain's XML: text of at most MAX_DEFINITION bytes, no control characters but line
+    ends and tabs (its content is checked by the replica, definition.check)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or len(value.encode("utf-8", errors="replace")) > MAX_DEFINITION
+        or not value.replace("\n", "").replace("\r", "").replace("\t", "").isprintable()
+    ):
+        raise InvalidArgument(
+            f"enable: field 'definition' must be domain XML of at most {MAX_DEFINITION} bytes"
+        )
+    return value

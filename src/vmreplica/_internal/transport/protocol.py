@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from vmreplica._internal.transport.delta_resume import ResumePoint
-from vmreplica._internal.transport.fields import Body, parse_port
+from vmreplica._internal.transport.fields import Body, parse_definition, parse_port
 from vmreplica._internal.transport.media import MediaManifest
 from vmreplica.errors import InvalidArgument
 
@@ -126,6 +126,7 @@ class EnableRequest:
     append: str | None
     kernel: BootFileInfo | None
     initrd: BootFileInfo | None
+    definition: str | None = None  # a libvirt primary's domain XML (none from QEMU's runtime)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
@@ -147,10 +148,14 @@ class EnableRequest:
             append=b.opt_string("append"),
             kernel=BootFileInfo.parse(b.sub("kernel", optional=True)),
             initrd=BootFileInfo.parse(b.sub("initrd", optional=True)),
+            definition=parse_definition(b.raw("definition")),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.definition is None:
+            del out["definition"]  # what a replica of an earlier version expects
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -30,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 
+from vmreplica._internal import faults
 from vmreplica._internal.drivers.libvirt import domain_xml
 from vmreplica._internal.drivers.libvirt.connection import Connection, is_missing, message
 from vmreplica._internal.drivers.qemu import qemu_img
@@ -41,6 +44,28 @@ PREFIX = "vmr-"
 _NAME_RE = re.compile(r"^vmr-(\d+)$")
 _JOB_TIMEOUT = 3600.0
 _POLL = 0.05
+_ORPHAN = "bitmap already exists: backup-"
+
+
+def remove_orphan_backup_bitmaps(dom: Any) -> list[str]:
+    """The temporary ``backup-<disk>`` bitmaps a backup job leaves in QEMU when libvirtd dies
+    during it: libvirt's new daemon has forgotten the job, the bitmaps stay (never persistent,
+    never a checkpoint's), and every later backup of the domain fails on them. Removed through
+    libvirt's monitor passthrough, only when libvirt has no backup job of the domain; the
+    checkpoints' own bitmaps (``vmr-*``, persistent) are never touched."""
+
+    def qmp(command: str, **arguments: Any) -> Any:
+        text = json.dumps({"execute": command, "arguments": arguments})
+        return json.loads(libvirt_qemu.qemuMonitorCommand(dom, text, 0)).get("return")
+
+    removed = []
+    for node in qmp("query-named-block-nodes", flat=True) or []:
+        for bitmap in node.get("dirty-bitmaps", []):
+            name_ = str(bitmap.get("name", ""))
+            if name_.startswith("backup-") and not bitmap.get("persistent", False):
+                qmp("block-dirty-bitmap-remove", node=node["node-name"], name=name_)
+                removed.append(name_)
+    return removed
 
 
 def name(generation: int) -> str:
@@ -120,6 +145,21 @@ class Tracker:
                 raise VmrError(f"the backup job of {self.what} did not end in {timeout:g}s")
             await asyncio.sleep(_POLL)
 
+    async def _begin(self, backup: str, checkpoint: str | None, flags: int) -> None:
+        """``virDomainBackupBegin``; once more after removing the temporary bitmaps a job
+        left when libvirtd died during it (remove_orphan_backup_bitmaps)."""
+        try:
+            await self._run(
+                "starting a backup", lambda dom: dom.backupBegin(backup, checkpoint, flags)
+            )
+            return
+        except VmrError as exc:
+            if _ORPHAN not in exc.message.lower():
+                raise
+        await self.abort_backup()  # a job libvirt still knows is ended through libvirt
+        await self._run("removing a dead backup job's bitmaps", remove_orphan_backup_bitmaps)
+        await self._run("starting a backup", lambda dom: dom.backupBegin(backup, checkpoint, flags))
+
     async def settle(self, generation: int) -> None:
         await self.abort_backup()
         gens = await self.generations()
@@ -166,11 +206,8 @@ class Tracker:
             for f, size in zip(files, sizes, strict=True):
                 await qemu_img.create(f, size)
             try:
-                await self._run(
-                    "starting a backup",
-                    lambda dom: dom.backupBegin(
-                        backup, checkpoint, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
-                    ),
+                await self._begin(
+                    backup, checkpoint, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
                 )
             except VmrError as exc:
                 if "inconsistent" in exc.message.lower():
@@ -179,6 +216,7 @@ class Tracker:
                         f"closed cleanly): a resynchronization is required ({exc.message})"
                     ) from exc
                 raise
+            await faults.ahit("libvirt.push_job")  # the backup job runs (tests kill libvirtd)
             await self._wait_job()
             stats = await self._run(
                 "job result", lambda dom: dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
@@ -234,8 +272,9 @@ class Tracker:
             else domain_xml.checkpoint_xml(name(checkpoint), self.disks, self.all_disks)
         )
         await self.abort_backup()
-        await self._run("starting a backup", lambda dom: dom.backupBegin(backup, cp))
+        await self._begin(backup, cp, 0)
         try:
+            await faults.ahit("libvirt.pull_job")  # the NBD export is up (tests kill libvirtd)
             yield socket
         finally:
             with contextlib.suppress(VmrError, NotFound):

@@ -16,12 +16,14 @@ import contextlib
 import dataclasses
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 import libvirt
 import libvirt_qemu
 
+from vmreplica._internal import definition
 from vmreplica._internal.drivers.libvirt import domain_xml, raw
 from vmreplica._internal.drivers.libvirt.connection import Connection, is_missing
 from vmreplica._internal.ports.hypervisor import GuestAgentUnavailable, VmSpec
@@ -37,6 +39,13 @@ _DIED = {
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED,
     libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN,
 }
+
+
+def _is_block(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def _lookup(conn: Any, spec_id: str, name: str) -> Any:
@@ -61,17 +70,29 @@ async def define(conn: Connection, spec: VmSpec, description: str | None = None)
     """Define (or update) the domain of ``spec``; its checkpoints stay. A domain vmreplica
     generated is generated again; one defined by someone else (virsh, virt-manager) keeps its
     own XML, only its disks pointed where the VM's are now. A raw disk is opened through its
-    metadata image (raw.py)."""
+    metadata image (raw.py). A replica VM whose primary sent its domain XML is defined from
+    that, every time (definition.py)."""
     disks = await raw.domain_disks(spec.disks, spec.run_dir)
-    generated = domain_xml.domain_xml(
-        dataclasses.replace(spec, disks=disks), ["qcow2"] * len(disks),
-        description or domain_xml.DESCRIPTION,
-    )  # fmt: skip
+    if spec.definition is not None:
+        generated = definition.replica_domain(
+            spec.definition.xml,
+            definition.ReplicaDomain(
+                name=spec.name, uuid=spec.id, disks=disks, run_dir=spec.run_dir,
+                accel=spec.accel, kernel=spec.kernel, initrd=spec.initrd, append=spec.append,
+                test=spec.definition.test,
+            ),
+            [_is_block(d) for d in disks],
+        )  # fmt: skip
+    else:
+        generated = domain_xml.domain_xml(
+            dataclasses.replace(spec, disks=disks), ["qcow2"] * len(disks),
+            description or domain_xml.DESCRIPTION,
+        )  # fmt: skip
 
     def go(c: Any) -> None:
         dom = _lookup(c, spec.id, spec.name)
         xml = generated
-        if dom is not None:
+        if dom is not None and spec.definition is None:
             current = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
             if not domain_xml.managed(current):
                 xml = domain_xml.with_disks(current, disks)
@@ -91,6 +112,22 @@ async def defined(conn: Connection, accel: str) -> list[tuple[VmSpec, bool]]:
         return out
 
     found: list[tuple[VmSpec, bool]] = await conn.run("cannot list libvirt's domains", go)
+    return found
+
+
+async def xml_of(conn: Connection, vm_id: str) -> str | None:
+    """The domain's persistent XML (no secrets), or None when there is no such domain."""
+
+    def go(c: Any) -> str | None:
+        try:
+            dom = c.lookupByUUIDString(vm_id)
+        except libvirt.libvirtError as exc:
+            if is_missing(exc):
+                return None
+            raise
+        return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+    found: str | None = await conn.run(f"cannot read domain {vm_id}", go)
     return found
 
 

@@ -221,6 +221,9 @@ class LibvirtDriver(QemuDriver):
     async def forget(self, vm_id: str) -> None:
         await domain.undefine(self.conn, vm_id)
 
+    async def definition(self, vm_id: str) -> str | None:
+        return await domain.xml_of(self.conn, vm_id)
+
     async def start_tracking_offline(self, disks: Sequence[Path], generation: int = 1) -> None:
         raise InvalidState(
             "under libvirt, tracking starts through a checkpoint of the domain, not on bare images"

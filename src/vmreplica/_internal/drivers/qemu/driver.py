@@ -130,6 +130,9 @@ class QemuDriver:
     async def forget(self, vm_id: str) -> None:
         """QEMU keeps no definition of a VM: the agent's database is all there is."""
 
+    async def definition(self, vm_id: str) -> str | None:
+        return None
+
     # -- disk images -------------------------------------------------------------------------
 
     async def check_image(self, path: Path) -> None:

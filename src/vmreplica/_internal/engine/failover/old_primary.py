@@ -8,13 +8,14 @@ says that its tracking was lost; then its disks move into replica chains (journa
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
 
+from vmreplica._internal import definition, faults
 from vmreplica._internal import extents as ext
-from vmreplica._internal import faults
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context, allows, move
 from vmreplica._internal.engine.events import now_iso
@@ -23,12 +24,15 @@ from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.common import chain_dir, redirect_if_elsewhere
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.files import write_atomic
 from vmreplica._internal.ports.hypervisor import DiskOwner
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import AccessDenied, InvalidState, NotFound, ResyncRequired, VmrError
+
+log = logging.getLogger("vmreplica.failover")
 
 
 class OldPrimary:
@@ -118,7 +122,10 @@ class OldPrimary:
         ]
         # A replica VM has no hypervisor definition until a failover (libvirt: its domain and
         # checkpoints go, while its disks are still where the domain has them). Tracking was
-        # read above; a rollback after a crash leaves the VM to a resynchronization.
+        # read above; a rollback after a crash leaves the VM to a resynchronization. Its own
+        # definition (a libvirt domain's XML) is kept beside the chains, as a replica keeps
+        # its primary's: a failback defines the domain from it again.
+        own = await self._definition(row)
         await self._ctx.driver.forget(vm_id)
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.begin(
@@ -131,6 +138,11 @@ class OldPrimary:
             chain = self._ctx.driver.chain(Path(dst).parent)
             await chain.recover()  # creates tip.qcow2 above the existing base
             tips.append(chain.tip)
+        if own is not None:
+            try:
+                write_atomic(root / definition.FILE_NAME, own.encode())
+            except OSError as e:
+                log.warning("cannot keep the domain XML of %s: %s", row.vm_name, e)
         faults.hit("reverse.after_convert")
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.end(tx, "become-replica", vm_id)
@@ -151,6 +163,19 @@ class OldPrimary:
                 tx=tx,
             )
         self._primary.pending.forget(vm_id)
+
+    async def _definition(self, row: ReplicationRow) -> str | None:
+        """The VM's own definition, trimmed to its replicated disks; None when there is none
+        or a replica could not be defined from it (the VM is then generated from its record)."""
+        try:
+            xml = await self._ctx.driver.definition(row.vm_id)
+            if xml is None:
+                return None
+            definition.check(xml, row.vm_id)
+            return definition.only_disks(xml, row.disks)
+        except VmrError as e:
+            log.warning("the domain XML of %s is not kept: %s", row.vm_name, e)
+            return None
 
     async def _roll_back(self, entry: JournalEntry) -> None:
         for src, dst in entry.data["moves"]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import blake3
 
-from vmreplica._internal import validate
+from vmreplica._internal import definition, validate
 from vmreplica._internal.engine.connect import authentication_type, peer_address
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
@@ -73,11 +73,15 @@ class PrimaryEnable:
             if path is not None
         }
         digests = {kind: await asyncio.to_thread(_digest, path) for kind, path in boot.items()}
+        xml = await self._ctx.driver.definition(rec.id)  # libvirt's domain XML, or none
+        if xml is not None:
+            definition.check(xml, rec.id, len(rec.disks))
+            xml = definition.only_disks(xml, disks)
         request = p.EnableRequest(
             vm_id=rec.id, vm_name=name, cpus=rec.cpus, memory_mb=rec.memory_mb,
             disk_sizes=tuple(sizes), settings=p.SettingsBody(**settings.to_json()),
             replica_port=peer.port, primary_port=self._ctx.own_port(auth), append=rec.append,
-            kernel=digests.get("kernel"), initrd=digests.get("initrd"),
+            kernel=digests.get("kernel"), initrd=digests.get("initrd"), definition=xml,
         )  # fmt: skip
         async with open_peer(peer, self._ctx.config.credentials) as replica:
             await replica.hello()

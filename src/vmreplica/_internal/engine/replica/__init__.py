@@ -44,6 +44,7 @@ def build(ctx: Context, vms: VmService) -> Replica:
     media = MediaImport(ctx, vms, applier, recovery)
     lifecycle = ReplicaLifecycle(ctx, vms, initial, seeds)
     vms.runtime.start_guards.append(lifecycle.start_guard)
+    vms.definition_of = lifecycle.definition_of
     return Replica(
         lifecycle=lifecycle, initial=initial, receiver=Receiver(ctx, applier, recovery, media),
         points=points, recovery=recovery, resync=resync, seeds=seeds, media=media,

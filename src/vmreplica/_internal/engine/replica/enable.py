@@ -13,7 +13,7 @@ from pathlib import Path
 
 import blake3
 
-from vmreplica._internal import validate
+from vmreplica._internal import definition, validate
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.replica.common import (
@@ -31,7 +31,8 @@ from vmreplica._internal.engine.replica.seed import Seeds
 from vmreplica._internal.engine.server_settings import warn_if_shared
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
-from vmreplica._internal.files import fsync_dir
+from vmreplica._internal.files import fsync_dir, write_atomic
+from vmreplica._internal.ports.hypervisor import Definition
 from vmreplica._internal.store.replications import KEPT, ReplicationRow, Settings
 from vmreplica._internal.transport import delta_resume
 from vmreplica._internal.transport import protocol as p
@@ -51,6 +52,8 @@ class ReplicaLifecycle:
     ) -> p.EnableAnswer:
         name = validate.vm_name(req.vm_name)
         settings = validate.replication_settings(Settings(**req.settings.to_json()))
+        if req.definition is not None:
+            definition.check(req.definition, req.vm_id, len(req.disk_sizes))
         existing = self._store.find(req.vm_id)
         if existing is not None:
             if existing.mode == REPLICA and existing.primary_server in peer_names:
@@ -61,7 +64,10 @@ class ReplicaLifecycle:
         if (seed := self._seeds.seed_for(name)) is not None:
             async with self._ctx.locks.vm(seed[0].id):
                 if (seed := self._seeds.seed_for(name)) is not None:
-                    return await self._seeds.adopt(authz, peer_names, req, *seed, settings)
+                    answer = await self._seeds.adopt(authz, peer_names, req, *seed, settings)
+                    if answer.storage_dir:
+                        _store_definition(Path(answer.storage_dir), req.definition)
+                    return answer
         if self._ctx.stores.vms.exists(name=name, vm_id=req.vm_id):
             raise InvalidState(
                 f"a VM named {name} already exists on replica server {self._ctx.host}"
@@ -86,6 +92,7 @@ class ReplicaLifecycle:
             ]
             if boot:
                 boot_dir.mkdir(mode=0o700)
+            _store_definition(storage, req.definition)
             with self._ctx.stores.db.tx() as tx:
                 register_replica(
                     self._ctx, self._vms, tx, authz, peer_names, req, name, settings, storage, tips
@@ -174,6 +181,23 @@ class ReplicaLifecycle:
         )
         return p.StatusAnswer(row.sequence, row.state, resume, kept_initial)
 
+    def definition_of(self, vm: VmRecord) -> Definition | None:
+        """The primary's domain XML, kept beside the chains, for the failed-over VM (the
+        replica VM itself) and its test VM ("NAME - Test"); None when the primary sent none."""
+        row, test = self._store.find(vm.id), False
+        if row is None:
+            row = next((r for r in self._store.all() if r.test_vm_id == vm.id), None)
+            test = True
+        if row is None or not row.storage_dir:
+            return None
+        try:
+            xml = (Path(row.storage_dir) / definition.FILE_NAME).read_text()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise StorageError(f"cannot read the domain XML of {row.vm_name}: {e}") from e
+        return Definition(xml, test=test)
+
     def start_guard(self, vm: VmRecord) -> None:
         row = self._store.find(vm.id)
         if row is not None and row.mode == REPLICA and row.state not in (
@@ -197,6 +221,16 @@ class ReplicaLifecycle:
                     row.vm_name,
                     tx=tx,
                 )
+
+
+def _store_definition(storage: Path, xml: str | None) -> None:
+    """The primary's domain XML beside the chains, written atomically (none: none kept)."""
+    if xml is None:
+        return
+    try:
+        write_atomic(storage / definition.FILE_NAME, xml.encode())
+    except OSError as e:
+        raise StorageError(f"cannot store the domain XML in {storage}: {e.strerror or e}") from e
 
 
 def _file_digest(path: Path) -> tuple[int, str] | None:

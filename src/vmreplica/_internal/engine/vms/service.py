@@ -20,7 +20,7 @@ from vmreplica._internal import validate
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.vms.runtime import VmRuntime
 from vmreplica._internal.models import Vm
-from vmreplica._internal.ports.hypervisor import VmSpec
+from vmreplica._internal.ports.hypervisor import Definition, VmSpec
 from vmreplica._internal.store.db import Tx
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.vms import VmRecord
@@ -71,6 +71,8 @@ class VmService:
         self.disk_guards: list[Callable[[Path], None]] = []
         # Directories a replica VM's own storage may be in, for `vm remove --delete-storage`.
         self.storage_roots: Callable[[], list[Path]] = lambda: []
+        # A replica VM's primary's domain XML, which a driver with domains defines it from.
+        self.definition_of: Callable[[VmRecord], Definition | None] = lambda _rec: None
         ctx.journal.register("delete-storage", self._recover_delete_storage)
         self._adopting = asyncio.Lock()  # two `vm list` at once must not take a domain twice
 
@@ -116,6 +118,7 @@ class VmService:
             kernel=Path(rec.kernel) if rec.kernel else None,
             initrd=Path(rec.initrd) if rec.initrd else None, append=rec.append,
             accel=self._ctx.config.accel, run_dir=self.run_dir(rec.id),
+            definition=self.definition_of(rec),
         )  # fmt: skip
 
     # -- creating ----------------------------------------------------------------------------
