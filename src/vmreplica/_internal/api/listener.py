@@ -27,7 +27,7 @@ from vmreplica._internal.certs import (
 from vmreplica._internal.engine.authorization import Authorization, AuthorizationService
 from vmreplica._internal.engine.server_settings import ListenerFiles, ServerService
 from vmreplica._internal.models import ServerSettings
-from vmreplica._internal.transport import protocol
+from vmreplica._internal.transport import answers, protocol
 from vmreplica._internal.transport.gss import ServerExchange
 from vmreplica.errors import AccessDenied, ConnectionFailed
 
@@ -99,7 +99,7 @@ def wrap(auth: AuthorizationService, handler: PeerHandler) -> Handler:
 async def hello(request: web.Request, authz: Authorization, names: list[str]) -> web.StreamResponse:
     await read_object(request)  # it takes no field, but garbage is refused like anywhere else
     settings = request.app[SERVER_KEY].get()
-    answer = protocol.HelloAnswer(
+    answer = answers.HelloAnswer(
         replica_server=settings.computer_name,
         peer=names[0] if names else None,
         authorization_entry=authz.entry,

@@ -3,11 +3,14 @@ and nothing a peer sends reaches the engine unchecked (transport/protocol.py).""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from vmreplica.errors import InvalidArgument
+
+HEX64 = re.compile(r"[0-9a-f]{64}")  # a BLAKE3 or SHA-256 digest in hex
 
 MAX_TEXT = 4096
 INT64 = 1 << 63

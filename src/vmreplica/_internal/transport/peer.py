@@ -29,7 +29,7 @@ from vmreplica._internal.tls_refusals import (
     own_certificate_refused,
     peer_certificate_refused,
 )
-from vmreplica._internal.transport import gss, redirect, signed
+from vmreplica._internal.transport import answers, gss, redirect, signed
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica._internal.transport.redirect import redirect_in
@@ -335,73 +335,79 @@ class Peer:
     def address(self) -> PeerAddress:
         return self._client.peer
 
-    async def hello(self) -> p.HelloAnswer:
-        return p.HelloAnswer.from_json(await self._client.call(p.HELLO))
+    async def hello(self) -> answers.HelloAnswer:
+        return answers.HelloAnswer.from_json(await self._client.call(p.HELLO))
 
-    async def enable(self, request: p.EnableRequest) -> p.EnableAnswer:
-        return p.EnableAnswer.from_json(await self._client.call(p.ENABLE, request.to_json()))
+    async def enable(self, request: p.EnableRequest) -> answers.EnableAnswer:
+        return answers.EnableAnswer.from_json(await self._client.call(p.ENABLE, request.to_json()))
 
     async def boot_file(self, vm_id: str, kind: str, data: AsyncIterator[bytes]) -> None:
         await self._client.call(
             f"{p.BOOT_FILE}?vm_id={vm_id}&kind={kind}", data=data, headers=_STREAM
         )
 
-    async def status(self, request: p.StatusRequest) -> p.StatusAnswer:
+    async def status(self, request: p.StatusRequest) -> answers.StatusAnswer:
         """Every cycle starts here: in a cluster, this is where the owner is found, and the
         calls that follow on this Peer go to it (transport/redirect.py)."""
 
-        async def call() -> p.StatusAnswer:
-            return p.StatusAnswer.from_json(await self._client.call(p.STATUS, request.to_json()))
+        async def call() -> answers.StatusAnswer:
+            return answers.StatusAnswer.from_json(
+                await self._client.call(p.STATUS, request.to_json())
+            )
 
         return await redirect.following(self._client, request.vm_id, call)
 
     async def initial_open(
         self, request: p.InitialOpenRequest
-    ) -> tuple[p.InitialOpenAnswer, bytes | None]:
+    ) -> tuple[answers.InitialOpenAnswer, bytes | None]:
         """The import's port and exports, and for Kerberos the key of its NBD TLS (PSK)."""
         answer = await self._client.call(p.INITIAL_OPEN, request.to_json())
         secret = self._client.secret(p.psk_label(request.vm_id))
-        return p.InitialOpenAnswer.from_json(answer), secret
+        return answers.InitialOpenAnswer.from_json(answer), secret
 
-    async def initial_close(self, request: p.InitialCloseRequest) -> p.SequenceAnswer:
+    async def initial_close(self, request: p.InitialCloseRequest) -> answers.SequenceAnswer:
         answer = await self._client.call(p.INITIAL_CLOSE, request.to_json())
-        return p.SequenceAnswer.from_json(answer)
+        return answers.SequenceAnswer.from_json(answer)
 
     async def delta(
         self, vm_id: str, stream: AsyncIterator[bytes], resume: ResumePoint | None = None
-    ) -> p.SequenceAnswer:
+    ) -> answers.SequenceAnswer:
         query = f"vm_id={vm_id}" + (f"&resume={resume.query}" if resume else "")
         answer = await self._client.call(f"{p.DELTA}?{query}", data=stream, headers=_STREAM)
-        return p.SequenceAnswer.from_json(answer)
+        return answers.SequenceAnswer.from_json(answer)
 
-    async def vm_state(self, request: p.VmRequest) -> p.VmStateAnswer:
-        return p.VmStateAnswer.from_json(await self._client.call(p.VM_STATE, request.to_json()))
+    async def vm_state(self, request: p.VmRequest) -> answers.VmStateAnswer:
+        return answers.VmStateAnswer.from_json(
+            await self._client.call(p.VM_STATE, request.to_json())
+        )
 
-    async def resync_start(self, request: p.ResyncStartRequest) -> p.SequenceAnswer:
+    async def resync_start(self, request: p.ResyncStartRequest) -> answers.SequenceAnswer:
         answer = await self._client.call(p.RESYNC_START, request.to_json())
-        return p.SequenceAnswer.from_json(answer)
+        return answers.SequenceAnswer.from_json(answer)
 
-    async def resync_hashes(self, request: p.HashesRequest) -> p.HashesAnswer:
+    async def resync_hashes(self, request: p.HashesRequest) -> answers.HashesAnswer:
         answer = await self._client.call(p.RESYNC_HASHES, request.to_json())
-        return p.HashesAnswer.from_json(answer)
+        return answers.HashesAnswer.from_json(answer)
 
-    async def resync_finish(self, request: p.VmRequest) -> p.SequenceAnswer:
+    async def resync_finish(self, request: p.VmRequest) -> answers.SequenceAnswer:
         answer = await self._client.call(p.RESYNC_FINISH, request.to_json())
-        return p.SequenceAnswer.from_json(answer)
+        return answers.SequenceAnswer.from_json(answer)
 
-    async def initial_offline(self, request: p.InitialOfflineRequest) -> p.SequenceAnswer:
+    async def initial_offline(self, request: p.InitialOfflineRequest) -> answers.SequenceAnswer:
         answer = await self._client.call(p.INITIAL_OFFLINE, request.to_json())
-        return p.SequenceAnswer.from_json(answer)
+        return answers.SequenceAnswer.from_json(answer)
 
-    async def resync_cancel(self, request: p.VmRequest) -> p.SequenceAnswer:
+    async def resync_cancel(self, request: p.VmRequest) -> answers.SequenceAnswer:
         answer = await self._client.call(p.RESYNC_CANCEL, request.to_json())
-        return p.SequenceAnswer.from_json(answer)
+        return answers.SequenceAnswer.from_json(answer)
 
-    async def reverse(self, request: p.ReverseRequest) -> p.ReverseAnswer:
+    async def reverse(self, request: p.ReverseRequest) -> answers.ReverseAnswer:
         """A failback to a cluster's broker name finds the node owning the VM as STATUS does."""
 
-        async def call() -> p.ReverseAnswer:
-            return p.ReverseAnswer.from_json(await self._client.call(p.REVERSE, request.to_json()))
+        async def call() -> answers.ReverseAnswer:
+            return answers.ReverseAnswer.from_json(
+                await self._client.call(p.REVERSE, request.to_json())
+            )
 
         return await redirect.following(self._client, request.vm_id, call)
 

@@ -28,6 +28,7 @@ from vmreplica._internal.files import write_atomic
 from vmreplica._internal.ports.hypervisor import DiskOwner
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport import answers
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import AccessDenied, InvalidState, NotFound, ResyncRequired, VmrError
@@ -45,7 +46,7 @@ class OldPrimary:
 
     async def become_replica(
         self, authz: Authorization, peer_names: list[str], req: p.ReverseRequest
-    ) -> p.ReverseAnswer:
+    ) -> answers.ReverseAnswer:
         vm_id = req.vm_id
         await redirect_if_elsewhere(self._ctx, vm_id)  # in a cluster: the owner answers
         row = self._store.find(vm_id)
@@ -74,7 +75,7 @@ class OldPrimary:
                 storage = Path(str(self._store.get(vm_id, row.vm_name).storage_dir))
                 await self._ctx.cluster.adopt(vm_id, storage)
                 handoff.export(self._ctx, vm_id)
-        return p.ReverseAnswer(intact, reason, extents)
+        return answers.ReverseAnswer(intact, reason, extents)
 
     async def _tracking_intact(
         self, rec: VmRecord, row: ReplicationRow
@@ -193,7 +194,7 @@ class OldPrimary:
 
     async def vm_state(
         self, authz: Authorization, peer_names: list[str], req: p.VmRequest
-    ) -> p.VmStateAnswer:
+    ) -> answers.VmStateAnswer:
         """For a peer's split-brain check: only a peer this VM replicates with, or one of the
         replica's trust group, may learn whether it runs."""
         row = self._store.find(req.vm_id)
@@ -208,4 +209,4 @@ class OldPrimary:
                 f"replication relationship with VM {req.vm_id} on {self._ctx.host}"
             )
         rec = self._vms.by_id(req.vm_id)
-        return p.VmStateAnswer("Unknown" if rec is None else rec.state)
+        return answers.VmStateAnswer("Unknown" if rec is None else rec.state)

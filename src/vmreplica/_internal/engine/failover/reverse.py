@@ -26,6 +26,7 @@ from vmreplica._internal.extents import Extent
 from vmreplica._internal.ports.hypervisor import DiskOwner
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
+from vmreplica._internal.transport import answers
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import open_peer
@@ -179,7 +180,7 @@ class Reverse(FailoverBase):
 
 
 def _failback_extents(
-    answer: p.ReverseAnswer, here: Mapping[int, Sequence[Extent]] | None, disks: int
+    answer: answers.ReverseAnswer, here: Mapping[int, Sequence[Extent]] | None, disks: int
 ) -> tuple[dict[int, list[Extent]], str | None]:
     """What delta 1 must carry beyond the overlays' top, or why no delta can be exact.
 

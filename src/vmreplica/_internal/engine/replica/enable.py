@@ -34,7 +34,7 @@ from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.files import fsync_dir, write_atomic
 from vmreplica._internal.ports.hypervisor import Definition
 from vmreplica._internal.store.replications import KEPT, ReplicationRow, Settings
-from vmreplica._internal.transport import delta_resume
+from vmreplica._internal.transport import answers, delta_resume
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, StorageError
 
@@ -49,7 +49,7 @@ class ReplicaLifecycle:
 
     async def enable(
         self, authz: Authorization, peer_names: list[str], req: p.EnableRequest
-    ) -> p.EnableAnswer:
+    ) -> answers.EnableAnswer:
         name = validate.vm_name(req.vm_name)
         settings = validate.replication_settings(Settings(**req.settings.to_json()))
         if req.definition is not None:
@@ -57,7 +57,7 @@ class ReplicaLifecycle:
         existing = self._store.find(req.vm_id)
         if existing is not None:
             if existing.mode == REPLICA and existing.primary_server in peer_names:
-                return p.EnableAnswer(existing.storage_dir, already=True)
+                return answers.EnableAnswer(existing.storage_dir, already=True)
             raise InvalidState(
                 f"VM {name} ({req.vm_id}) already has a replication relationship on {self._ctx.host}"
             )
@@ -108,7 +108,7 @@ class ReplicaLifecycle:
             shutil.rmtree(storage, ignore_errors=True)
             raise
         warn_if_shared(self._ctx.events, authz.storage_location)
-        return p.EnableAnswer(str(storage), already=False)
+        return answers.EnableAnswer(str(storage), already=False)
 
     async def receive_boot_file(
         self, authz: Authorization, peer_names: list[str], vm_id: str, kind: str,
@@ -164,7 +164,7 @@ class ReplicaLifecycle:
 
     async def status(
         self, authz: Authorization, peer_names: list[str], req: p.StatusRequest
-    ) -> p.StatusAnswer:
+    ) -> answers.StatusAnswer:
         await redirect_if_elsewhere(self._ctx, req.vm_id)
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
@@ -179,7 +179,7 @@ class ReplicaLifecycle:
             and row.sequence == 0
             and row.initial_kind == KEPT
         )
-        return p.StatusAnswer(row.sequence, row.state, resume, kept_initial)
+        return answers.StatusAnswer(row.sequence, row.state, resume, kept_initial)
 
     def definition_of(self, vm: VmRecord) -> Definition | None:
         """The primary's domain XML, kept beside the chains, for the failed-over VM (the

@@ -33,6 +33,7 @@ from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.files import fsync_dir, fsync_file
 from vmreplica._internal.ports.hypervisor import ImportTarget, NbdPsk
 from vmreplica._internal.store.replications import COMPARED, KEPT, OFFLINE, ReplicationRow
+from vmreplica._internal.transport import answers
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import InvalidState, StorageError, VmrError
@@ -62,7 +63,7 @@ class InitialImport:
     async def open(
         self, authz: Authorization, peer_names: list[str], req: p.InitialOpenRequest, *,
         listen_host: str, credentials: PeerTls | NbdPsk,
-    ) -> p.InitialOpenAnswer:  # fmt: skip
+    ) -> answers.InitialOpenAnswer:  # fmt: skip
         """``credentials``: the sender's certificate subject (the copy's TLS then uses this
         host's certificates), or the key both sides derived (Kerberos)."""
         row = replica_row(self._ctx, req.vm_id)
@@ -111,11 +112,11 @@ class InitialImport:
         log.info(
             "initial copy of %s: serving %d images on port %d", row.vm_name, len(files), target.port
         )
-        return p.InitialOpenAnswer(target.port, target.exports)
+        return answers.InitialOpenAnswer(target.port, target.exports)
 
     async def close(
         self, authz: Authorization, peer_names: list[str], req: p.InitialCloseRequest
-    ) -> p.SequenceAnswer:
+    ) -> answers.SequenceAnswer:
         """The sender's copy ended: adopt the images as the chains' base, or drop them."""
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
@@ -123,9 +124,9 @@ class InitialImport:
             row = replica_row(self._ctx, row.vm_id)
             if not req.ok:  # cut, stopped or failed: what arrived is kept
                 await self.close_import(row.vm_id, keep=True)
-                return p.SequenceAnswer(row.sequence)
+                return answers.SequenceAnswer(row.sequence)
             if row.sequence >= 1:  # a retried close: it was applied already
-                return p.SequenceAnswer(row.sequence, row.initial_size or 0)
+                return answers.SequenceAnswer(row.sequence, row.initial_size or 0)
             opened = self._imports.pop(row.vm_id, None)
             if opened is None:
                 raise InvalidState(
@@ -142,7 +143,7 @@ class InitialImport:
             await self._recovery.apply(row, 1, staging, started, size)
             if self._ctx.cluster is not None:  # the facts beside the chains (handoff.py)
                 handoff.export(self._ctx, row.vm_id)
-            return p.SequenceAnswer(1, size)
+            return answers.SequenceAnswer(1, size)
 
     async def close_import(self, vm_id: str, keep: bool = False) -> None:
         """Stop serving the import; with ``keep``, what the copy wrote becomes the chains' base

@@ -38,7 +38,7 @@ from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import OFFLINE, ReplicationRow
-from vmreplica._internal.transport import media
+from vmreplica._internal.transport import answers, media
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState
@@ -67,7 +67,7 @@ class MediaImport:
 
     async def announce(
         self, authz: Authorization, peer_names: list[str], req: p.InitialOfflineRequest
-    ) -> p.SequenceAnswer:
+    ) -> answers.SequenceAnswer:
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
@@ -75,7 +75,7 @@ class MediaImport:
             check_not_quarantined(self._ctx, row)
             announced = json.dumps(req.media.to_json(), sort_keys=True)
             if row.initial_kind == OFFLINE and row.initial_media == announced:
-                return p.SequenceAnswer(row.sequence)  # a retried announcement
+                return answers.SequenceAnswer(row.sequence)  # a retried announcement
             waiting = row.state == State.WAITING_FOR_INITIAL
             if not waiting or (row.sequence != 0 and row.initial_kind != OFFLINE):
                 raise InvalidState(
@@ -93,7 +93,7 @@ class MediaImport:
                 f"import-initial {row.vm_name} --path DIR` imports it",
                 row.vm_name,
             )
-            return p.SequenceAnswer(1)
+            return answers.SequenceAnswer(1)
 
     async def queue(self, row: ReplicationRow, sequence: int, staging: Path, started: str) -> None:
         """Keep a received, checked delta until the media is imported; acknowledged once kept."""

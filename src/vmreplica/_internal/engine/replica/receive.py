@@ -31,9 +31,8 @@ from vmreplica._internal.engine.replica.media import MediaImport
 from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.store.replications import OFFLINE, ReplicationRow
+from vmreplica._internal.transport import answers, delta_receive
 from vmreplica._internal.transport import delta as wire
-from vmreplica._internal.transport import delta_receive
-from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
 from vmreplica.errors import IntegrityError, InvalidState, ResyncRequired
 
@@ -54,7 +53,7 @@ class Receiver:
         vm_id: str,
         chunks: AsyncIterable[bytes],
         resume: tuple[int, int] | None = None,
-    ) -> p.SequenceAnswer:
+    ) -> answers.SequenceAnswer:
         await redirect_if_elsewhere(self._ctx, vm_id)
         row = replica_row(self._ctx, vm_id)
         check_sender(self._ctx, row, authz, peer_names)
@@ -100,7 +99,7 @@ class Receiver:
                 raise
             if queue:  # applied when the offline media is imported
                 await self._media.queue(row, manifest.sequence, staging, started.isoformat())
-                return p.SequenceAnswer(manifest.sequence)
+                return answers.SequenceAnswer(manifest.sequence)
             # Again: the stream may have lasted longer than this node's lease.
             self._check_owner(vm_id)
             self._applier.journal(
@@ -113,7 +112,7 @@ class Receiver:
                 consistency=manifest.consistency,
             )  # fmt: skip
             faults.hit("replica.after_apply_record")  # recorded here, not answered, not shared
-            return p.SequenceAnswer(manifest.sequence)
+            return answers.SequenceAnswer(manifest.sequence)
 
     def _check_owner(self, vm_id: str) -> None:
         """In a cluster, only the node that owns the VM under a valid lease writes into its

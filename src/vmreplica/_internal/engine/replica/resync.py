@@ -35,6 +35,7 @@ from vmreplica._internal.store.replications import (
     SEED,
     ReplicationRow,
 )
+from vmreplica._internal.transport import answers
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import InvalidArgument, InvalidState
 
@@ -48,7 +49,7 @@ class ReplicaResync:
 
     async def start(
         self, authz: Authorization, peer_names: list[str], req: p.ResyncStartRequest
-    ) -> p.SequenceAnswer:
+    ) -> answers.SequenceAnswer:
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
@@ -96,11 +97,11 @@ class ReplicaResync:
                         tx=tx,
                     )
             await ensure_overlays(self._ctx, replica_row(self._ctx, row.vm_id))
-            return p.SequenceAnswer(row.sequence)
+            return answers.SequenceAnswer(row.sequence)
 
     async def hashes(
         self, authz: Authorization, peer_names: list[str], req: p.HashesRequest
-    ) -> p.HashesAnswer:
+    ) -> answers.HashesAnswer:
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         allows_hashing = (State.RESYNCHRONIZING,)
@@ -114,17 +115,17 @@ class ReplicaResync:
         found = await self._ctx.driver.hash_image(
             chain.top, req.block_size, req.first_block, req.count
         )
-        return p.HashesAnswer(tuple(found))
+        return answers.HashesAnswer(tuple(found))
 
     async def finish(
         self, authz: Authorization, peer_names: list[str], req: p.VmRequest
-    ) -> p.SequenceAnswer:
+    ) -> answers.SequenceAnswer:
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
             row = replica_row(self._ctx, row.vm_id)
             if row.state == State.REPLICATING and not _has_overlays(self._ctx, row):
-                return p.SequenceAnswer(row.sequence)  # a retried finish: it is done
+                return answers.SequenceAnswer(row.sequence)  # a retried finish: it is done
             allows(row, Command.FINISH_RESYNC)
             with self._ctx.stores.db.tx() as tx:
                 self._ctx.journal.begin(tx, "resync-commit", row.vm_id, {})
@@ -133,7 +134,7 @@ class ReplicaResync:
             if row.settings.recovery_history > 0:
                 await self._points.freeze(row, "Standard")  # the resync adds a point
                 await self._points.prune(row.vm_id)
-            return p.SequenceAnswer(row.sequence)
+            return answers.SequenceAnswer(row.sequence)
 
     async def commit(self, row: ReplicationRow) -> None:
         """Fold every overlay into its ``tip``, then record the end; repeatable."""
@@ -164,12 +165,12 @@ class ReplicaResync:
 
     async def cancel(
         self, authz: Authorization, peer_names: list[str], req: p.VmRequest
-    ) -> p.SequenceAnswer:
+    ) -> answers.SequenceAnswer:
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
             await self.drop(replica_row(self._ctx, row.vm_id), f"stopped by {peer_names[0]}")
-            return p.SequenceAnswer(replica_row(self._ctx, row.vm_id).sequence)
+            return answers.SequenceAnswer(replica_row(self._ctx, row.vm_id).sequence)
 
     async def drop(self, row: ReplicationRow, why: str) -> None:
         """End a resynchronization without its changes: the replica is exactly as before.

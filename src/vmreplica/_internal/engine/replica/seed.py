@@ -31,6 +31,7 @@ from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import SEED, ReplicationRow, Settings
+from vmreplica._internal.transport import answers
 from vmreplica._internal.transport import protocol as p
 from vmreplica.errors import AccessDenied, InvalidArgument, InvalidState, StorageError
 
@@ -90,7 +91,7 @@ class Seeds:
     async def adopt(
         self, authz: Authorization, peer_names: list[str], req: p.EnableRequest,
         rec: VmRecord, seed: ReplicationRow, settings: Settings,
-    ) -> p.EnableAnswer:  # fmt: skip
+    ) -> answers.EnableAnswer:  # fmt: skip
         """The primary's ``enable`` for a VM that has a seed here: the seed's disks become the
         bases of the replica chains, and the VM takes the primary's id and configuration."""
         name = rec.name
@@ -171,7 +172,7 @@ class Seeds:
                 tx=tx,
             )
         shutil.rmtree(self._vms.run_dir(rec.id), ignore_errors=True)
-        return p.EnableAnswer(str(storage), already=False)
+        return answers.EnableAnswer(str(storage), already=False)
 
     async def _undo(self, moves: list[tuple[str, str]], storage: Path) -> None:
         for src, dst in moves:
