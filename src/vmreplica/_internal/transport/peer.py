@@ -9,7 +9,6 @@ replica's own error class and message.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -21,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from vmreplica._internal.certs import client_ssl_context
-from vmreplica._internal.config import KerberosKeys, PeerCredentials, TlsFiles
+from vmreplica._internal.config import PeerCredentials, TlsFiles
 from vmreplica._internal.tls_refusals import (
     EXPIRED,
     NOT_YET_VALID,
@@ -29,7 +28,7 @@ from vmreplica._internal.tls_refusals import (
     own_certificate_refused,
     peer_certificate_refused,
 )
-from vmreplica._internal.transport import answers, gss, redirect, signed
+from vmreplica._internal.transport import answers, redirect
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica._internal.transport.redirect import redirect_in
@@ -241,85 +240,6 @@ def _looks_like_tls_alert(err: BaseException) -> bool:
     return any(word in text for word in ("alert", "unknown ca", "certificate", "ssl"))
 
 
-class KerberosPeerClient(PeerClient):
-    """The same calls to a replica's Kerberos listener: each one negotiates its own SPNEGO
-    exchange (mutual authentication checked before anything else is trusted), then goes with
-    its body's MIC, and its answer is accepted only with a MIC that verifies
-    (transport/signed.py)."""
-
-    def __init__(self, peer: PeerAddress, keys: KerberosKeys, timeout: float = 30.0) -> None:
-        super().__init__(peer, None, timeout)
-        self._initiator = _initiator(keys)
-        self._last: gss.ClientExchange | None = None
-
-    def secret(self, label: str) -> bytes | None:
-        return self._last.secret(label) if self._last is not None else None
-
-    async def call(
-        self,
-        path: str,
-        payload: dict[str, Any] | None = None,
-        data: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        exchange = await asyncio.to_thread(self._initiator.start, self.peer.fqdn)
-        auth = {"Authorization": f"Negotiate {signed.b64(exchange.token)}"}
-        status, raw, answer_headers = await self.post(p.NEGOTIATE, b"", auth)
-        if status != 200:
-            decode_answer(status, raw)  # the replica's refusal, unsigned: there is no key yet
-        scheme, _, reply = answer_headers.get("WWW-Authenticate", "").partition(" ")
-        if scheme.lower() != "negotiate":
-            raise gss.KerberosFailed(f"Kerberos: {self._describe()} sent no reply token")
-        exchange.finish(signed.unb64(reply, "reply token"))
-        context = self._verified(exchange, status, raw, answer_headers).get("context")
-        if not isinstance(context, str):
-            raise gss.KerberosFailed(f"Kerberos: {self._describe()} named no context")
-        body = data if data is not None else json.dumps(payload or {}).encode()
-        extra = {signed.CONTEXT_HEADER: context}
-        sign = lambda digest: exchange.mic(signed.request_message("POST", path, digest))  # noqa: E731
-        if self.peer.encrypt:
-            extra[signed.PROTECTION_HEADER] = signed.SEALED
-            sent = signed.sealed_body(body, exchange.wrap, sign)
-        else:
-            sent = signed.signed_body(body, sign)
-        status, raw, answer_headers = await self.post(path, sent, {**(headers or {}), **extra})
-        if self.peer.encrypt and answer_headers.get(signed.PROTECTION_HEADER) == signed.SEALED:
-            return self._opened(exchange, status, raw)
-        if self.peer.encrypt and status < 400:
-            raise gss.KerberosFailed(
-                f"tampered answer: the answer of {self._describe()} is not sealed"
-            )
-        answer = self._verified(exchange, status, raw, answer_headers)
-        self._last = exchange
-        return answer
-
-    def _opened(self, exchange: gss.ClientExchange, status: int, raw: bytes) -> dict[str, Any]:
-        answer = decode_answer(status, signed.open_answer(status, raw, exchange.unwrap))
-        self._last = exchange
-        return answer
-
-    def _verified(
-        self, exchange: gss.ClientExchange, status: int, raw: bytes, headers: Mapping[str, str]
-    ) -> dict[str, Any]:
-        mic = headers.get(signed.MIC_HEADER)
-        if mic is None:
-            if status >= 400:
-                decode_answer(status, raw)  # a refusal before the context was known
-            raise gss.KerberosFailed(
-                f"tampered answer: the answer of {self._describe()} has no MIC"
-            )
-        exchange.verify(signed.answer_message(status, raw), signed.unb64(mic, "answer MIC"))
-        return decode_answer(status, raw)
-
-
-_INITIATORS: dict[KerberosKeys, gss.Initiator] = {}
-
-
-def _initiator(keys: KerberosKeys) -> gss.Initiator:
-    """One per identity for the agent's life: its ticket cache outlives any one connection."""
-    return _INITIATORS.setdefault(keys, gss.Initiator(keys))
-
-
 class Peer:
     """The replication protocol as calls: one method per route of the peer's listener, typed
     requests in and typed answers out (transport/protocol.py). Open with :func:`open_peer`."""
@@ -419,6 +339,9 @@ _STREAM = {"Content-Type": "application/octet-stream"}
 async def open_peer(
     address: PeerAddress, creds: PeerCredentials, timeout: float = 30.0
 ) -> AsyncIterator[Peer]:
+    # Imported here: kerberos_peer builds on this module's PeerClient.
+    from vmreplica._internal.transport.kerberos_peer import KerberosPeerClient
+
     client = (
         KerberosPeerClient(address, creds.kerberos, timeout)
         if address.auth == KERBEROS
