@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from vmreplica._internal.drivers.qemu.command_line import pid_path, qmp_path
 from vmreplica._internal.drivers.qemu.qemu import (
     VmEnd,
     VmSpec,
     attach,
     is_vm_process,
     launch,
-    pid_path,
-    qmp_path,
 )
 from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
 from vmreplica.errors import ConnectionFailed, InvalidArgument, InvalidState, NotFound, VmrError

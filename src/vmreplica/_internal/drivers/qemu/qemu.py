@@ -16,11 +16,17 @@ import enum
 import itertools
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 from vmreplica._internal.drivers.qemu import qga
+from vmreplica._internal.drivers.qemu.command_line import (
+    argv,
+    pid_path,
+    qga_path,
+    qmp_path,
+    validate,
+)
 from vmreplica._internal.drivers.qemu.qmp import (
     EventSubscription,
     PidProcess,
@@ -28,34 +34,16 @@ from vmreplica._internal.drivers.qemu.qmp import (
     connect_when_ready,
     last_error,
 )
-from vmreplica._internal.drivers.qemu.qsd import blockdev_options, check_disks, node_name
 from vmreplica._internal.ports.hypervisor import VmSpec as VmSpec
 from vmreplica.errors import (
     AccessDenied,
     ConnectionFailed,
-    InvalidArgument,
     InvalidState,
-    NotFound,
     VmrError,
 )
 
-QEMU_SYSTEM = "qemu-system-x86_64"
 _HMP_INFO = re.compile(r"info(?: +[A-Za-z0-9_-]+)*")
 _HMP_QEMU_IO = re.compile(r'qemu-io +(?:-d +)?[A-Za-z0-9_/-]+ +"[^"]*"')
-
-
-def qmp_path(spec: VmSpec) -> Path:
-    """The VM's QMP monitor socket, in its run directory."""
-    return spec.run_dir.absolute() / "qmp.sock"
-
-
-def qga_path(spec: VmSpec) -> Path:
-    """The host side of the guest agent's virtio-serial port, in its run directory."""
-    return spec.run_dir.absolute() / "qga.sock"
-
-
-def pid_path(spec: VmSpec) -> Path:
-    return spec.run_dir.absolute() / "qemu.pid"
 
 
 class VmEnd(enum.Enum):
@@ -115,71 +103,12 @@ def _find(spec: VmSpec) -> PidProcess | None:
     return None
 
 
-def _opt(value: str | Path) -> str:
-    """Escape a value for QEMU's key=value option syntax, where ',' separates keys."""
-    return str(value).replace(",", ",,")
-
-
-def _argv(spec: VmSpec) -> list[str]:
-    run = spec.run_dir.absolute()
-    argv = [QEMU_SYSTEM, "-name", f"guest={_opt(spec.name)}", "-uuid", spec.id]
-    argv += ["-pidfile", str(pid_path(spec)), "-nodefaults", "-no-user-config"]
-    cpu = "max" if spec.accel == "tcg" else "host"
-    argv += ["-machine", "q35", "-accel", spec.accel, "-cpu", cpu]
-    argv += ["-smp", str(spec.cpus), "-m", str(spec.memory_mb), "-display", "none"]
-    argv += ["-no-shutdown", "-nic", "none"]
-    argv += ["-chardev", f"socket,id=qmp,path={_opt(qmp_path(spec))},server=on,wait=off"]
-    argv += ["-mon", "chardev=qmp,mode=control"]
-    argv += ["-chardev", f"file,id=serial0,path={_opt(run / 'serial.log')}"]
-    argv += ["-serial", "chardev:serial0"]
-    # The guest agent's channel (qemu-guest-agent in the guest): file-system freeze and thaw
-    # for application-consistent recovery points.
-    argv += ["-chardev", f"socket,id=qga0,path={_opt(qga_path(spec))},server=on,wait=off"]
-    argv += ["-device", "virtio-serial-pci,id=vser0"]
-    argv += ["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
-    for options in blockdev_options(spec.disks):
-        argv += ["-blockdev", options]
-    for i in range(len(spec.disks)):
-        # share-rw lets HMP `qemu-io diskN` write beside the guest; qcow2 still takes the
-        # image file exclusively, so another process cannot open it for writing.
-        device = f'{{"driver":"virtio-blk-pci","drive":"{node_name(i)}","id":"vblk{i}",'
-        # A direct kernel boot claims bootindex 0 for itself (linuxboot option ROM).
-        boot = "" if spec.kernel is not None else f',"bootindex":{i}'
-        argv += ["-device", device + f'"share-rw":true{boot}}}']
-    if spec.kernel is not None:
-        argv += ["-kernel", str(spec.kernel.absolute())]
-    if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd.absolute())]
-    if spec.append is not None:
-        argv += ["-append", spec.append]
-    return argv
-
-
-def _validate(spec: VmSpec) -> None:
-    try:
-        uuid.UUID(spec.id)
-    except ValueError:
-        raise InvalidArgument(f"VM id {spec.id!r} is not a UUID") from None
-    if not spec.name:
-        raise InvalidArgument("VM name is empty")
-    if spec.cpus < 1 or spec.memory_mb < 16:
-        raise InvalidArgument(f"VM '{spec.name}' needs at least 1 CPU and 16 MiB of memory")
-    if spec.accel not in ("tcg", "kvm"):
-        raise InvalidArgument(f"accelerator {spec.accel!r} is not tcg or kvm")
-    for label, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
-        if path is not None and not path.is_file():
-            raise NotFound(f"{label} {path} of VM '{spec.name}' does not exist")
-    if spec.initrd is not None and spec.kernel is None:
-        raise InvalidArgument(f"VM '{spec.name}' has an initrd but no kernel")
-    check_disks(spec.disks, f"VM '{spec.name}'")
-
-
 async def launch(spec: VmSpec, timeout: float = 30.0) -> QemuVm:
     """Start the VM's QEMU and connect to it; raises if it fails or is already running.
 
     Callers serialize the launches of one VM (two at once would trip over each other's socket).
     """
-    _validate(spec)
+    validate(spec)
     run = spec.run_dir.absolute()
     try:
         run.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -195,7 +124,7 @@ async def launch(spec: VmSpec, timeout: float = 30.0) -> QemuVm:
     with open(log_path, "ab") as log, open(run / "qemu.out", "ab") as out:
         log_start = log.tell()
         # A new session: neither Ctrl-C on the agent nor the agent's death reaches the VM.
-        proc = PidProcess.spawn(_argv(spec), out, log, new_session=True)
+        proc = PidProcess.spawn(argv(spec), out, log, new_session=True)
     what = f"VM '{spec.name}'"
     try:
         session = await connect_when_ready(qmp_path(spec), what, proc, timeout, "query-status")
