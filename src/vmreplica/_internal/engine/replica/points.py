@@ -4,6 +4,9 @@ oldest folded into ``base`` beyond the history to keep, listed for ``recovery-po
 Freezing and pruning are journaled (kinds ``freeze`` and ``prune``), and each is finished by the
 same code whether it runs now or after a crash: :meth:`RecoveryPoints.finish_freeze` and
 :meth:`RecoveryPoints.finish_prune` are idempotent.
+
+Whether an apply opens a point is :func:`point_due`'s decision alone (pure, no clock): the
+initial copy is never a point, however long the replica takes between applying it and asking.
 """
 
 from __future__ import annotations
@@ -20,27 +23,50 @@ from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.store.vms import VmRecord
 from vmreplica.errors import InvalidState
 
+STANDARD, APPLICATION_CONSISTENT = "Standard", "ApplicationConsistent"
+
+
+def point_due(
+    *, history: int, last_rp_time: str | None, state: str, initial: bool,
+    application_consistent: bool, interval: int, now: datetime,
+) -> str | None:  # fmt: skip
+    """The kind of recovery point to freeze after an apply, or None for none.
+
+    None: no history is kept; points have not started (``last_rp_time`` None, before the
+    initial copy); the apply was the initial copy itself (``initial``: it started the points'
+    clock, it is not one of them); the replica is resynchronizing (the end of it adds one) or
+    still waits for its initial copy. Else an application-consistent delta always makes one of
+    its kind, and any other makes a standard one once ``interval`` seconds have passed since
+    ``last_rp_time``."""
+    if history <= 0 or last_rp_time is None or initial:
+        return None
+    if state in (State.RESYNCHRONIZING, State.WAITING_FOR_INITIAL):
+        return None
+    if application_consistent:
+        return APPLICATION_CONSISTENT
+    age = (now - datetime.fromisoformat(last_rp_time)).total_seconds()
+    return STANDARD if age >= interval else None
+
 
 class RecoveryPoints:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
 
-    async def maybe_create(self, vm_id: str, application_consistent: bool = False) -> None:
-        """A point, if the interval since the last one has passed (and history is kept); after
-        an application-consistent delta, always one, of that kind."""
+    async def maybe_create(
+        self, vm_id: str, application_consistent: bool = False, initial: bool = False
+    ) -> None:
+        """After an apply: a point if :func:`point_due` says one is due; ``initial`` when that
+        apply was the initial copy (which is not a point, however slow the replica is)."""
+        await faults.ahit("replica.before_point")
         row = replica_row(self._ctx, vm_id)
-        if row.settings.recovery_history == 0 or row.last_rp_time is None:
+        kind = point_due(
+            history=row.settings.recovery_history, last_rp_time=row.last_rp_time,
+            state=row.state, initial=initial, application_consistent=application_consistent,
+            interval=row.settings.recovery_point_interval, now=datetime.now(UTC),
+        )  # fmt: skip
+        if kind is None:
             return
-        if row.state == State.RESYNCHRONIZING:
-            return  # tip does not change until it ends, which adds a point
-        if application_consistent:
-            await self.freeze(row, "ApplicationConsistent")
-            await self.prune(vm_id)
-            return
-        age = (datetime.now(UTC) - datetime.fromisoformat(row.last_rp_time)).total_seconds()
-        if age < row.settings.recovery_point_interval:
-            return
-        await self.freeze(row, "Standard")
+        await self.freeze(row, kind)
         await self.prune(vm_id)
 
     async def freeze(self, row: ReplicationRow, kind: str) -> int:

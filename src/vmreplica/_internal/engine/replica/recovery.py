@@ -21,6 +21,7 @@ from vmreplica._internal.engine.replica.common import REPLICA, chains, replica_r
 from vmreplica._internal.engine.replica.kept import keep_cut_copy
 from vmreplica._internal.engine.replica.points import RecoveryPoints
 from vmreplica._internal.engine.replica.resync import ReplicaResync, ensure_overlays
+from vmreplica._internal.engine.states import State
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.store.vms import VmRecord
@@ -52,6 +53,8 @@ class ReplicaRecovery:
     ) -> None:  # fmt: skip
         """Apply a journaled delta; should that fail, finish it right here as a restart would,
         and quarantine the relationship only if that fails too (the error then goes back)."""
+        # The initial copy (applied in WaitingForInitialReplication) starts the points' clock.
+        initial = replica_row(self._ctx, row.vm_id).state == State.WAITING_FOR_INITIAL
         try:
             await self._applier.finish(row, sequence, staging, started, size)
         except VmrError as e:
@@ -61,13 +64,15 @@ class ReplicaRecovery:
             await self.replay_or_quarantine(row.vm_id, f"applying delta {sequence} failed: {e}")
             if replica_row(self._ctx, row.vm_id).sequence < sequence:
                 raise
-        await self._point(row.vm_id, consistency == "ApplicationConsistent")
+        await self._point(row.vm_id, consistency == "ApplicationConsistent", initial)
 
-    async def _point(self, vm_id: str, application_consistent: bool = False) -> None:
+    async def _point(
+        self, vm_id: str, application_consistent: bool = False, initial: bool = False
+    ) -> None:
         """After an apply: a point, if one is due. The delta is applied and acknowledged either
         way; a failed freeze or prune is finished right here, or quarantines the relationship."""
         try:
-            await self._points.maybe_create(vm_id, application_consistent)
+            await self._points.maybe_create(vm_id, application_consistent, initial)
         except VmrError as e:
             log.warning("recovery point of %s failed (%s): finishing it now", vm_id, e)
             await self.replay_or_quarantine(vm_id, f"creating a recovery point failed: {e}")

@@ -127,11 +127,13 @@ class ReplicaResync:
             if row.state == State.REPLICATING and not _has_overlays(self._ctx, row):
                 return answers.SequenceAnswer(row.sequence)  # a retried finish: it is done
             allows(row, Command.FINISH_RESYNC)
+            # A compared initial copy (seed, kept cut copy, compressed) is not a point either.
+            initial = row.initial_kind in COMPARED
             with self._ctx.stores.db.tx() as tx:
                 self._ctx.journal.begin(tx, "resync-commit", row.vm_id, {})
             await self.commit(row)
             row = replica_row(self._ctx, row.vm_id)
-            if row.settings.recovery_history > 0:
+            if row.settings.recovery_history > 0 and not initial:
                 await self._points.freeze(row, "Standard")  # the resync adds a point
                 await self._points.prune(row.vm_id)
             return answers.SequenceAnswer(row.sequence)
