@@ -516,3 +516,26 @@ def test_disk_full_mid_apply_is_finished_once_space_is_freed(tmp_path: Path) -> 
         assert run(chain.recover()) == [f"finished applying {delta}"]
         assert same(src, chain.tip) and not delta.exists()
         run(chain.verify())
+
+
+def test_a_delta_costs_six_qemu_img_processes(
+    chain: ReplicaChain, primary: Primary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Receiving and applying one delta to one disk: info and check of the delta, and tip's
+    chain opened once (check_incoming); info of the delta again, rebase -u, commit (apply).
+    The apply reads tip's size from its header: one process less than before (issue 14)."""
+    ran: list[str] = []
+    real = qemu_img._run
+
+    async def counted(cmd: str, subject: str, args: Any, ok: Any = (0,)) -> tuple[int, str]:
+        ran.append(f"{cmd} {Path(subject).name}")
+        return await real(cmd, subject, args, ok)
+
+    delta = primary.cycle(CYCLES[0])
+    monkeypatch.setattr(qemu_img, "_run", counted)
+    run(chain.check_incoming(delta))
+    assert run(chain.apply_delta(delta))
+    name = delta.name
+    assert ran == [f"info {name}", "info tip.qcow2", f"check {name}",
+                   f"info {name}", f"rebase -u {name}", f"commit {name}"]  # fmt: skip
+    assert same(chain.tip, primary.src)

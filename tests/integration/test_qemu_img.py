@@ -211,3 +211,34 @@ def test_disk_full_is_named(tmp_path: Path, small_fs: Path) -> None:
         run(qemu_img.convert(src, small_fs / "copy.qcow2"))
     assert str(err.value).startswith("disk full: ")
     assert "No space left on device" in str(err.value)
+
+
+@pytest.mark.parametrize("size", [512, 1 << 20, 3 * (1 << 30) + 4096, 1 << 40])
+def test_header_virtual_size_is_what_qemu_img_info_says(tmp_path: Path, size: int) -> None:
+    image = tmp_path / "a.qcow2"
+    run(qemu_img.create(image, size))
+    assert qemu_img.header_virtual_size(image) == run(qemu_img.virtual_size(image)) == size
+    over = tmp_path / "b.qcow2"
+    run(qemu_img.create(over, None, image))  # with a backing file: still its own header
+    assert qemu_img.header_virtual_size(over) == run(qemu_img.virtual_size(over)) == size
+
+
+def test_header_virtual_size_rounds_down_to_sectors_as_qemu_does(tmp_path: Path) -> None:
+    image = tmp_path / "a.qcow2"
+    run(qemu_img.create(image, 1 << 20))
+    with image.open("r+b") as f:  # a header size no qemu-img writes: 1 MiB + 100 bytes
+        f.seek(24)
+        f.write(struct.pack(">Q", (1 << 20) + 100))
+    assert qemu_img.header_virtual_size(image) == run(qemu_img.virtual_size(image)) == 1 << 20
+
+
+def test_header_virtual_size_refuses_what_is_not_qcow2(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"\0" * 4096)
+    for path in (raw, tmp_path / "missing"):
+        with pytest.raises(StorageError, match="qemu-img info"):
+            qemu_img.header_virtual_size(path)
+    short = tmp_path / "short"
+    short.write_bytes(b"QFI\xfb\0\0\0\x03")
+    with pytest.raises(StorageError, match="not a qcow2 image"):
+        qemu_img.header_virtual_size(short)

@@ -166,7 +166,8 @@ class ReplicaChain:
                 if missing_ok:
                     return False
                 raise NotFound(f"delta {path} does not exist")
-            await self._check_delta(path)
+            # tip's chain was opened by qemu-img in this step (check_incoming, recover, adopt)
+            await self._check_delta(path, tip_size=qemu_img.header_virtual_size(self.tip))
             if pending is None:
                 self._set_pending(path)
             await self._apply(path)
@@ -203,8 +204,11 @@ class ReplicaChain:
         if (problem := await qemu_img.check(delta)) is not None:
             raise IntegrityError(f"delta {delta} fails qemu-img check: {problem}")
 
-    async def _check_delta(self, delta: Path, allow_backing: bool = True) -> None:
-        """Refuse a delta that would not fit tip, or whose header would read foreign files."""
+    async def _check_delta(
+        self, delta: Path, allow_backing: bool = True, tip_size: int | None = None
+    ) -> None:
+        """Refuse a delta that would not fit tip (``tip_size``, else qemu-img reads it), or
+        whose header would read foreign files."""
         if delta.resolve().parent == self.dir and self._is_chain_name(delta.name):
             raise InvalidArgument(f"{delta} is part of the replica chain, not a delta")
         try:
@@ -213,7 +217,8 @@ class ReplicaChain:
             size = int(info["virtual-size"])
         except (VmrError, KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"delta {delta} is not a readable qcow2 image: {exc}") from exc
-        tip_size = await qemu_img.virtual_size(self.tip)
+        if tip_size is None:
+            tip_size = await qemu_img.virtual_size(self.tip)
         if size != tip_size:
             raise IntegrityError(f"delta {delta} is {size} bytes; the replica disk is {tip_size}")
         if "data-file" in data or data.get("corrupt"):

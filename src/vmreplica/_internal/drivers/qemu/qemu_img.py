@@ -191,6 +191,24 @@ async def virtual_size(
     return int((await info(path, fmt=fmt, force_share=force_share))["virtual-size"])
 
 
+_QCOW2_MAGIC = b"QFI\xfb"
+_SECTOR = 512
+
+
+def header_virtual_size(path: str | os.PathLike[str]) -> int:
+    """The virtual size of a qcow2 image as ``qemu-img info`` reports it (the header's 64-bit
+    size at offset 24, in whole 512-byte sectors), read without a process. Only for an image
+    whose chain a qemu-img process opened in the same step: this reads the header alone."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError as exc:
+        raise StorageError(f"qemu-img info {_arg(path)} failed: {exc.strerror}") from exc
+    if len(head) < 32 or head[:4] != _QCOW2_MAGIC or int.from_bytes(head[4:8], "big") not in (2, 3):
+        raise StorageError(f"qemu-img info {_arg(path)} failed: not a qcow2 image")
+    return int.from_bytes(head[24:32], "big") // _SECTOR * _SECTOR
+
+
 async def measure_required(path: str | os.PathLike[str], *, fmt: str = FORMAT) -> int:
     """Bytes a qcow2 copy of the image's whole content (backing files included) needs; it
     reads only allocation metadata, and may be run on an image a running QEMU holds."""
