@@ -265,17 +265,7 @@ class Cluster:
         return self.cli(*args, "-o", "json", host=host).json()
 
     def qemu_pids(self) -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu" in cmdline.split(b"\0")[0] and str(self.base).encode() in cmdline:
-                pids.append(int(entry.name))
-        return pids
+        return qemu_pids_under(self.base)
 
     def close(self) -> None:
         for host in self.hosts.values():
@@ -291,3 +281,18 @@ class Cluster:
             time.sleep(0.05)
         if os.environ.get("VMREPLICA_KEEP_TEST_DIRS") != "1":
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+def qemu_pids_under(path: Path) -> list[int]:
+    """QEMU processes whose command line names something under `path`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu" in cmdline.split(b"\0")[0] and str(path).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tests.integration.replication_env import same_content
+from tests.integration.replication_env import PRIMARY, Pair, same_content, verified_equal, wait_for
 from tests.localcluster import Cluster, free_port
 from vmreplica._internal.drivers.qemu.chain import ReplicaChain
 
@@ -67,6 +67,39 @@ def owned(c: Cluster, node: str) -> list[str]:
         "cluster", "node", "list", "--config", str(c.hosts[node].config), "-o", "json"
     )
     return [vm for r in rows if r["name"] == node for vm in r["owned_vms"]]
+
+
+def serve_replica_cluster(c: Cluster, first: str, second: str) -> tuple[int, int, Path]:
+    """Nodes `first` and `second` of a replica cluster accept PRIMARY into one shared storage,
+    set on `first` and applied on `second` through etcd; their replication ports and it."""
+    port1, port2 = c.hosts[first].replica_port, c.hosts[second].replica_port
+    c.cli("server", "set", "--certificate-port", str(port2), host=second)
+    c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
+          str(port1), host=first)  # fmt: skip
+    storage = c.base / "shared-storage"
+    c.cli("auth", "new", "--allowed-primary", PRIMARY, "--storage-location", str(storage),
+          "--trust-group", "Production", host=first)  # fmt: skip
+    wait_for(lambda: bool(c.cli_json("auth", "get", "-o", "json", host=second)), 15,
+             "the entry on the other node")  # fmt: skip
+    wait_for(
+        lambda: c.cli_json("server", "get", "-o", "json", host=second)[0]["replication_enabled"],
+        15, "the other node listening",
+    )  # fmt: skip
+    return port1, port2, storage
+
+
+def replicate_app(c: Cluster, broker: str, port: int, storage: Path) -> Pair:
+    """VM "app" on PRIMARY, running with 1 MiB written, replicating to `broker` at `port`,
+    its initial copy verified."""
+    pair = Pair(c, port, storage)
+    c.cli("vm", "new", "app", "--disk", "64M", host=PRIMARY)
+    c.cli("vm", "start", "app", host=PRIMARY)
+    pair.write("app", 0, 0x11, "0", "1M")
+    c.cli("replication", "enable", "app", "--replica-server", broker, "--replica-port",
+          str(port), "--auth", "certificate", host=PRIMARY)  # fmt: skip
+    pair.start("app")
+    verified_equal(pair)
+    return pair
 
 
 class Env:

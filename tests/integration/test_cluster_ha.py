@@ -27,7 +27,7 @@ from pathlib import Path
 import tomli_w
 
 from tests.etcd_cluster import EtcdCluster
-from tests.integration.cluster_env import Proxy, owned
+from tests.integration.cluster_env import Proxy, owned, replicate_app, serve_replica_cluster
 from tests.integration.replication_env import (
     PRIMARY,
     REPLICA,
@@ -37,7 +37,7 @@ from tests.integration.replication_env import (
     wait_for,
 )
 from tests.integration.test_cluster_redirect import BROKER, OTHER
-from tests.localcluster import Cluster
+from tests.localcluster import Cluster, qemu_pids_under
 from vmreplica._internal.engine.replica.ha import RUNS_FILE
 from vmreplica._internal.engine.replica.handoff import FILE, STEP_FILE
 
@@ -63,18 +63,7 @@ def broker_cluster(
               "--ca", str(c.ca_dir))  # fmt: skip
     for node in c.hosts:
         c.start(node, extra_env={"VMREPLICA_FAULTS": faults} if node == REPLICA else None)
-    port1, port3 = c.hosts[REPLICA].replica_port, c.hosts[OTHER].replica_port
-    c.cli("server", "set", "--certificate-port", str(port3), host=OTHER)
-    c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
-          str(port1), host=REPLICA)  # fmt: skip
-    storage = c.base / "shared-storage"
-    c.cli("auth", "new", "--allowed-primary", PRIMARY, "--storage-location", str(storage),
-          "--trust-group", "Production", host=REPLICA)  # fmt: skip
-    wait_for(lambda: bool(c.cli_json("auth", "get", "-o", "json", host=OTHER)), 15, "the entry")
-    wait_for(
-        lambda: c.cli_json("server", "get", "-o", "json", host=OTHER)[0]["replication_enabled"],
-        15, "the other node listening",
-    )  # fmt: skip
+    port1, port3, storage = serve_replica_cluster(c, REPLICA, OTHER)
     if primary_accepts:
         c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
               str(c.hosts[PRIMARY].replica_port), host=PRIMARY)  # fmt: skip
@@ -82,34 +71,12 @@ def broker_cluster(
               str(c.base / "primary-replicas"), "--trust-group", "Production", host=PRIMARY)  # fmt: skip
     proxy = Proxy(port1)
     try:
-        pair = Pair(c, proxy.port, storage)
-        c.cli("vm", "new", "app", "--disk", "64M", host=PRIMARY)
-        c.cli("vm", "start", "app", host=PRIMARY)
-        pair.write("app", 0, 0x11, "0", "1M")
-        c.cli("replication", "enable", "app", "--replica-server", BROKER, "--replica-port",
-              str(proxy.port), "--auth", "certificate", host=PRIMARY)  # fmt: skip
-        pair.start("app")
-        verified_equal(pair)
+        pair = replicate_app(c, BROKER, proxy.port, storage)
         # From now on the name leads to OTHER: redirected to the owner while it lives.
         proxy.target = port3
         yield pair, proxy
     finally:
         proxy.close()
-
-
-def qemus_on(path: Path) -> list[int]:
-    """QEMU processes with an image under `path` open (the cmdline names it)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu" in cmdline.split(b"\0")[0] and str(path).encode() in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 def kill_node(c: Cluster, node: str) -> None:
@@ -119,7 +86,7 @@ def kill_node(c: Cluster, node: str) -> None:
     agent.kill()
     agent.wait()
     c.hosts[node].process = None
-    for pid in qemus_on(c.hosts[node].state_dir):
+    for pid in qemu_pids_under(c.hosts[node].state_dir):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -187,7 +154,7 @@ def test_a_failed_over_vm_runs_again_on_the_node_that_takes_it_over(
         c.cli("failover", "start", "app", "--force", host=REPLICA)
         c.cli("vm", "start", "app", host=REPLICA)
         assert (storage / RUNS_FILE).exists()
-        assert len(qemus_on(storage)) == 1
+        assert len(qemu_pids_under(storage)) == 1
 
         # Never two QEMUs on the VM's images, whatever happens: sampled all along.
         most = [0]
@@ -195,7 +162,7 @@ def test_a_failed_over_vm_runs_again_on_the_node_that_takes_it_over(
 
         def sample() -> None:
             while not done.is_set():
-                most[0] = max(most[0], len(qemus_on(storage)))
+                most[0] = max(most[0], len(qemu_pids_under(storage)))
                 time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -209,7 +176,7 @@ def test_a_failed_over_vm_runs_again_on_the_node_that_takes_it_over(
                 wait_for(lambda o=other: owned(c, o) == [vm_id], 30, "the takeover")  # type: ignore[misc]
                 wait_for(lambda o=other: running(c, o), 60, "the VM running again")  # type: ignore[misc]
                 times.append(time.monotonic() - killed)
-                assert len(qemus_on(storage)) == 1
+                assert len(qemu_pids_under(storage)) == 1
                 c.start(owner)  # the dead node comes back: it neither runs nor stops the VM
                 time.sleep(TTL)
                 assert running(c, other) and not running(c, owner)
@@ -230,11 +197,11 @@ def test_a_failed_over_vm_runs_again_on_the_node_that_takes_it_over(
         try:
             wait_for(lambda: owned(c, other) == [vm_id], 30, "the takeover of a paused owner")
             time.sleep(2)
-            assert len(qemus_on(storage)) == 1  # still the paused owner's
+            assert len(qemu_pids_under(storage)) == 1  # still the paused owner's
         finally:
             agent.send_signal(signal.SIGCONT)
         wait_for(lambda: running(c, other), 60, "the VM running on the new owner")
-        assert len(qemus_on(storage)) == 1
+        assert len(qemu_pids_under(storage)) == 1
         kinds = [e["kind"] for e in c.cli_json("event", "list", "-o", "json", host=owner)]
         assert "cluster-fenced-vm-stopped" in kinds
         assert not running(c, owner)

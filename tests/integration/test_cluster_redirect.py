@@ -15,8 +15,8 @@ from pathlib import Path
 import tomli_w
 
 from tests.etcd_cluster import EtcdCluster
-from tests.integration.cluster_env import Proxy, owned
-from tests.integration.replication_env import PRIMARY, REPLICA, Pair, verified_equal, wait_for
+from tests.integration.cluster_env import Proxy, owned, replicate_app, serve_replica_cluster
+from tests.integration.replication_env import PRIMARY, REPLICA, verified_equal, wait_for
 from tests.localcluster import Cluster
 from vmreplica._internal import certs
 
@@ -48,30 +48,11 @@ def test_a_primary_sent_to_a_node_that_does_not_own_the_vm_follows_the_redirect(
         assert BROKER in certs.cert_dns_names(Path(config).parent / "tls" / "cert.pem")
     c.start_all()
 
-    port1, port3 = c.hosts[REPLICA].replica_port, c.hosts[OTHER].replica_port
-    c.cli("server", "set", "--certificate-port", str(port3), host=OTHER)
-    c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
-          str(port1), host=REPLICA)  # fmt: skip
-    storage = c.base / "shared-storage"
-    c.cli("auth", "new", "--allowed-primary", PRIMARY, "--storage-location", str(storage),
-          "--trust-group", "Production", host=REPLICA)  # fmt: skip
-    wait_for(lambda: bool(c.cli_json("auth", "get", "-o", "json", host=OTHER)), 15,
-             "the entry on the other node")  # fmt: skip
-    wait_for(
-        lambda: c.cli_json("server", "get", "-o", "json", host=OTHER)[0]["replication_enabled"],
-        15, "the other node listening",
-    )  # fmt: skip
+    port1, port3, storage = serve_replica_cluster(c, REPLICA, OTHER)
 
     proxy = Proxy(port1)
     try:
-        pair = Pair(c, proxy.port, storage)
-        c.cli("vm", "new", "app", "--disk", "64M", host=PRIMARY)
-        c.cli("vm", "start", "app", host=PRIMARY)
-        pair.write("app", 0, 0x11, "0", "1M")
-        c.cli("replication", "enable", "app", "--replica-server", BROKER, "--replica-port",
-              str(proxy.port), "--auth", "certificate", host=PRIMARY)  # fmt: skip
-        pair.start("app")
-        verified_equal(pair)
+        pair = replicate_app(c, BROKER, proxy.port, storage)
 
         # The name moves to the node that does not own the VM: one redirect, then the owner.
         proxy.target = port3

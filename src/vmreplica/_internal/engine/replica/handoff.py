@@ -39,20 +39,27 @@ def write_step(ctx: Context, vm_id: str, data: dict[str, Any]) -> None:
     row = ctx.stores.replications.find(vm_id)
     if row is None or not row.storage_dir:
         return
-    path = Path(row.storage_dir) / STEP_FILE
+    _write_json(Path(row.storage_dir) / STEP_FILE, data)
+
+
+def read_step(storage: Path) -> dict[str, Any] | None:
+    return _read_json(storage / STEP_FILE)
+
+
+def _write_json(path: Path, value: object) -> None:
     try:
-        write_atomic(path, json.dumps(data).encode())
+        write_atomic(path, json.dumps(value).encode())
     except OSError as e:
         raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
 
 
-def read_step(storage: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        value = json.loads((storage / STEP_FILE).read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise IntegrityError(f"unreadable {storage / STEP_FILE}: {e}") from e
+        raise IntegrityError(f"unreadable {path}: {e}") from e
     return value if isinstance(value, dict) else None
 
 
@@ -71,21 +78,11 @@ def export(ctx: Context, vm_id: str) -> None:
         "replication": dataclasses.asdict(row),
         "points": [dataclasses.asdict(p) for p in ctx.stores.points.all(vm_id)],
     }  # fmt: skip
-    path = Path(row.storage_dir) / FILE
-    try:
-        write_atomic(path, json.dumps(facts).encode())
-    except OSError as e:
-        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+    _write_json(Path(row.storage_dir) / FILE, facts)
 
 
 def exported(storage: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads((storage / FILE).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise IntegrityError(f"unreadable {storage / FILE}: {e}") from e
-    return value if isinstance(value, dict) else None
+    return _read_json(storage / FILE)
 
 
 async def take_over(ctx: Context, vms: VmService, vm_id: str, storage: Path) -> bool:
