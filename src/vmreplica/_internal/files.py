@@ -3,10 +3,12 @@ syncs the directory that holds the name first."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
-from vmreplica.errors import StorageError
+from vmreplica.errors import IntegrityError, StorageError, VmrError
 
 
 def fsync_dir(path: Path) -> None:
@@ -40,3 +42,23 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: object) -> None:
+    """`value` as JSON, atomically and durably (write_atomic); StorageError if it cannot be."""
+    try:
+        write_atomic(path, json.dumps(value).encode())
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def read_json_object(path: Path, damaged: type[VmrError] = IntegrityError) -> dict[str, Any] | None:
+    """A JSON object written by write_json_atomic; None if there is no file (or it holds no
+    object); `damaged` if it cannot be read or parsed."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise damaged(f"unreadable {path}: {e}") from e
+    return value if isinstance(value, dict) else None

@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import os
 import shutil
 import time
 from datetime import UTC, datetime
@@ -40,6 +38,7 @@ from vmreplica._internal.engine.primary.scheduler import Scheduler
 from vmreplica._internal.engine.replica import move as replica_move
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.files import read_json_object, write_json_atomic
 from vmreplica._internal.ports.cluster import ClusterPort
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
@@ -56,25 +55,11 @@ def facts_path(rec: VmRecord) -> Path:
 
 
 def write_facts(path: Path, facts: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(facts, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+    write_json_atomic(path, facts)
 
 
 def read_facts(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise StorageError(f"unreadable {path}: {e}") from e
-    return value if isinstance(value, dict) else None
+    return read_json_object(path, damaged=StorageError)
 
 
 def shared(ctx: Context, rec: VmRecord) -> bool:

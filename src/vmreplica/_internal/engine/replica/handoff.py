@@ -16,7 +16,6 @@ of one instant, so writing them again yields the same image.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,8 @@ from typing import Any
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.replica.common import chains
 from vmreplica._internal.engine.vms import VmService
-from vmreplica._internal.files import write_atomic
+from vmreplica._internal.files import read_json_object, write_json_atomic
 from vmreplica._internal.store.replications import ReplicationRow, Settings
-from vmreplica.errors import IntegrityError, StorageError
 
 FILE = "relationship.json"
 STEP_FILE = "step.json"  # the delta being applied: journaled on the owner, beside the chains
@@ -39,28 +37,11 @@ def write_step(ctx: Context, vm_id: str, data: dict[str, Any]) -> None:
     row = ctx.stores.replications.find(vm_id)
     if row is None or not row.storage_dir:
         return
-    _write_json(Path(row.storage_dir) / STEP_FILE, data)
+    write_json_atomic(Path(row.storage_dir) / STEP_FILE, data)
 
 
 def read_step(storage: Path) -> dict[str, Any] | None:
-    return _read_json(storage / STEP_FILE)
-
-
-def _write_json(path: Path, value: object) -> None:
-    try:
-        write_atomic(path, json.dumps(value).encode())
-    except OSError as e:
-        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise IntegrityError(f"unreadable {path}: {e}") from e
-    return value if isinstance(value, dict) else None
+    return read_json_object(storage / STEP_FILE)
 
 
 def export(ctx: Context, vm_id: str) -> None:
@@ -78,11 +59,11 @@ def export(ctx: Context, vm_id: str) -> None:
         "replication": dataclasses.asdict(row),
         "points": [dataclasses.asdict(p) for p in ctx.stores.points.all(vm_id)],
     }  # fmt: skip
-    _write_json(Path(row.storage_dir) / FILE, facts)
+    write_json_atomic(Path(row.storage_dir) / FILE, facts)
 
 
 def exported(storage: Path) -> dict[str, Any] | None:
-    return _read_json(storage / FILE)
+    return read_json_object(storage / FILE)
 
 
 async def take_over(ctx: Context, vms: VmService, vm_id: str, storage: Path) -> bool:
