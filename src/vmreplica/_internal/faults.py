@@ -14,11 +14,14 @@ that child process) take two more actions:
   might; the step that ran it fails, and what runs it again finds the point disarmed.
 - ``orphan``: stop the child (SIGSTOP), then SIGKILL the agent, leaving the child behind still
   holding its images, which is what a child that does not die with the agent does.
+- ``stop:SECONDS``: stop the child (SIGSTOP) for SECONDS, every time, the agent going on: a
+  slow disk that holds the step open (an apply's ``apply.pending`` marker stays set meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -64,8 +67,16 @@ def child_hit(point: str, pid: int) -> None:
     if action == "kill-child-once" and point not in _FIRED:
         _FIRED.add(point)
         os.kill(pid, signal.SIGKILL)
+    elif action is not None and action.startswith("stop:"):
+        os.kill(pid, signal.SIGSTOP)
+        asyncio.get_running_loop().call_later(float(action.removeprefix("stop:")), _continue, pid)
     elif action == "orphan":
         os.kill(pid, signal.SIGSTOP)
         os.kill(os.getpid(), signal.SIGKILL)
     else:
         hit(point)
+
+
+def _continue(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # killed meanwhile (a cancelled step)
+        os.kill(pid, signal.SIGCONT)
