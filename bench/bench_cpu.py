@@ -16,6 +16,12 @@ Also reported: cycles missed meanwhile (``missed_replication_count``: the schedu
 start them on time) and each agent's peak resident set (VmRSS, sampled every second; the agent
 process alone, not its children). For the scale figures: ``--vms 50 --seconds 600``.
 
+``--running``: the VMs run (TCG QEMU, 32 MiB of memory, no kernel: SeaBIOS idles) and the
+writer changes 256 KiB of each disk once per cycle through the VM's monitor (HMP ``qemu-io``,
+which writes through QEMU's block layer and so its dirty bitmap), as a guest would. The QEMUs'
+own CPU and resident memory are reported too (found by their command line naming the bench's
+directory), beside the agents'.
+
 Baseline: what one VM's cycle costs when done with plain tools and no change tracking, ``qemu-img
 convert -O raw`` of the disk then ``rsync -I --inplace --no-whole-file`` onto the previous raw
 copy (CPU of those child processes, from os.times, averaged over the VMs). It reads the whole
@@ -93,7 +99,7 @@ class PeakRss(threading.Thread):
                             self.peak[host] = max(self.peak[host], kib * 1024)
 
 
-def set_up(pair: Pair, count: int) -> list[tuple[str, Path]]:
+def set_up(pair: Pair, count: int, running: bool) -> list[tuple[str, Path]]:
     primary = client(pair, PRIMARY)
     vms = []
     for i in range(count):
@@ -101,7 +107,9 @@ def set_up(pair: Pair, count: int) -> list[tuple[str, Path]]:
         disk.parent.mkdir(exist_ok=True)
         qemu_img_create(disk, DISK)
         qemu_io_write(disk, [(i * MiB % (DISK // 2), 4 * MiB, 0x40 + i)])
-        primary.vm_new(name, disks=[{"path": str(disk)}])
+        primary.vm_new(name, memory="32M" if running else None, disks=[{"path": str(disk)}])
+        if running:
+            primary.vm_start(name)
         primary.replication_enable(name, "vmhost1", pair.port, frequency=30)
         vms.append((name, disk))
     for name, _ in vms:
@@ -143,6 +151,56 @@ class Writer(threading.Thread):
                     due[disk] = time.monotonic() + 1
 
 
+class MonitorWriter(threading.Thread):
+    """--running: changes every VM's disk once per period through its QEMU (HMP qemu-io)."""
+
+    def __init__(self, primary: Client, names: list[str], period: float, rng: random.Random):
+        super().__init__(name="writer", daemon=True)
+        self.primary, self.names, self.period, self.rng = primary, names, period, rng
+        self.stop = threading.Event()
+        self.written = self.locked = 0
+
+    def run(self) -> None:
+        due = dict.fromkeys(self.names, time.monotonic())
+        while not self.stop.wait(0.2):
+            for name in self.names:
+                if self.stop.is_set() or time.monotonic() < due[name]:
+                    continue
+                offset = self.rng.randrange(DISK // WRITE) * WRITE
+                pattern = self.rng.randrange(1, 255)
+                out = self.primary.vm_monitor(
+                    name, f'qemu-io disk0 "write -P {pattern:#x} {offset} {WRITE}"'
+                )
+                if "wrote" not in out:
+                    raise RuntimeError(f"{name}: qemu-io did not write: {out}")
+                self.written += 1
+                due[name] = time.monotonic() + self.period
+
+
+def qemu_pids(base: Path) -> list[int]:
+    """The VMs' QEMU processes: their command line names the bench's directory."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if argv[0].endswith(b"qemu-system-x86_64") and str(base).encode() in b" ".join(
+                    argv
+                ):
+                    pids.append(int(entry.name))
+    return pids
+
+
+def rss_of(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
 def baseline(pair: Pair, disks: list[Path], rng: random.Random) -> float:
     """CPU seconds of ``qemu-img convert`` + ``rsync`` per VM, each after a 256 KiB change."""
     work = pair.base / "baseline"
@@ -171,17 +229,25 @@ def main() -> None:
     ap.add_argument("--vms", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=150.0)
     ap.add_argument("--no-writes", action="store_true", help="empty cycles only")
+    ap.add_argument("--running", action="store_true", help="the VMs run; writes go through QEMU")
     args = ap.parse_args()
     count, seconds = (4, 40.0) if args.quick else (args.vms, args.seconds)
     rng = random.Random(1)
     exit_cleanly_on_sigterm()
     began = time.monotonic()
-    print(f"{count} VMs off, 32 MiB disks, frequency 30 s, {seconds:g} s measured; "
+    state = "running (TCG, 32 MiB, no kernel)" if args.running else "off"
+    print(f"{count} VMs {state}, 32 MiB disks, frequency 30 s, {seconds:g} s measured; "
           f"{os.cpu_count()} CPUs", flush=True)  # fmt: skip
     with replication_pair() as pair:
-        vms = set_up(pair, count)
+        vms = set_up(pair, count, args.running)
         print(f"  set up and initial replication in {time.monotonic() - began:.0f} s", flush=True)
-        writer = Writer([d for _, d in vms], 30.0, rng)
+        writer: Writer | MonitorWriter = (
+            MonitorWriter(client(pair, PRIMARY), [n for n, _ in vms], 30.0, rng)
+            if args.running
+            else Writer([d for _, d in vms], 30.0, rng)
+        )
+        qemus = qemu_pids(pair.base) if args.running else []
+        qemu_cpu_before = sum(process_cpu(pid).total for pid in qemus)
         pids = {h: pair.agent_pid(h) for h in (PRIMARY, REPLICA)}
         errors_before = errors(pair)
         missed_before = missed(pair)
@@ -200,6 +266,8 @@ def main() -> None:
                 writer.join(30)
         cpu = {h: process_cpu(pid) - cpu_before[h] for h, pid in pids.items()}
         wall = time.monotonic() - wall
+        qemu_cpu = sum(process_cpu(pid).total for pid in qemus) - qemu_cpu_before
+        qemu_rss = rss_of(qemus)
         rss.stop.set()
         late = missed(pair) - missed_before
         counts_after = successes(pair)
@@ -229,6 +297,9 @@ def main() -> None:
         rows,
     )  # fmt: skip
     print(f"baseline: qemu-img convert + rsync of one 32 MiB disk = {base * 1000:.0f} ms CPU")
+    if qemus:
+        print(f"the {len(qemus)} QEMUs: {qemu_cpu:.1f} CPU s ({qemu_cpu / wall * 100:.1f}% of 1 core), "
+              f"{qemu_rss / MiB:.0f} MiB resident at the end")  # fmt: skip
     print(f"total {time.monotonic() - began:.0f} s")
 
 
