@@ -48,6 +48,10 @@ class Throttle:
 
     def stream(self, vm_id: str, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """A VM's stream held to its own rate and the host's."""
+        # A new stream reads the settings afresh: a cap set just before a cycle (`server set`,
+        # `replication set`) holds it from its first byte, not only after _FRESH.
+        self._cache.pop(vm_id, None)
+        self._cache.pop("", None)
         bucket = self._vms.get(vm_id)
         if bucket is None:
             bucket = TokenBucket(lambda: self._cached(vm_id, lambda: self._vm_rate(vm_id)))
