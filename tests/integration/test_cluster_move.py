@@ -20,8 +20,15 @@ from typing import Any
 import tomli_w
 
 from tests.etcd_cluster import EtcdCluster
-from tests.integration.cluster_env import TIMEOUT, Env, Proxy, owned
-from tests.integration.replication_env import Pair, died_by_sigkill, verified_equal, wait_for
+from tests.integration.cluster_env import (
+    TIMEOUT,
+    Env,
+    Proxy,
+    owned,
+    replicate_app,
+    serve_replica_cluster,
+)
+from tests.integration.replication_env import died_by_sigkill, verified_equal, wait_for
 from tests.localcluster import Cluster
 from vmreplica._internal import certs
 
@@ -222,25 +229,10 @@ def test_a_replica_vm_moves_between_the_nodes_of_a_replica_cluster(
         c.cli("cluster", "broker", "add", "--config", str(c.hosts[node].config), "--name",
               RBROKER, "--ca", str(c.ca_dir))  # fmt: skip
     c.start_all()
-    port1, port3 = c.hosts[REPLICA].replica_port, c.hosts[B].replica_port
-    c.cli("server", "set", "--certificate-port", str(port3), host=B)
-    c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
-          str(port1), host=REPLICA)  # fmt: skip
-    storage = c.base / "shared-storage"
-    c.cli("auth", "new", "--allowed-primary", A, "--storage-location", str(storage),
-          "--trust-group", "Production", host=REPLICA)  # fmt: skip
-    wait_for(lambda: bool(c.cli_json("auth", "get", "-o", "json", host=B)), 30,
-             "the entry on the other node")  # fmt: skip
+    port1, _, storage = serve_replica_cluster(c, REPLICA, B)  # A is replication_env's PRIMARY
     proxy = Proxy(port1)
     try:
-        pair = Pair(c, proxy.port, storage)
-        c.cli("vm", "new", "app", "--disk", "64M", host=A)
-        c.cli("vm", "start", "app", host=A)
-        pair.write("app", 0, 0x11, "0", "1M")
-        c.cli("replication", "enable", "app", "--replica-server", RBROKER, "--replica-port",
-              str(proxy.port), "--auth", "certificate", host=A)  # fmt: skip
-        pair.start("app")
-        verified_equal(pair)
+        pair = replicate_app(c, RBROKER, proxy.port, storage)
         vm_id = str(c.cli_json("vm", "get", "app", host=A)[0]["id"])
 
         out = c.cli_json("vm", "move", "app", "--to", B, host=REPLICA)[0]
