@@ -208,6 +208,28 @@ def test_kill_old_primary_during_reverse(cluster: Cluster) -> None:
     cluster.cli("replication", "sync", "contoso2", host=REPLICA)
 
 
+def test_qemu_img_killed_on_the_old_primary_during_reverse(cluster: Cluster) -> None:
+    """The old primary's agent lives on while its tip's ``qemu-img create`` is killed: the
+    reverse fails and changes nothing there (its disk back in place), and a retry succeeds.
+    Found by the torture run: the disk stayed moved into the chains and every retry failed."""
+    _prepared(cluster)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    disk = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
+    restart_with_faults(cluster, PRIMARY, "qemu-img.create=kill-child-once")
+    failed = cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA, check=False)
+    assert failed.returncode != 0 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert disk.exists(), "the old primary's disk is back where its VM has it"
+    assert state(cluster, PRIMARY) == ("Primary", "PreparedForFailover")
+    assert state(cluster, REPLICA) == ("Replica", "FailedOverWaitingCompletion")
+    cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA)
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    assert reads(cluster, REPLICA, "contoso2", 0x22, "2M", "1M")
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+
+
 def test_kill_new_primary_during_reverse(cluster: Cluster) -> None:
     pair = _prepared(cluster)
     cluster.cli("failover", "start", "contoso2", host=REPLICA)

@@ -129,22 +129,31 @@ class OldPrimary:
         own = await self._definition(row)
         await self._ctx.driver.forget(vm_id)
         with self._ctx.stores.db.tx() as tx:
-            self._ctx.journal.begin(
+            entry = self._ctx.journal.begin(
                 tx, "become-replica", vm_id, {"root": str(root), "moves": moves}
             )
         tips: list[Path] = []
-        for src, dst in moves:
-            Path(dst).parent.mkdir(parents=True)
-            os.replace(src, dst)
-            chain = self._ctx.driver.chain(Path(dst).parent)
-            await chain.recover()  # creates tip.qcow2 above the existing base
-            tips.append(chain.tip)
-        if own is not None:
-            try:
-                write_atomic(root / definition.FILE_NAME, own.encode())
-            except OSError as e:
-                log.warning("cannot keep the domain XML of %s: %s", row.vm_name, e)
-        faults.hit("reverse.after_convert")
+        try:
+            for src, dst in moves:
+                Path(dst).parent.mkdir(parents=True)
+                os.replace(src, dst)
+                chain = self._ctx.driver.chain(Path(dst).parent)
+                await chain.recover()  # creates tip.qcow2 above the existing base
+                tips.append(chain.tip)
+            if own is not None:
+                try:
+                    write_atomic(root / definition.FILE_NAME, own.encode())
+                except OSError as e:
+                    log.warning("cannot keep the domain XML of %s: %s", row.vm_name, e)
+            faults.hit("reverse.after_convert")
+        except BaseException:
+            # The agent lives on (a qemu-img killed, a full disk): the start-up recovery would
+            # not run, and the VM's record would name disks that were moved away.
+            _move_back(moves, root)
+            with self._ctx.stores.db.tx() as tx:
+                self._ctx.journal.end_entry(tx, entry)
+            self._primary.scheduler.run(vm_id)
+            raise
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.end(tx, "become-replica", vm_id)
             self._vms.set_disks(tx, vm_id, tips)
@@ -179,10 +188,7 @@ class OldPrimary:
             return None
 
     async def _roll_back(self, entry: JournalEntry) -> None:
-        for src, dst in entry.data["moves"]:
-            if Path(dst).exists() and not Path(src).exists():
-                os.replace(dst, src)
-        shutil.rmtree(entry.data["root"], ignore_errors=True)
+        _move_back(entry.data["moves"], entry.data["root"])
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.end_entry(tx, entry.id)
         row = self._store.find(entry.subject)
@@ -210,3 +216,11 @@ class OldPrimary:
             )
         rec = self._vms.by_id(req.vm_id)
         return answers.VmStateAnswer("Unknown" if rec is None else rec.state)
+
+
+def _move_back(moves: list[tuple[str, str]], root: Path | str) -> None:
+    """Undo a become-replica's moves: each disk back where the VM has it, the chains gone."""
+    for src, dst in moves:
+        if Path(dst).exists() and not Path(src).exists():
+            os.replace(dst, src)
+    shutil.rmtree(root, ignore_errors=True)
