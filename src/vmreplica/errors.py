@@ -41,8 +41,11 @@ class VmrError(Exception):
 
     def to_json(self) -> dict[str, dict[str, str]]:
         # A private subclass travels as the nearest public class, so the peer can rebuild it.
-        public = next(c.__name__ for c in type(self).__mro__ if c.__name__ in _BY_NAME)
-        return {"error": {"type": public, "message": self.message}}
+        return {"error": {"type": self.public_class().__name__, "message": self.message}}
+
+    def public_class(self) -> type[VmrError]:
+        """The nearest class of this module: one that takes just a message."""
+        return next(c for c in type(self).__mro__ if c.__name__ in _BY_NAME)
 
 
 class InvalidArgument(VmrError):

@@ -253,6 +253,32 @@ def test_kill_new_primary_during_reverse(cluster: Cluster) -> None:
     assert pair.measure("contoso2", PRIMARY)["successful_replication_count"] >= 2
 
 
+def test_qemu_img_killed_while_the_failback_delta_is_cut(cluster: Cluster) -> None:
+    """The new primary's agent lives on while its failback delta's ``qemu-img create`` is
+    killed: the reverse says so in one line, and the next cycle cuts delta 1 first, so the old
+    primary gets every write. Found by the torture run: tracking was left lost instead."""
+    pair = _prepared(cluster)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    restart_with_faults(cluster, REPLICA, "qemu-img.create=kill-child-once")
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x44, "5M", "64k", host=REPLICA)
+    cluster.cli("vm", "stop", "contoso2", "--force", host=REPLICA)
+    failed = cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA, check=False)
+    assert failed.returncode != 0 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+    assert "the next cycle cuts it" in failed.stderr, failed.stderr
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+    assert state(cluster, REPLICA) == ("Primary", "Replicating")
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x55, "6M", "64k", host=REPLICA)
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+    cluster.cli("vm", "monitor", "contoso2", 'qemu-io disk0 "flush"', host=REPLICA)
+    disk = Path(cluster.cli_json("vm", "get", "contoso2", host=REPLICA)[0]["disks"][0])
+    tip = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
+    assert tip.name == "tip.qcow2", tip
+    assert same_content(disk, tip), "the old primary has every write"
+
+
 def test_refusals(cluster: Cluster) -> None:
     pair = make_pair(cluster)  # one way only: vmhost2 does not accept vmhost1
     cluster.cli("vm", "new", "contoso2", "--disk", "32M", host=PRIMARY)

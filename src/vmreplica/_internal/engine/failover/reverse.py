@@ -30,7 +30,13 @@ from vmreplica._internal.transport import answers
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import open_peer
-from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, ResyncRequired
+from vmreplica.errors import (
+    IntegrityError,
+    InvalidArgument,
+    InvalidState,
+    ResyncRequired,
+    VmrError,
+)
 
 log = logging.getLogger("vmreplica.failover")
 
@@ -40,6 +46,7 @@ class Reverse(FailoverBase):
         super().__init__(ctx, vms, replica)
         self._primary = primary
         ctx.journal.register("reverse", self._finish)
+        primary.cycles.unfinished.append(self._finish_open)
 
     async def reverse(
         self, name: str, replica_server: str | None, replica_port: int | None
@@ -104,7 +111,17 @@ class Reverse(FailoverBase):
                     f"date by a delta ({reason}): a resynchronization is required"
                 )
             faults.hit("reverse.after_local")
-            await self._failback_delta(row.vm_id, name, extents)
+            try:
+                await self._failback_delta(row.vm_id, name, extents)
+            except ResyncRequired:
+                raise
+            except VmrError as e:
+                # Still journaled: the VM's cycles cut it first (_finish_open), starting now.
+                self._primary.scheduler.run(row.vm_id)
+                raise e.public_class()(
+                    f"replication of {name} is reversed, but its failback delta could not be cut "
+                    f"({e.message}); the next cycle cuts it (`replication sync {name}`)"
+                ) from e
         await self._primary.cycles.send_pending(name)
         return self._store.get(row.vm_id, name)
 
@@ -159,6 +176,11 @@ class Reverse(FailoverBase):
             self._store.update(vm_id, tx, sequence=1, generation=1)
             self._ctx.journal.end(tx, "reverse", vm_id)
         self._primary.scheduler.run(vm_id)
+
+    async def _finish_open(self, vm_id: str) -> None:
+        """Before a cycle: a failback delta that could not be cut while the agent lived on."""
+        for entry in self._ctx.journal.entries("reverse", subject=vm_id):
+            await self._finish(entry)
 
     async def _finish(self, entry: JournalEntry) -> None:
         """A reverse whose failback delta was not cut: cut it now."""

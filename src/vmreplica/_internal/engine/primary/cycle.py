@@ -9,6 +9,7 @@ crash at any moment loses no write.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from vmreplica._internal import faults
@@ -46,6 +47,10 @@ class Cycles:
         self._sender = sender
         self._store = ctx.stores.replications
         self._sizes: dict[str, int] = {}
+        # Run first by every cycle, before it takes the VM's lock: each finishes a step of its
+        # own that failed while the agent lived on (a reverse's failback delta), which the
+        # start-up recovery would otherwise finish only at the next start.
+        self.unfinished: list[Callable[[str], Awaitable[None]]] = []
 
     def owner(self, rec: VmRecord, row: ReplicationRow) -> DiskOwner:
         return DiskOwner(
@@ -65,6 +70,9 @@ class Cycles:
             row = self._store.get(vm_id, vm_id)
             if not moving and self._ctx.journal.entries(MOVE, subject=vm_id):
                 raise MoveInProgress(f"VM {row.vm_name} is busy: a move of it is in progress")
+            for finish in self.unfinished:
+                await finish(vm_id)
+            row = self._store.get(vm_id, vm_id)
             rec = self._vms.find(row.vm_name)
             sequence = row.sequence + 1
             delta_dir = self._pending.delta_dir(row.vm_id, sequence)
