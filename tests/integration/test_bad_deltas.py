@@ -132,18 +132,18 @@ def test_header_reads_what_qemu_img_info_says(tmp_path: Path) -> None:
     backing file, a size that is no whole cluster."""
     base = tmp_path / "base.qcow2"
     qimg("create", "-q", "-f", "qcow2", str(base), str(SIZE + 4096))
-    cases = {base: None}
+    cases: dict[Path, str | None] = {base: None}
     for name, backing, compat in [("rel", "base.qcow2", "1.1"), ("abs", str(base), "0.10")]:
         image = tmp_path / f"{name}.qcow2"
         qimg("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", "-b", backing, "-F",
              "qcow2", str(image))  # fmt: skip
         cases[image] = backing
-    for image, backing in cases.items():
+    for image, expected in cases.items():
         info = run(qemu_img.info(image))
         header = qcow2_header.read(image)
         assert header.virtual_size == info["virtual-size"] == SIZE + 4096
         assert header.cluster_size == info["cluster-size"]
-        assert header.backing == info.get("backing-filename") == backing
+        assert header.backing == info.get("backing-filename") == expected
         assert header.version == (2 if info["format-specific"]["data"]["compat"] == "0.10" else 3)
 
 
