@@ -27,16 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vmreplica._internal.drivers.qemu import qemu_img
+from vmreplica._internal.drivers.qemu import chain_checks, qemu_img
 from vmreplica._internal.files import fsync_dir
-from vmreplica.errors import (
-    IntegrityError,
-    InvalidArgument,
-    InvalidState,
-    NotFound,
-    StorageError,
-    VmrError,
-)
+from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, NotFound, StorageError
 
 BASE = "base.qcow2"
 TIP = "tip.qcow2"
@@ -152,7 +145,7 @@ class ReplicaChain:
         """
         path = Path(delta).absolute()
         async with self._lock:
-            pending = self._pending()
+            pending = self.pending_delta()
             if pending is not None and pending != path:
                 raise InvalidState(
                     f"delta {pending} is half applied to {self.dir}: run recovery first"
@@ -166,8 +159,7 @@ class ReplicaChain:
                 if missing_ok:
                     return False
                 raise NotFound(f"delta {path} does not exist")
-            # tip's chain was opened by qemu-img in this step (check_incoming, recover, adopt)
-            await self._check_delta(path, tip_size=qemu_img.header_virtual_size(self.tip))
+            chain_checks.check_delta(self, path, allow_backing=True)
             if pending is None:
                 self._set_pending(path)
             await self._apply(path)
@@ -176,19 +168,19 @@ class ReplicaChain:
 
     async def _apply(self, delta: Path) -> None:
         # Why every step may be repeated, and the whole apply re-run after a crash anywhere:
-        # - rebase -u only writes the delta's backing pointer, to the same value every time;
-        #   a crash after it leaves the delta pointing at tip, which a re-run writes again.
         # - commit -d copies exactly the clusters allocated in the delta (data, and zero
-        #   clusters as zero clusters) into tip and leaves the delta itself untouched. Writing
-        #   the same clusters again yields the same bytes, so a commit cut off halfway (tip holds
-        #   part of the delta) or one repeated after success both end as "old tip overlaid by
-        #   the delta". qemu-img fdatasyncs tip before it exits.
+        #   clusters as zero clusters) into tip and leaves the delta itself untouched: tip is
+        #   given to it as the delta's backing when it opens the delta (commit_into), so not
+        #   even the delta's header is written. Writing the same clusters again yields the same
+        #   bytes, so a commit cut off halfway (tip holds part of the delta) or one repeated
+        #   after success both end as "old tip overlaid by the delta". qemu-img fdatasyncs tip
+        #   before it exits. (Older versions first wrote tip into the delta's header with
+        #   rebase -u; a delta they left half applied names tip there, and applies the same.)
         # - the delta is deleted only after commit returned, so while it exists the apply may be
         #   unfinished and is redone; once it is gone, the pending marker naming it says "done".
         # "The same delta" means the last one applied: replaying an older delta after a newer
         # one would roll back clusters both touched; sequence numbers prevent that upstream.
-        await qemu_img.rebase_unsafe(delta, self.top)
-        await qemu_img.commit(delta)
+        await qemu_img.commit_into(delta, self.top)
         with _fs(f"cannot remove applied delta {delta}"):
             delta.unlink()
         fsync_dir(delta.parent)
@@ -196,41 +188,14 @@ class ReplicaChain:
     async def check_incoming(self, delta: str | os.PathLike[str]) -> None:
         """Refuse a received delta that :meth:`apply_delta` could not apply: not a readable
         qcow2, another size than this disk, corrupt, an external data file, or any backing
-        file at all (a delta is standalone until the apply points it at ``tip``).
+        file at all (a delta is standalone: the apply gives it ``tip`` as backing).
 
         Run before the delta is recorded as received, so that a bad one leaves nothing behind.
+        The header is read in Python; ``qemu-img check`` vets the rest once, here.
         """
-        await self._check_delta(Path(delta).absolute(), allow_backing=False)
+        chain_checks.check_delta(self, Path(delta).absolute(), allow_backing=False)
         if (problem := await qemu_img.check(delta)) is not None:
             raise IntegrityError(f"delta {delta} fails qemu-img check: {problem}")
-
-    async def _check_delta(
-        self, delta: Path, allow_backing: bool = True, tip_size: int | None = None
-    ) -> None:
-        """Refuse a delta that would not fit tip (``tip_size``, else qemu-img reads it), or
-        whose header would read foreign files."""
-        if delta.resolve().parent == self.dir and self._is_chain_name(delta.name):
-            raise InvalidArgument(f"{delta} is part of the replica chain, not a delta")
-        try:
-            info = await qemu_img.info(delta)
-            data = info.get("format-specific", {}).get("data", {})
-            size = int(info["virtual-size"])
-        except (VmrError, KeyError, TypeError, ValueError) as exc:
-            raise IntegrityError(f"delta {delta} is not a readable qcow2 image: {exc}") from exc
-        if tip_size is None:
-            tip_size = await qemu_img.virtual_size(self.tip)
-        if size != tip_size:
-            raise IntegrityError(f"delta {delta} is {size} bytes; the replica disk is {tip_size}")
-        if "data-file" in data or data.get("corrupt"):
-            raise IntegrityError(f"delta {delta} is corrupt or uses an external data file")
-        backing = info.get("backing-filename")
-        full = info.get("full-backing-filename")
-        if backing is not None and not allow_backing:
-            raise IntegrityError(f"delta {delta} has a backing file ({backing}); deltas have none")
-        if backing is not None and (
-            full is None or Path(full).resolve() not in (self.tip, self.resync)
-        ):
-            raise IntegrityError(f"delta {delta} has an unexpected backing file {backing}")
 
     async def adopt_as_base(self, image: Path) -> None:
         """An initial copy (a standalone full image) becomes the base of this empty chain as it
@@ -258,7 +223,7 @@ class ReplicaChain:
             raise InvalidArgument(f"invalid recovery point id {point_id}")
         rp = self.rp_path(point_id)
         async with self._lock:
-            if self._pending() is not None:
+            if self.pending_delta() is not None:
                 raise InvalidState(f"a delta is half applied to {self.dir}: run recovery first")
             ids = self.point_ids()
             if point_id in ids:
@@ -319,7 +284,7 @@ class ReplicaChain:
         The overlay names its backing by absolute path, since it usually lives elsewhere.
         """
         overlay = Path(overlay_path).absolute()
-        if overlay.parent.resolve() == self.dir and self._is_chain_name(overlay.name):
+        if overlay.parent.resolve() == self.dir and self.is_chain_name(overlay.name):
             raise InvalidArgument(f"{overlay} is a name of the replica chain itself")
         async with self._lock:  # so that no prune removes the point meanwhile
             ids = self.point_ids()
@@ -363,10 +328,10 @@ class ReplicaChain:
                 top = self.rp_path(ids[-1]) if ids else self.base
                 await self._new_image(TIP, backing=top.name)
                 done.append(f"created {TIP} on {top.name}")
-            pending = self._pending()
+            pending = self.pending_delta()
             if pending is not None:
                 if pending.exists():
-                    await self._check_delta(pending)
+                    chain_checks.check_delta(self, pending, allow_backing=True)
                     await self._apply(pending)
                     done.append(f"finished applying {pending}")
                 self._set_pending(None)
@@ -382,37 +347,11 @@ class ReplicaChain:
 
     async def verify(self) -> None:
         """Raise IntegrityError unless the chain is exactly base ← rp… ← tip and every image
-        passes ``qemu-img check``."""
-        if (pending := self._pending()) is not None:
-            raise IntegrityError(f"delta {pending} is half applied to {self.dir}")
-        for must in (self.base, self.tip):
-            if not must.exists():
-                raise IntegrityError(f"{must.name} is missing in {self.dir}")
-        expected = [self.tip, *(self.rp_path(i) for i in reversed(self.point_ids())), self.base]
-        try:
-            chain = await qemu_img.info_chain(self.tip)
-        except VmrError as exc:
-            raise IntegrityError(f"backing chain of {self.tip} cannot be opened: {exc}") from exc
-        actual = [Path(image["filename"]).resolve() for image in chain]
-        if actual != expected:
-            shown, wanted = self._arrows(actual), self._arrows(expected)
-            raise IntegrityError(f"chain in {self.dir} is {shown}, not {wanted}")
-        size = int(chain[-1]["virtual-size"])
-        for image, path in zip(chain, expected, strict=True):
-            if int(image["virtual-size"]) != size:
-                raise IntegrityError(f"{path.name} is {image['virtual-size']} bytes, not {size}")
-            formats = {image.get("format"), image.get("backing-filename-format", "qcow2")}
-            if formats != {"qcow2"}:
-                raise IntegrityError(f"{path.name} or its backing file is not qcow2")
-        for path in expected:
-            if (problem := await qemu_img.check(path)) is not None:
-                raise IntegrityError(f"{path.name} in {self.dir} fails qemu-img check: {problem}")
-
-    def _arrows(self, top_first: list[Path]) -> str:
-        return " ← ".join(p.name if p.parent == self.dir else str(p) for p in top_first[::-1])
+        passes ``qemu-img check`` (chain_checks.py)."""
+        await chain_checks.verify(self)
 
     @staticmethod
-    def _is_chain_name(name: str) -> bool:
+    def is_chain_name(name: str) -> bool:
         return name in (BASE, TIP, RESYNC, PENDING) or _RP_RE.match(name) is not None
 
     async def _backing_of(self, image: Path) -> Path | None:
@@ -432,7 +371,7 @@ class ReplicaChain:
         fsync_dir(self.dir)
         return final
 
-    def _pending(self) -> Path | None:
+    def pending_delta(self) -> Path | None:
         try:
             text = self._pending_file.read_text().strip()
         except FileNotFoundError:

@@ -249,6 +249,20 @@ async def commit(path: str | os.PathLike[str], *, empty_top: bool = False) -> No
     await _run("commit", _arg(path), args)
 
 
+async def commit_into(path: str | os.PathLike[str], backing: str | os.PathLike[str]) -> None:
+    """Write the image's clusters into ``backing``, named as its backing file when qemu-img opens
+    it (a ``json:`` image spec) instead of by its header: one process where ``rebase -u`` and
+    ``commit`` took two, and the image, header included, is left untouched (``-d``, as in
+    :func:`commit`). Whatever backing the header names is ignored."""
+    spec = {
+        "driver": FORMAT,
+        "file": {"driver": "file", "filename": _arg(path)},
+        "backing": {"driver": FORMAT, "file": {"driver": "file", "filename": _arg(backing)}},
+    }
+    args = ["commit", "-f", FORMAT, "-d", "json:" + json.dumps(spec)]
+    await _run("commit", _arg(path), args)
+
+
 async def compare(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
