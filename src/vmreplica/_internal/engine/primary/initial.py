@@ -269,6 +269,7 @@ class InitialReplication:
             opening = asyncio.ensure_future(
                 replica.initial_open(p.InitialOpenRequest(row.vm_id, required))
             )
+            await faults.ahit("primary.initial_open_sent")  # the sizes still being read
             progress = self._progress(row, list(await sizing))
             laps.lap("sizes")
             async with self._ctx.locks.vm(rec.id):  # an off VM stays off while it is read
