@@ -1,7 +1,8 @@
 """Initial replication of a VM that is off, agent to agent over TLS on loopback, next to
 ``qemu-img convert -O qcow2`` of the same disk measured in the same run.
 
-Run: ``.venv/bin/python bench/bench_initial.py [--quick] [--repeat 3] [--disk-gib 4] [--alloc-gib 2]``.
+Run: ``.venv/bin/python bench/bench_initial.py [--quick] [--repeat 3] [--disk-gib 4] [--alloc-gib 2]``
+(or ``--fixed N``: only what a copy costs besides its data, N copies of 16 MiB).
 
 Each data set is a qcow2 disk of --disk-gib with --alloc-gib allocated as --chunk-mib pieces
 spread evenly over it: qemu-io ``write -P`` patterns (compress to almost nothing) and random
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from benchlib import (
     PRIMARY,
+    REPLICA,
     GiB,
     MiB,
     Pair,
@@ -92,18 +94,33 @@ def phases(pair: Pair, vm: str) -> list[float] | None:
     (and, for a running VM, its point-in-time export); copy = qemu-img convert over NBD+TLS;
     finish = the replica closes, syncs and adopts the images as the chain's base.
     """
-    log = pair.cluster.base / PRIMARY / "agent.log"
     found = None
-    for line in log.read_text().splitlines():
-        message = json.loads(line).get("message", "")
+    for message in _messages(pair, PRIMARY):
         if (match := _PHASE_RE.search(message)) and match[1] == vm:
             found = [float(match[i + 2]) for i in range(len(PHASES))]
     return found
 
 
+def laps(pair: Pair, vm: str) -> str:
+    """The steps inside the phases, as both agents log them (agents since these laps)."""
+    found = {}
+    for host, pattern in ((PRIMARY, r" s \((.*)\)$"), (REPLICA, r"port \d+ \((.*)\)$")):
+        for message in _messages(pair, host):
+            if message.startswith(f"initial copy of {vm}: ") and (m := re.search(pattern, message)):
+                found[host] = m[1]
+    if PRIMARY not in found:
+        return "n/a"
+    return f"{found[PRIMARY]}; replica's open: {found.get(REPLICA, 'n/a')}"
+
+
+def _messages(pair: Pair, host: str) -> list[str]:
+    log = pair.cluster.base / host / "agent.log"
+    return [json.loads(line).get("message", "") for line in log.read_text().splitlines()]
+
+
 def replicate(
     pair: Pair, vm: str, disk: Path, compression: bool
-) -> tuple[float, list[float] | None]:
+) -> tuple[float, list[float] | None, str]:
     pair.new_vm(vm, disk)
     pair.enable(vm, "--compression", "true" if compression else "false")
     os.sync()
@@ -115,7 +132,32 @@ def replicate(
         raise RuntimeError(f"{vm}: state {state} after start-initial --wait")
     if not compare(disk, pair.tip(vm)):
         raise RuntimeError(f"{vm}: the replica differs from the primary disk")
-    return seconds, phases(pair, vm)
+    return seconds, phases(pair, vm), laps(pair, vm)
+
+
+def fixed_cost(runs: int) -> None:
+    """What a copy costs besides moving its data: ``start-initial --wait`` of a 1 GiB disk with
+    16 MiB allocated, ``runs`` times (a new VM each), next to a no-op CLI call."""
+    sizes = Sizes(GiB, 16 * MiB, MiB)
+    with replication_pair() as pair:
+        disks = pair.base / "disks"
+        disks.mkdir()
+        source = disks / "small.qcow2"
+        make_disk(source, "pattern", sizes)
+        noop = min(timed(lambda: pair.cli("server", "get")) for _ in range(3))
+        times = []
+        for n in range(runs):
+            vm, disk = f"fixed-{n}", disks / f"fixed-{n}.qcow2"
+            shutil.copyfile(source, disk)
+            seconds, split, steps = replicate(pair, vm, disk, compression=False)
+            times.append(seconds)
+            print(f"  {vm}: {seconds:.2f} s; prepare/copy/finish {split}; {steps}", flush=True)
+            pair.forget(vm, disk)
+    times.sort()
+    print(
+        f"fixed cost of start-initial --wait: min {times[0]:.2f} s, median "
+        f"{times[len(times) // 2]:.2f} s over {runs}; a no-op CLI call {noop:.2f} s"
+    )
 
 
 def main() -> None:
@@ -125,7 +167,14 @@ def main() -> None:
     ap.add_argument("--alloc-gib", type=float, default=2.0)
     ap.add_argument("--chunk-mib", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each case; the best is shown")
+    ap.add_argument(
+        "--fixed", type=int, metavar="N", help="only the fixed cost: N copies of 16 MiB of data"
+    )
     args = ap.parse_args()
+    if args.fixed:
+        exit_cleanly_on_sigterm()
+        fixed_cost(args.fixed)
+        return
     sizes = Sizes(int(args.disk_gib * GiB), int(args.alloc_gib * GiB), args.chunk_mib * MiB)
     if args.quick:
         sizes = Sizes(512 * MiB, 256 * MiB, 16 * MiB)
@@ -147,18 +196,18 @@ def main() -> None:
             runs = [baseline(source, disks / "convert-out.qcow2") for _ in range(args.repeat)]
             plain, synced = min(r[0] for r in runs), min(r[1] for r in runs)
             for compression in (True, False):
-                best: tuple[float, list[float] | None] | None = None
+                best: tuple[float, list[float] | None, str] | None = None
                 for n in range(args.repeat):
                     vm = f"{kind}-{'z' if compression else 'raw'}-{n}"
                     disk = disks / f"{vm}.qcow2"
                     shutil.copyfile(source, disk)
                     result = replicate(pair, vm, disk, compression)
-                    print(f"  {vm}: {result[0]:.2f} s", flush=True)
+                    print(f"  {vm}: {result[0]:.2f} s ({result[2]})", flush=True)
                     pair.forget(vm, disk)
                     if best is None or result[0] < best[0]:
                         best = result
                 assert best is not None
-                seconds, split = best
+                seconds, split, _ = best
                 zstd = "on" if compression else "off"
                 rows.append([
                     kind, zstd, seconds, plain, synced, plain / seconds, synced / seconds,

@@ -158,6 +158,35 @@ def test_kill_primary_agent_mid_initial_copy(cluster: Cluster, point: str) -> No
     assert reads(pair.tip("app", 0), 0x5C, "200M", "1M")
 
 
+@pytest.mark.parametrize("action", ["kill", "error"])
+def test_primary_fails_with_the_replicas_open_in_flight(cluster: Cluster, action: str) -> None:
+    """The primary sends initial-open as soon as it knows the space needed, and reads the
+    disks' sizes and starts tracking while the replica prepares: killed (-9) or failing there,
+    the import it asked for is closed, and the copy done again is the disk."""
+    pair = make_pair(cluster)
+    disk = image_with_data(cluster.base / "off.qcow2", "256M", "64M")
+    pair.cli("vm", "new", "app", "--disk-path", str(disk))  # off: qemu-img reads the image
+    pair.enable("app")
+    restart_with_faults(cluster, PRIMARY, f"primary.initial_open_sent={action}")
+    if action == "kill":
+        pair.cli("replication", "start-initial", "app")
+        process = cluster.hosts[PRIMARY].process
+        assert process is not None and process.wait(60) == -signal.SIGKILL
+        cluster.hosts[PRIMARY].process = None
+        cluster.start(PRIMARY)  # retries the copy at once
+    else:
+        failed = pair.cli("replication", "start-initial", "app", "--wait", check=False)
+        assert failed.returncode != 0 and "retried" in failed.stderr, failed.stderr
+        staging = pair.storage / "app" / "staging"
+        wait_for(lambda: not processes_naming(staging), 30, "the replica's import closed")
+        restart_with_faults(cluster, PRIMARY, "")  # retries the copy at once
+    wait_for(lambda: pair.replication("app")["state"] == "Replicating", 120, "the copy again")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5e 100M 1M", str(disk)],
+                   check=True, capture_output=True)  # fmt: skip
+    verified_equal(pair)
+    assert reads(pair.tip("app", 0), 0x5E, "100M", "1M") and reads(pair.tip("app", 0), OLD, "0")
+
+
 def test_kill_replica_agent_after_import(cluster: Cluster) -> None:
     """The replica dies with the copy staged and journaled: it adopts the copy on restart, and
     the primary, told the copy is there, does not send it again."""

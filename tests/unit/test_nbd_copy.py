@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from vmreplica._internal import faults
+from vmreplica._internal import certs, faults
 from vmreplica._internal.config import TlsFiles, parse_port_range
 from vmreplica._internal.drivers.qemu import nbd_copy, tls_creds
+from vmreplica._internal.ports.hypervisor import NbdPsk
 from vmreplica.errors import ConnectionFailed, InvalidArgument, StorageError, VmrError
 
 
@@ -63,6 +65,31 @@ def test_tls_creds_dir_has_the_names_qemu_expects(tmp_path: Path) -> None:
     assert oct(creds.stat().st_mode & 0o777) == oct(0o700)
     # Made again (a retry), it replaces the links rather than failing.
     tls_creds.tls_creds_dir(tmp_path / "creds", files, "client")
+
+
+def test_server_creds_carry_a_published_dh_group_that_qemu_loads(tmp_path: Path) -> None:
+    """Without dh-params.pem, QEMU generates 2048-bit DH parameters each time it loads a
+    server's credentials (up to seconds, before every initial copy could start)."""
+    certs.new_ca(tmp_path / "ca")
+    issued = certs.issue(tmp_path / "ca", ["replica.example.com"], tmp_path / "host")
+    files = TlsFiles(issued.ca, issued.cert, issued.key)
+    server = tls_creds.tls_creds(tmp_path / "server", files, "server")
+    client = tls_creds.tls_creds(tmp_path / "client", files, "client")
+    psk = tls_creds.tls_creds(tmp_path / "psk", NbdPsk("vmr-x", b"k" * 32), "server")
+    assert not (client.directory / "dh-params.pem").exists()
+    for creds in (server, psk):
+        text = subprocess.run(
+            ["openssl", "pkeyparam", "-in", str(creds.directory / "dh-params.pem"), "-text"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "GROUP: ffdhe3072" in text
+    image = tmp_path / "x.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    for creds in (server, psk):  # QEMU parses the file (a bad one fails to load)
+        subprocess.run(
+            ["qemu-img", "info", "--object", creds.options("server"), str(image)],
+            capture_output=True, check=True,
+        )  # fmt: skip
 
 
 def test_direct_io_probe_leaves_nothing(tmp_path: Path) -> None:

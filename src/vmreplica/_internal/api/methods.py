@@ -199,6 +199,10 @@ def build_methods(engine: Services) -> dict[str, Method]:
         return replication.to_model(row)
 
     async def replication_get(args: dict[str, Any]) -> Any:
+        # wait_while (with vm): answer once the state is no longer this, or after wait_sec.
+        waited, vm = a.opt_str(args, "wait_while"), a.opt_str(args, "vm")
+        if waited is not None and vm is not None:
+            await replication.wait_while(vm, waited, a.opt_float(args, "wait_sec") or 1.0)
         return replication.get(
             a.opt_str(args, "vm"),
             a.opt_str(args, "state"),

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from vmreplica._internal.cli.output import clients, collect, common, render
 from vmreplica._internal.cli.server import BOOL
+from vmreplica._internal.cli.waiting import wait_initial, wait_resync
 from vmreplica._internal.models import ConnectionTest, Measurement, Replication
 from vmreplica.client import Client
-from vmreplica.errors import AccessDenied, ConnectionFailed, InvalidArgument, InvalidState, VmrError
+from vmreplica.errors import AccessDenied, ConnectionFailed, InvalidArgument, InvalidState
 
 
 @click.group("replication")
@@ -260,11 +258,11 @@ def start_initial(
     for client in clients(computer_names):
         row = client.replication_start_initial(vm, use_backup, destination, start_time, compressed)
         if wait and row.state == "Resynchronizing":
-            row = _wait_resync(client, vm, "initial replication")
+            row = wait_resync(client, vm, "initial replication")
         elif wait and row.state == "InitialReplicationInProgress":
-            row = _wait_initial(client, vm)
+            row = wait_initial(client, vm)
             if row.state == "Resynchronizing":  # it resumed from what the replica kept
-                row = _wait_resync(client, vm, "initial replication")
+                row = wait_resync(client, vm, "initial replication")
         render([row], Replication, output, properties)
 
 
@@ -280,38 +278,6 @@ def import_initial(
     absolute = str(Path(path).absolute())
     rows = [c.replication_import_initial(vm, absolute) for c in clients(computer_names)]
     render(rows, Replication, output, properties)
-
-
-def _wait_initial(client: Client, vm: str) -> Replication:
-    with Progress(TextColumn("initial replication of {task.description}"), BarColumn(),
-                  TaskProgressColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as bar:  # fmt: skip
-        task = bar.add_task(vm, total=100)
-        polls = 0
-        while True:
-            row = client.replication_get(vm)[0]
-            bar.update(task, completed=row.initial_replication_progress or 0)
-            if row.state != "InitialReplicationInProgress":
-                break
-            polls += 1
-            if polls % 10 == 0:
-                _raise_if_failing(client, vm)
-            time.sleep(0.1)
-    if row.state not in ("Replicating", "Resynchronizing"):
-        detail = client.replication_measure(vm)[0].health_details
-        raise VmrError(
-            f"initial replication of {vm} did not finish (state {row.state}): {'; '.join(detail)}"
-        )
-    return row
-
-
-def _raise_if_failing(client: Client, vm: str) -> None:
-    """A copy that failed is retried on the replication schedule; waiting for it helps nobody."""
-    measured = client.replication_measure(vm)[0]
-    failures = [d for d in measured.health_details if "cannot send" in d]
-    if failures:
-        raise VmrError(
-            f"initial replication of {vm} failed, and is retried on its schedule: {failures[0]}"
-        )
 
 
 def _simple(name: str, doc: str, call: Callable[[Client, str], Replication]) -> None:
@@ -367,24 +333,8 @@ def resume(
     for client in clients(computer_names):
         row = client.replication_resume(vm, resynchronize, start_time, go_on)
         if wait and row.state == "Resynchronizing":
-            row = _wait_resync(client, vm, "resynchronization")
+            row = wait_resync(client, vm, "resynchronization")
         render([row], Replication, output, properties)
-
-
-def _wait_resync(client: Client, vm: str, what: str) -> Replication:
-    with Progress(TextColumn(what + " of {task.description}"), BarColumn(),
-                  TaskProgressColumn(), TimeElapsedColumn(), console=Console(stderr=True)) as bar:  # fmt: skip
-        task = bar.add_task(vm, total=100)
-        while True:
-            row = client.replication_get(vm)[0]
-            bar.update(task, completed=row.resynchronization_progress or 0)
-            if row.state != "Resynchronizing":
-                break
-            time.sleep(0.2)
-    if row.state != "Replicating":
-        detail = client.replication_measure(vm)[0].health_details
-        raise VmrError(f"{what} of {vm} did not finish (state {row.state}): {'; '.join(detail)}")
-    return row
 
 
 _simple(

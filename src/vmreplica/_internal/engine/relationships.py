@@ -6,6 +6,7 @@ objects, computes health over the monitoring window, and sends each command to t
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from vmreplica._internal.engine.vms import VmRecord, VmService
 from vmreplica._internal.models import Measurement, Replication
 from vmreplica._internal.store.replications import COMPARED, CycleRow, ReplicationRow
 from vmreplica.errors import InvalidArgument, InvalidState
+
+WAIT_MAX = 10.0  # seconds a replication.get that waits for a change holds its request
+WAIT_POLL = 0.02  # a row read in the agent, not a request
 
 
 class ReplicationService:
@@ -154,6 +158,16 @@ class ReplicationService:
             if (state is None or m.state == state) and (health_level is None or m.health == health_level)
             and (mode is None or m.mode == mode)
         ]  # fmt: skip
+
+    async def wait_while(self, vm: str, state: str, seconds: float) -> None:
+        """Return once VM ``vm``'s state is no longer ``state``, or after ``seconds`` (at most
+        ``WAIT_MAX``): a CLI that waits for a step to end learns it at once without asking ten
+        times a second."""
+        rec = self._vms.find(vm)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(seconds, 0.0), WAIT_MAX)
+        while self.store.get(rec.id, vm).state == state and loop.time() < deadline:
+            await asyncio.sleep(WAIT_POLL)
 
     def measure(self, vm: str | None) -> list[Measurement]:
         rows = self.store.all()

@@ -359,6 +359,7 @@ async def connect_when_ready(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    pause = 0.005  # a storage daemon is up in about 20 ms, QEMU later: short waits, then longer
     while not proc.exited():
         left = deadline - loop.time()
         if left <= 0:
@@ -373,5 +374,6 @@ async def connect_when_ready(
             except ConnectionFailed:
                 await session.close()
                 continue
-        await proc.wait(0.05)
+        await proc.wait(pause)
+        pause = min(pause * 2, 0.05)
     return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import shutil
@@ -26,6 +25,7 @@ from vmreplica._internal import faults
 from vmreplica._internal.engine.connect import replica_address
 from vmreplica._internal.engine.context import Context, allows, move
 from vmreplica._internal.engine.events import now_iso, start_time_of
+from vmreplica._internal.engine.laps import Laps
 from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.primary.throttle import Throttle
 from vmreplica._internal.engine.states import Command, State
@@ -39,7 +39,7 @@ from vmreplica._internal.store.replications import (
     SEED,
     ReplicationRow,
 )
-from vmreplica._internal.transport import media
+from vmreplica._internal.transport import answers, media
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import Peer, open_peer
 from vmreplica.errors import InvalidArgument, InvalidState, StorageError, VmrError
@@ -166,9 +166,11 @@ class InitialReplication:
     async def run(self, row: ReplicationRow) -> None:
         """Copy every replicated disk and record the relationship as replicating."""
         started = datetime.now(UTC)
+        laps = Laps()
         peer = replica_address(self._ctx.config, row)
         async with open_peer(peer, self._ctx.config.credentials, timeout=120.0) as replica:
             status = await replica.status(p.StatusRequest(row.vm_id))
+            laps.lap("connect")
             if row.initial_kind == OFFLINE:
                 size = await self._export(row, replica)
             elif status.sequence >= 1:
@@ -179,7 +181,7 @@ class InitialReplication:
                 self._resume_from_kept(row)
                 return
             else:
-                size = await self._copy(row, replica)
+                size = await self._copy(row, replica, laps)
         now = now_iso()
         with self._ctx.stores.db.tx() as tx:
             move(
@@ -251,21 +253,25 @@ class InitialReplication:
         log.info("initial replication of %s written to %s", row.vm_name, directory)
         return sum(e.file_size for e in entries)
 
-    async def _copy(self, row: ReplicationRow, replica: Peer) -> int:
+    async def _copy(self, row: ReplicationRow, replica: Peer, laps: Laps) -> int:
         rec = self._vms.find(row.vm_name)
         driver, tls = self._ctx.driver, self._ctx.config.tls
         address = replica.address
         disks = [rec.disks[i] for i in row.disks]
         run_dir = self._vms.run_dir(rec.id)
-        progress = self._progress(row, [await driver.virtual_size(d) for d in disks])
-        marks = [time.monotonic()]
-        required = sum([await driver.required_size(d) for d in disks])
-        # The replica prepares its images while tracking starts here.
-        opening = asyncio.ensure_future(
-            replica.initial_open(p.InitialOpenRequest(row.vm_id, required))
-        )
+        # The replica's open is the longest step before the copy: it goes as soon as it can,
+        # with the sizes read beside it and tracking started while it runs.
+        sizing = asyncio.ensure_future(asyncio.gather(*map(driver.virtual_size, disks)))
+        opening: asyncio.Future[tuple[answers.InitialOpenAnswer, bytes | None]] | None = None
         closed = False
         try:
+            required = sum(await asyncio.gather(*map(driver.required_size, disks)))
+            opening = asyncio.ensure_future(
+                replica.initial_open(p.InitialOpenRequest(row.vm_id, required))
+            )
+            await faults.ahit("primary.initial_open_sent")  # the sizes still being read
+            progress = self._progress(row, list(await sizing))
+            laps.lap("sizes")
             async with self._ctx.locks.vm(rec.id):  # an off VM stays off while it is read
                 owner = DiskOwner(
                     rec.name,
@@ -276,12 +282,13 @@ class InitialReplication:
                     vm_id=rec.id,
                 )
                 async with driver.point_in_time(owner, generation=1) as source:
+                    laps.lap("tracking")
                     await faults.ahit("primary.before_initial_copy")
                     opened, secret = await opening
+                    laps.lap("replica open")
                     creds: NbdCredentials = (
                         tls if secret is None else NbdPsk(p.psk_username(row.vm_id), secret)
                     )
-                    marks.append(time.monotonic())
                     if len(opened.exports) != len(disks):
                         raise InvalidState(
                             f"the replica offers {len(opened.exports)} disks, {row.vm_name} has "
@@ -293,23 +300,24 @@ class InitialReplication:
                             address.fqdn, run_dir, functools.partial(progress, disk),
                             self._throttle.copy_rate(row.vm_id),
                         )  # fmt: skip
-                    marks.append(time.monotonic())
+                    laps.lap("copy")
             faults.hit("primary.after_initial_copy")
             answer = await replica.initial_close(p.InitialCloseRequest(row.vm_id, ok=True))
             closed = True
-            marks.append(time.monotonic())
-            prepare, copy, finish = (b - a for a, b in itertools.pairwise(marks))
+            laps.lap("finish")
+            prepare = sum(laps[n] for n in ("sizes", "tracking", "replica open"))
             log.info(
-                "initial copy of %s: prepare %.2f s, copy %.2f s, finish %.2f s",
-                row.vm_name, prepare, copy, finish,
+                "initial copy of %s: prepare %.2f s, copy %.2f s, finish %.2f s (%s)",
+                row.vm_name, prepare, laps["copy"], laps["finish"], laps,
             )  # fmt: skip
             return answer.size
         finally:
-            if not opening.done():
-                opening.cancel()
-            with contextlib.suppress(BaseException):
-                await opening
-            if not closed:
+            for task in (sizing, opening):
+                if task is not None:
+                    task.cancel()  # nothing, when it is done
+                    with contextlib.suppress(BaseException):
+                        await task
+            if opening is not None and not closed:
                 # Even when the open was cut short here: the replica may have finished it, and
                 # its lock on the VM puts this close after the open.
                 with contextlib.suppress(VmrError):

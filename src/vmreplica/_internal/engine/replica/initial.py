@@ -17,6 +17,7 @@ from vmreplica._internal import faults
 from vmreplica._internal.engine.authorization import Authorization
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
+from vmreplica._internal.engine.laps import Laps
 from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.apply import Applier
 from vmreplica._internal.engine.replica.common import (
@@ -66,6 +67,7 @@ class InitialImport:
     ) -> answers.InitialOpenAnswer:  # fmt: skip
         """``credentials``: the sender's certificate subject (the copy's TLS then uses this
         host's certificates), or the key both sides derived (Kerberos)."""
+        laps = Laps()
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
@@ -94,7 +96,8 @@ class InitialImport:
             _check_space(row, Path(str(row.storage_dir)), req.required_bytes)
             shutil.rmtree(staging, ignore_errors=True)
             files = [disk_file(staging, n) for n in range(len(row.disks))]
-            sizes = [await chain.virtual_size() for chain in chains(self._ctx, row)]
+            sizes = await asyncio.gather(*(c.virtual_size() for c in chains(self._ctx, row)))
+            laps.lap("sizes")
             with _discarded_on_failure(
                 staging, f"cannot prepare the initial copy of {row.vm_name}"
             ):
@@ -109,9 +112,11 @@ class InitialImport:
                     listen_host, self._ctx.config.initial_copy_ports,
                 )  # fmt: skip
             self._imports[row.vm_id] = (target, now_iso())
+        laps.lap("import")
         log.info(
-            "initial copy of %s: serving %d images on port %d", row.vm_name, len(files), target.port
-        )
+            "initial copy of %s: serving %d images on port %d (%s)",
+            row.vm_name, len(files), target.port, laps,
+        )  # fmt: skip
         return answers.InitialOpenAnswer(target.port, target.exports)
 
     async def close(
@@ -135,14 +140,19 @@ class InitialImport:
                 )
             target, started = opened
             staging = staging_dir(row, 1)
+            laps = Laps()
             with _discarded_on_failure(staging, f"cannot sync the initial copy of {row.vm_name}"):
                 await target.finish()
+                laps.lap("close")
                 size = await asyncio.to_thread(_sync_files, staging)
+                laps.lap("sync")
             self._applier.journal(row.vm_id, 1, staging, started, size=size)
             faults.hit("replica.after_stage")
             await self._recovery.apply(row, 1, staging, started, size)
             if self._ctx.cluster is not None:  # the facts beside the chains (handoff.py)
                 handoff.export(self._ctx, row.vm_id)
+            laps.lap("adopt")
+            log.info("initial copy of %s adopted (%s)", row.vm_name, laps)
             return answers.SequenceAnswer(1, size)
 
     async def close_import(self, vm_id: str, keep: bool = False) -> None:
