@@ -12,7 +12,7 @@ seven ways, each timed after a ``sync`` (best of --repeat):
 - ``convert -t none``: the same with O_DIRECT writes (durable without a long fsync);
 - ``nbd``: ``qemu-img convert -n -W -m 16 --target-is-zero`` into a qemu-storage-daemon NBD
   export on loopback TCP, target opened with O_DIRECT, no TLS;
-- ``nbd+tls``: the same with TLS and authz-simple, through ``nbd_copy.serve_import`` and
+- ``nbd+tls``: the same with TLS and authz-simple, through ``nbd_import.serve_import`` and
   ``nbd_copy.convert``: exactly vmreplica's copy phase;
 - ``nbd+tls-psk``: the same with a pre-shared key instead of certificates (``tls-creds-psk``):
   the initial copy between hosts that authenticate with Kerberos;
@@ -49,7 +49,7 @@ from benchlib import (
 
 from vmreplica._internal import certs
 from vmreplica._internal.config import TlsFiles
-from vmreplica._internal.drivers.qemu import nbd_copy, tls_creds
+from vmreplica._internal.drivers.qemu import nbd_copy, nbd_import, tls_creds
 from vmreplica._internal.drivers.qemu.qsd import start_storage_daemon
 from vmreplica._internal.ports.hypervisor import NbdCredentials, NbdPsk
 
@@ -75,7 +75,7 @@ async def into_daemon(
                 identity = "vmr-bench"
             server_dir = tls_creds.tls_creds(work / "run" / "tls", server, "server")
             client_dir = tls_creds.tls_creds(work / "client-tls", client, "client")
-            port, exports = await nbd_copy.serve_import(
+            port, exports = await nbd_import.serve_import(
                 daemon, ["disk0"], server_dir, identity, "127.0.0.1"
             )
 

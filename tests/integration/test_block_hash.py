@@ -14,12 +14,12 @@ import pytest
 
 from vmreplica._internal.drivers.qemu import nbd_copy
 from vmreplica._internal.drivers.qemu.block_hash import (
-    NbdView,
     copy_blocks,
     hash_blocks,
     hash_view,
     with_layout,
 )
+from vmreplica._internal.drivers.qemu.block_read import NbdView
 from vmreplica._internal.drivers.qemu.qsd import node_name, start_storage_daemon
 
 KiB = 1024

@@ -14,7 +14,7 @@ import pytest
 
 from vmreplica._internal import certs, faults
 from vmreplica._internal.config import TlsFiles, parse_port_range
-from vmreplica._internal.drivers.qemu import nbd_copy, tls_creds
+from vmreplica._internal.drivers.qemu import nbd_copy, nbd_import, tls_creds
 from vmreplica._internal.ports.hypervisor import NbdPsk
 from vmreplica.errors import ConnectionFailed, InvalidArgument, StorageError, VmrError
 
@@ -128,6 +128,6 @@ def test_candidate_ports_skip_the_taken_ones() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert nbd_copy._candidates("127.0.0.1", (port, port)) == []
-    assert nbd_copy._candidates("127.0.0.1", (port, port)) == [port]
-    assert len(set(nbd_copy._candidates("127.0.0.1", None))) >= 1
+        assert nbd_import._candidates("127.0.0.1", (port, port)) == []
+    assert nbd_import._candidates("127.0.0.1", (port, port)) == [port]
+    assert len(set(nbd_import._candidates("127.0.0.1", None))) >= 1

@@ -29,7 +29,7 @@ from vmreplica._internal.drivers.libvirt import domain, domain_xml, raw
 from vmreplica._internal.drivers.libvirt.checkpoints import Tracker
 from vmreplica._internal.drivers.libvirt.connection import Connection, is_missing
 from vmreplica._internal.drivers.qemu import nbd_copy, nbd_extents, qemu_img
-from vmreplica._internal.drivers.qemu.block_hash import NbdView
+from vmreplica._internal.drivers.qemu.block_read import NbdView
 from vmreplica._internal.drivers.qemu.driver import INITIAL_DIR, QemuDriver
 from vmreplica._internal.drivers.qemu.qsd import node_name, start_storage_daemon
 from vmreplica._internal.drivers.qemu.tls_creds import kv

@@ -19,10 +19,12 @@ from pathlib import Path
 
 from vmreplica._internal.drivers.qemu import (
     block_hash,
+    block_read,
     children,
     compact,
     nbd_copy,
     nbd_extents,
+    nbd_import,
     qemu,
     qemu_img,
     tls_creds,
@@ -266,7 +268,7 @@ class QemuDriver:
     async def hash_image(
         self, image: Path, block_size: int, first_block: int = 0, count: int | None = None
     ) -> list[bytes | None]:
-        view = block_hash.NbdView(image=image)
+        view = block_read.NbdView(image=image)
         return await block_hash.hash_view(view, block_size, first_block, count)
 
     async def extract_blocks(
@@ -306,7 +308,7 @@ class QemuDriver:
         try:
             creds = tls_creds.tls_creds(run_dir / "tls", tls, "server")
             nodes = [node_name(i) for i in range(len(files))]
-            port, exports = await nbd_copy.serve_import(
+            port, exports = await nbd_import.serve_import(
                 daemon, nodes, creds, peer_identity, listen_host, ports
             )
         except BaseException:

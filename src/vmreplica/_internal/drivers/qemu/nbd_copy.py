@@ -8,11 +8,9 @@ first saves the old clusters into the overlay, so the overlay reads as the disk 
 began: the copy and the bitmap start at one instant, and the primary never writes a full copy of
 the disk to its own storage. The overlays are exported read-only on a unix socket.
 
-Replica. A qemu-storage-daemon opens the new images and serves them over NBD on TCP with TLS:
-the client certificate must chain to this host's CA, and ``authz-simple`` admits only the
-distinguished name of the sender the agent authorized. Images are opened with O_DIRECT where the
-file system has it: page-cache writes of a multi-GiB stream cost the daemon twice the CPU
-(measured, see bench/README.md), and the data is not read again soon.
+Replica: a qemu-storage-daemon serves the new images over NBD+TLS (nbd_import.py). Images are
+opened with O_DIRECT where the file system has it: page-cache writes of a multi-GiB stream cost
+the daemon twice the CPU (measured, see bench/README.md), and the data is not read again soon.
 
 ``qemu-img convert -n -W --target-is-zero`` reads only what is allocated (holes stay holes),
 writes out of order with 16 requests in flight, and does the TLS in C: the data never passes
@@ -27,13 +25,12 @@ import errno
 import os
 import re
 import secrets
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmreplica._internal.drivers.qemu import blockjobs, qemu_img, tracking
-from vmreplica._internal.drivers.qemu.block_hash import NbdView
+from vmreplica._internal.drivers.qemu.block_read import NbdView
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.children import die_with_parent
 from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
@@ -48,14 +45,12 @@ __all__ = [
     "convert",
     "export_source",
     "file_source",
-    "serve_import",
     "supports_direct_io",
 ]
 
 FLEECE_PREFIX = "vmr-f"
 _FLEECE_JOB = "vmr-fj"
-_EXPORT_PREFIX = "vmr-e"
-_AUTHZ_ID = "vmr-authz"
+EXPORT_PREFIX = "vmr-e"  # the block exports of both sides (nbd_import.py)
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 Progress = Callable[[float], None]
 # For the processes that move the data. glibc serves buffers of 128 KiB and more with fresh
@@ -108,7 +103,7 @@ async def clear_source(target: QmpTarget, run_dir: Path) -> None:
     """What a dead agent left in a QEMU that outlived it: exports, fleecing jobs and nodes."""
     exports = await target.execute("query-block-exports")
     for export in exports if isinstance(exports, list) else []:
-        if str(export.get("id", "")).startswith(_EXPORT_PREFIX):
+        if str(export.get("id", "")).startswith(EXPORT_PREFIX):
             with contextlib.suppress(QmpCommandError):
                 await target.execute("block-export-del", {"id": export["id"], "mode": "hard"})
     with contextlib.suppress(QmpCommandError):
@@ -199,7 +194,7 @@ async def export_source(
         for i, job in enumerate(jobs):
             await target.execute(
                 "block-export-add",
-                {"type": "nbd", "id": f"{_EXPORT_PREFIX}{i}", "node-name": job.target_node,
+                {"type": "nbd", "id": f"{EXPORT_PREFIX}{i}", "node-name": job.target_node,
                  "name": names[i], "writable": False},
             )  # fmt: skip
     except BaseException:
@@ -219,82 +214,6 @@ async def close_source(target: QmpTarget, source: Source) -> None:
     """Stop exporting and fleecing; the tracking bitmap stays."""
     if source.run_dir is not None:
         await clear_source(target, source.run_dir)
-
-
-# -- replica side --------------------------------------------------------------------------
-
-
-def _bindable(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def _candidates(host: str, ports: tuple[int, int] | None) -> list[int]:
-    """Ports to try in turn: the configured range, else five free ones the kernel picks."""
-    if ports is not None:
-        return [p for p in range(ports[0], ports[1] + 1) if _bindable(host, p)]
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    picked = []
-    for _ in range(5):
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            picked.append(int(s.getsockname()[1]))
-    return picked
-
-
-async def serve_import(
-    target: QmpTarget,
-    nodes: Sequence[str],
-    creds: TlsCreds,
-    identity: str,
-    host: str,
-    ports: tuple[int, int] | None = None,
-) -> tuple[int, tuple[str, ...]]:
-    """Export ``nodes`` writable over NBD+TLS on ``host``, to ``identity`` (an X.509 DN, or the
-    PSK user name) only.
-
-    Returns the port (from ``ports`` if given) and the export names; the names are random, so
-    that knowing a VM is not enough to write into its import.
-    """
-    tls_object: dict[str, object] = {"qom-type": f"tls-creds-{creds.kind}", "id": TLS_ID,
-                                     "dir": str(creds.directory), "endpoint": "server"}  # fmt: skip
-    if creds.kind == "x509":
-        tls_object["verify-peer"] = True
-    if creds.priority:
-        tls_object["priority"] = creds.priority
-    await target.execute("object-add", tls_object)
-    await target.execute(
-        "object-add", {"qom-type": "authz-simple", "id": _AUTHZ_ID, "identity": identity}
-    )
-    listening = None
-    for port in _candidates(host, ports):
-        address = {"type": "inet", "data": {"host": host, "port": str(port)}}
-        try:
-            await target.execute(
-                "nbd-server-start", {"addr": address, "tls-creds": TLS_ID, "tls-authz": _AUTHZ_ID}
-            )
-        except QmpCommandError as exc:
-            if "in use" not in exc.desc.lower():
-                raise VmrError(f"cannot listen for the initial copy on {host}: {exc.desc}") from exc
-            continue  # taken meanwhile
-        listening = port
-        break
-    if listening is None:
-        where = f"in initial_copy_ports {ports[0]}-{ports[1]}" if ports else "(all taken)"
-        raise VmrError(f"no free port {where} on {host} to serve the initial copy")
-    names = tuple(f"vmr-{secrets.token_hex(12)}" for _ in nodes)
-    for i, (node, name) in enumerate(zip(nodes, names, strict=True)):
-        await target.execute(
-            "block-export-add",
-            {"type": "nbd", "id": f"{_EXPORT_PREFIX}{i}", "node-name": node, "name": name,
-             "writable": True},
-        )  # fmt: skip
-    return listening, names
 
 
 # -- the copy ------------------------------------------------------------------------------
