@@ -100,11 +100,27 @@ class ReplicaChain:
         async with self._lock:
             if not self.resync.exists():
                 return
+            if commit and await self._empty_below_resync():
+                # An initial copy into an empty chain: the overlay becomes base as it is (its
+                # pointer to the empty tip dropped, then renamed over the empty base, which the
+                # empty tip reads through), instead of a second copy of every block into tip.
+                # Either step repeats after a crash: the chain below stays empty until the rename.
+                await qemu_img.rebase_unsafe(self.resync, None)
+                with _fs(f"cannot adopt {self.resync} as {self.base}"):
+                    os.replace(self.resync, self.base)
+                fsync_dir(self.dir)
+                return
             if commit:
                 await qemu_img.commit(self.resync)
             with _fs(f"cannot remove {self.resync}"):
                 self.resync.unlink()
             fsync_dir(self.dir)
+
+    async def _empty_below_resync(self) -> bool:
+        """No point, and nothing allocated in tip or base."""
+        if self.point_ids():
+            return False
+        return not any(e.present for e in await qemu_img.map(self.tip))
 
     def rp_path(self, point_id: int) -> Path:
         return self.dir / f"rp-{point_id}.qcow2"

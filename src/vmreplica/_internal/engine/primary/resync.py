@@ -251,9 +251,10 @@ class Resync:
         blocks = [-(-size // BLOCK_SIZE) for size in sizes]
         total = sum(blocks) or 1
         # A compressed initial copy is bound by the link: while one batch travels, the next
-        # one is read and written out, and smaller batches start the link sooner.
+        # one is read and written out, and smaller batches start the link sooner; the first
+        # one smallest, as nothing travels while it is read.
         overlap = row.initial_kind == COMPRESSED
-        batch_blocks = BATCH // 4 if overlap else BATCH
+        batch_blocks = BATCH // 64 if overlap else BATCH
         sending: asyncio.Task[None] | None = None
         try:
             while True:
@@ -271,6 +272,7 @@ class Resync:
                         await sending
                     return True
                 await self._one_batch(row, view, replica, tally, batch, position, total)
+                batch_blocks = BATCH // 4 if overlap else BATCH
                 if sending is not None:
                     await sending  # its failure ends the job here, as a send of its own would
                 sending = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 
@@ -25,15 +26,31 @@ log = logging.getLogger("vmreplica.primary")
 
 
 class _Counted:
-    """Counts what a delta's request body yields: the bytes on the wire, TLS aside."""
+    """Counts what a delta's request body yields: the bytes on the wire, TLS aside; and times
+    its pieces: how long the sender waited for them (reading and compressing) against the whole
+    stream (the link's share is the rest)."""
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.waited = self.began = self.ended = 0.0
 
     async def through(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        self.began = time.monotonic()
         async for chunk in chunks:
+            got = time.monotonic()
+            self.waited += got - (self.ended or self.began)
             self.bytes += len(chunk)
             yield chunk
+            self.ended = time.monotonic()
+
+    def link_bound_rate(self) -> float | None:
+        """Bytes per second, if the stream was long enough to tell (a second) and the link,
+        not the reading and compressing, held it back (the sender waited for pieces under a
+        fifth of the time); else None."""
+        span = self.ended - self.began
+        if span < 1.0 or self.waited > span / 5:
+            return None
+        return self.bytes / span
 
 
 class Sender:
@@ -41,6 +58,14 @@ class Sender:
         self._ctx = ctx
         self._pending = pending
         self._throttle = throttle
+        self._slow: dict[str, bool] = {}  # per VM: whether its last long delta found the link slow
+
+    def _level(self, vm_id: str) -> int:
+        """zstd's level: a higher one when the link is slow (capped so, or measured so while
+        the compressor kept ahead of it); the CPU waits for such a link anyway."""
+        cap = self._throttle.copy_rate(vm_id)
+        slow = 0 < cap < wire.SLOW_LINK or self._slow.get(vm_id, False)
+        return wire.SLOW_LINK_LEVEL if slow else wire.ZSTD_LEVEL
 
     async def send(self, row: ReplicationRow, started: datetime, missed: int = 0) -> None:
         peer = replica_address(self._ctx.config, row)
@@ -64,10 +89,13 @@ class Sender:
                     log.info("resuming delta %d of %s at disk %d, byte %d (the replica kept "
                              "what it had of a cut stream)", sequence, row.vm_name, start.disk,
                              start.offset)  # fmt: skip
-                stream = wire.iter_stream(delta_dir, manifest, start)
+                stream = wire.iter_stream(delta_dir, manifest, start, self._level(row.vm_id))
                 await replica.delta(
                     row.vm_id, counted.through(self._throttle.stream(row.vm_id, stream)), start
                 )
+                if counted.ended - counted.began >= 1.0:
+                    rate = counted.link_bound_rate()
+                    self._slow[row.vm_id] = rate is not None and rate < wire.SLOW_LINK
                 size = sum(d.file_size for d in manifest.disks)
                 with self._ctx.stores.db.tx() as tx:
                     self._ctx.stores.replications.update(
