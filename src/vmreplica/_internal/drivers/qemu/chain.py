@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from vmreplica._internal import faults
 from vmreplica._internal.drivers.qemu import qemu_img
 from vmreplica._internal.files import fsync_dir
 from vmreplica.errors import (
@@ -106,6 +107,7 @@ class ReplicaChain:
                 # empty tip reads through), instead of a second copy of every block into tip.
                 # Either step repeats after a crash: the chain below stays empty until the rename.
                 await qemu_img.rebase_unsafe(self.resync, None)
+                faults.hit("replica.mid_adopt")
                 with _fs(f"cannot adopt {self.resync} as {self.base}"):
                     os.replace(self.resync, self.base)
                 fsync_dir(self.dir)
