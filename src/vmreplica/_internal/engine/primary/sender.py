@@ -131,10 +131,16 @@ class Sender:
                     size = sum(d.file_size for d in manifest.disks)
                     flights.append(_Flight(sequence, delta_dir, size, counted, task))
                     last = sequence
-                    if pipelined:
+                    if pipelined:  # until its body is out; the one before lands when answered
                         out = asyncio.ensure_future(counted.out.wait())
                         try:
-                            await asyncio.wait([task, out], return_when=asyncio.FIRST_COMPLETED)
+                            while not (out.done() or task.done()):
+                                before = [flights[0].task] if len(flights) > 1 else []
+                                await asyncio.wait([task, out, *before],
+                                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                                if before and before[0].done():
+                                    await self._land(row, flights.pop(0), started, missed)
+                                    missed = 0
                         finally:
                             out.cancel()
                     # At most two in flight: the one before lands before the next one leaves.
