@@ -119,6 +119,8 @@ class Sender:
                         continue
                     sequence, delta_dir, manifest = entry
                     faults.hit("primary.before_send")
+                    if flights:  # the last one's body is out, its answer not yet in hand
+                        faults.hit("primary.pipelined_send")
                     counted = _Counted()
                     start = _resumable(status.resume, sequence, manifest)
                     if start is not None:
