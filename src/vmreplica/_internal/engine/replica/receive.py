@@ -32,6 +32,7 @@ from vmreplica._internal.engine.replica.common import (
     chains,
     check_not_quarantined,
     check_sender,
+    received_sequence,
     redirect_if_elsewhere,
     replica_row,
     staging_dir,
@@ -217,9 +218,7 @@ class Receiver:
         (the replica lock is not needed for that), then, under the lock (so after that apply),
         checked again, journaled and answered; its apply runs behind, holding the lock."""
         check_not_quarantined(self._ctx, row)
-        journaled = [int(e.data.get("sequence", 0))
-                     for e in self._ctx.journal.entries("apply", subject=row.vm_id)]  # fmt: skip
-        applied = max([row.sequence, *journaled])  # applied, or journaled and being applied
+        applied = received_sequence(self._ctx, row)  # or journaled and being applied
         staging = staging_dir(row, applied + 1)
         shutil.rmtree(staging, ignore_errors=True)
         started = datetime.now(UTC).isoformat()
