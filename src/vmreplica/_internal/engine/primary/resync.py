@@ -220,7 +220,8 @@ class Resync:
                     done = await self._compare_all(row, view, replica, tally)
             if not done:
                 return  # suspended or stopped meanwhile
-            await self._sender.send(self._store.get(row.vm_id, row.vm_name), datetime.now(UTC))
+            if row.initial_kind != COMPRESSED:  # its pipelined sends saw every delta answered
+                await self._sender.send(self._store.get(row.vm_id, row.vm_name), now())
             await replica.resync_finish(p.VmRequest(row.vm_id))
         log.info("resync of %s finished: %d blocks compared in %.2f s of hashing, %d differ; "
                  "%.2f s in all", row.vm_name, tally.compared, tally.hashing, tally.differing,
@@ -257,9 +258,9 @@ class Resync:
         # A compressed initial copy is bound by the link: the next batch is read and written
         # out while the last ones travel (at most two deltas on disk not yet acknowledged), and
         # the sender keeps the link busy across deltas (pipelined); the first batch is the
-        # smallest, as nothing travels while it is read, and the last ones shrink.
+        # smallest (4 MiB), as nothing travels while it is read, and the last ones shrink.
         overlap = row.initial_kind == COMPRESSED
-        batch_blocks = BATCH // 64 if overlap else BATCH
+        batch_blocks = BATCH // 256 if overlap else BATCH
         sending: asyncio.Future[None] | None = None
         try:
             while True:
@@ -281,7 +282,8 @@ class Resync:
                         await self._sent(row, sending, ahead=0)
                     return True
                 await self._one_batch(row, view, replica, tally, batch, position, total)
-                batch_blocks = BATCH // 4 if overlap else BATCH
+                # Each batch read while the last travels: four times the last, up to 256 MiB.
+                batch_blocks = min(BATCH // 4, batch_blocks * 4) if overlap else BATCH
                 if overlap:
                     sending = await self._sent(row, sending, ahead=1)
                 else:
