@@ -28,6 +28,7 @@ from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica._internal.transport.peer import open_peer
 
 log = logging.getLogger("vmreplica.primary")
+MEASURED = 0.5  # seconds: a body that took as long tells the link's rate
 
 
 class _Counted:
@@ -51,11 +52,11 @@ class _Counted:
         self.out.set()
 
     def link_bound_rate(self) -> float | None:
-        """Bytes per second, if the stream was long enough to tell (a second) and the link,
-        not the reading and compressing, held it back (the sender waited for pieces under a
-        fifth of the time); else None."""
+        """Bytes per second, if the stream was long enough to tell and the link, not the
+        reading and compressing, held it back (the sender waited for pieces under a fifth of
+        the time); else None."""
         span = self.ended - self.began
-        if span < 1.0 or self.waited > span / 5:
+        if span < MEASURED or self.waited > span / 5:
             return None
         return self.bytes / span
 
@@ -145,6 +146,7 @@ class Sender:
                                     missed = 0
                         finally:
                             out.cancel()
+                        self._measure(row.vm_id, counted)  # for the next one, already
                     # At most two in flight: the one before lands before the next one leaves.
                     while flights and (len(flights) > 1 or not pipelined or flights[0].task.done()):
                         await self._land(row, flights.pop(0), started, missed)
@@ -174,14 +176,18 @@ class Sender:
             return sequence, delta_dir, manifest
         return None
 
+    def _measure(self, vm_id: str, counted: _Counted) -> None:
+        """Whether the link is slow, from a body that went out (a long enough one)."""
+        if counted.out.is_set() and counted.ended - counted.began >= MEASURED:
+            rate = counted.link_bound_rate()
+            self._slow[vm_id] = rate is not None and rate < wire.SLOW_LINK
+
     async def _land(self, row: ReplicationRow, flight: _Flight, started: datetime,
                     missed: int) -> None:  # fmt: skip
         """Its answer, then the acknowledgement recorded and the delta out of the log."""
         await flight.task
         counted = flight.counted
-        if counted.ended - counted.began >= 1.0:
-            rate = counted.link_bound_rate()
-            self._slow[row.vm_id] = rate is not None and rate < wire.SLOW_LINK
+        self._measure(row.vm_id, counted)
         with self._ctx.stores.db.tx() as tx:
             self._ctx.stores.replications.update(
                 row.vm_id, tx, acked_sequence=flight.sequence, last_replication_time=now_iso(),
