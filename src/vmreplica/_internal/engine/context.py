@@ -22,7 +22,8 @@ from vmreplica._internal.store.stores import Stores
 
 class Locks:
     """Per-VM locks, by purpose. ``vm``: the VM's processes and disks (start, stop, a cycle's
-    cut); ``replica``: a replica's chains; ``cycle``: one cut at a time; ``send``: one sender."""
+    cut); ``replica``: a replica's chains; ``cycle``: one cut at a time; ``send``: one sender;
+    ``stream``: one incoming delta."""
 
     def __init__(self) -> None:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -41,6 +42,10 @@ class Locks:
 
     def send(self, vm_id: str) -> asyncio.Lock:
         return self._get("send", vm_id)
+
+    def stream(self, vm_id: str) -> asyncio.Lock:
+        """A replica's incoming delta stream: one at a time; taken before ``replica``."""
+        return self._get("stream", vm_id)
 
 
 @dataclasses.dataclass

@@ -18,16 +18,15 @@ path of the delta being applied, because a half-committed ``tip`` cannot be told
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import re
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
+from vmreplica._internal import faults
 from vmreplica._internal.drivers.qemu import chain_checks, qemu_img
+from vmreplica._internal.drivers.qemu.chain_files import RecoveryPointFile, fs_errors
 from vmreplica._internal.files import fsync_dir
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, NotFound, StorageError
 
@@ -41,26 +40,6 @@ _TMP = ".tmp"
 _RP_RE = re.compile(r"^rp-([1-9][0-9]*)\.qcow2$")
 
 PointRef = int | Literal["latest"]
-
-
-@dataclass(frozen=True)
-class RecoveryPointFile:
-    id: int
-    path: Path
-    size_bytes: int
-    """Space the file takes on disk (allocated blocks), not its virtual size."""
-    mtime: float
-
-
-@contextmanager
-def _fs(what: str) -> Iterator[None]:
-    """File-system failures become StorageError, a full disk named as such."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageError(f"disk full: {what}: {exc.strerror}") from exc
-        raise StorageError(f"{what}: {exc.strerror or exc}") from exc
 
 
 class ReplicaChain:
@@ -93,11 +72,28 @@ class ReplicaChain:
         async with self._lock:
             if not self.resync.exists():
                 return
+            if commit and await self._empty_below_resync():
+                # An initial copy into an empty chain: the overlay becomes base as it is (its
+                # pointer to the empty tip dropped, then renamed over the empty base, which the
+                # empty tip reads through), instead of a second copy of every block into tip.
+                # Either step repeats after a crash: the chain below stays empty until the rename.
+                await qemu_img.rebase_unsafe(self.resync, None)
+                faults.hit("replica.mid_adopt")
+                with fs_errors(f"cannot adopt {self.resync} as {self.base}"):
+                    os.replace(self.resync, self.base)
+                fsync_dir(self.dir)
+                return
             if commit:
                 await qemu_img.commit(self.resync)
-            with _fs(f"cannot remove {self.resync}"):
+            with fs_errors(f"cannot remove {self.resync}"):
                 self.resync.unlink()
             fsync_dir(self.dir)
+
+    async def _empty_below_resync(self) -> bool:
+        """No point, and nothing allocated in tip or base."""
+        if self.point_ids():
+            return False
+        return not any(e.present for e in await qemu_img.map(self.tip))
 
     def rp_path(self, point_id: int) -> Path:
         return self.dir / f"rp-{point_id}.qcow2"
@@ -116,7 +112,7 @@ class ReplicaChain:
         result = []
         for point_id in self.point_ids():
             path = self.rp_path(point_id)
-            with _fs(f"cannot read {path}"):
+            with fs_errors(f"cannot read {path}"):
                 st = path.stat()
             result.append(RecoveryPointFile(point_id, path, st.st_blocks * 512, st.st_mtime))
         return result
@@ -128,7 +124,7 @@ class ReplicaChain:
     async def create(cls, directory: str | os.PathLike[str], virtual_size: int) -> ReplicaChain:
         """An empty ``base`` and a ``tip`` on it; a crash in between is finished by recover()."""
         chain = cls(directory)
-        with _fs(f"cannot create {chain.dir}"):
+        with fs_errors(f"cannot create {chain.dir}"):
             chain.dir.mkdir(parents=True, exist_ok=True)
         if chain.base.exists() or chain.tip.exists() or chain.point_ids():
             raise InvalidState(f"a replica chain already exists in {chain.dir}")
@@ -181,7 +177,7 @@ class ReplicaChain:
         # "The same delta" means the last one applied: replaying an older delta after a newer
         # one would roll back clusters both touched; sequence numbers prevent that upstream.
         await qemu_img.commit_into(delta, self.top)
-        with _fs(f"cannot remove applied delta {delta}"):
+        with fs_errors(f"cannot remove applied delta {delta}"):
             delta.unlink()
         fsync_dir(delta.parent)
 
@@ -208,7 +204,7 @@ class ReplicaChain:
         if not empty:  # not an empty chain after all: apply it the ordinary way
             await self.apply_delta(image)
             return
-        with _fs(f"cannot adopt {image} as {self.base}"):
+        with fs_errors(f"cannot adopt {image} as {self.base}"):
             os.replace(image, self.base)
         fsync_dir(self.dir)
 
@@ -240,7 +236,7 @@ class ReplicaChain:
                     )
                 if not self.tip.exists():
                     raise InvalidState(f"{TIP} is missing in {self.dir}: run recovery first")
-                with _fs(f"cannot rename {self.tip}"):
+                with fs_errors(f"cannot rename {self.tip}"):
                     os.rename(self.tip, rp)
                 fsync_dir(self.dir)
             await self._new_image(TIP, backing=rp.name)
@@ -272,7 +268,7 @@ class ReplicaChain:
                 await qemu_img.rebase_unsafe(above, BASE)
             elif backing != self.base:
                 raise IntegrityError(f"{above.name} stands on {backing}, not on {oldest.name}")
-            with _fs(f"cannot remove {oldest}"):
+            with fs_errors(f"cannot remove {oldest}"):
                 oldest.unlink()
             fsync_dir(self.dir)
             return True
@@ -297,10 +293,10 @@ class ReplicaChain:
             if overlay.exists():
                 raise InvalidState(f"{overlay} already exists")
             tmp = overlay.with_name(overlay.name + _TMP)
-            with _fs(f"cannot create {overlay.parent}"):
+            with fs_errors(f"cannot create {overlay.parent}"):
                 overlay.parent.mkdir(parents=True, exist_ok=True)
             await qemu_img.create(tmp, None, self.rp_path(point))
-            with _fs(f"cannot create {overlay}"):
+            with fs_errors(f"cannot create {overlay}"):
                 os.replace(tmp, overlay)
             fsync_dir(overlay.parent)
             return overlay
@@ -315,7 +311,7 @@ class ReplicaChain:
         """
         done: list[str] = []
         async with self._lock:
-            with _fs(f"cannot clean up {self.dir}"):
+            with fs_errors(f"cannot clean up {self.dir}"):
                 for tmp in sorted(self.dir.glob("*" + _TMP)):
                     tmp.unlink()
                     done.append(f"removed leftover {tmp.name}")
@@ -339,7 +335,7 @@ class ReplicaChain:
                 oldest = self.rp_path(ids[0])
                 above = self.rp_path(ids[1]) if len(ids) > 1 else self.tip
                 if await self._backing_of(above) == self.base:
-                    with _fs(f"cannot remove {oldest}"):
+                    with fs_errors(f"cannot remove {oldest}"):
                         oldest.unlink()
                     fsync_dir(self.dir)
                     done.append(f"removed {oldest.name}, already folded into {BASE}")
@@ -363,10 +359,10 @@ class ReplicaChain:
     ) -> Path:
         """Create under a temporary name and rename in, so ``name`` is never half made."""
         final, tmp = self.dir / name, self.dir / (name + _TMP)
-        with _fs(f"cannot remove {tmp}"):
+        with fs_errors(f"cannot remove {tmp}"):
             tmp.unlink(missing_ok=True)
         await qemu_img.create(tmp, size, backing)
-        with _fs(f"cannot create {final}"):
+        with fs_errors(f"cannot create {final}"):
             os.replace(tmp, final)
         fsync_dir(self.dir)
         return final
@@ -382,7 +378,7 @@ class ReplicaChain:
 
     def _set_pending(self, delta: Path | None) -> None:
         """Record (or clear) the apply in progress durably before the step that relies on it."""
-        with _fs(f"cannot record the apply in {self.dir}"):
+        with fs_errors(f"cannot record the apply in {self.dir}"):
             if delta is None:
                 self._pending_file.unlink(missing_ok=True)
             else:

@@ -65,6 +65,10 @@ def _how_done(row: ReplicationRow, tally: _Tally) -> str:
             "by this run held data)")  # fmt: skip
 
 
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Resync:
     def __init__(
         self, ctx: Context, vms: VmService, pending: PendingLog, sender: Sender,
@@ -216,7 +220,8 @@ class Resync:
                     done = await self._compare_all(row, view, replica, tally)
             if not done:
                 return  # suspended or stopped meanwhile
-            await self._sender.send(self._store.get(row.vm_id, row.vm_name), datetime.now(UTC))
+            if row.initial_kind != COMPRESSED:  # its pipelined sends saw every delta answered
+                await self._sender.send(self._store.get(row.vm_id, row.vm_name), now())
             await replica.resync_finish(p.VmRequest(row.vm_id))
         log.info("resync of %s finished: %d blocks compared in %.2f s of hashing, %d differ; "
                  "%.2f s in all", row.vm_name, tally.compared, tally.hashing, tally.differing,
@@ -250,40 +255,63 @@ class Resync:
                  for i in row.disks]  # fmt: skip
         blocks = [-(-size // BLOCK_SIZE) for size in sizes]
         total = sum(blocks) or 1
-        # A compressed initial copy is bound by the link: while one batch travels, the next
-        # one is read and written out, and smaller batches start the link sooner.
+        # A compressed initial copy is bound by the link: the next batch is read and written
+        # out while the last ones travel (at most two deltas on disk not yet acknowledged), and
+        # the sender keeps the link busy across deltas (pipelined); the first batch is the
+        # smallest (4 MiB), as nothing travels while it is read, and the last ones shrink.
         overlap = row.initial_kind == COMPRESSED
-        batch_blocks = BATCH // 4 if overlap else BATCH
-        sending: asyncio.Task[None] | None = None
+        batch_blocks = BATCH // 256 if overlap else BATCH
+        sending: asyncio.Future[None] | None = None
         try:
             while True:
                 row = self._store.get(row.vm_id, row.vm_name)
                 if row.state != State.RESYNCHRONIZING:
                     return False
                 position = {int(k): v for k, v in json.loads(row.resync_next or "{}").items()}
+                size = batch_blocks
+                if overlap:  # the last ones smaller too: nothing travels while the last applies
+                    left = sum(b - position.get(n, 0) for n, b in enumerate(blocks))
+                    size = min(batch_blocks, max(BATCH // 64, left // 2))
                 batch = {
-                    n: (position.get(n, 0), min(batch_blocks, blocks[n] - position.get(n, 0)))
+                    n: (position.get(n, 0), min(size, blocks[n] - position.get(n, 0)))
                     for n in range(len(blocks))
                     if position.get(n, 0) < blocks[n]
                 }
                 if not batch:
-                    if sending is not None:
-                        await sending
+                    if overlap:
+                        await self._sent(row, sending, ahead=0)
                     return True
                 await self._one_batch(row, view, replica, tally, batch, position, total)
-                if sending is not None:
-                    await sending  # its failure ends the job here, as a send of its own would
-                sending = None
-                current = self._store.get(row.vm_id, row.vm_name)
+                # Each batch read while the last travels: four times the last, up to 256 MiB.
+                batch_blocks = min(BATCH // 4, batch_blocks * 4) if overlap else BATCH
                 if overlap:
-                    sending = asyncio.ensure_future(self._sender.send(current, datetime.now(UTC)))
+                    sending = await self._sent(row, sending, ahead=1)
                 else:
-                    await self._sender.send(current, datetime.now(UTC))
+                    await self._sender.send(self._store.get(row.vm_id, row.vm_name), now())
         finally:
             if sending is not None and not sending.done():
                 sending.cancel()
                 with contextlib.suppress(BaseException):
                     await sending
+
+    async def _sent(
+        self, row: ReplicationRow, sending: asyncio.Future[None] | None, ahead: int
+    ) -> asyncio.Future[None] | None:
+        """Keep a pipelined send running until at most ``ahead`` committed deltas are not yet
+        acknowledged; a send's failure ends the job here, as a send of its own would."""
+        while True:
+            if sending is not None and sending.done():
+                await sending
+                sending = None
+            current = self._store.get(row.vm_id, row.vm_name)
+            unacknowledged = current.sequence - current.acked_sequence
+            if sending is None:  # none running, or it ended before the last commit
+                if not unacknowledged:
+                    return None
+                sending = asyncio.ensure_future(self._sender.send(current, now(), pipelined=True))
+            if unacknowledged <= ahead:
+                return sending
+            await asyncio.wait([sending], timeout=0.1)
 
     async def _one_batch(
         self, row: ReplicationRow, view: CopySource, replica: Peer, tally: _Tally,

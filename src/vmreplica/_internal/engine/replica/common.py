@@ -64,6 +64,15 @@ def chains(ctx: Context, row: ReplicationRow) -> list[ReplicaChain]:
     return [ctx.driver.chain(chain_dir(storage, n)) for n in range(len(row.disks))]
 
 
+def received_sequence(ctx: Context, row: ReplicationRow) -> int:
+    """The newest delta the replica holds: applied, or, while Resynchronizing, journaled and
+    still to apply (such a delta is answered before its apply, receive.py)."""
+    if row.state != State.RESYNCHRONIZING:
+        return row.sequence
+    entries = ctx.journal.entries("apply", subject=row.vm_id)
+    return max([row.sequence, *(int(e.data.get("sequence", 0)) for e in entries)])
+
+
 def staging_dir(row: ReplicationRow, sequence: int) -> Path:
     return Path(str(row.storage_dir)) / "staging" / str(sequence)
 

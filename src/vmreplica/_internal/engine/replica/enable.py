@@ -21,6 +21,7 @@ from vmreplica._internal.engine.replica.common import (
     REPLICA,
     chain_dir,
     check_sender,
+    received_sequence,
     redirect_if_elsewhere,
     register_replica,
     replica_row,
@@ -172,14 +173,16 @@ class ReplicaLifecycle:
             settings = validate.replication_settings(Settings(**req.settings.to_json()))
             if settings != row.settings:
                 self._store.update(row.vm_id, settings=settings)
-        kept = delta_resume.load(staging_dir(row, row.sequence + 1))
-        resume = kept if kept is not None and kept.sequence == row.sequence + 1 else None
+        # While Resynchronizing, a delta is answered once journaled: the primary counts it in.
+        sequence = received_sequence(self._ctx, row)
+        kept = delta_resume.load(staging_dir(row, sequence + 1))
+        resume = kept if kept is not None and kept.sequence == sequence + 1 else None
         kept_initial = (
             row.state == State.WAITING_FOR_INITIAL
             and row.sequence == 0
             and row.initial_kind == KEPT
         )
-        return answers.StatusAnswer(row.sequence, row.state, resume, kept_initial)
+        return answers.StatusAnswer(sequence, row.state, resume, kept_initial)
 
     def definition_of(self, vm: VmRecord) -> Definition | None:
         """The primary's domain XML, kept beside the chains, for the failed-over VM (the

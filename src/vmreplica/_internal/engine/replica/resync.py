@@ -112,9 +112,10 @@ class ReplicaResync:
         if req.disk >= len(row.disks):
             raise InvalidArgument(f"replica VM {row.vm_name} has no disk {req.disk}")
         chain = chains(self._ctx, row)[req.disk]
-        found = await self._ctx.driver.hash_image(
-            chain.top, req.block_size, req.first_block, req.count
-        )
+        async with self._ctx.locks.replica(row.vm_id):  # after a delta applying behind its answer
+            found = await self._ctx.driver.hash_image(
+                chain.top, req.block_size, req.first_block, req.count
+            )
         return answers.HashesAnswer(tuple(found))
 
     async def finish(
@@ -127,6 +128,12 @@ class ReplicaResync:
             if row.state == State.REPLICATING and not _has_overlays(self._ctx, row):
                 return answers.SequenceAnswer(row.sequence)  # a retried finish: it is done
             allows(row, Command.FINISH_RESYNC)
+            if self._ctx.journal.entries("apply", subject=row.vm_id):
+                # A delta applied behind its answer failed, and so did finishing it.
+                raise InvalidState(
+                    f"replica VM {row.vm_name} on {self._ctx.host} holds a delta not yet applied: "
+                    "the resynchronization cannot finish before it is"
+                )
             # A compared initial copy (seed, kept cut copy, compressed) is not a point either.
             initial = row.initial_kind in COMPARED
             with self._ctx.stores.db.tx() as tx:
