@@ -260,3 +260,21 @@ def test_the_copy_becomes_the_base_and_a_kill_9_in_between_finishes_it(
     in_tip = subprocess.run(["qemu-img", "map", "--output=json", str(chain / "tip.qcow2")],
                             check=True, capture_output=True, text=True).stdout  # fmt: skip
     assert all(e["depth"] > 0 or not e["data"] for e in json.loads(in_tip)), in_tip
+
+
+def test_applies_behind_their_answers_that_fail_are_finished_and_the_copy_ends(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Every apply the replica runs behind its answer fails while the agent lives on (an
+    injected error): the next delta finishes it from the journal first, and the finish of the
+    copy finishes the last one; the copy ends Replicating, equal, with no step left."""
+    pair = make_pair(cluster)
+    off_vm(pair, tmp_path, random_mib=24, text_mib=16)
+    pair.enable("app")
+    restart_with_faults(cluster, REPLICA, "replica.apply_behind=error")
+    pair.cli("replication", "start-initial", "app", "--compressed", "--wait", timeout=600)
+    assert state(pair) == "Replicating" and state(pair, REPLICA) == "Replicating"
+    assert "applying delta" in cluster.hosts[REPLICA].log.read_text()  # the fault did fire
+    assert journal_rows(cluster, REPLICA) == []
+    pair.cli("replication", "sync", "app")
+    verified_equal(pair)

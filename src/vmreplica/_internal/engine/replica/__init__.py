@@ -39,6 +39,7 @@ def build(ctx: Context, vms: VmService) -> Replica:
     points = RecoveryPoints(ctx)
     resync = ReplicaResync(ctx, points)
     recovery = ReplicaRecovery(ctx, applier, points, resync, imports)
+    resync.finish_steps = recovery.replay_or_quarantine
     initial = InitialImport(ctx, vms, applier, recovery, imports)
     seeds = Seeds(ctx, vms)
     media = MediaImport(ctx, vms, applier, recovery)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from vmreplica._internal.engine.authorization import Authorization
@@ -46,6 +47,8 @@ class ReplicaResync:
     def __init__(self, ctx: Context, points: RecoveryPoints) -> None:
         self._ctx = ctx
         self._points = points
+        # ReplicaRecovery.replay_or_quarantine (it is built after this, and uses it)
+        self.finish_steps: Callable[[str, str], Awaitable[bool]] | None = None
 
     async def start(
         self, authz: Authorization, peer_names: list[str], req: p.ResyncStartRequest
@@ -129,11 +132,15 @@ class ReplicaResync:
                 return answers.SequenceAnswer(row.sequence)  # a retried finish: it is done
             allows(row, Command.FINISH_RESYNC)
             if self._ctx.journal.entries("apply", subject=row.vm_id):
-                # A delta applied behind its answer failed, and so did finishing it.
-                raise InvalidState(
-                    f"replica VM {row.vm_name} on {self._ctx.host} holds a delta not yet applied: "
-                    "the resynchronization cannot finish before it is"
-                )
+                # A delta applied behind its answer failed while the agent lived on: finish it
+                # from the journal now, as the next delta would have.
+                cause = "a delta applied behind its answer"
+                if self.finish_steps is None or not await self.finish_steps(row.vm_id, cause):
+                    raise InvalidState(
+                        f"replica VM {row.vm_name} on {self._ctx.host} holds a delta that cannot "
+                        "be applied: the resynchronization cannot finish"
+                    )
+                row = replica_row(self._ctx, row.vm_id)
             # A compared initial copy (seed, kept cut copy, compressed) is not a point either.
             initial = row.initial_kind in COMPARED
             with self._ctx.stores.db.tx() as tx:
