@@ -57,6 +57,9 @@ def check_a_point(t: Torture, number: int) -> None:
 
 def final_check(t: Torture) -> dict[str, Any]:
     """Every point's records and file system, and the latest against the primary."""
+    # A guest started by the last recovery may still be booting: a power button pressed before
+    # its init listens is lost (QEMU's file console starts empty at each boot).
+    wait_for(lambda: "vmr: ready" in t.serial(), 120, "the guest up")
     t.cli("vm", "stop", VM, timeout=180)  # the power button: the guest unmounts and powers off
     wait_for(lambda: t.json("vm", "get", VM)[0]["state"] == "Off", 120, "the guest off")
     # After a planned failover and fail-back the disk is a chain in vmhost2's replica storage.
