@@ -229,6 +229,9 @@ def test_kill_9_of_the_primary_with_a_delta_in_flight_and_the_next_built(
     pair = make_pair(cluster)
     off_vm(pair, tmp_path, random_mib=24, text_mib=16)
     pair.enable("app")
+    # The replica holds its first answer 10 s (its whole agent, once), so the next delta surely
+    # leaves before that answer: on a loaded machine the answer could otherwise come first.
+    restart_with_faults(cluster, REPLICA, "replica.after_stage=block:10")
     restart_with_faults(cluster, PRIMARY, "primary.pipelined_send=kill")
     pair.cli("replication", "start-initial", "app", "--compressed")
     died_by_sigkill(cluster, PRIMARY)
