@@ -355,25 +355,45 @@ async def connect_when_ready(
     """Connect to the monitor of a starting process; None if the process exits first.
 
     The monitor socket appears before initialisation ends, but commands are only answered
-    from the main loop, so the ``probe`` command returning means the process is ready.
+    from the main loop, so the ``probe`` command returning means the process is ready. A
+    timeout names what the last attempt saw and what the process was doing.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     pause = 0.005  # a storage daemon is up in about 20 ms, QEMU later: short waits, then longer
+    last = "no attempt"
     while not proc.exited():
         left = deadline - loop.time()
         if left <= 0:
-            raise VmrError(f"{what}: the monitor did not come up within {timeout:g}s")
+            raise VmrError(
+                f"{what}: the monitor did not come up within {timeout:g}s ({last}; "
+                f"{_process_state(proc.pid)})"
+            )
         session = None
-        with contextlib.suppress(ConnectionFailed):
+        try:
             session = await QmpSession.connect(path, what, left)
+        except ConnectionFailed as exc:
+            last = exc.message.removeprefix(f"{what}: ")
         if session is not None:
             try:
                 await session.execute(probe, timeout=max(left, 1.0))
                 return session
-            except ConnectionFailed:
+            except ConnectionFailed as exc:
+                last = exc.message.removeprefix(f"{what}: ")
                 await session.close()
                 continue
         await proc.wait(pause)
         pause = min(pause * 2, 0.05)
     return None
+
+
+def _process_state(pid: int) -> str:
+    """``pid 123 qemu-storage-daemon, state S, waiting in do_epoll_wait``, from /proc."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        program = Path(os.readlink(proc / "exe")).name
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = (proc / "wchan").read_text().strip() or "-"
+    except (OSError, IndexError):
+        return f"pid {pid}"
+    return f"pid {pid} {program}, state {state}, waiting in {wchan}"
