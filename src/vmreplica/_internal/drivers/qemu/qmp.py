@@ -360,7 +360,7 @@ async def connect_when_ready(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    pause = 0.005  # a storage daemon is up in about 20 ms, QEMU later: short waits, then longer
+    pause = 0.05  # a 5 ms first pause preceded two unexplained monitor time-outs: kept at 50 ms
     last = "no attempt"
     while not proc.exited():
         left = deadline - loop.time()
@@ -383,7 +383,6 @@ async def connect_when_ready(
                 await session.close()
                 continue
         await proc.wait(pause)
-        pause = min(pause * 2, 0.05)
     return None
 
 
