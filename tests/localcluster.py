@@ -43,6 +43,7 @@ def _ephemeral_floor() -> int:
 
 _EPHEMERAL_FLOOR = _ephemeral_floor()
 _GIVEN: set[int] = set()
+_OPEN: list[Cluster] = []  # created and not closed yet: whose logs a failing test shows
 
 
 def _port_range() -> tuple[int, int]:
@@ -183,6 +184,7 @@ class Cluster:
             cluster.hosts[name] = host
         cluster.cli_config = base / "cli.toml"
         cluster.cli_config.write_text(tomli_w.dumps({"hosts": cli_hosts}))
+        _OPEN.append(cluster)
         return cluster
 
     def env(self, host: str | None = None) -> dict[str, str]:
@@ -268,6 +270,8 @@ class Cluster:
         return qemu_pids_under(self.base)
 
     def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            _OPEN.remove(self)
         for host in self.hosts.values():
             if host.process is not None:
                 host.process.kill()
@@ -281,6 +285,18 @@ class Cluster:
             time.sleep(0.05)
         if os.environ.get("VMREPLICA_KEEP_TEST_DIRS") != "1":
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+def open_agent_logs(lines: int = 120) -> list[tuple[str, str]]:
+    """The end of each agent log of every cluster not closed yet, as (title, text): shown
+    beside a failing test's report, before its fixtures remove the logs."""
+    tails = []
+    for cluster in _OPEN:
+        for host in cluster.hosts.values():
+            with contextlib.suppress(OSError):
+                text = host.log.read_text(errors="replace").splitlines()[-lines:]
+                tails.append((f"agent log {host.name} ({host.log})", "\n".join(text)))
+    return tails
 
 
 def qemu_pids_under(path: Path) -> list[int]:

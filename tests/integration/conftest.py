@@ -4,16 +4,30 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.etcd_cluster import EtcdCluster
 from tests.libvirt_host import libvirt_hosts
-from tests.localcluster import Cluster
+from tests.localcluster import Cluster, open_agent_logs
 
 LIBVIRT_HOSTS = ("vmhost1", "vmhost2")  # the replica and the primary of replication_env
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any]:
+    """A test that fails shows the end of its agents' logs: a failure seen once in a full suite
+    can then be explained afterwards, though its directory is gone."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.failed and report.when in ("setup", "call"):
+        for title, text in open_agent_logs():
+            report.sections.append((title, text))
 
 
 @pytest.fixture

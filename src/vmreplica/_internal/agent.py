@@ -160,8 +160,8 @@ class Agent:
             if isinstance(storage, str) and self.ha is not None:
                 await self.ha.acquired(vm_id, Path(storage))
 
-        async def settings(snapshot: dict[str, Any]) -> None:
-            await self.engine.cluster_settings.apply(snapshot)
+        async def settings(snapshot: dict[str, Any], revision: int) -> None:
+            await self.engine.cluster_settings.apply(snapshot, revision)
 
         return Member(
             Etcd(cluster.etcd, ssl=cluster.ssl_context()), cluster.name, config.name, address, cluster.lease_ttl,

@@ -43,38 +43,34 @@ def build_methods(engine: Services) -> dict[str, Method]:
             monitoring_interval=a.opt_str(args, "monitoring_interval"),
             monitoring_start_time=a.opt_str(args, "monitoring_start_time"),
         )
-        return await published(await server.set(changes))
-
-    async def published(result: Any) -> Any:
-        # On a node of a cluster, the change becomes the whole cluster's (cluster_settings.py).
-        await engine.cluster_settings.publish()
-        return result
+        # On a node of a cluster, each change becomes the whole cluster's (cluster_settings.py).
+        async with engine.cluster_settings.changing():
+            return await server.set(changes)
 
     async def auth_new(args: dict[str, Any]) -> Any:
-        return await published(
-            auth.auth_new(
+        async with engine.cluster_settings.changing():
+            return auth.auth_new(
                 a.req_str(args, "allowed_primary"),
                 a.req_str(args, "storage_location"),
                 a.req_str(args, "trust_group"),
             )
-        )
 
     async def auth_get(args: dict[str, Any]) -> Any:
         return auth.auth_list(a.opt_str(args, "allowed_primary"), a.opt_str(args, "trust_group"))
 
     async def auth_set(args: dict[str, Any]) -> Any:
-        return await published(
-            auth.auth_set(
+        async with engine.cluster_settings.changing():
+            return auth.auth_set(
                 a.req_str(args, "allowed_primary"),
                 a.opt_str(args, "storage_location"),
                 a.opt_str(args, "trust_group"),
             )
-        )
 
     async def auth_remove(args: dict[str, Any]) -> Any:
-        return await published(
-            auth.auth_remove(a.opt_str(args, "allowed_primary"), a.opt_str(args, "trust_group"))
-        )
+        async with engine.cluster_settings.changing():
+            return auth.auth_remove(
+                a.opt_str(args, "allowed_primary"), a.opt_str(args, "trust_group")
+            )
 
     async def vm_new(args: dict[str, Any]) -> Any:
         disks: list[DiskRequest] = []

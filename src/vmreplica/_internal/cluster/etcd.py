@@ -163,8 +163,10 @@ class Etcd:
         body = {"key": _b64(prefix), "range_end": _prefix_end(prefix)}
         return [_entry(kv) for kv in (await self._call("/v3/kv/range", body)).get("kvs", [])]
 
-    async def put(self, key: str, value: bytes, lease: int = 0) -> None:
-        await self._call("/v3/kv/put", _put(key, value, lease))
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Put `key`; the revision of the store that holds it."""
+        answer = await self._call("/v3/kv/put", _put(key, value, lease))
+        return int(answer.get("header", {}).get("revision", 0))
 
     async def delete(self, key: str) -> None:
         await self._call("/v3/kv/deleterange", {"key": _b64(key)})

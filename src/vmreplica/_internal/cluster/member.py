@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmreplica._internal import faults
 from vmreplica._internal.cluster.etcd import Etcd, EtcdUnavailable
 from vmreplica._internal.cluster.fence import Fence, Fenced
 from vmreplica._internal.cluster.storage_lock import LOCK_FILE, exclusive_async
@@ -77,7 +78,7 @@ class Member:
         self, etcd: Etcd, cluster: str, node: str, address: Callable[[], str], ttl: int,
         *, on_acquired: Hook | None = None, on_fenced: Callable[[], Awaitable[None]] | None = None,
         can_take: Callable[[str, dict[str, Any]], bool] = lambda vm, info: True,
-        on_settings: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        on_settings: Callable[[dict[str, Any], int], Awaitable[None]] | None = None,
     ) -> None:  # fmt: skip
         self.etcd = etcd
         self.cluster = cluster
@@ -241,16 +242,17 @@ class Member:
         value = json.loads(entry.value)
         return (value if isinstance(value, dict) else None), entry.mod_revision
 
-    async def publish_settings(self, snapshot: dict[str, Any]) -> None:
-        await self.etcd.put(prefix(self.cluster) + "settings", json.dumps(snapshot).encode())
+    async def publish_settings(self, snapshot: dict[str, Any]) -> int:
+        return await self.etcd.put(prefix(self.cluster) + "settings", json.dumps(snapshot).encode())
 
     async def _follow_settings(self) -> None:
         snapshot, revision = await self.settings()
         if snapshot is None or revision == self._settings_revision:
             return
+        await faults.ahit("cluster.settings_read")
         if self.on_settings is not None:
             try:
-                await self.on_settings(snapshot)
+                await self.on_settings(snapshot, revision)
             except Exception:
                 # Not taken: tried again at the next pass (a storage location not mounted yet).
                 log.exception("cannot apply the cluster's settings")

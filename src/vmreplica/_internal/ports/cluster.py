@@ -33,8 +33,10 @@ class ClusterPort(Protocol):
         """The node owning `vm_id` and its replication listener (address, port), if another
         node of the cluster owns it and listens; None otherwise."""
 
-    async def publish_settings(self, snapshot: dict[str, Any]) -> None:
-        """Make `snapshot` the cluster's replication settings and authorization entries."""
+    async def publish_settings(self, snapshot: dict[str, Any]) -> int:
+        """Make `snapshot` the cluster's replication settings and authorization entries; the
+        etcd revision that did."""
+        ...
 
     async def release(self, vm_id: str) -> None:
         """The VM leaves the cluster (its replica was removed)."""
