@@ -6,9 +6,10 @@ Run: ``.venv/bin/python bench/bench_cluster_takeover.py [--runs 10] [--ttl 3]``.
 A real 3-member etcd on loopback (`tests/etcd_cluster.py`, 50 ms heartbeat, 500 ms election),
 and per run two fresh nodes of a fresh cluster: `tests/cluster_node.py`, the agent's own
 `cluster.member.Member` with a stand-in for the replica's apply (a numbered record every 50 ms
-under the VM's storage lock, ownership checked under it). Not real agents: an agent's takeover
-of a replica relationship is not built (docs/CLUSTER.md). Each run checks that the records have
-no gap and no repeat across the takeover.
+under the VM's storage lock, ownership checked under it): etcd's part of a takeover alone.
+Real agents are timed in bench_cluster_cycle.py (a cycle after a takeover) and bench_cluster_vm.py
+(a failed-over VM started again). Each run checks that the records have no gap and no repeat
+across the takeover.
 
 Baseline in the same run: the lease TTL itself (etcd expires the lease TTL seconds after the
 last keepalive it received; keepalives go every TTL/6), which bounds the takeover from below
