@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+from tests.integration.peer_tools import journal_rows
 from tests.integration.replication_env import (
     PRIMARY,
     REPLICA,
@@ -251,6 +253,42 @@ def test_kill_new_primary_during_reverse(cluster: Cluster) -> None:
     cluster.cli("replication", "sync", "contoso2", host=REPLICA)
     assert state(cluster, PRIMARY) == ("Replica", "Replicating")
     assert pair.measure("contoso2", PRIMARY)["successful_replication_count"] >= 2
+
+
+def test_a_cycle_during_the_reverse_does_not_cut_the_failback_delta_again(
+    cluster: Cluster,
+) -> None:
+    """`replication sync` on the new primary while its reverse cuts delta 1 (held at
+    ``reverse.after_local`` with the journal entry open): the sync's cycle waits for the VM's
+    lock to finish that entry, and finds it finished by the reverse: delta 1 is cut once (a
+    second cut would delete the first from the pending log while it is being sent, and start
+    tracking over)."""
+    pair = _prepared(cluster)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    restart_with_faults(cluster, REPLICA, "reverse.after_local=sleep:8")
+    reverse = subprocess.Popen(
+        [sys.executable, "-m", "vmreplica", "replication", "set", "contoso2", "--reverse"],
+        env=cluster.env(REPLICA), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: [r["kind"] for r in journal_rows(cluster, REPLICA)] == ["reverse"], 60,
+                 "the reverse journaled")  # fmt: skip
+        cluster.cli("replication", "sync", "contoso2", host=REPLICA, timeout=180)
+    finally:
+        _, err = reverse.communicate(timeout=180)
+    assert reverse.returncode == 0, err
+    recovered = [e["message"] for e in cluster.cli_json("event", "list", host=REPLICA)
+                 if e["kind"] == "recovered"]  # fmt: skip
+    assert not any("interrupted reverse" in m for m in recovered), recovered
+    assert state(cluster, REPLICA) == ("Primary", "Replicating")
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x66, "7M", "64k", host=REPLICA)
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+    cluster.cli("vm", "monitor", "contoso2", 'qemu-io disk0 "flush"', host=REPLICA)
+    disk = Path(cluster.cli_json("vm", "get", "contoso2", host=REPLICA)[0]["disks"][0])
+    tip = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
+    assert same_content(disk, tip), "the old primary has every write"
 
 
 def test_qemu_img_killed_while_the_failback_delta_is_cut(cluster: Cluster) -> None:
