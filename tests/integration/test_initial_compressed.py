@@ -310,3 +310,23 @@ def test_a_stopped_copy_leaves_no_acknowledged_delta_to_apply_later(
     assert state(pair) == "Replicating" and state(pair, REPLICA) == "Replicating"
     assert journal_rows(cluster, REPLICA) == []
     verified_equal(pair)
+
+
+def test_the_last_delta_answered_but_not_recorded_before_a_kill_9_ends_the_copy(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The primary dies once the replica answered the copy's last delta (its only one: a disk
+    of one batch) and before it recorded the answer: restarted, it finds the replica has it
+    (STATUS), which acknowledges it, and the copy finishes instead of waiting forever for an
+    answer to a delta it no longer sends."""
+    pair = make_pair(cluster)
+    off_vm(pair, tmp_path, random_mib=4, text_mib=0, size="4M")
+    pair.enable("app")
+    restart_with_faults(cluster, PRIMARY, "primary.before_land=kill")
+    pair.cli("replication", "start-initial", "app", "--compressed")
+    died_by_sigkill(cluster, PRIMARY)
+    assert acked(cluster) == 0
+    cluster.start(PRIMARY)
+    wait_for(lambda: state(pair) == "Replicating", 120, "the copy to finish after the restart")
+    assert acked(cluster) == 1
+    verified_equal(pair)
