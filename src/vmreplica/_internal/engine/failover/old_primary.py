@@ -61,20 +61,28 @@ class OldPrimary:
         if self._vms.find(row.vm_name).state != "Off":
             raise InvalidState(running)
         await self._primary.scheduler.stop_vm(vm_id)
-        async with self._ctx.locks.vm(vm_id):  # no start, and no cycle, while the disks move
-            rec, row = self._vms.find(row.vm_name), self._store.get(vm_id, row.vm_name)
-            if rec.state != "Off":
+        try:
+            async with self._ctx.locks.vm(vm_id):  # no start, and no cycle, while disks move
+                rec, row = self._vms.find(row.vm_name), self._store.get(vm_id, row.vm_name)
+                if rec.state != "Off":
+                    raise InvalidState(running)
+                intact, reason, extents = await self._tracking_intact(rec, row)
+                if intact and any(extents.values()) and not req.failback_extents:
+                    # An older new primary would ignore the ranges and silently leave them stale.
+                    reason = "it holds writes that were never replicated"
+                    intact, extents = False, {}
+                await self._convert(authz, peer_names, req, rec, row)
+                if self._ctx.cluster is not None:  # the chains moved: the registry and the facts
+                    storage = Path(str(self._store.get(vm_id, row.vm_name).storage_dir))
+                    await self._ctx.cluster.adopt(vm_id, storage)
+                    handoff.export(self._ctx, vm_id)
+        except BaseException:
+            # Refused or failed before the disks moved (the VM runs, its tracking or the
+            # conversion failed): still the primary, whose cycles go on.
+            current = self._store.find(vm_id)
+            if current is not None and current.mode == "Primary":
                 self._primary.scheduler.run(vm_id)
-                raise InvalidState(running)
-            intact, reason, extents = await self._tracking_intact(rec, row)
-            if intact and any(extents.values()) and not req.failback_extents:
-                # An older new primary would ignore the ranges and silently leave them stale.
-                intact, reason, extents = False, "it holds writes that were never replicated", {}
-            await self._convert(authz, peer_names, req, rec, row)
-            if self._ctx.cluster is not None:  # the chains moved: the registry and the facts
-                storage = Path(str(self._store.get(vm_id, row.vm_name).storage_dir))
-                await self._ctx.cluster.adopt(vm_id, storage)
-                handoff.export(self._ctx, vm_id)
+            raise
         return answers.ReverseAnswer(intact, reason, extents)
 
     async def _tracking_intact(
@@ -152,8 +160,7 @@ class OldPrimary:
             _move_back(moves, root)
             with self._ctx.stores.db.tx() as tx:
                 self._ctx.journal.end_entry(tx, entry)
-            self._primary.scheduler.run(vm_id)
-            raise
+            raise  # become_replica runs the VM's cycles again
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.end(tx, "become-replica", vm_id)
             self._vms.set_disks(tx, vm_id, tips)
