@@ -204,6 +204,34 @@ def test_kill_old_primary_during_reverse(cluster: Cluster) -> None:
     _reverse_again_succeeds(cluster)
 
 
+def test_kill_old_primary_after_it_became_the_replica_and_before_it_answered(
+    cluster: Cluster,
+) -> None:
+    """The old primary dies once its disks are the replica's chains and recorded, before its
+    answer left: the new primary heard nothing and is still failed over. Its retry is answered
+    (the old primary no longer knows what it held), so it reverses and asks for a
+    resynchronization, instead of being told forever that there is no primary to reverse."""
+    pair = _prepared(cluster)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    _killed_at(cluster, PRIMARY, "reverse.after_become_replica",
+               "replication", "set", "contoso2", "--reverse", "-c", REPLICA)  # fmt: skip
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    assert state(cluster, REPLICA) == ("Replica", "FailedOverWaitingCompletion")
+    again = cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA, check=False)
+    assert again.returncode == 9 and "resynchronization is required" in again.stderr, again
+    assert state(cluster, REPLICA) == ("Primary", "WaitingForStartResynchronize")
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x77, "9M", "64k", host=REPLICA)
+    cluster.cli("replication", "resume", "contoso2", "--resynchronize", "--wait", host=REPLICA,
+                timeout=600)  # fmt: skip
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+    assert state(cluster, PRIMARY) == ("Replica", "Replicating")
+    cluster.cli("vm", "monitor", "contoso2", 'qemu-io disk0 "flush"', host=REPLICA)
+    disk = Path(cluster.cli_json("vm", "get", "contoso2", host=REPLICA)[0]["disks"][0])
+    tip = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
+    assert same_content(disk, tip), "the old primary has every write"
+
+
 def _reverse_again_succeeds(cluster: Cluster) -> None:
     """After a reverse that failed on the old primary: both sides as before it, and a retry
     reverses, with the VM's data on the new primary."""

@@ -50,6 +50,12 @@ class OldPrimary:
         vm_id = req.vm_id
         await redirect_if_elsewhere(self._ctx, vm_id)  # in a cluster: the owner answers
         row = self._store.find(vm_id)
+        if row is not None and _converted_for(row, peer_names):
+            # An earlier request converted this host, and its answer was lost (the new primary
+            # died, or the link): what this host held then is not known any more, so the new
+            # primary resynchronizes, rather than finding no primary to reverse ever again.
+            reason = "an earlier reverse made it the replica, and what it held is not known"
+            return answers.ReverseAnswer(False, reason, {})
         if row is None or row.mode != "Primary":
             raise NotFound(f"{self._ctx.host} is not the primary of VM {req.vm_name}")
         if row.replica_server not in peer_names:
@@ -180,6 +186,7 @@ class OldPrimary:
                 tx=tx,
             )
         self._primary.pending.forget(vm_id)
+        faults.hit("reverse.after_become_replica")  # recorded, not yet answered
 
     async def _definition(self, row: ReplicationRow) -> str | None:
         """The VM's own definition, trimmed to its replicated disks; None when there is none
@@ -231,3 +238,14 @@ def _move_back(moves: list[tuple[str, str]], root: Path | str) -> None:
         if Path(dst).exists() and not Path(src).exists():
             os.replace(dst, src)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _converted_for(row: ReplicationRow, peer_names: list[str]) -> bool:
+    """This host became the replica of the asking peer by a reverse, and nothing came since:
+    no other relationship is a replica at sequence 0 while Replicating."""
+    return (
+        row.mode == "Replica"
+        and row.primary_server in peer_names
+        and row.state == State.REPLICATING
+        and row.sequence == 0
+    )
