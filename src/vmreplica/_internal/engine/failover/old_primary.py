@@ -54,8 +54,8 @@ class OldPrimary:
             # An earlier request converted this host, and its answer was lost (the new primary
             # died, or the link): what this host held then is not known any more, so the new
             # primary resynchronizes, rather than finding no primary to reverse ever again.
-            reason = "an earlier reverse made it the replica, and what it held is not known"
-            return answers.ReverseAnswer(False, reason, {})
+            lost = "an earlier reverse made it the replica, and what it held is not known"
+            return answers.ReverseAnswer(False, lost, {})
         if row is None or row.mode != "Primary":
             raise NotFound(f"{self._ctx.host} is not the primary of VM {req.vm_name}")
         if row.replica_server not in peer_names:
