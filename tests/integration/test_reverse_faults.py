@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.fault import tmpfs
 from tests.integration.peer_tools import journal_rows
 from tests.integration.replication_env import (
     PRIMARY,
@@ -17,7 +18,13 @@ from tests.integration.replication_env import (
     same_content,
     wait_for,
 )
-from tests.integration.test_failover import _killed_at, _prepared, state, two_way
+from tests.integration.test_failover import (
+    _killed_at,
+    _prepared,
+    _reverse_again_succeeds,
+    state,
+    two_way,
+)
 from tests.localcluster import Cluster
 
 
@@ -114,3 +121,22 @@ def test_a_cycle_during_the_reverse_does_not_cut_the_failback_delta_again(
     disk = Path(cluster.cli_json("vm", "get", "contoso2", host=REPLICA)[0]["disks"][0])
     tip = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
     assert same_content(disk, tip), "the old primary has every write"
+
+
+def test_a_storage_location_on_another_file_system_refuses_the_reverse_first(
+    cluster: Cluster,
+) -> None:
+    """The old primary renames its disks into replica chains in the storage location its
+    authorization names: on another file system, the reverse is refused in one line naming
+    that, before anything changes there; on the same one, a retry reverses."""
+    _prepared(cluster)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    disk = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
+    with tmpfs(cluster.base / "vmhost2-replicas", size="16M"):
+        refused = cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA,
+                              check=False)  # fmt: skip
+        assert refused.returncode != 0, refused
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "another file system" in refused.stderr, refused.stderr
+        assert disk.exists() and journal_rows(cluster, PRIMARY) == []
+    _reverse_again_succeeds(cluster)

@@ -31,7 +31,14 @@ from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import answers
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
-from vmreplica.errors import AccessDenied, InvalidState, NotFound, ResyncRequired, VmrError
+from vmreplica.errors import (
+    AccessDenied,
+    InvalidState,
+    NotFound,
+    ResyncRequired,
+    StorageError,
+    VmrError,
+)
 
 log = logging.getLogger("vmreplica.failover")
 
@@ -140,6 +147,7 @@ class OldPrimary:
         # read above; a rollback after a crash leaves the VM to a resynchronization. Its own
         # definition (a libvirt domain's XML) is kept beside the chains, as a replica keeps
         # its primary's: a failback defines the domain from it again.
+        _renamable(moves, root, row.vm_name)  # before anything changes
         own = await self._definition(row)
         await self._ctx.driver.forget(vm_id)
         with self._ctx.stores.db.tx() as tx:
@@ -160,13 +168,17 @@ class OldPrimary:
                 except OSError as e:
                     log.warning("cannot keep the domain XML of %s: %s", row.vm_name, e)
             faults.hit("reverse.after_convert")
-        except BaseException:
+        except BaseException as e:
             # The agent lives on (a qemu-img killed, a full disk): the start-up recovery would
             # not run, and the VM's record would name disks that were moved away.
             _move_back(moves, root)
             with self._ctx.stores.db.tx() as tx:
                 self._ctx.journal.end_entry(tx, entry)
-            raise  # become_replica runs the VM's cycles again
+            if isinstance(e, OSError):  # become_replica runs the VM's cycles again
+                raise StorageError(
+                    f"cannot move the disks of {row.vm_name} into {root}: {e.strerror or e}"
+                ) from e
+            raise
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.end(tx, "become-replica", vm_id)
             self._vms.set_disks(tx, vm_id, tips)
@@ -230,6 +242,25 @@ class OldPrimary:
             )
         rec = self._vms.by_id(req.vm_id)
         return answers.VmStateAnswer("Unknown" if rec is None else rec.state)
+
+
+def _renamable(moves: list[tuple[str, str]], root: Path, vm_name: str) -> None:
+    """Each disk is renamed into its chain: refused first if the storage location is on
+    another file system (a rename cannot cross one; a copy would double the space)."""
+    there = root
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    try:
+        device = there.stat().st_dev
+        elsewhere = [src for src, _ in moves if os.stat(src).st_dev != device]
+    except OSError as e:
+        raise StorageError(f"cannot reverse {vm_name}: {e.filename}: {e.strerror}") from e
+    if elsewhere:
+        raise StorageError(
+            f"cannot reverse {vm_name}: its disk {elsewhere[0]} is on another file system than "
+            f"the replica storage location {there} (the disks move into replica chains there): "
+            "name a storage location on the disks' file system in the authorization entry"
+        )
 
 
 def _move_back(moves: list[tuple[str, str]], root: Path | str) -> None:
