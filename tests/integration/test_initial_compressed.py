@@ -328,5 +328,5 @@ def test_the_last_delta_answered_but_not_recorded_before_a_kill_9_ends_the_copy(
     assert acked(cluster) == 0
     cluster.start(PRIMARY)
     wait_for(lambda: state(pair) == "Replicating", 120, "the copy to finish after the restart")
-    assert acked(cluster) == 1
+    assert acked(cluster) >= 1  # the first cycle after the copy may have gone out too
     verified_equal(pair)
