@@ -110,6 +110,18 @@ def dirty_bit(path: Path) -> None:
     set_incompatible(path, 0)
 
 
+def l1_too_large(path: Path) -> None:
+    """A header qemu-img cannot open ("Active L1 table too large"): refused as the delta's
+    fault, not as the replica's storage failing."""
+    plain(path)
+    patch(path, 36, (0x7FFFFFFF).to_bytes(4, "big"))
+
+
+def data_file_raw(path: Path) -> None:
+    plain(path)
+    patch(path, 88, (2).to_bytes(8, "big"))  # autoclear data-file-raw, with no data file
+
+
 def encrypted(path: Path) -> None:
     # QEMU 7.2 times its PBKDF in CPU time and, on a loaded machine, often measures none ("Unable
     # to get accurate CPU usage", 3 of 5 creates once here): try again.
@@ -133,6 +145,8 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     "corrupt bit": (corrupt_bit, "is corrupt or uses an external data file"),
     "dirty bit": (dirty_bit, "is not a readable qcow2 image: the image was not closed cleanly"),
     "encrypted": (encrypted, "is not a readable qcow2 image: is encrypted (crypt_method 2)"),
+    "L1 too large": (l1_too_large, "is not a readable qcow2 image: active L1 table too large"),
+    "data-file-raw": (data_file_raw, "sets data-file-raw without an external data file"),
 }
 
 

@@ -281,3 +281,52 @@ def test_applies_behind_their_answers_that_fail_are_finished_and_the_copy_ends(
     assert journal_rows(cluster, REPLICA) == []
     pair.cli("replication", "sync", "app")
     verified_equal(pair)
+
+
+def test_a_stopped_copy_leaves_no_acknowledged_delta_to_apply_later(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A delta the replica acknowledged, whose apply behind its answer failed (an injected
+    error), stays journaled until the next delta or the finish. The copy stopped then drops it
+    with the overlays it was for: no later copy counts it as received (which would make the
+    primary drop its own delta of that number unsent) nor applies it; the next copy, of other
+    data, ends with the replica equal."""
+    pair = make_pair(cluster)
+    off_vm(pair, tmp_path, random_mib=24, text_mib=0)
+    pair.enable("app")
+    restart_with_faults(cluster, REPLICA, "replica.apply_behind=error")
+    restart_with_faults(cluster, PRIMARY, "primary.mid_resync=sleep:30")
+    pair.cli("replication", "start-initial", "app", "--compressed")
+    wait_for(lambda: acked(cluster) >= 1, 120, "the first delta acknowledged")
+    assert [r["kind"] for r in journal_rows(cluster, REPLICA)] == ["apply"]  # its apply failed
+    pair.cli("replication", "stop-initial", "app")
+    wait_for(lambda: state(pair, REPLICA) == "WaitingForInitialReplication", 60, "the replica")
+    assert journal_rows(cluster, REPLICA) == []
+    restart_with_faults(cluster, PRIMARY, "")
+    # Other data where the first copy's deltas were: only the next copy carries it.
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x5a 0 24M",
+                    str(pair.primary_disk("app", 0))], check=True, capture_output=True)  # fmt: skip
+    pair.cli("replication", "start-initial", "app", "--compressed", "--wait", timeout=600)
+    assert state(pair) == "Replicating" and state(pair, REPLICA) == "Replicating"
+    assert journal_rows(cluster, REPLICA) == []
+    verified_equal(pair)
+
+
+def test_the_last_delta_answered_but_not_recorded_before_a_kill_9_ends_the_copy(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The primary dies once the replica answered the copy's last delta (its only one: a disk
+    of one batch) and before it recorded the answer: restarted, it finds the replica has it
+    (STATUS), which acknowledges it, and the copy finishes instead of waiting forever for an
+    answer to a delta it no longer sends."""
+    pair = make_pair(cluster)
+    off_vm(pair, tmp_path, random_mib=4, text_mib=0, size="4M")
+    pair.enable("app")
+    restart_with_faults(cluster, PRIMARY, "primary.before_land=kill")
+    pair.cli("replication", "start-initial", "app", "--compressed")
+    died_by_sigkill(cluster, PRIMARY)
+    assert acked(cluster) == 0
+    cluster.start(PRIMARY)
+    wait_for(lambda: state(pair) == "Replicating", 120, "the copy to finish after the restart")
+    assert acked(cluster) >= 1  # the first cycle after the copy may have gone out too
+    verified_equal(pair)

@@ -23,6 +23,10 @@ def image(
     snapshots: int = 0,
     incompat: int = 0,
     refcount_order: int = 4,
+    l1: tuple[int, int] = (3 << 16, 8),
+    refcount: tuple[int, int] = (1 << 16, 1),
+    snapshots_offset: int = 0,
+    autoclear: int = 0,
     header_length: int = 112,
     compression: int = 0,
     backing: bytes | None = None,
@@ -39,9 +43,10 @@ def image(
         (backing_offset if backing_offset is not None else length + len(ext)) if backing else 0
     )
     head = magic + struct.pack(">IQII", version, name_at, len(backing or b""), cluster_bits)
-    head += struct.pack(">QIIQQIIQ", size, crypt, 8, 3 << 16, 1 << 16, 1, snapshots, 0)
+    head += struct.pack(">QIIQQIIQ", size, crypt, l1[1], l1[0], *refcount, snapshots,
+                        snapshots_offset)  # fmt: skip
     if version != 2:
-        head += struct.pack(">QQQII", incompat, 0, 0, refcount_order, header_length)
+        head += struct.pack(">QQQII", incompat, 0, autoclear, refcount_order, header_length)
         head += bytes([compression]) + b"\0" * (header_length - q.V3_LENGTH - 1)
     data = bytearray((head + ext).ljust(1 << 16, b"\0"))
     if backing:
@@ -101,6 +106,17 @@ HOSTILE = [
     ("backing not UTF-8", image(backing=b"\xff\xfe"), "not UTF-8"),
     ("backing with NUL", image(backing=b"a\0b"), "invalid backing file name"),
     ("extension too large", _TOO_LARGE, "header extension too large"),
+    # What QEMU 7.2's qcow2_do_open checks of the tables the header points at.
+    ("too big", image(cluster_bits=9, size=1 << 60), "image is too big"),
+    ("L1 too large", image(l1=(3 << 16, (1 << 22) + 1)), "active L1 table too large"),
+    ("L1 too small", image(l1=(3 << 16, 0)), "L1 table is too small"),
+    ("L1 misaligned", image(l1=(3 << 16 | 8, 8)), "active L1 table offset invalid"),
+    ("L1 past 2^63", image(l1=((1 << 63) - (1 << 16), 1 << 20)), "L1 table offset invalid"),
+    ("refcounts too large", image(refcount=(1 << 16, 129)), "refcount table too large"),
+    ("no refcount table", image(refcount=(1 << 16, 0)), "no refcount table"),
+    ("refcounts misaligned", image(refcount=(1 << 16 | 512, 1)), "refcount table offset invalid"),
+    ("snapshots misaligned", image(snapshots_offset=4096), "snapshot table offset invalid"),
+    ("data-file-raw alone", image(autoclear=2), "data-file-raw without an external data file"),
 ]  # fmt: skip
 
 
@@ -125,6 +141,15 @@ def test_hostile_headers_are_refused_in_one_line(tmp_path: Path, data: bytes, me
 def test_corrupt_or_external_data_file_is_its_own_error(tmp_path: Path, data: bytes) -> None:
     with pytest.raises(q.DataFileError):
         read(tmp_path, data)
+
+
+def test_tables_at_their_limits_are_read(tmp_path: Path) -> None:
+    """An L1 table just large enough (64 MiB at 64 KiB clusters: one 8-byte entry), or the
+    largest QEMU opens, and the largest refcount table, as QEMU 7.2 accepts them."""
+    assert read(tmp_path, image(l1=(3 << 16, 1))).virtual_size == SIZE
+    assert read(tmp_path, image(l1=(3 << 16, 1 << 22))).virtual_size == SIZE
+    assert read(tmp_path, image(refcount=(1 << 16, 128))).virtual_size == SIZE
+    assert read(tmp_path, image(version=2, snapshots_offset=0)).version == 2
 
 
 def test_unknown_header_extensions_are_skipped_as_qemu_does(tmp_path: Path) -> None:

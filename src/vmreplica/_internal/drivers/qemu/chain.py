@@ -85,6 +85,8 @@ class ReplicaChain:
                 return
             if commit:
                 await qemu_img.commit(self.resync)
+            elif (pending := self.pending_delta()) is not None and not pending.exists():
+                self._set_pending(None)  # an apply into the overlay, whose delta was dropped
             with fs_errors(f"cannot remove {self.resync}"):
                 self.resync.unlink()
             fsync_dir(self.dir)

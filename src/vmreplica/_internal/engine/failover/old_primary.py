@@ -31,7 +31,14 @@ from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import answers
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.delta import disk_file
-from vmreplica.errors import AccessDenied, InvalidState, NotFound, ResyncRequired, VmrError
+from vmreplica.errors import (
+    AccessDenied,
+    InvalidState,
+    NotFound,
+    ResyncRequired,
+    StorageError,
+    VmrError,
+)
 
 log = logging.getLogger("vmreplica.failover")
 
@@ -50,6 +57,12 @@ class OldPrimary:
         vm_id = req.vm_id
         await redirect_if_elsewhere(self._ctx, vm_id)  # in a cluster: the owner answers
         row = self._store.find(vm_id)
+        if row is not None and _converted_for(row, peer_names):
+            # An earlier request converted this host, and its answer was lost (the new primary
+            # died, or the link): what this host held then is not known any more, so the new
+            # primary resynchronizes, rather than finding no primary to reverse ever again.
+            lost = "an earlier reverse made it the replica, and what it held is not known"
+            return answers.ReverseAnswer(False, lost, {})
         if row is None or row.mode != "Primary":
             raise NotFound(f"{self._ctx.host} is not the primary of VM {req.vm_name}")
         if row.replica_server not in peer_names:
@@ -61,20 +74,28 @@ class OldPrimary:
         if self._vms.find(row.vm_name).state != "Off":
             raise InvalidState(running)
         await self._primary.scheduler.stop_vm(vm_id)
-        async with self._ctx.locks.vm(vm_id):  # no start, and no cycle, while the disks move
-            rec, row = self._vms.find(row.vm_name), self._store.get(vm_id, row.vm_name)
-            if rec.state != "Off":
+        try:
+            async with self._ctx.locks.vm(vm_id):  # no start, and no cycle, while disks move
+                rec, row = self._vms.find(row.vm_name), self._store.get(vm_id, row.vm_name)
+                if rec.state != "Off":
+                    raise InvalidState(running)
+                intact, reason, extents = await self._tracking_intact(rec, row)
+                if intact and any(extents.values()) and not req.failback_extents:
+                    # An older new primary would ignore the ranges and silently leave them stale.
+                    reason = "it holds writes that were never replicated"
+                    intact, extents = False, {}
+                await self._convert(authz, peer_names, req, rec, row)
+                if self._ctx.cluster is not None:  # the chains moved: the registry and the facts
+                    storage = Path(str(self._store.get(vm_id, row.vm_name).storage_dir))
+                    await self._ctx.cluster.adopt(vm_id, storage)
+                    handoff.export(self._ctx, vm_id)
+        except BaseException:
+            # Refused or failed before the disks moved (the VM runs, its tracking or the
+            # conversion failed): still the primary, whose cycles go on.
+            current = self._store.find(vm_id)
+            if current is not None and current.mode == "Primary":
                 self._primary.scheduler.run(vm_id)
-                raise InvalidState(running)
-            intact, reason, extents = await self._tracking_intact(rec, row)
-            if intact and any(extents.values()) and not req.failback_extents:
-                # An older new primary would ignore the ranges and silently leave them stale.
-                intact, reason, extents = False, "it holds writes that were never replicated", {}
-            await self._convert(authz, peer_names, req, rec, row)
-            if self._ctx.cluster is not None:  # the chains moved: the registry and the facts
-                storage = Path(str(self._store.get(vm_id, row.vm_name).storage_dir))
-                await self._ctx.cluster.adopt(vm_id, storage)
-                handoff.export(self._ctx, vm_id)
+            raise
         return answers.ReverseAnswer(intact, reason, extents)
 
     async def _tracking_intact(
@@ -126,6 +147,7 @@ class OldPrimary:
         # read above; a rollback after a crash leaves the VM to a resynchronization. Its own
         # definition (a libvirt domain's XML) is kept beside the chains, as a replica keeps
         # its primary's: a failback defines the domain from it again.
+        _renamable(moves, root, row.vm_name)  # before anything changes
         own = await self._definition(row)
         await self._ctx.driver.forget(vm_id)
         with self._ctx.stores.db.tx() as tx:
@@ -146,13 +168,16 @@ class OldPrimary:
                 except OSError as e:
                     log.warning("cannot keep the domain XML of %s: %s", row.vm_name, e)
             faults.hit("reverse.after_convert")
-        except BaseException:
+        except BaseException as e:
             # The agent lives on (a qemu-img killed, a full disk): the start-up recovery would
             # not run, and the VM's record would name disks that were moved away.
             _move_back(moves, root)
             with self._ctx.stores.db.tx() as tx:
                 self._ctx.journal.end_entry(tx, entry)
-            self._primary.scheduler.run(vm_id)
+            if isinstance(e, OSError):  # become_replica runs the VM's cycles again
+                raise StorageError(
+                    f"cannot move the disks of {row.vm_name} into {root}: {e.strerror or e}"
+                ) from e
             raise
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.end(tx, "become-replica", vm_id)
@@ -173,6 +198,7 @@ class OldPrimary:
                 tx=tx,
             )
         self._primary.pending.forget(vm_id)
+        faults.hit("reverse.after_become_replica")  # recorded, not yet answered
 
     async def _definition(self, row: ReplicationRow) -> str | None:
         """The VM's own definition, trimmed to its replicated disks; None when there is none
@@ -218,9 +244,39 @@ class OldPrimary:
         return answers.VmStateAnswer("Unknown" if rec is None else rec.state)
 
 
+def _renamable(moves: list[tuple[str, str]], root: Path, vm_name: str) -> None:
+    """Each disk is renamed into its chain: refused first if the storage location is on
+    another file system (a rename cannot cross one; a copy would double the space)."""
+    there = root
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    try:
+        device = there.stat().st_dev
+        elsewhere = [src for src, _ in moves if os.stat(src).st_dev != device]
+    except OSError as e:
+        raise StorageError(f"cannot reverse {vm_name}: {e.filename}: {e.strerror}") from e
+    if elsewhere:
+        raise StorageError(
+            f"cannot reverse {vm_name}: its disk {elsewhere[0]} is on another file system than "
+            f"the replica storage location {there} (the disks move into replica chains there): "
+            "name a storage location on the disks' file system in the authorization entry"
+        )
+
+
 def _move_back(moves: list[tuple[str, str]], root: Path | str) -> None:
     """Undo a become-replica's moves: each disk back where the VM has it, the chains gone."""
     for src, dst in moves:
         if Path(dst).exists() and not Path(src).exists():
             os.replace(dst, src)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _converted_for(row: ReplicationRow, peer_names: list[str]) -> bool:
+    """This host became the replica of the asking peer by a reverse, and nothing came since:
+    no other relationship is a replica at sequence 0 while Replicating."""
+    return (
+        row.mode == "Replica"
+        and row.primary_server in peer_names
+        and row.state == State.REPLICATING
+        and row.sequence == 0
+    )

@@ -110,7 +110,7 @@ class Reverse(FailoverBase):
                     f"replication of {name} is reversed, but {peer.fqdn} cannot be brought up to "
                     f"date by a delta ({reason}): a resynchronization is required"
                 )
-            faults.hit("reverse.after_local")
+            await faults.ahit("reverse.after_local")  # sleep: a window for tests
             try:
                 await self._failback_delta(row.vm_id, name, extents)
             except ResyncRequired:
@@ -193,6 +193,8 @@ class Reverse(FailoverBase):
         rec = self._vms.find(row.vm_name)
         try:
             async with self._ctx.locks.vm(rec.id):
+                if not self._ctx.journal.pending(entry.id):
+                    return  # the reverse itself cut it while this waited for the lock
                 await self._failback_delta(row.vm_id, row.vm_name, extents)
         except ResyncRequired:
             return  # recorded, and the state says so

@@ -101,6 +101,7 @@ class Sender:
         ):
             settings = p.SettingsBody(**row.settings.to_json())
             status = await replica.status(p.StatusRequest(row.vm_id, settings))
+            self._acknowledged(row.vm_id, status.sequence)
             flights: list[_Flight] = []
             last = status.sequence
             # Without pipelining, what was committed when it began (the next call sends more).
@@ -176,6 +177,13 @@ class Sender:
             return sequence, delta_dir, manifest
         return None
 
+    def _acknowledged(self, vm_id: str, held: int) -> None:
+        """The replica holds up to ``held``: deltas whose answers were lost (a cut link, a
+        kill -9 before they were recorded) are acknowledged by it, as the log drops them."""
+        current = self._ctx.stores.replications.find(vm_id)
+        if current is not None and current.acked_sequence < held <= current.sequence:
+            self._ctx.stores.replications.update(vm_id, acked_sequence=held)
+
     def _measure(self, vm_id: str, counted: _Counted) -> None:
         """Whether the link is slow, from a body that went out (a long enough one)."""
         if counted.out.is_set() and counted.ended - counted.began >= MEASURED:
@@ -186,6 +194,7 @@ class Sender:
                     missed: int) -> None:  # fmt: skip
         """Its answer, then the acknowledgement recorded and the delta out of the log."""
         await flight.task
+        faults.hit("primary.before_land")  # answered, not yet recorded here
         counted = flight.counted
         self._measure(row.vm_id, counted)
         with self._ctx.stores.db.tx() as tx:

@@ -24,6 +24,7 @@ from vmreplica._internal.engine.replica.common import (
     check_not_quarantined,
     check_sender,
     replica_row,
+    staging_dir,
 )
 from vmreplica._internal.engine.replica.points import RecoveryPoints
 from vmreplica._internal.engine.states import Command, State
@@ -192,20 +193,28 @@ class ReplicaResync:
         """End a resynchronization without its changes: the replica is exactly as before.
 
         The state moves first; overlays left by a crash right after are dropped by recovery,
-        which drops them whenever the state is not Resynchronizing."""
+        which drops them whenever the state is not Resynchronizing. A delta acknowledged but
+        still journaled (its apply behind the answer failed, receive.py) was for the overlays:
+        its entry ends with the state's move, or it would be counted as received and applied
+        later, into ``tip`` or into another resynchronization's overlays."""
         if row.state == State.RESYNCHRONIZING:
             seeding = row.initial_kind in COMPARED
+            applies = self._ctx.journal.entries("apply", subject=row.vm_id)
             with self._ctx.stores.db.tx() as tx:
                 if seeding:  # the deltas went into the overlays dropped below: back to none
                     move(self._ctx, tx, row, Command.CANCEL_SEEDING, sequence=0)
                 else:
                     move(self._ctx, tx, row, Command.CANCEL_RESYNC)
+                for entry in applies:
+                    self._ctx.journal.end_entry(tx, entry.id)
                 self._ctx.events.record(
                     "resync-stopped",
                     f"resynchronization of {row.vm_name} {why}; the replica is as it was",
                     row.vm_name,
                     tx=tx,
                 )
+            for entry in applies:  # before the overlays: a half apply finds its delta gone
+                shutil.rmtree(staging_dir(row, int(entry.data["sequence"])), ignore_errors=True)
         for chain in chains(self._ctx, row):
             await chain.end_resync(commit=False)
 
