@@ -20,6 +20,7 @@ import aiohttp.http_exceptions
 import blake3
 import zstandard
 
+from vmreplica._internal import memory
 from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.transport import delta_resume
 from vmreplica._internal.transport.delta import (
@@ -283,6 +284,7 @@ async def receive(
                     # this one as "never retrieved".
                     last.exception()
         pool.shutdown(wait=True)  # no write may race the removal below
+        memory.trim()  # the pieces are freed: the heap that held them goes back
         if not ok:
             _leave(stage, disk, ResumePoint(m.sequence, digest, current, 0) if cut else None)
 
