@@ -367,38 +367,31 @@ class Resync:
         (a compressed initial copy leaves out the blocks that read as zeros)."""
         from_empty = row.initial_kind == COMPRESSED
         held = {n: len(blocks) for n, blocks in differing.items()}
-        if not any(differing.values()):
-            self._store.update(row.vm_id, resync_next=json.dumps(after), resync_progress=progress)
-            return held
-        sequence = row.sequence + 1
+        position, sequence = json.dumps(after), row.sequence + 1
         delta_dir = self._pending.delta_dir(row.vm_id, sequence)
         shutil.rmtree(delta_dir, ignore_errors=True)
-        delta_dir.mkdir(parents=True)
         try:
-            for n in range(len(row.disks)):
+            if any(differing.values()):
+                delta_dir.mkdir(parents=True)
+            for n in range(len(row.disks) if any(differing.values()) else 0):
+                blocks, disk = differing.get(n, []), wire.disk_file(delta_dir, n)
                 data = await self._ctx.driver.extract_blocks(
-                    view, n, wire.disk_file(delta_dir, n), differing.get(n, []), BLOCK_SIZE,
-                    skip_zeros=from_empty,
-                )  # fmt: skip
+                    view, n, disk, blocks, BLOCK_SIZE, skip_zeros=from_empty
+                )
                 if from_empty:
                     held[n] = -(-data // BLOCK_SIZE)  # only the disk's last block may be short
-            if from_empty and not any(held.values()):  # all zeros: no delta, progress alone
+            if not any(held.values()):  # nothing differs (or only zeros): progress alone
                 shutil.rmtree(delta_dir, ignore_errors=True)
-                self._store.update(
-                    row.vm_id, resync_next=json.dumps(after), resync_progress=progress
-                )
+                self._store.update(row.vm_id, resync_next=position, resync_progress=progress)
                 return held
             # --compressed compresses whatever the setting says: that is what it asks for.
-            compressed = row.settings.compression or row.initial_kind == COMPRESSED
-            compression = "zstd" if compressed else "none"
-            await wire.build_manifest(
-                delta_dir, row.vm_id, sequence, "CrashConsistent", compression
-            )
+            kind = "zstd" if row.settings.compression or from_empty else "none"
+            await wire.build_manifest(delta_dir, row.vm_id, sequence, "CrashConsistent", kind)
         except BaseException:
             shutil.rmtree(delta_dir, ignore_errors=True)
             raise
         with self._ctx.stores.db.tx() as tx:
-            self._store.update(row.vm_id, tx, sequence=sequence, resync_next=json.dumps(after),
+            self._store.update(row.vm_id, tx, sequence=sequence, resync_next=position,
                                resync_progress=progress)  # fmt: skip
         log.info("resync of %s: %d differing blocks in delta %d (%.1f%%)", row.vm_name,
                  sum(held.values()), sequence, progress)  # fmt: skip
