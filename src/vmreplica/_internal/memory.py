@@ -13,12 +13,12 @@ GLIBC_TUNABLES in the second of two back-to-back runs: peak RSS primary 131 -> 9
 
 The mmap threshold is above the largest buffer a delta passes through (a 16 MiB block, the
 receiver's 16 MiB read-ahead): below it every 4 MiB piece read, compressed, decrypted or
-decompressed was a fresh mmap, zeroed by the kernel page by page and unmapped again, which took
-a third of the replica's CPU in a compressed initial copy (perf: page faults under memmove,
-munmap, mremap). The heap keeps what a delta freed for the next piece instead: up to
+decompressed was a fresh mmap, zeroed by the kernel page by page and unmapped again: 41% of the
+replica's CPU samples in a compressed initial copy (perf: page faults under memmove, munmap,
+mremap; bench/README.md). The heap keeps what a delta freed for the next piece instead: up to
 TRIM_THRESHOLD free at the top of each arena (then it is trimmed to TOP_PAD), and :func:`trim`,
-called once a delta is sent or staged, gives back what it can (the run above measured 8 to 30
-MiB left of 60 after 8 threads freed 240 MiB; glibc's defaults left 28).
+called once a delta is sent or staged, gives back what it can (tests/unit/test_memory.py's
+probe: 8 to 30 MiB left of about 60 after 8 threads freed 240 MiB; glibc's defaults left 28).
 """
 
 from __future__ import annotations
