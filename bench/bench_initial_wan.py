@@ -10,7 +10,8 @@ half random bytes and half text-like log lines (``benchlib.text_bytes``). For ea
 replicated twice, each time as a new VM on its own copy of the disk: ``start-initial --wait``
 (one NBD copy by ``qemu-img convert``, uncompressed) and ``start-initial --compressed --wait``
 (zstd deltas of the blocks that are not zero). Timed: the wall time of the command (CLI start-up
-included). Counted: the bytes the primary's end of the link sent (``tx_bytes``). The raw transfer
+included). Counted: the bytes the primary's end of the link sent (``tx_bytes``), and the CPU time of
+each agent and of the children it reaped (qemu-img, qemu-nbd) during the command. The raw transfer
 time is allocated bytes x 8 / rate: what an uncompressed copy needs at best on that link. The
 target is at most 0.7 of it. Rate 0 is the link without a cap (veth between namespaces, which
 is what loopback is here), compared with ``qemu-img convert -O qcow2`` + fsync of the disk (target:
@@ -37,6 +38,7 @@ from benchlib import (
     compare,
     exit_cleanly_on_sigterm,
     fsync_file,
+    process_cpu,
     qemu_img_create,
     qemu_io_write,
     replication_pair,
@@ -86,11 +88,17 @@ def replicate(pair: Pair, link: VethLink, vm: str, disk: Path, method: str) -> t
     pair.new_vm(vm, disk)
     pair.enable(vm)
     os.sync()
+    agents = {host: pair.agent_pid(host) for host in (PRIMARY, REPLICA)}
+    cpu = {host: process_cpu(pid) for host, pid in agents.items()}
     before = link.sent("a")
     began = time.perf_counter()
     pair.cli("replication", "start-initial", vm, *METHODS[method], "--wait", timeout=3600)
     seconds = time.perf_counter() - began
     sent = link.sent("a") - before
+    used = {host: process_cpu(pid) - cpu[host] for host, pid in agents.items()}
+    print(f"  {vm}: CPU s, agent + its children: primary {used[PRIMARY].own:.2f} + "
+          f"{used[PRIMARY].children:.2f}, replica {used[REPLICA].own:.2f} + "
+          f"{used[REPLICA].children:.2f}", flush=True)  # fmt: skip
     if (state := pair.state(vm)) != "Replicating":
         raise RuntimeError(f"{vm}: state {state} after start-initial --wait")
     pair.sync(vm)  # the cycle right after may be applying: let it end before reading the tip

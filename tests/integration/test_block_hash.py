@@ -157,3 +157,25 @@ def test_blocks_copied_from_the_files_equal_those_read_over_nbd(tmp_path: Path) 
     assert hash_blocks(NbdView(image=via_nbd), BLOCK) == hash_blocks(
         NbdView(image=via_files), BLOCK
     )
+
+
+def test_a_delta_into_an_empty_chain_holds_only_the_data(tmp_path: Path) -> None:
+    """skip_zeros (a compressed initial copy): every block of a range is asked for, runs longer
+    than a read (CHUNK) included; zero blocks, allocated or not, are not written at all, and the
+    copy equals the source."""
+    source = qcow2(
+        tmp_path / "s.qcow2", "12M", "write -P 0xab 0 64k", "write -P 0 64k 64k",
+        "write -P 0xcd 1M 9M", "write -P 0 6M 64k", "write -P 0xef 12224k 64k",
+    )  # fmt: skip
+    dest = qcow2(tmp_path / "d.qcow2", "12M")
+    blocks = range(12 * 1024 * KiB // BLOCK)
+    written = copy_blocks(NbdView(image=source), dest, blocks, BLOCK, skip_zeros=True)
+    assert written == (1 + 9 * 16 - 1 + 1) * BLOCK
+    layout = json.loads(
+        subprocess.run(["qemu-img", "map", "--output=json", str(dest)], check=True,
+                       capture_output=True, text=True).stdout
+    )  # fmt: skip
+    held = [(e["start"], e["length"]) for e in layout if e["present"]]
+    assert held == [(0, BLOCK), (1024 * KiB, 5 * 1024 * KiB), (6 * 1024 * KiB + BLOCK,
+                    4 * 1024 * KiB - BLOCK), (12224 * KiB, BLOCK)], held  # fmt: skip
+    assert subprocess.run(["qemu-img", "compare", str(source), str(dest)]).returncode == 0

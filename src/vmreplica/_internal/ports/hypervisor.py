@@ -352,11 +352,12 @@ class HypervisorDriver(Protocol):
         ...
 
     async def extract_blocks(
-        self, source: CopySource, disk: int, dest: Path, blocks: Sequence[int], block_size: int
-    ) -> int:
+        self, source: CopySource, disk: int, dest: Path, blocks: Sequence[int], block_size: int,
+        skip_zeros: bool = False,
+    ) -> int:  # fmt: skip
         """A new standalone qcow2 ``dest`` holding ``blocks`` of disk ``disk`` of the view at
-        their offsets (zeros as zero clusters), a delta like those cycles cut. Returns the bytes
-        of data."""
+        their offsets (zeros as zero clusters; ``skip_zeros``: left out, for a delta into an
+        empty chain), a delta like those cycles cut. Returns the bytes of data."""
         ...
 
     async def open_import(

@@ -37,6 +37,7 @@ from pathlib import Path
 import blake3
 import zstandard
 
+from vmreplica._internal import memory
 from vmreplica._internal.files import write_atomic
 from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica.errors import (
@@ -228,6 +229,7 @@ async def iter_stream(
                 ahead[-1].add_done_callback(functools.partial(_close, gen))
     finally:
         pool.shutdown(wait=False)
+        memory.trim()  # the pieces are freed: the heap that held them goes back
 
 
 def _close(gen: Generator[bytes, None, None], _done: object) -> None:

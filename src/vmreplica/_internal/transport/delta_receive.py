@@ -4,6 +4,7 @@ stream cut short kept as a resume point (delta_resume.py) instead of being throw
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import contextlib
 import dataclasses
@@ -20,6 +21,7 @@ import aiohttp.http_exceptions
 import blake3
 import zstandard
 
+from vmreplica._internal import memory
 from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.transport import delta_resume
 from vmreplica._internal.transport.delta import (
@@ -61,45 +63,66 @@ class StreamCut(ConnectionFailed):
 
 
 class _Input:
-    """Incoming chunks of any size turned into exact reads."""
+    """Incoming chunks of any size turned into exact reads. The chunks are held as they came:
+    a read within one is a view of it, not a copy (the replica's CPU went to copies)."""
 
     def __init__(self, chunks: AsyncIterable[bytes]) -> None:
-        self._it, self._buf, self._eof = aiter(chunks), bytearray(), False
+        self._it, self._eof = aiter(chunks), False
+        self._held: collections.deque[memoryview] = collections.deque()
+        self._size = 0
 
     async def _fill(self) -> None:
         try:
-            self._buf += await anext(self._it)
+            chunk = await anext(self._it)
         except StopAsyncIteration:
             self._eof = True
+            return
         except ConnectionFailed as e:
             raise StreamCut(e.message) from None
         except _LOST as e:
             raise StreamCut(f"the connection was lost ({e.__class__.__name__})") from None
+        if chunk:
+            self._held.append(memoryview(chunk))
+            self._size += len(chunk)
 
     async def read(self, n: int) -> bytes:
         """n bytes, fewer only at the end of the stream; a connection lost is a :class:`StreamCut`."""
-        while len(self._buf) < n and not self._eof:
+        while self._size < n and not self._eof:
             await self._fill()
-        return self._take(n)
+        return bytes(self._take(n))
 
-    async def read_some(self, n: int) -> bytes:
+    async def read_some(self, n: int) -> bytes | memoryview:
         """Up to n bytes, as soon as :data:`BATCH` of them (or n, or the end) are here: a cut
         loses less than a batch, and a link that delivers 1.5 KiB segments still makes batches
-        worth a worker's hand-off. b"" at the end."""
+        worth a worker's hand-off. Within a chunk that holds a batch: that chunk's bytes only,
+        uncopied. b"" at the end."""
         least = min(n, BATCH)
-        while len(self._buf) < least and not self._eof:
+        while self._size < least and not self._eof:
             await self._fill()
+        if self._held and len(self._held[0]) >= least:
+            return self._take(min(n, len(self._held[0])))
         return self._take(n)
 
-    def _take(self, n: int) -> bytes:
-        with memoryview(self._buf) as view:
-            out = bytes(view[:n])
-        del self._buf[:n]  # O(1) at the front of a bytearray
-        return out
+    def _take(self, n: int) -> bytes | memoryview:
+        """Up to n bytes from the front: a view where one chunk holds them, else joined."""
+        parts: list[memoryview] = []
+        want = n
+        while want and self._held:
+            head = self._held[0]
+            if len(head) <= want:
+                parts.append(self._held.popleft())
+            else:
+                parts.append(head[:want])
+                self._held[0] = head[want:]
+            want -= len(parts[-1])
+        self._size -= n - want
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
 
     async def disk(
         self, entry: DiskEntry, compressed: bool, label: str, offset: int = 0
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | memoryview]:
         """One disk as sent from ``offset``: raw up to its size, or its blocks' payloads up to
         the 0 block; in pieces as they arrive."""
         left, truncated = entry.file_size - offset, f"{label}: stream truncated (connection lost?)"
@@ -138,7 +161,7 @@ class _Disk:
         writer = dctx.stream_writer(self, CHUNK, write_return_read=True, closefd=False)  # type: ignore[arg-type]
         self.dec = writer if compressed else None
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         if self.size + len(data) > self.entry.file_size:
             raise IntegrityError(f"{self.label}: larger than announced (corrupted in transit?)")
         self.hasher.update(data)
@@ -283,6 +306,7 @@ async def receive(
                     # this one as "never retrieved".
                     last.exception()
         pool.shutdown(wait=True)  # no write may race the removal below
+        memory.trim()  # the pieces are freed: the heap that held them goes back
         if not ok:
             _leave(stage, disk, ResumePoint(m.sequence, digest, current, 0) if cut else None)
 

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import dataclasses
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -115,10 +116,13 @@ def _hash_chunk(
     return out
 
 
-def copy_blocks(view: NbdView, dest: Path, blocks: list[int], block_size: int) -> int:
+def copy_blocks(
+    view: NbdView, dest: Path, blocks: Sequence[int], block_size: int, skip_zeros: bool = False
+) -> int:
     """Copy ``blocks`` of ``view`` into the qcow2 image ``dest`` (made beforehand, nothing else
-    open on it) at the same offsets, blocks that read as zeros as zero clusters; blocking.
-    Returns the bytes written as data."""
+    open on it) at the same offsets, blocks that read as zeros as zero clusters (``skip_zeros``:
+    not at all, for a delta into an empty chain); blocking. Consecutive blocks are read, and
+    their data written, up to CHUNK at once. Returns the bytes written as data."""
     _check_block_size(block_size)
     written = 0
     try:
@@ -126,21 +130,21 @@ def copy_blocks(view: NbdView, dest: Path, blocks: list[int], block_size: int) -
         source = open_reader(view, first, end, block_size)
         try:
             target = connect(NbdView(image=dest), writable=True)
-            buffer = memoryview(bytearray(block_size))
+            buffer = memoryview(bytearray(max(block_size, CHUNK // block_size * block_size)))
             empty = bytes(block_size)
-            for block in blocks:
-                begin = block * block_size
-                length = min(source.size, begin + block_size) - begin
-                data = buffer[:length]
-                if source.zero(begin, begin + length):
-                    target.zero(length, begin)
+            for begin, stop in _spans(blocks, block_size, len(buffer), source.size):
+                if source.zero(begin, stop):
+                    if not skip_zeros:
+                        target.zero(stop - begin, begin)
                     continue
+                data = buffer[: stop - begin]
                 source.read(data, begin)
-                if data == empty[:length]:
-                    target.zero(length, begin)
-                else:
-                    target.pwrite(bytes(data), begin)
-                    written += length
+                for a, b, zero in _pieces(data, begin, block_size, empty):
+                    if not zero:
+                        target.pwrite(data[a - begin : b - begin], a)
+                        written += b - a
+                    elif not skip_zeros:
+                        target.zero(b - a, a)
             target.flush()
             target.shutdown()
             return written
@@ -148,6 +152,44 @@ def copy_blocks(view: NbdView, dest: Path, blocks: list[int], block_size: int) -
             source.close()
     except (nbd.Error, OSError) as exc:
         raise StorageError(f"copying blocks into {dest} over NBD failed: {exc}") from exc
+
+
+def _spans(
+    blocks: Sequence[int], block_size: int, most: int, size: int
+) -> Iterator[tuple[int, int]]:
+    """Byte ranges of runs of consecutive blocks, each up to ``most`` bytes, cut at ``size``."""
+    begin = stop = -1
+    for block in blocks:
+        a = block * block_size
+        if a >= size:
+            continue
+        b = min(size, a + block_size)
+        if a == stop and b - begin <= most:
+            stop = b
+            continue
+        if begin >= 0:
+            yield begin, stop
+        begin, stop = a, b
+    if begin >= 0:
+        yield begin, stop
+
+
+def _pieces(
+    data: memoryview, begin: int, block_size: int, empty: bytes
+) -> Iterator[tuple[int, int, bool]]:
+    """``data`` (read from ``begin``) as ranges of consecutive blocks that all are, or all are
+    not, zeros: (start, end, zero). ``empty`` is block_size zeros; startswith compares with
+    memcmp (15 GB/s here), where memoryview == compares byte by byte (0.35 GB/s)."""
+    start, kind = begin, None
+    for a in range(begin, begin + len(data), block_size):
+        b = min(begin + len(data), a + block_size)
+        zero = empty.startswith(data[a - begin : b - begin])
+        if kind is not None and zero != kind:
+            yield start, a, kind
+            start = a
+        kind = zero
+    if kind is not None:
+        yield start, begin + len(data), kind
 
 
 def view_size(view: NbdView) -> int:

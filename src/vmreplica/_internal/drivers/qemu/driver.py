@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,18 @@ class QemuImport:
 class QemuDriver:
     def __init__(self, accel: str = "tcg") -> None:
         self.accel = accel
+        # Per live point-in-time view (by id) and disk: the view with its image's layout, taken
+        # once (nothing writes a view's images while it lives) instead of per batch.
+        self._views: dict[tuple[int, int], block_read.NbdView] = {}
+
+    async def _view(self, source: nbd_copy.Source, disk: int) -> block_read.NbdView:
+        key = (id(source), disk)
+        if (view := self._views.get(key)) is None:
+            view = await block_hash.with_layout(source.views[disk])
+            if key not in self._views:
+                weakref.finalize(source, self._views.pop, key, None)
+                self._views[key] = view
+        return view
 
     # -- VMs ---------------------------------------------------------------------------------
 
@@ -263,7 +276,8 @@ class QemuDriver:
         count: int | None = None,
     ) -> list[bytes | None]:  # fmt: skip
         assert isinstance(source, nbd_copy.Source), "a source of another driver"
-        return await block_hash.hash_view(source.views[disk], block_size, first_block, count)
+        view = await self._view(source, disk)
+        return await block_hash.hash_view(view, block_size, first_block, count)
 
     async def hash_image(
         self, image: Path, block_size: int, first_block: int = 0, count: int | None = None
@@ -272,15 +286,16 @@ class QemuDriver:
         return await block_hash.hash_view(view, block_size, first_block, count)
 
     async def extract_blocks(
-        self, source: CopySource, disk: int, dest: Path, blocks: Sequence[int], block_size: int
-    ) -> int:
+        self, source: CopySource, disk: int, dest: Path, blocks: Sequence[int], block_size: int,
+        skip_zeros: bool = False,
+    ) -> int:  # fmt: skip
         assert isinstance(source, nbd_copy.Source), "a source of another driver"
-        view = await block_hash.with_layout(source.views[disk])
+        view = await self._view(source, disk)
         size = await asyncio.to_thread(block_hash.view_size, view)
         await qemu_img.create(dest, size)
         try:
             return await asyncio.to_thread(
-                block_hash.copy_blocks, view, dest, list(blocks), block_size
+                block_hash.copy_blocks, view, dest, blocks, block_size, skip_zeros
             )
         except BaseException:
             dest.unlink(missing_ok=True)

@@ -322,13 +322,13 @@ class Resync:
         differing = await self._compare(row, view, replica, batch)
         tally.hashing += time.monotonic() - hashing
         tally.compared += sum(count for _, count in batch.values())
-        tally.differing += sum(len(blocks) for blocks in differing.values())
-        for n, (first, count) in batch.items():
-            log.info("resync of %s: disk %d blocks %d-%d compared, %d differ", row.vm_name,
-                     n, first, first + count - 1, len(differing[n]))  # fmt: skip
         after = {**position, **{n: first + count for n, (first, count) in batch.items()}}
         progress = round(100.0 * sum(after.values()) / total, 1)
-        await self._commit_batch(row, view, differing, after, progress)
+        held = await self._commit_batch(row, view, differing, after, progress)
+        tally.differing += sum(held.values())
+        for n, (first, count) in batch.items():
+            log.info("resync of %s: disk %d blocks %d-%d compared, %d differ", row.vm_name,
+                     n, first, first + count - 1, held.get(n, 0))  # fmt: skip
         await faults.ahit("primary.mid_resync")
 
     async def _compare(
@@ -340,9 +340,9 @@ class Resync:
         for n, (first, count) in batch.items():
             if row.initial_kind == COMPRESSED:
                 # Into the replica's empty chain (resync-start checked it): each block that
-                # is not zero here differs; zero blocks hash as None.
-                here = await self._ctx.driver.hash_view(view, n, BLOCK_SIZE, first, count)
-                differing[n] = [first + i for i, digest in enumerate(here) if digest is not None]
+                # is not zero here differs. Not read here: the extraction reads the view once
+                # and leaves the zero blocks out (_commit_batch).
+                differing[n] = list(range(first, first + count))
                 continue
             request = p.HashesRequest(row.vm_id, n, BLOCK_SIZE, first, count)
             here, there = await asyncio.gather(
@@ -361,33 +361,38 @@ class Resync:
     async def _commit_batch(
         self, row: ReplicationRow, view: CopySource, differing: dict[int, list[int]],
         after: dict[int, int], progress: float,
-    ) -> None:  # fmt: skip
+    ) -> dict[int, int]:  # fmt: skip
         """The differing blocks as the next delta of the pending log, and the progress, in one
-        commit; nothing to send, progress alone."""
-        if not any(differing.values()):
-            self._store.update(row.vm_id, resync_next=json.dumps(after), resync_progress=progress)
-            return
-        sequence = row.sequence + 1
+        commit; nothing to send, progress alone. Returns, per disk, the blocks the delta holds
+        (a compressed initial copy leaves out the blocks that read as zeros)."""
+        from_empty = row.initial_kind == COMPRESSED
+        held = {n: len(blocks) for n, blocks in differing.items()}
+        position, sequence = json.dumps(after), row.sequence + 1
         delta_dir = self._pending.delta_dir(row.vm_id, sequence)
         shutil.rmtree(delta_dir, ignore_errors=True)
-        delta_dir.mkdir(parents=True)
         try:
-            for n in range(len(row.disks)):
-                await self._ctx.driver.extract_blocks(
-                    view, n, wire.disk_file(delta_dir, n), differing.get(n, []), BLOCK_SIZE
+            if any(differing.values()):
+                delta_dir.mkdir(parents=True)
+            for n in range(len(row.disks) if any(differing.values()) else 0):
+                blocks, disk = differing.get(n, []), wire.disk_file(delta_dir, n)
+                data = await self._ctx.driver.extract_blocks(
+                    view, n, disk, blocks, BLOCK_SIZE, skip_zeros=from_empty
                 )
+                if from_empty:
+                    held[n] = -(-data // BLOCK_SIZE)  # only the disk's last block may be short
+            if not any(held.values()):  # nothing differs (or only zeros): progress alone
+                shutil.rmtree(delta_dir, ignore_errors=True)
+                self._store.update(row.vm_id, resync_next=position, resync_progress=progress)
+                return held
             # --compressed compresses whatever the setting says: that is what it asks for.
-            compressed = row.settings.compression or row.initial_kind == COMPRESSED
-            compression = "zstd" if compressed else "none"
-            await wire.build_manifest(
-                delta_dir, row.vm_id, sequence, "CrashConsistent", compression
-            )
+            kind = "zstd" if row.settings.compression or from_empty else "none"
+            await wire.build_manifest(delta_dir, row.vm_id, sequence, "CrashConsistent", kind)
         except BaseException:
             shutil.rmtree(delta_dir, ignore_errors=True)
             raise
         with self._ctx.stores.db.tx() as tx:
-            self._store.update(row.vm_id, tx, sequence=sequence, resync_next=json.dumps(after),
+            self._store.update(row.vm_id, tx, sequence=sequence, resync_next=position,
                                resync_progress=progress)  # fmt: skip
-        sent = sum(len(b) for b in differing.values())
-        log.info("resync of %s: %d differing blocks in delta %d (%.1f%%)", row.vm_name, sent,
-                 sequence, progress)  # fmt: skip
+        log.info("resync of %s: %d differing blocks in delta %d (%.1f%%)", row.vm_name,
+                 sum(held.values()), sequence, progress)  # fmt: skip
+        return held
