@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +36,7 @@ from qemu.qmp import (
     Runstate,
 )
 
+from vmreplica._internal.drivers.qemu.children import process_state
 from vmreplica.errors import ConnectionFailed, VmrError
 
 # Long enough for a slow disk, short enough that a wedged QEMU does not wedge the agent too.
@@ -257,6 +258,7 @@ class PidProcess:
         new_session: bool,
         preexec_fn: Callable[[], None] | None = None,
         env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> PidProcess:
         try:
             popen = subprocess.Popen(
@@ -268,6 +270,7 @@ class PidProcess:
                 start_new_session=new_session,
                 preexec_fn=preexec_fn,
                 env=env,
+                pass_fds=pass_fds,
             )
         except OSError as exc:
             raise VmrError(f"cannot run {argv[0]}: {exc.strerror}") from exc
@@ -367,7 +370,7 @@ async def connect_when_ready(
         if left <= 0:
             raise VmrError(
                 f"{what}: the monitor did not come up within {timeout:g}s ({last}; "
-                f"{_process_state(proc.pid)})"
+                f"{process_state(proc.pid)})"
             )
         session = None
         try:
@@ -384,15 +387,3 @@ async def connect_when_ready(
                 continue
         await proc.wait(pause)
     return None
-
-
-def _process_state(pid: int) -> str:
-    """``pid 123 qemu-storage-daemon, state S, waiting in do_epoll_wait``, from /proc."""
-    proc = Path(f"/proc/{pid}")
-    try:
-        program = Path(os.readlink(proc / "exe")).name
-        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        wchan = (proc / "wchan").read_text().strip() or "-"
-    except (OSError, IndexError):
-        return f"pid {pid}"
-    return f"pid {pid} {program}, state {state}, waiting in {wchan}"

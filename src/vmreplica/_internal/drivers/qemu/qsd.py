@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from vmreplica._internal.drivers.qemu.children import die_with_parent
@@ -169,11 +169,14 @@ async def start_storage_daemon(
     timeout: float = 30.0,
     direct: bool = False,
     env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    pass_fds: Sequence[int] = (),
 ) -> StorageDaemon:
     """Open ``disks`` in a new qemu-storage-daemon whose monitor is ``run_dir/qsd.sock``.
 
     ``vm_name`` only makes error messages name the VM the disks belong to; ``direct``: see
-    :func:`blockdev_options`; ``env``: the daemon's environment, the agent's by default.
+    :func:`blockdev_options`; ``env``: the daemon's environment, the agent's by default;
+    ``args``: more of its command line, which may name the descriptors ``pass_fds`` it inherits.
     """
     what = f"storage daemon of VM '{vm_name}'" if vm_name else f"storage daemon in {run_dir}"
     if not disks:
@@ -190,6 +193,7 @@ async def start_storage_daemon(
     argv = [QEMU_STORAGE_DAEMON]
     for options in blockdev_options(disks, direct):
         argv += ["--blockdev", options]
+    argv += args
     # The monitor comes after the disks, so that it only appears once they are open.
     path = str(sock).replace(",", ",,")  # key=value syntax
     argv += ["--chardev", f"socket,id=m,path={path},server=on,wait=off"]
@@ -197,9 +201,7 @@ async def start_storage_daemon(
     log_path = run / "qsd.log"
     with open(log_path, "ab") as log, open(os.devnull, "wb") as out:
         log_start = log.tell()
-        proc = PidProcess.spawn(
-            argv, out, log, new_session=False, preexec_fn=die_with_parent(), env=env
-        )
+        proc = PidProcess.spawn(argv, out, log, False, die_with_parent(), env, pass_fds)
     try:
         session = await connect_when_ready(sock, what, proc, timeout, "query-version")
     except BaseException:
