@@ -160,18 +160,27 @@ class QmpSession:
             sock.close()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             raise ConnectionFailed(f"{what}: cannot connect to monitor {path}: {reason}") from exc
+        return await cls.over(
+            sock, what, f"monitor {path}", timeout, " (another client may be connected)"
+        )
+
+    @classmethod
+    async def over(
+        cls, sock: socket.socket, what: str, where: str, timeout: float, hint: str = ""
+    ) -> QmpSession:
+        """The session on ``sock``, connected to ``where`` (the monitor, for errors); ``hint``
+        follows a time-out's message."""
         client = QMPClient(what)
         try:
             await asyncio.wait_for(client.connect(sock), timeout)
         except TimeoutError as exc:
             sock.close()
             raise ConnectionFailed(
-                f"{what}: monitor {path} did not answer within {timeout:g}s"
-                " (another client may be connected)"
+                f"{what}: {where} did not answer within {timeout:g}s{hint}"
             ) from exc
         except (QMPError, OSError, EOFError) as exc:
             sock.close()
-            raise ConnectionFailed(f"{what}: monitor {path} hung up during handshake") from exc
+            raise ConnectionFailed(f"{what}: {where} hung up during handshake") from exc
         return cls(client, what)
 
     @property
