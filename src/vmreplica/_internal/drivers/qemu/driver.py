@@ -302,7 +302,7 @@ class QemuDriver:
         for file, size in zip(files, sizes, strict=True):
             await qemu_img.create(file, size)
         direct = nbd_copy.supports_direct_io(files[0].parent)
-        run_dir.mkdir(parents=True, mode=0o700)
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         creds = tls_creds.tls_creds(run_dir / "tls", tls, "server")
         with nbd_import.listen(listen_host, ports) as sock:
             port = int(sock.getsockname()[1])
