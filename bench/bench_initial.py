@@ -2,7 +2,8 @@
 ``qemu-img convert -O qcow2`` of the same disk measured in the same run.
 
 Run: ``.venv/bin/python bench/bench_initial.py [--quick] [--repeat 3] [--disk-gib 4] [--alloc-gib 2]``
-(or ``--fixed N``: only what a copy costs besides its data, N copies of 16 MiB).
+(or ``--fixed N``: only what a copy costs besides its data, N copies of 16 MiB; ``--data random
+--zstd off``: that case alone, the one that matters, for A/B runs on a busy machine).
 
 Each data set is a qcow2 disk of --disk-gib with --alloc-gib allocated as --chunk-mib pieces
 spread evenly over it: qemu-io ``write -P`` patterns (compress to almost nothing) and random
@@ -167,6 +168,8 @@ def main() -> None:
     ap.add_argument("--alloc-gib", type=float, default=2.0)
     ap.add_argument("--chunk-mib", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each case; the best is shown")
+    ap.add_argument("--data", choices=("pattern", "random", "both"), default="both")
+    ap.add_argument("--zstd", choices=("on", "off", "both"), default="both", help="compression")
     ap.add_argument(
         "--fixed", type=int, metavar="N", help="only the fixed cost: N copies of 16 MiB of data"
     )
@@ -190,12 +193,12 @@ def main() -> None:
     with replication_pair() as pair:
         disks = pair.base / "disks"
         disks.mkdir()
-        for kind in ("pattern", "random"):
+        for kind in ("pattern", "random") if args.data == "both" else (args.data,):
             source = disks / f"{kind}.qcow2"
             make_disk(source, kind, sizes)
             runs = [baseline(source, disks / "convert-out.qcow2") for _ in range(args.repeat)]
             plain, synced = min(r[0] for r in runs), min(r[1] for r in runs)
-            for compression in (True, False):
+            for compression in {"both": (True, False), "on": (True,), "off": (False,)}[args.zstd]:
                 best: tuple[float, list[float] | None, str] | None = None
                 for n in range(args.repeat):
                     vm = f"{kind}-{'z' if compression else 'raw'}-{n}"

@@ -4,7 +4,7 @@ disk: where the time of ``bench_initial.py``'s copy phase goes.
 Run: ``.venv/bin/python bench/bench_nbd_copy.py [--quick] [--repeat 3]``.
 
 One qcow2 disk (4 GiB, 2 GiB of random data in 64 MiB pieces, warm in the page cache) is copied
-seven ways, each timed after a ``sync`` (best of --repeat):
+nine ways, each timed after a ``sync`` (best of --repeat):
 
 - ``convert``: ``qemu-img convert -O qcow2`` to a local file, page cache, no fsync (the
   baseline of bench_initial);
@@ -12,8 +12,10 @@ seven ways, each timed after a ``sync`` (best of --repeat):
 - ``convert -t none``: the same with O_DIRECT writes (durable without a long fsync);
 - ``nbd``: ``qemu-img convert -n -W -m 16 --target-is-zero`` into a qemu-storage-daemon NBD
   export on loopback TCP, target opened with O_DIRECT, no TLS;
-- ``nbd+tls``: the same with TLS and authz-simple, through ``nbd_import.serve_import`` and
-  ``nbd_copy.convert``: exactly vmreplica's copy phase;
+- ``nbd+tls``: the same with TLS and authz-simple, through ``nbd_import`` (the daemon inherits
+  a listening socket with TCP_NODELAY) and ``nbd_copy.convert``: exactly vmreplica's copy phase;
+- ``nbd+tls, Nagle on``: the same on a listening socket without TCP_NODELAY, as QEMU 7.2 makes
+  its own (vmreplica before it passed the socket; three 40 ms delayed-ACK waits per copy);
 - ``nbd+tls-psk``: the same with a pre-shared key instead of certificates (``tls-creds-psk``):
   the initial copy between hosts that authenticate with Kerberos;
 - ``nbd+tls buffered``: the same with a page-cache target (why vmreplica uses O_DIRECT);
@@ -29,6 +31,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -56,11 +59,12 @@ from vmreplica._internal.ports.hypervisor import NbdCredentials, NbdPsk
 
 async def into_daemon(
     source: Path, target: Path, work: Path, *, tls: bool, direct: bool,
-    env: Mapping[str, str] = nbd_copy.BULK_ENV, psk: bool = False,
+    env: Mapping[str, str] = nbd_copy.BULK_ENV, psk: bool = False, nodelay: bool = True,
 ) -> float:  # fmt: skip
     """Seconds of the copy of ``source`` into a new image served by a storage daemon."""
     run("qemu-img", "create", "-q", "-f", "qcow2", str(target), str(_virtual_size(source)))
-    daemon = await start_storage_daemon((target,), work / "run", direct=direct, env=env)
+    if not tls:
+        daemon = await start_storage_daemon((target,), work / "run", direct=direct, env=env)
     try:
         if tls:
             server: NbdCredentials = TlsFiles(
@@ -75,9 +79,16 @@ async def into_daemon(
                 identity = "vmr-bench"
             server_dir = tls_creds.tls_creds(work / "run" / "tls", server, "server")
             client_dir = tls_creds.tls_creds(work / "client-tls", client, "client")
-            port, exports = await nbd_import.serve_import(
-                daemon, ["disk0"], server_dir, identity, "127.0.0.1"
-            )
+            with nbd_import.listen("127.0.0.1", None) as sock:  # as driver.open_import
+                if not nodelay:  # QEMU 7.2's own listening socket
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+                port = sock.getsockname()[1]
+                daemon = await start_storage_daemon(
+                    (target,), work / "run", direct=direct, env=env,
+                    args=nbd_import.server_args(server_dir, identity, sock.fileno()),
+                    pass_fds=(sock.fileno(),),
+                )  # fmt: skip
+            exports = await nbd_import.export_nodes(daemon, ["disk0"])
 
             async def copy() -> None:
                 await nbd_copy.convert(
@@ -164,6 +175,10 @@ def main() -> None:
             ("convert -t none", lambda: local("-t", "none")),
             ("nbd", lambda: nbd(tls=False, direct=True)),
             ("nbd+tls (vmreplica)", lambda: nbd(tls=True, direct=True)),
+            (
+                "nbd+tls, Nagle on (QEMU 7.2's socket)",
+                lambda: nbd(tls=True, direct=True, nodelay=False),
+            ),
             ("nbd+tls-psk (Kerberos hosts)", lambda: nbd(tls=True, direct=True, psk=True)),
             ("nbd+tls buffered", lambda: nbd(tls=True, direct=False)),
             ("nbd+tls, glibc defaults", lambda: nbd(tls=True, direct=True, env=glibc_defaults)),

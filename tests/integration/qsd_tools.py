@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -224,3 +226,28 @@ async def _all_deleted(events: EventSubscription, count: int) -> None:
     while count:
         if await events.get(None) is not None:
             count -= 1
+
+
+def peer_socket_nodelay(pid: int, peer: tuple[str, int]) -> bool | None:
+    """Whether process ``pid``'s TCP socket connected to ``peer`` has TCP_NODELAY (None: it has
+    no such socket yet), read from a copy of its descriptor (pidfd_getfd)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+                copy = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+                if copy < 0:
+                    continue
+                with socket.socket(fileno=copy) as sock:
+                    tcp = sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX
+                    if tcp and sock.getpeername()[:2] == peer:
+                        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        os.close(pidfd)
+    return None
+
+
+_SYS_PIDFD_GETFD = 438  # Linux, every architecture

@@ -242,3 +242,22 @@ def test_daemon_refuses_bad_disk_lists(root: Path) -> None:
         asyncio.run(start_storage_daemon((raw,), root / "run"))
     with pytest.raises(InvalidArgument, match="no disks"):
         asyncio.run(start_storage_daemon((), root / "run"))
+
+
+def test_daemon_monitor_is_a_socket_pair_and_its_run_dir_marks_it(root: Path) -> None:
+    """The monitor is the agent's end of a socket pair (no socket file to poll for), and the run
+    directory is on the daemon's command line: that is where an agent that restarts finds the
+    daemons its predecessor left (children.leftovers), whatever directory the disks are in."""
+    disk = qcow2(root)
+
+    async def scenario() -> None:
+        qsd = await start_storage_daemon((disk,), root / "state" / "qsd")
+        try:
+            argv = Path(f"/proc/{qsd.pid}/cmdline").read_bytes().split(b"\0")
+            assert any(str(root / "state").encode() in arg for arg in argv), argv
+            assert not list((root / "state" / "qsd").glob("*.sock"))
+            assert isinstance(await qsd.execute("query-version"), dict)
+        finally:
+            await qsd.stop()
+
+    asyncio.run(scenario())

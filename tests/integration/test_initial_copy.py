@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fault import tmpfs
+from tests.integration.qsd_tools import peer_socket_nodelay
 from tests.integration.replication_env import (
     PRIMARY,
     REPLICA,
@@ -288,6 +290,13 @@ def test_import_admits_only_the_authorized_sender(cluster: Cluster) -> None:
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
 
+    # The daemon's connections carry TCP_NODELAY (from the listening socket the agent made): else
+    # its replies of several small writes wait 40 ms each for the client's delayed ACK.
+    daemon = processes_naming(pair.storage / "app" / "staging" / "1" / "disk0.qcow2")
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        peer = client.getsockname()[:2]
+        wait_for(lambda: peer_socket_nodelay(daemon[0], peer) is not None, 10, "the accept")
+        assert peer_socket_nodelay(daemon[0], peer) is True
     refused = connect("vmhost3")
     assert refused.returncode != 0, refused.stdout
     admitted = connect(PRIMARY)

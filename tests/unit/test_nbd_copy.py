@@ -123,11 +123,18 @@ def test_port_ranges() -> None:
             parse_port_range(bad)
 
 
-def test_candidate_ports_skip_the_taken_ones() -> None:
+def test_the_import_listens_on_a_free_port_with_tcp_nodelay() -> None:
+    """The import's listening socket skips a taken port of the range, and carries TCP_NODELAY
+    (the connections the daemon accepts inherit it; test_initial_copy checks those)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert nbd_import._candidates("127.0.0.1", (port, port)) == []
-    assert nbd_import._candidates("127.0.0.1", (port, port)) == [port]
-    assert len(set(nbd_import._candidates("127.0.0.1", None))) >= 1
+        with pytest.raises(VmrError, match=f"no free port in initial_copy_ports {port}-{port}"):
+            nbd_import.listen("127.0.0.1", (port, port))
+    with nbd_import.listen("127.0.0.1", (port, port)) as sock:
+        assert sock.getsockname()[1] == port
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    with nbd_import.listen("127.0.0.1", None) as sock:
+        assert sock.getsockname()[1] > 0
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

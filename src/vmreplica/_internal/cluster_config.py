@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from vmreplica._internal import certs
+from vmreplica._internal import tls_context
 from vmreplica.errors import InvalidArgument
 
 TLS_KEYS = ("etcd_ca", "etcd_cert", "etcd_key")
@@ -46,7 +46,7 @@ class ClusterSettings:
         """The client context for etcd (one-line errors for missing or unusable files)."""
         if self.etcd_ca is None or self.etcd_cert is None or self.etcd_key is None:
             return None
-        return certs.etcd_client_ssl_context(self.etcd_ca, self.etcd_cert, self.etcd_key)
+        return tls_context.etcd_client_ssl_context(self.etcd_ca, self.etcd_cert, self.etcd_key)
 
     def to_toml(self) -> dict[str, Any]:
         files = {k: str(v) for k in TLS_KEYS if (v := getattr(self, k)) is not None}

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
-from vmreplica._internal.certs import check_dns_name
 from vmreplica._internal.cluster_config import ClusterSettings, parse_cluster
+from vmreplica._internal.tls_context import check_dns_name
 from vmreplica.errors import InvalidArgument, NotFound, StorageError
 
 DEFAULT_SOCKET = "/run/vmreplica/agent.sock"

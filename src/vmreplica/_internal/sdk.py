@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vmreplica._internal import local_http
-from vmreplica._internal.certs import client_ssl_context
 from vmreplica._internal.config import DEFAULT_SOCKET, RemoteHost, tls_server_name
+from vmreplica._internal.tls_context import client_ssl_context
 from vmreplica._internal.tls_refusals import own_certificate_refused, peer_certificate_refused
 from vmreplica.errors import AccessDenied, ConnectionFailed, error_from_json
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from cryptography import x509
-
 EXPIRED = "expired certificate"
 NOT_YET_VALID = "certificate not yet valid"
 REVOKED = "revoked certificate"
@@ -18,6 +16,8 @@ def _listed(cert: Path, crl: Path | None) -> bool:
     """Whether this side's own CRL lists its own certificate."""
     if crl is None:
         return False
+    from cryptography import x509  # only once a handshake failed: not in every command's start
+
     try:
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())
         revoked = x509.load_pem_x509_crl(crl.read_bytes())
@@ -27,6 +27,8 @@ def _listed(cert: Path, crl: Path | None) -> bool:
 
 
 def _validity(cert: Path) -> tuple[dt.datetime, dt.datetime] | None:
+    from cryptography import x509
+
     try:
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())
     except (OSError, ValueError):

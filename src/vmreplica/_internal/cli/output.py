@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from vmreplica._internal.config import cli_config_path
 from vmreplica._internal.models import Model
@@ -161,6 +159,9 @@ def render(
         if blocks:
             click.echo("\n\n".join(blocks))
         return
+    from rich.console import Console  # tables only: -o json and list do without its import
+    from rich.table import Table
+
     table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold")
     for f in fields:
         table.add_column(header(f), overflow="fold")

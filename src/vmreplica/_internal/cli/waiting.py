@@ -11,13 +11,14 @@ again a polling interval later, as before.
 from __future__ import annotations
 
 import time
-
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING
 
 from vmreplica._internal.models import Replication
 from vmreplica.client import Client
 from vmreplica.errors import VmrError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 INITIAL, RESYNC = "InitialReplicationInProgress", "Resynchronizing"
 LONG_POLL = 1.0  # seconds the agent may hold a look
@@ -35,6 +36,9 @@ def _look(client: Client, vm: str, state: str) -> Replication:
 
 
 def _bar(what: str) -> Progress:
+    from rich.console import Console  # here, as the CLI's other commands do without it
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
     return Progress(TextColumn(what + " of {task.description}"), BarColumn(), TaskProgressColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True))  # fmt: skip
 

@@ -100,3 +100,15 @@ def end_leftovers(markers: Iterable[Path], timeout: float = 10.0) -> list[int]:
             break
         time.sleep(0.05)
     return pids
+
+
+def process_state(pid: int) -> str:
+    """``pid 123 qemu-storage-daemon, state S, waiting in do_epoll_wait``, from /proc."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        program = Path(os.readlink(proc / "exe")).name
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = (proc / "wchan").read_text().strip() or "-"
+    except (OSError, IndexError):
+        return f"pid {pid}"
+    return f"pid {pid} {program}, state {state}, waiting in {wchan}"

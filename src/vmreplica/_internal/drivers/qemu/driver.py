@@ -317,15 +317,18 @@ class QemuDriver:
         for file, size in zip(files, sizes, strict=True):
             await qemu_img.create(file, size)
         direct = nbd_copy.supports_direct_io(files[0].parent)
-        daemon = await start_storage_daemon(
-            tuple(files), run_dir, vm_name, direct=direct, env=nbd_copy.BULK_ENV
-        )
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        creds = tls_creds.tls_creds(run_dir / "tls", tls, "server")
+        with nbd_import.listen(listen_host, ports) as sock:
+            port = int(sock.getsockname()[1])
+            daemon = await start_storage_daemon(
+                tuple(files), run_dir, vm_name, direct=direct, env=nbd_copy.BULK_ENV,
+                args=nbd_import.server_args(creds, peer_identity, sock.fileno()),
+                pass_fds=(sock.fileno(),),
+            )  # fmt: skip
         try:
-            creds = tls_creds.tls_creds(run_dir / "tls", tls, "server")
             nodes = [node_name(i) for i in range(len(files))]
-            port, exports = await nbd_import.serve_import(
-                daemon, nodes, creds, peer_identity, listen_host, ports
-            )
+            exports = await nbd_import.export_nodes(daemon, nodes)
         except BaseException:
             await daemon.kill()
             raise

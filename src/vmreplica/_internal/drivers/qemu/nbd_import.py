@@ -5,82 +5,67 @@ agent authorized; the export names are random."""
 
 from __future__ import annotations
 
+import errno
+import json
 import secrets
 import socket
 from collections.abc import Sequence
 
 from vmreplica._internal.drivers.qemu.blockjobs import QmpTarget
 from vmreplica._internal.drivers.qemu.nbd_copy import EXPORT_PREFIX
-from vmreplica._internal.drivers.qemu.qmp import QmpCommandError
 from vmreplica._internal.drivers.qemu.tls_creds import TLS_ID, TlsCreds
 from vmreplica.errors import VmrError
 
 _AUTHZ_ID = "vmr-authz"
 
 
-def _bindable(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
+def listen(host: str, ports: tuple[int, int] | None) -> socket.socket:
+    """A listening socket on ``host``, on the first free port of ``ports`` (None: one the kernel
+    picks), with TCP_NODELAY, which the connections it accepts inherit (Linux).
 
-
-def _candidates(host: str, ports: tuple[int, int] | None) -> list[int]:
-    """Ports to try in turn: the configured range, else five free ones the kernel picks."""
-    if ports is not None:
-        return [p for p in range(ports[0], ports[1] + 1) if _bindable(host, p)]
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    picked = []
-    for _ in range(5):
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            picked.append(int(s.getsockname()[1]))
-    return picked
-
-
-async def serve_import(
-    target: QmpTarget,
-    nodes: Sequence[str],
-    creds: TlsCreds,
-    identity: str,
-    host: str,
-    ports: tuple[int, int] | None = None,
-) -> tuple[int, tuple[str, ...]]:
-    """Export ``nodes`` writable over NBD+TLS on ``host``, to ``identity`` (an X.509 DN, or the
-    PSK user name) only.
-
-    Returns the port (from ``ports`` if given) and the export names; the names are random, so
-    that knowing a VM is not enough to write into its import.
+    QEMU 7.2's NBD server does not set TCP_NODELAY (8.0 does): its replies of several small
+    writes (the option negotiation, the final flush) then wait for the client's delayed ACK,
+    40 ms each time, three times per copy (bench/README.md). So the agent opens the socket and
+    the daemon inherits it (:func:`server_args`).
     """
-    tls_object: dict[str, object] = {"qom-type": f"tls-creds-{creds.kind}", "id": TLS_ID,
-                                     "dir": str(creds.directory), "endpoint": "server"}  # fmt: skip
-    if creds.kind == "x509":
-        tls_object["verify-peer"] = True
-    if creds.priority:
-        tls_object["priority"] = creds.priority
-    await target.execute("object-add", tls_object)
-    await target.execute(
-        "object-add", {"qom-type": "authz-simple", "id": _AUTHZ_ID, "identity": identity}
-    )
-    listening = None
-    for port in _candidates(host, ports):
-        address = {"type": "inet", "data": {"host": host, "port": str(port)}}
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in [0] if ports is None else range(ports[0], ports[1] + 1):
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            await target.execute(
-                "nbd-server-start", {"addr": address, "tls-creds": TLS_ID, "tls-authz": _AUTHZ_ID}
-            )
-        except QmpCommandError as exc:
-            if "in use" not in exc.desc.lower():
-                raise VmrError(f"cannot listen for the initial copy on {host}: {exc.desc}") from exc
-            continue  # taken meanwhile
-        listening = port
-        break
-    if listening is None:
-        where = f"in initial_copy_ports {ports[0]}-{ports[1]}" if ports else "(all taken)"
-        raise VmrError(f"no free port {where} on {host} to serve the initial copy")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as QEMU's own
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((host, port))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            raise VmrError(f"cannot listen for the initial copy on {host}: {exc}") from exc
+        return sock
+    where = f"in initial_copy_ports {ports[0]}-{ports[1]}" if ports else "(all taken)"
+    raise VmrError(f"no free port {where} on {host} to serve the initial copy")
+
+
+def server_args(creds: TlsCreds, identity: str, listening: int) -> list[str]:
+    """The daemon's command line for an NBD+TLS server on the inherited socket ``listening``
+    (:func:`listen`), admitting ``identity`` only (an X.509 DN, or the PSK user name).
+
+    On the command line because qemu-storage-daemon 7.2 has no ``getfd`` to take a socket
+    over QMP. JSON for the objects, as a DN holds commas."""
+    tls: dict[str, object] = {"qom-type": f"tls-creds-{creds.kind}", "id": TLS_ID,
+                              "dir": str(creds.directory), "endpoint": "server"}  # fmt: skip
+    if creds.kind == "x509":
+        tls["verify-peer"] = True
+    if creds.priority:
+        tls["priority"] = creds.priority
+    authz = {"qom-type": "authz-simple", "id": _AUTHZ_ID, "identity": identity}
+    server = f"addr.type=fd,addr.str={listening},tls-creds={TLS_ID},tls-authz={_AUTHZ_ID}"
+    return ["--object", json.dumps(tls), "--object", json.dumps(authz), "--nbd-server", server]
+
+
+async def export_nodes(target: QmpTarget, nodes: Sequence[str]) -> tuple[str, ...]:
+    """Export ``nodes`` writable on the daemon's NBD server; their names are random, so that
+    knowing a VM is not enough to write into its import."""
     names = tuple(f"vmr-{secrets.token_hex(12)}" for _ in nodes)
     for i, (node, name) in enumerate(zip(nodes, names, strict=True)):
         await target.execute(
@@ -88,4 +73,4 @@ async def serve_import(
             {"type": "nbd", "id": f"{EXPORT_PREFIX}{i}", "node-name": node, "name": name,
              "writable": True},
         )  # fmt: skip
-    return listening, names
+    return names

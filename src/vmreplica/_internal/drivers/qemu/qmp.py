@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +36,7 @@ from qemu.qmp import (
     Runstate,
 )
 
+from vmreplica._internal.drivers.qemu.children import process_state
 from vmreplica.errors import ConnectionFailed, VmrError
 
 # Long enough for a slow disk, short enough that a wedged QEMU does not wedge the agent too.
@@ -159,18 +160,27 @@ class QmpSession:
             sock.close()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             raise ConnectionFailed(f"{what}: cannot connect to monitor {path}: {reason}") from exc
+        return await cls.over(
+            sock, what, f"monitor {path}", timeout, " (another client may be connected)"
+        )
+
+    @classmethod
+    async def over(
+        cls, sock: socket.socket, what: str, where: str, timeout: float, hint: str = ""
+    ) -> QmpSession:
+        """The session on ``sock``, connected to ``where`` (the monitor, for errors); ``hint``
+        follows a time-out's message."""
         client = QMPClient(what)
         try:
             await asyncio.wait_for(client.connect(sock), timeout)
         except TimeoutError as exc:
             sock.close()
             raise ConnectionFailed(
-                f"{what}: monitor {path} did not answer within {timeout:g}s"
-                " (another client may be connected)"
+                f"{what}: {where} did not answer within {timeout:g}s{hint}"
             ) from exc
         except (QMPError, OSError, EOFError) as exc:
             sock.close()
-            raise ConnectionFailed(f"{what}: monitor {path} hung up during handshake") from exc
+            raise ConnectionFailed(f"{what}: {where} hung up during handshake") from exc
         return cls(client, what)
 
     @property
@@ -257,6 +267,7 @@ class PidProcess:
         new_session: bool,
         preexec_fn: Callable[[], None] | None = None,
         env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> PidProcess:
         try:
             popen = subprocess.Popen(
@@ -268,6 +279,7 @@ class PidProcess:
                 start_new_session=new_session,
                 preexec_fn=preexec_fn,
                 env=env,
+                pass_fds=pass_fds,
             )
         except OSError as exc:
             raise VmrError(f"cannot run {argv[0]}: {exc.strerror}") from exc
@@ -367,7 +379,7 @@ async def connect_when_ready(
         if left <= 0:
             raise VmrError(
                 f"{what}: the monitor did not come up within {timeout:g}s ({last}; "
-                f"{_process_state(proc.pid)})"
+                f"{process_state(proc.pid)})"
             )
         session = None
         try:
@@ -384,15 +396,3 @@ async def connect_when_ready(
                 continue
         await proc.wait(pause)
     return None
-
-
-def _process_state(pid: int) -> str:
-    """``pid 123 qemu-storage-daemon, state S, waiting in do_epoll_wait``, from /proc."""
-    proc = Path(f"/proc/{pid}")
-    try:
-        program = Path(os.readlink(proc / "exe")).name
-        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        wchan = (proc / "wchan").read_text().strip() or "-"
-    except (OSError, IndexError):
-        return f"pid {pid}"
-    return f"pid {pid} {program}, state {state}, waiting in {wchan}"

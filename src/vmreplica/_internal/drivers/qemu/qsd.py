@@ -15,15 +15,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+import socket
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from vmreplica._internal.drivers.qemu.children import die_with_parent
+from vmreplica._internal.drivers.qemu.children import die_with_parent, process_state
 from vmreplica._internal.drivers.qemu.qmp import (
     EventSubscription,
     PidProcess,
     QmpSession,
-    connect_when_ready,
     last_error,
 )
 from vmreplica.errors import (
@@ -169,11 +169,14 @@ async def start_storage_daemon(
     timeout: float = 30.0,
     direct: bool = False,
     env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    pass_fds: Sequence[int] = (),
 ) -> StorageDaemon:
-    """Open ``disks`` in a new qemu-storage-daemon whose monitor is ``run_dir/qsd.sock``.
+    """Open ``disks`` in a new qemu-storage-daemon, its files (log, pid) in ``run_dir``.
 
     ``vm_name`` only makes error messages name the VM the disks belong to; ``direct``: see
-    :func:`blockdev_options`; ``env``: the daemon's environment, the agent's by default.
+    :func:`blockdev_options`; ``env``: the daemon's environment, the agent's by default;
+    ``args``: more of its command line, which may name the descriptors ``pass_fds`` it inherits.
     """
     what = f"storage daemon of VM '{vm_name}'" if vm_name else f"storage daemon in {run_dir}"
     if not disks:
@@ -184,24 +187,30 @@ async def start_storage_daemon(
         run.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise VmrError(f"cannot create run directory {run}: {exc.strerror}") from exc
-    sock = run / "qsd.sock"
-    with contextlib.suppress(FileNotFoundError):
-        sock.unlink()  # left by a daemon that was killed
     argv = [QEMU_STORAGE_DAEMON]
     for options in blockdev_options(disks, direct):
         argv += ["--blockdev", options]
-    # The monitor comes after the disks, so that it only appears once they are open.
-    path = str(sock).replace(",", ",,")  # key=value syntax
-    argv += ["--chardev", f"socket,id=m,path={path},server=on,wait=off"]
-    argv += ["--monitor", "chardev=m"]
+    argv += args
+    # The monitor is one end of a socket pair, greeting as soon as the daemon is up: nothing to
+    # poll for. It comes after the disks, so that it only answers once they are open. The pid
+    # file puts the run directory on the command line, where children.leftovers looks.
+    ours, theirs = socket.socketpair()
+    argv += ["--chardev", f"socket,id=m,fd={theirs.fileno()}", "--monitor", "chardev=m"]
+    argv += ["--pidfile", str(run / "qsd.pid")]
     log_path = run / "qsd.log"
-    with open(log_path, "ab") as log, open(os.devnull, "wb") as out:
-        log_start = log.tell()
-        proc = PidProcess.spawn(
-            argv, out, log, new_session=False, preexec_fn=die_with_parent(), env=env
-        )
     try:
-        session = await connect_when_ready(sock, what, proc, timeout, "query-version")
+        with open(log_path, "ab") as log, open(os.devnull, "wb") as out:
+            log_start = log.tell()
+            proc = PidProcess.spawn(
+                argv, out, log, False, die_with_parent(), env, (*pass_fds, theirs.fileno())
+            )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    try:
+        session = await _greeted(ours, what, proc, timeout)
     except BaseException:
         proc.kill()
         await proc.wait(5.0)
@@ -213,3 +222,22 @@ async def start_storage_daemon(
         proc.close()
         raise VmrError(f"{what} failed to start: {reason}")
     return StorageDaemon(disks, run, proc, session, what, (log_path, log_start))
+
+
+async def _greeted(
+    sock: socket.socket, what: str, proc: PidProcess, timeout: float
+) -> QmpSession | None:
+    """The session on a starting daemon's monitor; None if the daemon exits first."""
+    sock.setblocking(False)
+    session = None
+    try:
+        session = await QmpSession.over(sock, what, "the monitor", timeout)
+        await session.execute("query-version", timeout=timeout)  # the main loop runs
+    except ConnectionFailed as exc:
+        if session is not None:
+            await session.close()
+        if await proc.wait(1.0):
+            return None  # it hung up because it exited
+        why = exc.message.removeprefix(f"{what}: ")
+        raise VmrError(f"{what}: {why} ({process_state(proc.pid)})") from exc
+    return session
