@@ -14,7 +14,12 @@ import pytest
 
 from tests.integration import test_failover
 from tests.integration.conftest import driver_cluster
-from tests.integration.replication_env import PRIMARY, REPLICA, verified_equal
+from tests.integration.replication_env import (
+    PRIMARY,
+    REPLICA,
+    restart_with_faults,
+    verified_equal,
+)
 from tests.localcluster import Cluster
 from vmreplica._internal import definition
 
@@ -134,3 +139,40 @@ def test_replica_domain_is_defined_from_the_primary_s(lv_cluster: Cluster) -> No
     iface = home.find("./devices/interface")
     assert iface is not None and iface.find("mac").get("address") == MAC  # type: ignore[union-attr]
     assert test_failover.reads(cluster, PRIMARY, "web", 0x22, "1M", "1M")
+
+
+@pytest.mark.parametrize("fault", ["error", "kill"])
+def test_a_reverse_that_fails_moving_the_disks_keeps_the_old_primary_s_domain(
+    lv_cluster: Cluster, fault: str
+) -> None:
+    """The old primary undefines its domain before its disks move into replica chains; a move
+    that fails after that (here an injected error once they moved, or a kill -9 there, rolled
+    back at the restart) moves the disks back and defines the domain again from its own XML,
+    so the VM is still the virsh-defined one."""
+    cluster = lv_cluster
+    pair = test_failover.two_way(cluster)
+    disk = cluster.base / "web.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    xml = cluster.base / "web.xml"
+    xml.write_text(DOMAIN.format(disk=disk, serial=cluster.base / "web-serial.log"))
+    cluster.libvirt[PRIMARY].virsh("define", str(xml))
+    cluster.cli("vm", "start", "web", host=PRIMARY)
+    pair.enable("web")
+    pair.start("web")
+    cluster.cli("vm", "stop", "web", "--force", host=PRIMARY)
+    cluster.cli("failover", "start", "web", "--prepare", host=PRIMARY)
+    cluster.cli("failover", "start", "web", host=REPLICA)
+    restart_with_faults(cluster, PRIMARY, f"reverse.after_convert={fault}")
+    failed = cluster.cli("replication", "set", "web", "--reverse", host=REPLICA, check=False)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr
+    if fault == "kill":
+        process = cluster.hosts[PRIMARY].process
+        assert process is not None and process.wait(10) == -9
+        cluster.hosts[PRIMARY].process = None
+        cluster.start(PRIMARY)  # its start-up recovery moves the disks back
+    assert cluster.cli_json("replication", "get", "web", host=PRIMARY)[0]["mode"] == "Primary"
+    home = _domain(cluster, PRIMARY, "web")
+    assert str(home.findtext("description")).startswith(DESCRIPTION)
+    iface = home.find("./devices/interface")
+    assert iface is not None and iface.find("mac").get("address") == MAC  # type: ignore[union-attr]
+    assert _disk_source(home) == disk

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from tests.fault import tmpfs
@@ -85,6 +86,32 @@ def test_kill_old_primary_after_it_became_the_replica_and_before_it_answered(
     disk = Path(cluster.cli_json("vm", "get", "contoso2", host=REPLICA)[0]["disks"][0])
     tip = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
     assert same_content(disk, tip), "the old primary has every write"
+
+
+def test_a_reverse_without_tracking_runs_the_new_primarys_schedule(cluster: Cluster) -> None:
+    """A reverse answered "tracking lost" (here the old primary's first answer was lost) leaves
+    the new primary waiting for a resynchronization with its schedule running: its automatic
+    resynchronization window, set afterwards, starts one, and scheduled cycles follow, with no
+    agent restart."""
+    pair = _prepared(cluster)
+    cluster.cli("failover", "start", "contoso2", host=REPLICA)
+    _killed_at(cluster, PRIMARY, "reverse.after_become_replica",
+               "replication", "set", "contoso2", "--reverse", "-c", REPLICA)  # fmt: skip
+    again = cluster.cli("replication", "set", "contoso2", "--reverse", host=REPLICA, check=False)
+    assert again.returncode == 9 and "resynchronization is required" in again.stderr, again
+    now = datetime.now().astimezone()
+    window = ((now - timedelta(minutes=1)).strftime("%H:%M"),
+              (now + timedelta(hours=1)).strftime("%H:%M"))  # fmt: skip
+    cluster.cli("replication", "set", "contoso2", "--frequency", "30", "--auto-resynchronize",
+                "true", "--auto-resynchronize-start", window[0], "--auto-resynchronize-end",
+                window[1], host=REPLICA)  # fmt: skip
+    wait_for(lambda: state(cluster, REPLICA) == ("Primary", "Replicating"), 180,
+             "the automatic resynchronization")  # fmt: skip
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, 0x55, "5M", "64k", host=REPLICA)
+    before = pair.measure("contoso2", host=REPLICA)["successful_replication_count"]
+    wait_for(lambda: pair.measure("contoso2", host=REPLICA)["successful_replication_count"]
+             > before, 120, "a scheduled cycle of the new primary")  # fmt: skip
 
 
 def test_a_cycle_during_the_reverse_does_not_cut_the_failback_delta_again(

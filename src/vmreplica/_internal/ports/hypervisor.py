@@ -270,6 +270,11 @@ class HypervisorDriver(Protocol):
         sends its replica; None when it keeps none."""
         ...
 
+    async def restore(self, xml: str) -> None:
+        """Define the VM again from what ``definition`` gave before a ``forget``, when the step
+        that followed it failed (its checkpoints do not come back)."""
+        ...
+
     # -- disk images -------------------------------------------------------------------------
 
     async def check_image(self, path: Path) -> None:

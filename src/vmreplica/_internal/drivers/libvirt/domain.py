@@ -131,6 +131,15 @@ async def xml_of(conn: Connection, vm_id: str) -> str | None:
     return found
 
 
+async def define_xml(conn: Connection, xml: str) -> None:
+    """Define a domain from XML ``xml_of`` read (a step after its undefine failed)."""
+
+    def go(c: Any) -> None:
+        c.defineXML(xml)
+
+    await conn.run("cannot define the domain again", go)
+
+
 async def targets(conn: Connection, vm_id: str) -> list[str]:
     """The domain's disk targets (vda, sdb, …), in the order of its disks."""
 

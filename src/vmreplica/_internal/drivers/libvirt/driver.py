@@ -224,6 +224,9 @@ class LibvirtDriver(QemuDriver):
     async def definition(self, vm_id: str) -> str | None:
         return await domain.xml_of(self.conn, vm_id)
 
+    async def restore(self, xml: str) -> None:
+        await domain.define_xml(self.conn, xml)
+
     async def start_tracking_offline(self, disks: Sequence[Path], generation: int = 1) -> None:
         raise InvalidState(
             "under libvirt, tracking starts through a checkpoint of the domain, not on bare images"

@@ -148,6 +148,9 @@ class QemuDriver:
     async def definition(self, vm_id: str) -> str | None:
         return None
 
+    async def restore(self, xml: str) -> None:
+        """Nothing to define again (``definition`` gives none)."""
+
     # -- disk images -------------------------------------------------------------------------
 
     async def check_image(self, path: Path) -> None:

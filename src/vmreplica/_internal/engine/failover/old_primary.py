@@ -24,7 +24,7 @@ from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.common import chain_dir, redirect_if_elsewhere
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmRecord, VmService
-from vmreplica._internal.files import write_atomic
+from vmreplica._internal.files import fsync_dir, write_atomic
 from vmreplica._internal.ports.hypervisor import DiskOwner
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
@@ -148,11 +148,11 @@ class OldPrimary:
         # definition (a libvirt domain's XML) is kept beside the chains, as a replica keeps
         # its primary's: a failback defines the domain from it again.
         _renamable(moves, root, row.vm_name)  # before anything changes
-        own = await self._definition(row)
+        full, own = await self._definition(row)
         await self._ctx.driver.forget(vm_id)
         with self._ctx.stores.db.tx() as tx:
             entry = self._ctx.journal.begin(
-                tx, "become-replica", vm_id, {"root": str(root), "moves": moves}
+                tx, "become-replica", vm_id, {"root": str(root), "moves": moves, "definition": full}
             )
         tips: list[Path] = []
         try:
@@ -162,6 +162,7 @@ class OldPrimary:
                 chain = self._ctx.driver.chain(Path(dst).parent)
                 await chain.recover()  # creates tip.qcow2 above the existing base
                 tips.append(chain.tip)
+            _sync_moves(moves, root)  # durable before the record names the chains
             if own is not None:
                 try:
                     write_atomic(root / definition.FILE_NAME, own.encode())
@@ -172,6 +173,7 @@ class OldPrimary:
             # The agent lives on (a qemu-img killed, a full disk): the start-up recovery would
             # not run, and the VM's record would name disks that were moved away.
             _move_back(moves, root)
+            await self._restore(full, row.vm_name)
             with self._ctx.stores.db.tx() as tx:
                 self._ctx.journal.end_entry(tx, entry)
             if isinstance(e, OSError):  # become_replica runs the VM's cycles again
@@ -200,21 +202,27 @@ class OldPrimary:
         self._primary.pending.forget(vm_id)
         faults.hit("reverse.after_become_replica")  # recorded, not yet answered
 
-    async def _definition(self, row: ReplicationRow) -> str | None:
-        """The VM's own definition, trimmed to its replicated disks; None when there is none
-        or a replica could not be defined from it (the VM is then generated from its record)."""
+    async def _definition(self, row: ReplicationRow) -> tuple[str | None, str | None]:
+        """The VM's own definition (defined again should the disks not move), and that trimmed
+        to its replicated disks: None when there is none or a replica could not be defined from
+        it (the VM is then generated from its record)."""
         try:
             xml = await self._ctx.driver.definition(row.vm_id)
-            if xml is None:
-                return None
-            definition.check(xml, row.vm_id)
-            return definition.only_disks(xml, row.disks)
         except VmrError as e:
             log.warning("the domain XML of %s is not kept: %s", row.vm_name, e)
-            return None
+            return None, None
+        if xml is None:
+            return None, None
+        try:
+            definition.check(xml, row.vm_id)
+            return xml, definition.only_disks(xml, row.disks)
+        except VmrError as e:
+            log.warning("the domain XML of %s is not kept: %s", row.vm_name, e)
+            return xml, None
 
     async def _roll_back(self, entry: JournalEntry) -> None:
         _move_back(entry.data["moves"], entry.data["root"])
+        await self._restore(entry.data.get("definition"), entry.subject)
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.end_entry(tx, entry.id)
         row = self._store.find(entry.subject)
@@ -223,6 +231,14 @@ class OldPrimary:
             self._ctx.events.record(
                 "recovered", f"rolled back an interrupted reverse of {row.vm_name}", row.vm_name
             )
+
+    async def _restore(self, xml: str | None, vm: str) -> None:
+        """The domain forgotten before the disks moved, defined again once they are back."""
+        if xml is not None:
+            try:
+                await self._ctx.driver.restore(xml)
+            except VmrError as e:
+                log.warning("cannot define the domain of %s again: %s", vm, e)
 
     async def vm_state(
         self, authz: Authorization, peer_names: list[str], req: p.VmRequest
@@ -264,11 +280,20 @@ def _renamable(moves: list[tuple[str, str]], root: Path, vm_name: str) -> None:
 
 
 def _move_back(moves: list[tuple[str, str]], root: Path | str) -> None:
-    """Undo a become-replica's moves: each disk back where the VM has it, the chains gone."""
+    """Undo a become-replica's moves: each disk back where the VM has it (durable before the
+    journal entry ends), the chains gone."""
     for src, dst in moves:
         if Path(dst).exists() and not Path(src).exists():
             os.replace(dst, src)
+            fsync_dir(Path(src).parent)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _sync_moves(moves: list[tuple[str, str]], root: Path) -> None:
+    """The renames into the chains, and the directories made for them, made durable."""
+    dirs = {Path(src).parent for src, _ in moves} | {Path(dst).parent for _, dst in moves}
+    for path in [*sorted(dirs), root, root.parent, root.parent.parent]:
+        fsync_dir(path)
 
 
 def _converted_for(row: ReplicationRow, peer_names: list[str]) -> bool:

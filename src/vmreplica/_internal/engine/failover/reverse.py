@@ -106,6 +106,9 @@ class Reverse(FailoverBase):
                 (Path(row.storage_dir) / FAILBACK_FILE).unlink(missing_ok=True)
             self._share(row)
             if reason is not None:
+                # Its schedule runs a resynchronization in its automatic window, or at a time
+                # given later, and its cycles after that, with no agent restart.
+                self._primary.scheduler.run(row.vm_id)
                 raise ResyncRequired(
                     f"replication of {name} is reversed, but {peer.fqdn} cannot be brought up to "
                     f"date by a delta ({reason}): a resynchronization is required"
