@@ -44,6 +44,20 @@ def state(cluster: Cluster, host: str, vm: str = "contoso2") -> tuple[str, str]:
     return str(row["mode"]), str(row["state"])
 
 
+def new_primary_writes_reach_the_old(pair: Pair, pattern: int, offset: str) -> Path:
+    """The new primary (REPLICA) runs contoso2, writes 64 KiB at `offset` and syncs: the old
+    primary's replica tip holds every write. The tip's path."""
+    cluster = pair.cluster
+    cluster.cli("vm", "start", "contoso2", host=REPLICA)
+    pair.write("contoso2", 0, pattern, offset, "64k", host=REPLICA)
+    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
+    cluster.cli("vm", "monitor", "contoso2", 'qemu-io disk0 "flush"', host=REPLICA)
+    disk = Path(cluster.cli_json("vm", "get", "contoso2", host=REPLICA)[0]["disks"][0])
+    tip = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
+    assert same_content(disk, tip), "the old primary has every write"
+    return tip
+
+
 def test_planned_failover_reverse_and_fail_back(any_cluster: Cluster) -> None:
     cluster = any_cluster  # on each driver
     pair = two_way(cluster)
@@ -269,14 +283,8 @@ def test_qemu_img_killed_while_the_failback_delta_is_cut(cluster: Cluster) -> No
     assert state(cluster, PRIMARY) == ("Replica", "Replicating")
     cluster.cli("replication", "sync", "contoso2", host=REPLICA)
     assert state(cluster, REPLICA) == ("Primary", "Replicating")
-    cluster.cli("vm", "start", "contoso2", host=REPLICA)
-    pair.write("contoso2", 0, 0x55, "6M", "64k", host=REPLICA)
-    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
-    cluster.cli("vm", "monitor", "contoso2", 'qemu-io disk0 "flush"', host=REPLICA)
-    disk = Path(cluster.cli_json("vm", "get", "contoso2", host=REPLICA)[0]["disks"][0])
-    tip = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
+    tip = new_primary_writes_reach_the_old(pair, 0x55, "6M")
     assert tip.name == "tip.qcow2", tip
-    assert same_content(disk, tip), "the old primary has every write"
 
 
 def test_refusals(cluster: Cluster) -> None:

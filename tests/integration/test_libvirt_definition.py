@@ -17,6 +17,7 @@ from tests.integration.conftest import driver_cluster
 from tests.integration.replication_env import (
     PRIMARY,
     REPLICA,
+    Pair,
     restart_with_faults,
     verified_equal,
 )
@@ -58,6 +59,18 @@ def _domain(cluster: Cluster, host: str, name: str) -> ET.Element:
     return ET.fromstring(cluster.libvirt[host].virsh("dumpxml", "--inactive", name).stdout)
 
 
+def _defined_web(cluster: Cluster) -> tuple[Pair, Path]:
+    """Both hosts replicate to each other, and PRIMARY's libvirtd has the domain `web` defined
+    with `virsh define` (DOMAIN), on a new 64 MiB disk: the pair and the disk."""
+    pair = test_failover.two_way(cluster)
+    disk = cluster.base / "web.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    xml = cluster.base / "web.xml"
+    xml.write_text(DOMAIN.format(disk=disk, serial=cluster.base / "web-serial.log"))
+    cluster.libvirt[PRIMARY].virsh("define", str(xml))
+    return pair, disk
+
+
 def _disk_source(root: ET.Element) -> Path:
     source = root.find("./devices/disk/source")
     assert source is not None
@@ -66,12 +79,7 @@ def _disk_source(root: ET.Element) -> Path:
 
 def test_replica_domain_is_defined_from_the_primary_s(lv_cluster: Cluster) -> None:
     cluster = lv_cluster
-    pair = test_failover.two_way(cluster)
-    disk = cluster.base / "web.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    xml = cluster.base / "web.xml"
-    xml.write_text(DOMAIN.format(disk=disk, serial=cluster.base / "web-serial.log"))
-    cluster.libvirt[PRIMARY].virsh("define", str(xml))
+    pair, _ = _defined_web(cluster)
     uuid = cluster.libvirt[PRIMARY].virsh("domuuid", "web").stdout.strip()
     assert [v["id"] for v in cluster.cli_json("vm", "list", host=PRIMARY)] == [uuid]
     cluster.cli("vm", "start", "web", host=PRIMARY)
@@ -150,12 +158,7 @@ def test_a_reverse_that_fails_moving_the_disks_keeps_the_old_primary_s_domain(
     back at the restart) moves the disks back and defines the domain again from its own XML,
     so the VM is still the virsh-defined one."""
     cluster = lv_cluster
-    pair = test_failover.two_way(cluster)
-    disk = cluster.base / "web.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    xml = cluster.base / "web.xml"
-    xml.write_text(DOMAIN.format(disk=disk, serial=cluster.base / "web-serial.log"))
-    cluster.libvirt[PRIMARY].virsh("define", str(xml))
+    pair, disk = _defined_web(cluster)
     cluster.cli("vm", "start", "web", host=PRIMARY)
     pair.enable("web")
     pair.start("web")

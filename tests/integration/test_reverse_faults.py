@@ -23,6 +23,7 @@ from tests.integration.test_failover import (
     _killed_at,
     _prepared,
     _reverse_again_succeeds,
+    new_primary_writes_reach_the_old,
     state,
     two_way,
 )
@@ -141,13 +142,7 @@ def test_a_cycle_during_the_reverse_does_not_cut_the_failback_delta_again(
     assert not any("interrupted reverse" in m for m in recovered), recovered
     assert state(cluster, REPLICA) == ("Primary", "Replicating")
     assert state(cluster, PRIMARY) == ("Replica", "Replicating")
-    cluster.cli("vm", "start", "contoso2", host=REPLICA)
-    pair.write("contoso2", 0, 0x66, "7M", "64k", host=REPLICA)
-    cluster.cli("replication", "sync", "contoso2", host=REPLICA)
-    cluster.cli("vm", "monitor", "contoso2", 'qemu-io disk0 "flush"', host=REPLICA)
-    disk = Path(cluster.cli_json("vm", "get", "contoso2", host=REPLICA)[0]["disks"][0])
-    tip = Path(cluster.cli_json("vm", "get", "contoso2", host=PRIMARY)[0]["disks"][0])
-    assert same_content(disk, tip), "the old primary has every write"
+    new_primary_writes_reach_the_old(pair, 0x66, "7M")
 
 
 def test_a_storage_location_on_another_file_system_refuses_the_reverse_first(
