@@ -110,11 +110,20 @@ class RecoveryPoints:
             await self.finish_prune(row, ids[0])
 
     async def finish_prune(self, row: ReplicationRow, point: int) -> None:
+        """Finish folding ``point`` into the base; or, if a failover or test failover stands on
+        a point now (one started while this merge was left unfinished, as a quarantined replica
+        allows), give it up: every prefix of a merge reads as before (chain.py), the point stays
+        listed, and a later prune folds it once nothing stands on it."""
+        pinned = replica_row(self._ctx, row.vm_id).pinned
         for chain in chains(self._ctx, row):
-            await chain.recover()
+            await chain.recover(pinned)
             ids = chain.point_ids()
             if ids and ids[0] == point:
-                await chain.prune_oldest()
+                await chain.prune_oldest(pinned)
+        if pinned and any(point in chain.point_ids() for chain in chains(self._ctx, row)):
+            with self._ctx.stores.db.tx() as tx:
+                self._ctx.journal.end(tx, "prune", row.vm_id)
+            return
         with self._ctx.stores.db.tx() as tx:
             self._ctx.stores.points.remove(tx, row.vm_id, point)
             self._ctx.journal.end(tx, "prune", row.vm_id)
