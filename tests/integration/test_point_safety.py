@@ -5,6 +5,8 @@ the replica back on a chain that lost its newer points)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,8 +20,10 @@ from tests.integration.replication_env import (
     replicated_vm,
     restart_with_faults,
     verified_equal,
+    wait_for,
 )
 from tests.integration.test_failover import file_reads
+from tests.integration.test_resync import lose_tracking, resync, state
 from tests.localcluster import Cluster
 
 
@@ -30,6 +34,18 @@ def point_ids(pair: Pair, vm: str = "app") -> list[str]:
 
 def replica_state(pair: Pair, vm: str = "app") -> str:
     return str(pair.replication(vm, REPLICA)["state"])
+
+
+def qemu_of(cluster: Cluster, vm: str) -> list[int]:
+    """The pids of the QEMU running ``vm``."""
+    found = []
+    for pid in cluster.qemu_pids():
+        try:
+            if f"guest={vm}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return found
 
 
 def new_point(pair: Pair, pattern: int, offset: str, vm: str = "app") -> None:
@@ -100,3 +116,43 @@ def test_kill_mid_complete_finishes_it_at_the_next_start(cluster: Cluster) -> No
     assert replica_state(pair) == "FailedOver"
     overlay = Path(str(pair.json("vm", "get", "app", host=REPLICA)[0]["disks"][0]))
     assert file_reads(overlay, 0x21, "1M", "64k") and file_reads(overlay, 0, "2M", "64k")
+
+
+def test_hashes_wait_for_an_acknowledged_delta_not_yet_applied(cluster: Cluster) -> None:
+    """A resynchronization's delta is answered before it is applied; an apply that fails then
+    leaves it journaled (the next delta, the finish or a restart applies it). A new compare
+    meanwhile (tracking lost again) must hash the replica with that delta in, or a block the
+    guest wrote back to what the replica held before reads as equal, is not sent, and the late
+    apply then leaves the replica with the delta's older data."""
+    pair = make_pair(cluster)
+    replicated_vm(pair, "app")
+    restart_with_faults(cluster, REPLICA, "replica.apply_behind=error")
+    pair.write("app", 0, 0x31, "8M", "64k")
+    lose_tracking(pair)
+    pair.cli("vm", "start", "app")
+    disk = pair.primary_disk("app", 0)
+    restart_with_faults(cluster, PRIMARY, "primary.before_land=kill")
+    pair.cli("replication", "resume", "app", "--resynchronize")
+    # The primary dies with the delta (0x31 at 8M) answered: the replica journaled it, and its
+    # apply behind the answer failed.
+    primary = cluster.hosts[PRIMARY].process
+    assert primary is not None
+    wait_for(lambda: primary.poll() is not None, 60, "the primary's death")
+    died_by_sigkill(cluster, PRIMARY)
+    assert "after its answer failed" in cluster.hosts[REPLICA].log.read_text()
+    assert state(pair, REPLICA) == "Resynchronizing"
+    # Its QEMU dies too (tracking is lost again), the guest having written back at 8M what the
+    # replica held there before the delta.
+    for pid in qemu_of(cluster, "app"):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not qemu_of(cluster, "app"), 30, "its QEMU gone")
+    written = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0 8M 64k", str(disk)],
+                             capture_output=True, text=True)  # fmt: skip
+    assert written.returncode == 0 and "wrote" in written.stdout, written.stderr
+    cluster.start(PRIMARY)
+    wait_for(lambda: state(pair) != "Resynchronizing", 120, "the resync to stop")
+    assert state(pair) == "WaitingForStartResynchronize"
+    pair.cli("vm", "start", "app")
+    resync(pair)
+    pair.cli("replication", "sync", "app")
+    verified_equal(pair)
