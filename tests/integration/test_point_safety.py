@@ -156,3 +156,27 @@ def test_hashes_wait_for_an_acknowledged_delta_not_yet_applied(cluster: Cluster)
     resync(pair)
     pair.cli("replication", "sync", "app")
     verified_equal(pair)
+
+
+def test_a_lowered_history_is_kept_from_the_next_delta(cluster: Cluster) -> None:
+    """Fewer points to keep: the oldest are folded into the base at the next delta, not only
+    when one makes a point; with none to keep (0), no delta ever makes one, so they stayed."""
+    pair = make_pair(cluster)
+    replicated_vm(pair, "app", "--recovery-history", "4", "--recovery-point-interval", "1")
+    for pattern, offset in ((0x21, "1M"), (0x22, "2M"), (0x23, "3M")):
+        new_point(pair, pattern, offset)
+    ids = point_ids(pair)
+    assert len(ids) >= 3
+    # No point is due for an hour from now on.
+    pair.cli("replication", "set", "app", "--recovery-history", "1", "--recovery-point-interval",
+             "3600")  # fmt: skip
+    pair.write("app", 0, 0x24, "4M", "64k")
+    pair.cli("replication", "sync", "app")
+    assert point_ids(pair) == ids[-1:]
+    pair.cli("replication", "set", "app", "--recovery-history", "0")
+    pair.write("app", 0, 0x25, "5M", "64k")
+    pair.cli("replication", "sync", "app")
+    assert point_ids(pair) == []
+    chain = pair.tip("app", 0).parent
+    assert not list(chain.glob("rp-*.qcow2"))
+    verified_equal(pair)

@@ -55,8 +55,9 @@ class RecoveryPoints:
     async def maybe_create(
         self, vm_id: str, application_consistent: bool = False, initial: bool = False
     ) -> None:
-        """After an apply: a point if :func:`point_due` says one is due; ``initial`` when that
-        apply was the initial copy (which is not a point, however slow the replica is)."""
+        """After an apply: a point if :func:`point_due` says one is due (``initial`` when that
+        apply was the initial copy, which is not a point, however slow the replica is), then
+        the oldest beyond the history folded into the base, a point made or not."""
         await faults.ahit("replica.before_point")
         row = replica_row(self._ctx, vm_id)
         kind = point_due(
@@ -64,9 +65,12 @@ class RecoveryPoints:
             state=row.state, initial=initial, application_consistent=application_consistent,
             interval=row.settings.recovery_point_interval, now=datetime.now(UTC),
         )  # fmt: skip
-        if kind is None:
-            return
-        await self.freeze(row, kind)
+        if kind is not None:
+            await self.freeze(row, kind)
+        elif row.state in (State.RESYNCHRONIZING, State.WAITING_FOR_INITIAL):
+            return  # the end of a resynchronization prunes
+        # Also without a new point: a history lowered since (to 0 too, which makes none) is
+        # kept from the next delta on.
         await self.prune(vm_id)
 
     async def freeze(self, row: ReplicationRow, kind: str) -> int:
