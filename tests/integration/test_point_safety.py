@@ -5,12 +5,19 @@ the replica back on a chain that lost its newer points)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
+import pytest
+
+from tests.fault import tmpfs
 from tests.integration.replication_env import (
     PRIMARY,
     REPLICA,
@@ -19,12 +26,22 @@ from tests.integration.replication_env import (
     make_pair,
     replicated_vm,
     restart_with_faults,
+    same_content,
     verified_equal,
     wait_for,
 )
+from tests.integration.test_chain import SIZE, Primary
 from tests.integration.test_failover import file_reads
 from tests.integration.test_resync import lose_tracking, resync, state
 from tests.localcluster import Cluster
+from vmreplica._internal.drivers.qemu.chain import ReplicaChain
+from vmreplica.errors import StorageError
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
 
 
 def point_ids(pair: Pair, vm: str = "app") -> list[str]:
@@ -88,6 +105,27 @@ def test_an_unfinished_merge_spares_the_point_a_failover_runs_on(cluster: Cluste
     cluster.start(PRIMARY)
     new_point(pair, 0x23, "3M")
     assert "1" not in point_ids(pair) and len(point_ids(pair)) == 1
+    verified_equal(pair)
+
+
+def test_kill_mid_merge_is_finished_at_the_next_start(cluster: Cluster) -> None:
+    pair = make_pair(cluster)
+    replicated_vm(pair, "app", "--recovery-history", "1", "--recovery-point-interval", "1")
+    new_point(pair, 0x21, "1M")
+    assert point_ids(pair) == ["1"]
+    # Killed with point 1 folded into the base, point 2 not yet moved onto it.
+    restart_with_faults(cluster, REPLICA, "replica.mid_prune=kill")
+    time.sleep(1.1)
+    pair.write("app", 0, 0x22, "2M", "64k")
+    pair.cli("replication", "sync", "app", check=False)
+    died_by_sigkill(cluster, REPLICA)
+    cluster.start(REPLICA)
+    assert point_ids(pair) == ["2"]
+    chain = pair.tip("app", 0).parent
+    assert not (chain / "rp-1.qcow2").exists()
+    assert file_reads(chain / "rp-2.qcow2", 0x21, "1M", "64k")
+    assert file_reads(chain / "rp-2.qcow2", 0x22, "2M", "64k")
+    pair.cli("replication", "sync", "app")
     verified_equal(pair)
 
 
@@ -180,3 +218,36 @@ def test_a_lowered_history_is_kept_from_the_next_delta(cluster: Cluster) -> None
     chain = pair.tip("app", 0).parent
     assert not list(chain.glob("rp-*.qcow2"))
     verified_equal(pair)
+
+
+def test_disk_full_mid_merge_changes_no_point_and_finishes_once_space_is_freed(
+    tmp_path: Path,
+) -> None:
+    """The merge of the oldest point into the base runs out of space: every point still reads
+    as it did, the chain verifies, and the merge repeated once there is room finishes it."""
+    with tmpfs(tmp_path / "small", "16M") as mnt:
+        chain = run(ReplicaChain.create(mnt / "disk", SIZE))
+        primary = Primary(tmp_path)
+        snaps = {}
+        for point_id, pattern in ((1, 0x71), (2, 0x72)):
+            assert run(chain.apply_delta(primary.cycle([f"write -P {pattern:#x} 0 3M"])))
+            run(chain.freeze_recovery_point(point_id))
+            snaps[point_id] = primary.snapshot(str(point_id))
+        filler = mnt / "filler"
+        # The rest of the file system, to the last block.
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\xff" * 65536)
+                f.flush()
+        with pytest.raises(StorageError, match=r"disk full"):
+            run(chain.prune_oldest())
+        for point_id, snap in snaps.items():
+            assert same_content(chain.rp_path(point_id), snap)
+        assert same_content(chain.tip, primary.src)
+        filler.unlink()
+        run(chain.recover())
+        run(chain.verify())
+        assert run(chain.prune_oldest())
+        assert chain.point_ids() == [2]
+        assert same_content(chain.rp_path(2), snaps[2]) and same_content(chain.tip, primary.src)
+        run(chain.verify())
