@@ -156,6 +156,28 @@ def test_kill_mid_complete_finishes_it_at_the_next_start(cluster: Cluster) -> No
     assert file_reads(overlay, 0x21, "1M", "64k") and file_reads(overlay, 0, "2M", "64k")
 
 
+def test_kill_mid_test_failover_stop_is_finished_at_the_next_start(cluster: Cluster) -> None:
+    """A test failover stopped, the agent killed with its VM gone but the point still pinned:
+    the next start finishes the stop, so the merges it held back go on."""
+    pair = make_pair(cluster)
+    replicated_vm(pair, "app", "--recovery-history", "1", "--recovery-point-interval", "1")
+    new_point(pair, 0x21, "1M")
+    pair.cli("failover", "start", "app", "--as-test", "--recovery-point", "1", host=REPLICA)
+    new_point(pair, 0x22, "2M")
+    assert point_ids(pair) == ["1", "2"], "the test VM's point is kept meanwhile"
+    restart_with_faults(cluster, REPLICA, "failover.mid_test_stop=kill")
+    cut = pair.cli("failover", "stop", "app", host=REPLICA, check=False)
+    assert cut.returncode != 0
+    died_by_sigkill(cluster, REPLICA)
+    cluster.start(REPLICA)
+    assert [v["name"] for v in pair.json("vm", "list", host=REPLICA)] == ["app"]
+    new_point(pair, 0x23, "3M")
+    assert point_ids(pair) == ["3"], "point 1 stayed pinned by a test VM that is gone"
+    pair.cli("failover", "start", "app", "--as-test", host=REPLICA)
+    pair.cli("failover", "stop", "app", host=REPLICA)
+    verified_equal(pair)
+
+
 def test_hashes_wait_for_an_acknowledged_delta_not_yet_applied(cluster: Cluster) -> None:
     """A resynchronization's delta is answered before it is applied; an apply that fails then
     leaves it journaled (the next delta, the finish or a restart applies it). A new compare
