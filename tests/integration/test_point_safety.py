@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -127,6 +128,29 @@ def test_kill_mid_merge_is_finished_at_the_next_start(cluster: Cluster) -> None:
     assert file_reads(chain / "rp-2.qcow2", 0x22, "2M", "64k")
     pair.cli("replication", "sync", "app")
     verified_equal(pair)
+
+
+def test_a_failover_to_latest_holds_every_delta_applied_before_it(cluster: Cluster) -> None:
+    """Deltas applied while a failover waits (for the primary's answer, then for the replica's
+    lock) are in the point it freezes: the point is numbered from the row as it is then."""
+    pair = make_pair(cluster)
+    replicated_vm(pair, "app", "--recovery-history", "4", "--recovery-point-interval", "2")
+    restart_with_faults(cluster, REPLICA, "failover.after_guard=sleep:8")
+    failover = subprocess.Popen(
+        [sys.executable, "-m", "vmreplica", "failover", "start", "app", "--force"],
+        env=cluster.env(REPLICA), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.5)
+    pair.write("app", 0, 0x41, "1M", "64k")
+    pair.cli("replication", "sync", "app")  # makes point 1
+    pair.write("app", 0, 0x42, "2M", "64k")
+    pair.cli("replication", "sync", "app")  # within the interval: no point
+    assert point_ids(pair) == ["1"]
+    _, err = failover.communicate(timeout=120)
+    assert failover.returncode == 0, err
+    overlay = Path(str(pair.json("vm", "get", "app", host=REPLICA)[0]["disks"][0]))
+    assert file_reads(overlay, 0x41, "1M", "64k")
+    assert file_reads(overlay, 0x42, "2M", "64k"), "the failover's point lacks the last delta"
 
 
 def test_kill_mid_complete_finishes_it_at_the_next_start(cluster: Cluster) -> None:

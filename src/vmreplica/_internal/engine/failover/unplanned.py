@@ -33,6 +33,7 @@ class Failover(FailoverBase):
         if row.state != State.RESYNCHRONIZING:
             allows(row, Command.FAIL_OVER)
         primary_check = await self._split_brain_guard(row, force)
+        await faults.ahit("failover.after_guard")  # sleep: a slow answer, for tests
         async with self._ctx.locks.replica(row.vm_id):
             if self._store.get(row.vm_id, row.vm_name).state == State.RESYNCHRONIZING:
                 # Fail over to the replica as it was before the resynchronization began.

@@ -74,6 +74,11 @@ class RecoveryPoints:
         await self.prune(vm_id)
 
     async def freeze(self, row: ReplicationRow, kind: str) -> int:
+        # Numbered from the row as it is now, under the replica lock: a caller's row read
+        # before the lock (a failover's, across its wait for the primary's answer) may name a
+        # point frozen meanwhile, which would then be "frozen" again as it is, without the
+        # deltas applied since.
+        row = replica_row(self._ctx, row.vm_id)
         point = row.next_rp_id
         # The point holds tip as it is now: its time is now, even if a restart finishes it.
         created = now_iso()
