@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from tests.integration.replication_env import (
     wait_for,
 )
 from tests.integration.test_chain import SIZE, Primary
-from tests.integration.test_failover import file_reads
+from tests.integration.test_failover import file_reads, two_way
 from tests.integration.test_resync import lose_tracking, resync, state
 from tests.localcluster import Cluster
 from vmreplica._internal.drivers.qemu.chain import ReplicaChain
@@ -297,3 +298,35 @@ def test_disk_full_mid_merge_changes_no_point_and_finishes_once_space_is_freed(
         assert chain.point_ids() == [2]
         assert same_content(chain.rp_path(2), snaps[2]) and same_content(chain.tip, primary.src)
         run(chain.verify())
+
+
+def test_a_merge_left_unfinished_ends_when_the_replica_becomes_the_primary(
+    cluster: Cluster,
+) -> None:
+    """A merge left journaled (quarantined) by a replica that then failed over and reversed:
+    that chain is the new primary's disk's backing now, and no replica step applies to it any
+    more; the next start ends the step instead of failing it, on a primary, for ever."""
+    pair = two_way(cluster)
+    cluster.cli("vm", "new", "app", "--disk", "64M", host=PRIMARY)
+    cluster.cli("vm", "start", "app", host=PRIMARY)
+    pair.write("app", 0, 0x11, "0", "1M")
+    pair.enable("app", "--recovery-history", "1", "--recovery-point-interval", "1")
+    pair.start("app")
+    new_point(pair, 0x21, "1M")
+    restart_with_faults(cluster, REPLICA, "replica.mid_prune=error")
+    new_point(pair, 0x22, "2M")
+    assert point_ids(pair) == ["1", "2"]
+    cluster.cli("vm", "stop", "app", "--force", host=PRIMARY)
+    pair.cli("failover", "start", "app", "--recovery-point", "1", host=REPLICA)
+    pair.cli("replication", "set", "app", "--reverse", host=REPLICA)
+    assert pair.replication("app", REPLICA)["mode"] == "Primary"
+    cluster.stop(REPLICA)
+    cluster.start(REPLICA)
+    disk = Path(str(pair.json("vm", "get", "app", host=REPLICA)[0]["disks"][0]))
+    assert file_reads(disk, 0x21, "1M", "64k") and file_reads(disk, 0, "2M", "64k")
+    measured = pair.measure("app", REPLICA)
+    assert "takes no changes" not in json.dumps(measured), measured
+    pair.cli("vm", "start", "app", host=REPLICA)
+    pair.write("app", 0, 0x31, "3M", "64k", host=REPLICA)
+    pair.cli("replication", "sync", "app", host=REPLICA)
+    assert pair.measure("app", REPLICA)["health"] == "Normal"
