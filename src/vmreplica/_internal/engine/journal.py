@@ -13,6 +13,8 @@ Kinds (registered by the module that owns the operation):
   ``tip``, the oldest point folded into ``base`` (engine/replica/); finished.
 - ``resync-commit``: a resynchronization's overlays folded into ``tip`` (engine/replica/); finished.
 - ``failover``, ``test-failover``: overlays above a recovery point (engine/failover/); rolled back.
+- ``failover-complete``: the points above a failover's point and ``tip`` being deleted
+  (engine/failover/unplanned.py); finished.
 - ``become-replica``: the old primary's disks moved into replica chains; rolled back.
 - ``reverse``: the new primary's failback delta not cut yet; finished.
 - ``delete-storage``: a replica VM's storage being deleted with the VM (engine/vms/); finished.
@@ -43,8 +45,9 @@ log = logging.getLogger("vmreplica.journal")
 Recover = Callable[[JournalEntry], Awaitable[None]]
 
 KINDS = (
-    "apply", "freeze", "prune", "resync-commit", "failover", "test-failover", "become-replica",
-    "reverse", "delete-storage", "seed-adopt", "media-import", "fsfreeze", "vm-move",
+    "apply", "freeze", "prune", "resync-commit", "failover", "test-failover", "failover-complete",
+    "become-replica", "reverse", "delete-storage", "seed-adopt", "media-import", "fsfreeze",
+    "vm-move",
 )  # fmt: skip
 
 

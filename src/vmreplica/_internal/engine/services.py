@@ -36,7 +36,9 @@ class Services:
         await self.ctx.journal.recover("fsfreeze")  # a guest left frozen thaws first
         await self.ctx.journal.recover("delete-storage", "seed-adopt", "media-import")
         await self.replica.recovery.recover()
-        await self.ctx.journal.recover("become-replica", "reverse", "failover", "test-failover")
+        await self.ctx.journal.recover(
+            "become-replica", "reverse", "failover", "test-failover", "failover-complete"
+        )
 
 
 def build(ctx: Context) -> Services:

@@ -267,6 +267,7 @@ class ReplicaChain:
             backing = await self._backing_of(above)
             if backing == oldest:
                 await qemu_img.commit(oldest)
+                faults.hit("replica.mid_prune")  # folded into base, the next image not moved
                 await qemu_img.rebase_unsafe(above, BASE)
             elif backing != self.base:
                 raise IntegrityError(f"{above.name} stands on {backing}, not on {oldest.name}")

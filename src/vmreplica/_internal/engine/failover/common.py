@@ -74,18 +74,22 @@ class FailoverBase:
         ]
 
     async def _roll_back(self, entry: JournalEntry) -> None:
-        """A failover or test failover a crash cut short: its overlays (and test VM) go."""
+        """A failover or test failover a crash cut short: its overlays (and test VM) go. A
+        test failover's stop cut short ends the same way, its point unpinned."""
         row = self._store.find(entry.subject)
+        test_vm = entry.data.get("test_vm_id")
         if row is not None and row.storage_dir:
+            if test_vm:  # first: it may run on the overlays
+                await self._vms.unregister(str(test_vm))
             shutil.rmtree(Path(row.storage_dir) / OVERLAY_DIRS[entry.kind], ignore_errors=True)
-            if entry.data.get("test_vm_id"):
-                await self._vms.unregister(str(entry.data["test_vm_id"]))
             self._ctx.events.record(
                 "recovered",
                 f"rolled back an interrupted {entry.kind} of {row.vm_name}",
                 row.vm_name,
             )
         with self._ctx.stores.db.tx() as tx:
+            if row is not None and test_vm and row.test_vm_id == test_vm:
+                self._store.update(row.vm_id, tx, test_vm_id=None, test_point=None)
             self._ctx.journal.end_entry(tx, entry.id)
 
     async def _changes_above_point(self, row: ReplicationRow) -> dict[int, list[Extent]] | None:

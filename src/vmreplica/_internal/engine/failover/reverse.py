@@ -94,7 +94,7 @@ class Reverse(FailoverBase):
                     self._ctx, tx, row, command, mode="Primary", primary_server=self._ctx.host,
                     replica_server=peer.fqdn, replica_port=peer.port, sequence=0,
                     acked_sequence=0, generation=0, failover_point=None, peer_port=None,
-                    trust_group=None, auth_entry=None, last_error=reason,
+                    trust_group=None, auth_entry=None, last_error=reason, quarantine=None,
                 )  # fmt: skip
                 self._ctx.events.record(
                     "replication-reversed",

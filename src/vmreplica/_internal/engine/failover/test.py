@@ -1,5 +1,6 @@
 """Test failover: a separate "<VM> - Test" VM on overlays above a recovery point, while
-replication goes on (journal kind ``test-failover``, rolled back if a crash interrupts it)."""
+replication goes on (journal kind ``test-failover``, for its start and its stop: rolled back, the
+test VM and its overlays removed and its point unpinned, if a crash interrupts either)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from vmreplica._internal import faults
 from vmreplica._internal.engine.failover.common import TEST_SUFFIX, FailoverBase
 from vmreplica._internal.engine.vms import VmRecord
 from vmreplica._internal.store.replications import ReplicationRow
@@ -51,11 +53,20 @@ class TestFailover(FailoverBase):
         return self._store.get(row.vm_id, rec.name)
 
     async def stop(self, row: ReplicationRow) -> None:
+        """Journaled as the start is (the same kind): a crash on the way is finished by the
+        roll-back at the next start, which also unpins the point."""
         assert row.test_vm_id is not None
+        with self._ctx.stores.db.tx() as tx:
+            self._ctx.journal.begin(
+                tx, "test-failover", row.vm_id, {"point": row.test_point, "test_vm_id": row.test_vm_id}
+            )  # fmt: skip
         await self._vms.unregister(row.test_vm_id)
+        faults.hit("failover.mid_test_stop")  # the test VM gone, its point still pinned
         shutil.rmtree(Path(str(row.storage_dir)) / "test", ignore_errors=True)
-        self._store.update(row.vm_id, test_vm_id=None, test_point=None)
-        self._ctx.events.record(
-            "test-failover-stopped", f"test VM of {row.vm_name} removed", row.vm_name
-        )
+        with self._ctx.stores.db.tx() as tx:
+            self._store.update(row.vm_id, tx, test_vm_id=None, test_point=None)
+            self._ctx.journal.end(tx, "test-failover", row.vm_id)
+            self._ctx.events.record(
+                "test-failover-stopped", f"test VM of {row.vm_name} removed", row.vm_name, tx=tx
+            )
         self._share(row)

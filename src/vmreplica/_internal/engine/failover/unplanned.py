@@ -1,6 +1,7 @@
 """Failing over on the replica (planned after ``--prepare``, or unplanned to any recovery point),
 cancelling it, and completing it. Each start is journaled (kind ``failover``) and rolled back if
-a crash interrupts it before it is recorded."""
+a crash interrupts it before it is recorded; completing is journaled (kind ``failover-complete``)
+and finished if a crash interrupts it."""
 
 from __future__ import annotations
 
@@ -13,21 +14,26 @@ from vmreplica._internal.engine.context import allows, move
 from vmreplica._internal.engine.failover.common import FailoverBase
 from vmreplica._internal.engine.replica.common import chains
 from vmreplica._internal.engine.states import Command, State
+from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import UNREACHABLE, PeerConnectionFailed, open_peer
 from vmreplica.errors import InvalidState, VmrError
 
+COMPLETE = "failover-complete"  # journal kind: the newer points and tip being deleted
+
 
 class Failover(FailoverBase):
     def register(self) -> None:
         self._ctx.journal.register("failover", self._roll_back)
+        self._ctx.journal.register(COMPLETE, self._finish_complete)
 
     async def start(self, row: ReplicationRow, point: str | None, force: bool) -> ReplicationRow:
         self._owner_only(row, "fail over this replica VM")
         if row.state != State.RESYNCHRONIZING:
             allows(row, Command.FAIL_OVER)
         primary_check = await self._split_brain_guard(row, force)
+        await faults.ahit("failover.after_guard")  # sleep: a slow answer, for tests
         async with self._ctx.locks.replica(row.vm_id):
             if self._store.get(row.vm_id, row.vm_name).state == State.RESYNCHRONIZING:
                 # Fail over to the replica as it was before the resynchronization began.
@@ -111,6 +117,11 @@ class Failover(FailoverBase):
     async def stop(self, row: ReplicationRow) -> None:
         """Cancel: the replica is as it was; the VM runs on its chain's tip no more."""
         allows(row, Command.CANCEL_FAILOVER)
+        if self._ctx.journal.entries(COMPLETE, subject=row.vm_id):
+            raise InvalidState(
+                f"the failover of {row.vm_name} is being completed (its newer recovery points "
+                f"may be deleted already): finish it with `failover complete {row.vm_name}`"
+            )
         self._owner_only(row, "cancel the failover")
         await self._vms.runtime.ensure_off(row.vm_id)
         # A replica VM exists in the hypervisor only while failed over (libvirt: no domain to
@@ -134,20 +145,53 @@ class Failover(FailoverBase):
         point = row.failover_point
         if point is None:
             raise InvalidState(f"there is no failover of {row.vm_name} to complete")
+        # Journaled before the first file goes: once a newer point is deleted, the failover can
+        # only be completed, never cancelled back onto that chain (a restart finishes it).
+        if not self._ctx.journal.entries(COMPLETE, subject=row.vm_id):
+            with self._ctx.stores.db.tx() as tx:
+                self._ctx.journal.begin(tx, COMPLETE, row.vm_id, {"point": point})
+        await self._complete(row, point)
+        self._share(row)
+        return self._store.get(row.vm_id, row.vm_name)
+
+    async def _complete(self, row: ReplicationRow, point: int) -> None:
+        """Delete ``tip`` and the points above ``point``, then record it; repeatable. Top
+        down, so that what a repeated run reads (its ranges) always has its backing files."""
         await self._save_changes_above_point(row)
         for chain in chains(self._ctx, row):
-            for other in chain.point_ids():
+            chain.tip.unlink(missing_ok=True)
+            faults.hit("failover.mid_complete")  # tip gone, the newer points not yet
+            for other in reversed(chain.point_ids()):
                 if other > point:
                     chain.rp_path(other).unlink(missing_ok=True)
-            chain.tip.unlink(missing_ok=True)
         with self._ctx.stores.db.tx() as tx:
             self._ctx.stores.points.keep_only(tx, row.vm_id, point)
             move(self._ctx, tx, row, Command.COMPLETE_FAILOVER)
+            self._ctx.journal.end(tx, COMPLETE, row.vm_id)
             self._ctx.events.record(
                 "failover-completed",
                 f"failover of {row.vm_name} completed on point {point}; other recovery points deleted",
                 row.vm_name,
                 tx=tx,
             )
-        self._share(row)
-        return self._store.get(row.vm_id, row.vm_name)
+
+    async def _finish_complete(self, entry: JournalEntry) -> None:
+        """A ``failover complete`` a crash cut short: finished, as its deletes may have begun."""
+        row = self._store.find(entry.subject)
+        point = entry.data.get("point")
+        if (
+            row is not None
+            and row.state == State.FAILED_OVER_WAITING
+            and row.failover_point is not None
+            and row.failover_point == point
+            and row.storage_dir
+        ):
+            await self._complete(row, row.failover_point)
+            self._ctx.events.record(
+                "recovered", f"finished an interrupted failover complete of {row.vm_name}",
+                row.vm_name,
+            )  # fmt: skip
+            self._share(row)
+            return
+        with self._ctx.stores.db.tx() as tx:
+            self._ctx.journal.end_entry(tx, entry.id)

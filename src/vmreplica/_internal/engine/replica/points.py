@@ -55,8 +55,9 @@ class RecoveryPoints:
     async def maybe_create(
         self, vm_id: str, application_consistent: bool = False, initial: bool = False
     ) -> None:
-        """After an apply: a point if :func:`point_due` says one is due; ``initial`` when that
-        apply was the initial copy (which is not a point, however slow the replica is)."""
+        """After an apply: a point if :func:`point_due` says one is due (``initial`` when that
+        apply was the initial copy, which is not a point, however slow the replica is), then
+        the oldest beyond the history folded into the base, a point made or not."""
         await faults.ahit("replica.before_point")
         row = replica_row(self._ctx, vm_id)
         kind = point_due(
@@ -64,12 +65,20 @@ class RecoveryPoints:
             state=row.state, initial=initial, application_consistent=application_consistent,
             interval=row.settings.recovery_point_interval, now=datetime.now(UTC),
         )  # fmt: skip
-        if kind is None:
-            return
-        await self.freeze(row, kind)
+        if kind is not None:
+            await self.freeze(row, kind)
+        elif row.state in (State.RESYNCHRONIZING, State.WAITING_FOR_INITIAL):
+            return  # the end of a resynchronization prunes
+        # Also without a new point: a history lowered since (to 0 too, which makes none) is
+        # kept from the next delta on.
         await self.prune(vm_id)
 
     async def freeze(self, row: ReplicationRow, kind: str) -> int:
+        # Numbered from the row as it is now, under the replica lock: a caller's row read
+        # before the lock (a failover's, across its wait for the primary's answer) may name a
+        # point frozen meanwhile, which would then be "frozen" again as it is, without the
+        # deltas applied since.
+        row = replica_row(self._ctx, row.vm_id)
         point = row.next_rp_id
         # The point holds tip as it is now: its time is now, even if a restart finishes it.
         created = now_iso()
@@ -110,11 +119,20 @@ class RecoveryPoints:
             await self.finish_prune(row, ids[0])
 
     async def finish_prune(self, row: ReplicationRow, point: int) -> None:
+        """Finish folding ``point`` into the base; or, if a failover or test failover stands on
+        a point now (one started while this merge was left unfinished, as a quarantined replica
+        allows), give it up: every prefix of a merge reads as before (chain.py), the point stays
+        listed, and a later prune folds it once nothing stands on it."""
+        pinned = replica_row(self._ctx, row.vm_id).pinned
         for chain in chains(self._ctx, row):
-            await chain.recover()
+            await chain.recover(pinned)
             ids = chain.point_ids()
             if ids and ids[0] == point:
-                await chain.prune_oldest()
+                await chain.prune_oldest(pinned)
+        if pinned and any(point in chain.point_ids() for chain in chains(self._ctx, row)):
+            with self._ctx.stores.db.tx() as tx:
+                self._ctx.journal.end(tx, "prune", row.vm_id)
+            return
         with self._ctx.stores.db.tx() as tx:
             self._ctx.stores.points.remove(tx, row.vm_id, point)
             self._ctx.journal.end(tx, "prune", row.vm_id)

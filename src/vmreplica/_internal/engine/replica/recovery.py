@@ -2,7 +2,8 @@
 right after a step failed in a running agent, and when an operator retries.
 
 :meth:`ReplicaRecovery.replay` finishes every ``apply``, ``freeze`` and ``prune`` entry of one VM,
-oldest first, and brings its chains to a clean state. If that fails, the relationship is
+oldest first, and brings its chains to a clean state; the entries of a VM that is no replica
+here any more (reversed since) just end. If that fails, the relationship is
 quarantined: it refuses changes and shows Critical with the reason until ``replication resume``
 on this host, or the next start, replays it successfully. One relationship never keeps the
 agent, or any other, from working.
@@ -87,7 +88,9 @@ class ReplicaRecovery:
         finished = 0
         for entry in self._ctx.journal.entries(*KINDS, subject=vm_id):
             row = self._ctx.stores.replications.find(vm_id)
-            if row is None or row.storage_dir is None:
+            # Gone, or the primary now (failed over and reversed while the step was left
+            # unfinished): its chains back the VM's disks, and no replica step applies to them.
+            if row is None or row.storage_dir is None or row.mode != REPLICA:
                 with self._ctx.stores.db.tx() as tx:
                     self._ctx.journal.end_entry(tx, entry.id)
                 continue

@@ -3,10 +3,11 @@
 The primary starts it (``resync-start``): each chain gets an overlay above ``tip``, and the
 deltas of the resynchronization are applied into those overlays, so that ``tip``, every recovery
 point and any failover stay exactly as they were until it ends. The primary compares blocks
-(``resync-hashes``: hashes of the replica's current view, overlays included), sends only the
-blocks that differ as ordinary deltas, then finishes it (``resync-finish``: the overlays are
-committed into ``tip``, journaled as ``resync-commit``, and a recovery point is added) or
-cancels it (``resync-cancel``: the overlays are dropped).
+(``resync-hashes``: hashes of the replica's current view, overlays included, every delta
+already answered applied first), sends only the blocks that differ as ordinary deltas, then
+finishes it (``resync-finish``: the overlays are committed into ``tip``, journaled as
+``resync-commit``, and a recovery point is added) or cancels it (``resync-cancel``: the overlays
+are dropped).
 """
 
 from __future__ import annotations
@@ -117,10 +118,28 @@ class ReplicaResync:
             raise InvalidArgument(f"replica VM {row.vm_name} has no disk {req.disk}")
         chain = chains(self._ctx, row)[req.disk]
         async with self._ctx.locks.replica(row.vm_id):  # after a delta applying behind its answer
+            # and with every delta answered in: one whose apply behind its answer failed would
+            # change the blocks hashed here after the primary compared them (a block it holds as
+            # the replica did before that delta would read equal, and never be sent again).
+            current = replica_row(self._ctx, row.vm_id)
+            check_not_quarantined(self._ctx, current)  # its view may be a step short
+            await self._finish_applies(current, "hashes asked for")
             found = await self._ctx.driver.hash_image(
                 chain.top, req.block_size, req.first_block, req.count
             )
         return answers.HashesAnswer(tuple(found))
+
+    async def _finish_applies(self, row: ReplicationRow, cause: str) -> None:
+        """Under the replica lock: a delta answered but journaled and not applied (its apply
+        behind the answer failed while the agent lived on) is applied now; refused if that
+        fails (the replica is quarantined then)."""
+        if not self._ctx.journal.entries("apply", subject=row.vm_id):
+            return
+        if self.finish_steps is None or not await self.finish_steps(row.vm_id, cause):
+            raise InvalidState(
+                f"replica VM {row.vm_name} on {self._ctx.host} holds a delta that cannot "
+                "be applied: the resynchronization cannot go on"
+            )
 
     async def finish(
         self, authz: Authorization, peer_names: list[str], req: p.VmRequest
@@ -135,12 +154,7 @@ class ReplicaResync:
             if self._ctx.journal.entries("apply", subject=row.vm_id):
                 # A delta applied behind its answer failed while the agent lived on: finish it
                 # from the journal now, as the next delta would have.
-                cause = "a delta applied behind its answer"
-                if self.finish_steps is None or not await self.finish_steps(row.vm_id, cause):
-                    raise InvalidState(
-                        f"replica VM {row.vm_name} on {self._ctx.host} holds a delta that cannot "
-                        "be applied: the resynchronization cannot finish"
-                    )
+                await self._finish_applies(row, "a delta applied behind its answer")
                 row = replica_row(self._ctx, row.vm_id)
             # A compared initial copy (seed, kept cut copy, compressed) is not a point either.
             initial = row.initial_kind in COMPARED
