@@ -21,6 +21,8 @@ from vmreplica._internal.models import AuthEntry
 from vmreplica._internal.store.server import AuthRow
 from vmreplica.errors import AccessDenied, InvalidArgument, InvalidState, NotFound
 
+ANY_SERVER = "*"  # the entry of a peer admitted because replication is allowed from any server
+
 
 @dataclasses.dataclass(frozen=True)
 class Authorization:
@@ -31,6 +33,12 @@ class Authorization:
     storage_location: Path
     # Which listener the peer came in on: what this host uses to reach it back (reverse).
     authentication_type: str = "certificate"
+
+    @property
+    def by_entry(self) -> bool:
+        """Admitted by an authorization entry, not only because replication is allowed from
+        any server: only then does its trust group make it a partner of others' replicas."""
+        return self.entry != ANY_SERVER
 
 
 class AuthorizationService:
@@ -180,7 +188,7 @@ class AuthorizationService:
                     )
         if raw["replication_allowed_from_any_server"] and raw["default_storage_location"]:
             return Authorization(
-                "*", DEFAULT_TRUST_GROUP, Path(str(raw["default_storage_location"]))
+                ANY_SERVER, DEFAULT_TRUST_GROUP, Path(str(raw["default_storage_location"]))
             )
         self._ctx.refusals["no-entry"] += 1
         err = AccessDenied(
