@@ -244,7 +244,8 @@ class LibvirtVm:
         self.spec = spec
         first = None
         if spec.disks:
-            first = raw.meta_path(spec.run_dir, 0) if raw.is_raw(spec.disks[0]) else spec.disks[0]
+            meta = raw.meta_path(spec.run_dir, 0)
+            first = meta if meta.exists() or raw.is_raw(spec.disks[0]) else spec.disks[0]
         self._pid = find_pid(spec.id, first)
 
     def _dom(self, c: Any) -> Any:

@@ -94,7 +94,10 @@ class LibvirtSession:
         await self.tracker.settle(generation)
 
     async def cut(self, generation: int, dests: Sequence[Path]) -> None:
-        sizes = [await raw.image_size(self.owner.disks[i]) for i in self.owner.replicated]
+        sizes = [
+            await raw.disk_size(self.owner.disks[i], self.owner.run_dir, i)
+            for i in self.owner.replicated
+        ]
         if self.cut_mode == "pull":
             await self._cut_pull(generation, dests, sizes)
         else:
