@@ -174,7 +174,9 @@ def set_cmd(
     """Change replication settings (from the next cycle), or reverse the direction."""
     args = _settings(settings)
     if reverse:
-        args.update(reverse=True, replica_server=replica_server, replica_port=replica_port)
+        args.update(reverse=True)
+    if replica_server is not None or replica_port is not None:  # refused without --reverse
+        args.update(replica_server=replica_server, replica_port=replica_port)
     render(
         [c.replication_set(vm, **args) for c in clients(computer_names)],
         Replication,

@@ -1,0 +1,61 @@
+"""Operator input the agent used to accept, ignore, or refuse only once it had started on it:
+each is refused in one line with the exit status of a bad argument (2), and nothing changes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.replication_env import PRIMARY, Pair, make_pair
+from tests.localcluster import Cluster
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    """vmhost2's VM app, replication enabled to vmhost1 (no initial copy needed here)."""
+    cluster = Cluster.create()
+    try:
+        cluster.start_all()
+        pair = make_pair(cluster)
+        cluster.cli("vm", "new", "app", "--disk", "16M", host=PRIMARY)
+        pair.enable("app")
+        yield pair
+    finally:
+        cluster.close()
+
+
+def refused(pair: Pair, *args: str, reason: str) -> None:
+    result = pair.cli(*args, check=False)
+    assert result.returncode == 2, (args, result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert reason in lines[0], lines[0]
+
+
+def test_replica_server_and_port_without_reverse_are_refused(pair: Pair) -> None:
+    """`replication set VM --replica-port N` without --reverse answered with the relationship
+    unchanged and exit 0, whatever N was (70000 too): the operator believed it changed."""
+    before = pair.replication("app")
+    for extra in (("--replica-port", "70000"), ("--replica-port", "1234"),
+                  ("--replica-server", "vmhost3")):  # fmt: skip
+        refused(pair, "replication", "set", "app", *extra, reason="go with --reverse")
+    assert pair.replication("app") == before
+
+
+def test_vm_disks_are_checked_before_anything_is_made(pair: Pair, tmp_path: Path) -> None:
+    """A disk no replica could hold was made anyway (2P: qemu-img takes it, the replication
+    protocol does not), or refused by qemu-img as a storage failure (exit 7) after the VM's
+    record and directory were begun; a parent that is no image was a storage failure too."""
+    vms = pair.json("vm", "list")
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("not a disk image\n")
+    refused(pair, "vm", "new", "big", "--disk", "2P", reason="at most 1P")
+    refused(pair, "vm", "new", "big", "--disk", "99999999999999999999T", reason="at most 1P")
+    refused(pair, "vm", "new", "big", "--disk-parent", str(not_image), reason="not a usable qcow2")
+    many = [arg for _ in range(65) for arg in ("--disk", "1M")]
+    refused(pair, "vm", "new", "big", *many, reason="at most 64 disks")
+    assert pair.json("vm", "list") == vms
+    vms_dir = pair.cluster.hosts[PRIMARY].state_dir / "vms"
+    assert not (vms_dir / "big").exists()
