@@ -4,6 +4,7 @@ create the replica, gets nothing of it (docs/ARCHITECTURE.md, Security)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ from tests.integration import peer_tools as p
 from tests.integration.peer_tools import peer_call, state_db, tree, vm_id
 from tests.integration.replication_env import PRIMARY, REPLICA, Pair
 from tests.localcluster import Cluster
-from vmreplica.errors import AccessDenied
+from vmreplica.errors import AccessDenied, InvalidArgument
 
 STRANGER = "vmhost3"  # certified by the same CA, no authorization entry anywhere
 
@@ -87,3 +88,33 @@ def test_any_server_tells_no_stranger_whether_a_vm_runs(any_server: Pair) -> Non
         with pytest.raises(AccessDenied, match="no replication relationship"):
             peer_call(cluster, STRANGER, host, host_port, p.VM_STATE, {"vm_id": vm})
     assert peer_call(cluster, REPLICA, PRIMARY, port, p.VM_STATE, {"vm_id": vm}) == {"state": "Off"}
+
+
+QEMU_ARGS = (
+    "<domain type='kvm'><name>evil</name><uuid>{uuid}</uuid>"
+    "<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+    "<qemu:arg value='-drive'/><qemu:arg value='file=/etc/shadow,if=virtio'/>"
+    "</qemu:commandline><devices><disk type='file' device='disk'><source file='/x'/>"
+    "<target dev='vda'/></disk></devices></domain>"
+)
+
+
+def test_a_peer_s_domain_xml_naming_host_files_is_refused_at_enable(any_server: Pair) -> None:
+    """The replica host defines its failed-over VM from the XML a primary sent with enable:
+    XML with QEMU arguments or a host path is refused then, and nothing is made."""
+    cluster, port = any_server.cluster, any_server.port
+    files = tree(any_server.storage)
+    for xml in (QEMU_ARGS,
+                QEMU_ARGS.split("<qemu:commandline")[0] + "<os><type>hvm</type><dtb>/etc/shadow"
+                "</dtb></os><devices><disk type='file' device='disk'><source file='/x'/>"
+                "<target dev='vda'/></disk></devices></domain>"):  # fmt: skip
+        vm = str(uuid.uuid4())
+        body = {
+            "vm_id": vm, "vm_name": "evil", "cpus": 1, "memory_mb": 64, "disk_sizes": [1 << 20],
+            "settings": SETTINGS, "replica_port": 443, "primary_port": None, "append": None,
+            "kernel": None, "initrd": None, "definition": xml.format(uuid=vm),
+        }  # fmt: skip
+        with pytest.raises(InvalidArgument, match=r"cannot be replicated|path of its host"):
+            peer_call(cluster, STRANGER, REPLICA, port, p.ENABLE, body)
+    assert tree(any_server.storage) == files
+    assert "evil" not in [v["name"] for v in cluster.cli_json("vm", "list", host=REPLICA)]
