@@ -59,3 +59,12 @@ def test_vm_disks_are_checked_before_anything_is_made(pair: Pair, tmp_path: Path
     assert pair.json("vm", "list") == vms
     vms_dir = pair.cluster.hosts[PRIMARY].state_dir / "vms"
     assert not (vms_dir / "big").exists()
+
+
+def test_unknown_filters_and_bad_move_targets_are_refused_in_one_line(pair: Pair) -> None:
+    """`replication get --state Nope` answered an empty list (exit 0), as if no relationship
+    were in it; `vm move` printed its progress line before the refusal (two lines)."""
+    refused(pair, "replication", "get", "--state", "Nope", reason="unknown --state 'Nope'")
+    refused(pair, "replication", "get", "--state", "x" * 5000, reason="unknown --state")
+    assert pair.json("replication", "get", "--state", "ReadyForInitialReplication")
+    refused(pair, "vm", "move", "app", "--to", "..", reason="invalid node name")
