@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.replication_env import PRIMARY, Pair, make_pair
+from tests.integration.replication_env import PRIMARY, REPLICA, Pair, make_pair
 from tests.localcluster import Cluster
 
 
@@ -68,3 +68,17 @@ def test_unknown_filters_and_bad_move_targets_are_refused_in_one_line(pair: Pair
     refused(pair, "replication", "get", "--state", "x" * 5000, reason="unknown --state")
     assert pair.json("replication", "get", "--state", "ReadyForInitialReplication")
     refused(pair, "vm", "move", "app", "--to", "..", reason="invalid node name")
+
+
+def test_a_replica_chain_image_is_no_parent(pair: Pair) -> None:
+    """`vm new clone --disk-parent <a replica's tip or point>` was accepted: the clone, once
+    running, holds the image as its backing file, and every apply into the chain then failed
+    ("Failed to get write lock"). Refused like --disk-path into replica storage."""
+    chain = pair.storage / "app" / "disk0"
+    vms = pair.json("vm", "list", host=REPLICA)
+    for image in ("tip.qcow2", "base.qcow2"):
+        result = pair.cli("vm", "new", "clone", "--disk-parent", str(chain / image),
+                          host=REPLICA, check=False)  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "is in replica storage" in result.stderr and result.stderr.count("\n") == 1
+    assert pair.json("vm", "list", host=REPLICA) == vms

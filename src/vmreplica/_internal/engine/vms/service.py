@@ -163,6 +163,9 @@ class VmService:
                 raise NotFound(f"{flag} {image}: no such image")
             if disk.path is not None:
                 self._check_disk_is_free(image, flag)
+            else:  # a chain image as backing: the VM's lock on it would stop every apply
+                for guard in self.disk_guards:
+                    guard(image.resolve())
             await self._ctx.driver.check_image(image)
             plan.append((disk, None, image))
         vm_dir = validate.child_path(self.vms_dir, name)
