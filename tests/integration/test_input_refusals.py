@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.peer_tools import mgmt_raw
 from tests.integration.replication_env import PRIMARY, REPLICA, Pair, make_pair
 from tests.localcluster import Cluster
 
@@ -82,3 +83,18 @@ def test_a_replica_chain_image_is_no_parent(pair: Pair) -> None:
         assert result.returncode == 2, result.stderr
         assert "is in replica storage" in result.stderr and result.stderr.count("\n") == 1
     assert pair.json("vm", "list", host=REPLICA) == vms
+
+
+def test_a_lone_surrogate_is_refused_not_an_internal_error(pair: Pair) -> None:
+    """JSON may escape a lone UTF-16 surrogate (\\ud800), which decodes to a string no UTF-8
+    write takes: every method naming a VM by it answered 500, an internal error."""
+    for method, body in (("vm.get", b'{"name": "\\ud800"}'),
+                         ("replication.get", b'{"vm": "app\\udfff"}'),
+                         ("auth.new", b'{"allowed_primary": "x.test", "storage_location": '
+                                      b'"/srv/\\ud800", "trust_group": "G"}')):  # fmt: skip
+        status, answer = mgmt_raw(pair.cluster, PRIMARY, method, body)
+        assert status == 400, (method, status, answer)
+        assert answer["error"]["type"] == "InvalidArgument", answer
+        assert "surrogate" in answer["error"]["message"]
+    status, answer = mgmt_raw(pair.cluster, PRIMARY, "vm.get", b'{"name": "app \\ud83d\\ude00"}')
+    assert status == 404, answer  # a surrogate pair is one character: just no such VM
