@@ -3,6 +3,9 @@ each is refused in one line with the exit status of a bad argument (2), and noth
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +101,20 @@ def test_a_lone_surrogate_is_refused_not_an_internal_error(pair: Pair) -> None:
         assert "surrogate" in answer["error"]["message"]
     status, answer = mgmt_raw(pair.cluster, PRIMARY, "vm.get", b'{"name": "app \\ud83d\\ude00"}')
     assert status == 404, answer  # a surrogate pair is one character: just no such VM
+
+
+def test_a_relative_path_is_the_caller_s(pair: Pair, tmp_path: Path) -> None:
+    """`vm new NAME --disk-path disk.qcow2` in the image's directory was read against the
+    agent's working directory ("no such image /…/disk.qcow2"), as --kernel, --disk-parent and
+    --exclude-disk were; --destination and --path were already the caller's."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "rel.qcow2"),
+                    "4M"], check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "vmreplica", "vm", "new", "rel", "--disk-path", "rel.qcow2",
+         "-o", "json"],
+        capture_output=True, text=True, cwd=tmp_path, env=pair.cluster.env(PRIMARY), timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["disks"] == [str(tmp_path / "rel.qcow2")]
+    pair.cli("vm", "remove", "rel")
+    assert (tmp_path / "rel.qcow2").exists()  # used in place: kept

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from vmreplica._internal.cli.output import clients, collect, common, render
+from vmreplica._internal.cli.output import absolute, clients, collect, common, render
 from vmreplica._internal.cli.server import BOOL
 from vmreplica._internal.cli.waiting import wait_initial, wait_resync
 from vmreplica._internal.models import ConnectionTest, Measurement, Replication
@@ -143,7 +143,7 @@ def enable(
     if replica_server is None or replica_port is None:
         raise InvalidArgument("give --replica-server and --replica-port")
     rows = [
-        c.replication_enable(vm, replica_server, replica_port, auth, exclude_disks=list(exclude_disks),
+        c.replication_enable(vm, replica_server, replica_port, auth, exclude_disks=[absolute(d) for d in exclude_disks],
                              **_settings(settings))
         for c in clients(computer_names)
     ]  # fmt: skip
