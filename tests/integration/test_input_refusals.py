@@ -118,3 +118,26 @@ def test_a_relative_path_is_the_caller_s(pair: Pair, tmp_path: Path) -> None:
     assert json.loads(done.stdout)[0]["disks"] == [str(tmp_path / "rel.qcow2")]
     pair.cli("vm", "remove", "rel")
     assert (tmp_path / "rel.qcow2").exists()  # used in place: kept
+
+
+def test_a_storage_location_is_no_place_the_agent_keeps_already(pair: Pair) -> None:
+    """A storage location inside a replica VM's storage was accepted: `vm remove VM
+    --delete-storage` of that VM would delete every replica kept there too. Inside the agent's
+    state directory itself, a replica VM could take the name of one of the agent's own
+    directories (run, vms); a directory of its own there is fine."""
+    cluster = pair.cluster
+    entries = pair.json("auth", "get", host=REPLICA)
+    state = cluster.hosts[REPLICA].state_dir
+    for place, reason in ((pair.storage / "app", "storage of replica VM app"),
+                          (pair.storage / "app" / "deeper", "storage of replica VM app"),
+                          (state, "state directory"), (state / "run" / "x", "state directory")):  # fmt: skip
+        result = pair.cli("auth", "new", "--allowed-primary", "vmhost3", "--storage-location",
+                          str(place), "--trust-group", "G", host=REPLICA, check=False)  # fmt: skip
+        assert result.returncode == 2 and reason in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        result = pair.cli("server", "set", "--storage-location", str(place), host=REPLICA,
+                          check=False)  # fmt: skip
+        assert result.returncode == 2 and reason in result.stderr, result.stderr
+    assert pair.json("auth", "get", host=REPLICA) == entries
+    assert not (pair.storage / "app" / "deeper").exists() and not (state / "run" / "x").exists()
+    pair.cli("server", "set", "--storage-location", str(state / "replicas"), host=REPLICA)

@@ -15,6 +15,7 @@ from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.server_settings import (
     DEFAULT_TRUST_GROUP,
     ServerService,
+    check_location_free,
     ensure_location,
 )
 from vmreplica._internal.models import AuthEntry
@@ -77,6 +78,7 @@ class AuthorizationService:
             )
         pattern = validate.primary_server_pattern(allowed_primary)
         location = validate.storage_location(storage_location)
+        check_location_free(self._ctx, location)
         group = validate.trust_group(trust_group)
         if self.auth_list(pattern):
             raise InvalidState(
@@ -106,6 +108,7 @@ class AuthorizationService:
         )
         group = validate.trust_group(trust_group) if trust_group is not None else None
         if location is not None:
+            check_location_free(self._ctx, location)
             ensure_location(self._events, location)
         with self._db.tx() as tx:
             self._store.update(tx, pattern, None if location is None else str(location), group)
