@@ -221,6 +221,7 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
             ),
             "socket=",
         ),
+        (PRIMARY.replace("<target dev='vnet3'/>", "<rom file='/etc/shadow'/>"), "option ROM"),
         # A host network device passed through; confinement turned off.
         (
             _device(
@@ -246,9 +247,15 @@ def test_what_a_replica_rewrites_or_may_have_is_kept(tmp_path: Path) -> None:
     fine = fine.replace("<video>", "<rng model='virtio'><backend model='random'>/dev/urandom"
                         "</backend></rng><video>")  # fmt: skip
     fine = fine.replace("the shop's web server", "/srv/www is served from here")
+    fine = fine.replace("<vcpu>", "<resource><partition>/machine</partition></resource><vcpu>")
+    fine = fine.replace("<target dev='vnet3'/>",
+                        "<target dev='vnet3'/><rom file='/usr/share/qemu/pxe.rom'/>")  # fmt: skip
     root = ET.fromstring(definition.replica_domain(fine, _want(tmp_path)))
     assert root.findtext("./devices/rng/backend") == "/dev/urandom"
     assert root.find("seclabel") is not None
+    assert root.findtext("./resource/partition") == "/machine"
+    rom = root.find("./devices/interface/rom")
+    assert rom is not None and rom.get("file") == "/usr/share/qemu/pxe.rom"
 
 
 @pytest.mark.parametrize(

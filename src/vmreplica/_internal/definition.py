@@ -147,7 +147,7 @@ def _host_paths(root: ET.Element) -> None:
             raise InvalidArgument(
                 f"the domain has a <seclabel type={child.get('type')!r}>: a replica runs confined"
             )
-        if child.tag == "seclabel":
+        if child.tag in ("seclabel", "resource", "blkiotune"):  # labels, cgroups: no files
             exempt.update(id(n) for n in child.iter())
     os_ = root.find("os")
     devices = root.find("devices")
@@ -170,6 +170,14 @@ def _host_paths(root: ET.Element) -> None:
                 f"the domain has an interface of type {dev.get('type')!r}, which belongs to its "
                 "host and cannot be replicated"
             )
+        elif dev.tag == "interface":
+            for rom in dev.findall("rom"):  # an option ROM is read into the guest
+                path = rom.get("file", "")
+                if path and (not path.startswith(FIRMWARE_DIR) or os.path.normpath(path) != path):
+                    raise InvalidArgument(
+                        f"the domain's option ROM {path!r} is not firmware under {FIRMWARE_DIR}"
+                    )
+                exempt.add(id(rom))
         elif dev.tag == "rng":
             for backend in dev.findall("backend"):
                 if backend.get("model") == "random" and backend.text:
@@ -182,8 +190,6 @@ def _host_paths(root: ET.Element) -> None:
     for node in _outside_free_text(root):
         if id(node) in exempt:
             continue
-        if node.tag == "seclabel":
-            raise InvalidArgument("the domain has a device <seclabel>: a replica runs confined")
         values = [(f"{k}=", v) for k, v in node.attrib.items()] + [("", node.text or "")]
         for key, value in values:
             if value.strip().startswith("/"):
