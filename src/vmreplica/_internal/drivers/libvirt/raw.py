@@ -67,17 +67,20 @@ async def _data_file(meta: Path) -> str | None:
     return str(data["data-file"]) if "data-file" in data else None
 
 
-async def domain_disks(disks: tuple[Path, ...], run_dir: Path) -> tuple[Path, ...]:
+async def domain_disks(
+    disks: tuple[Path, ...], run_dir: Path, declared: frozenset[int] = frozenset()
+) -> tuple[Path, ...]:
     """What the domain opens for each disk: a qcow2 disk itself, a raw one through its
     metadata image (made when missing or over another data file: its bitmaps are then gone,
-    and the next cycle asks for a resynchronization)."""
+    and the next cycle asks for a resynchronization). ``declared``: the disks the domain's own
+    XML opens as raw (a domain adopted from virsh), raw whatever they start with."""
     out = []
     for i, disk in enumerate(disks):
         meta = meta_path(run_dir, i)
         if await known_raw(disk, run_dir, i):
             out.append(meta)
             continue
-        if not is_raw(disk):
+        if i not in declared and not is_raw(disk):
             out.append(disk.absolute())
             continue
         meta.parent.mkdir(parents=True, exist_ok=True)
