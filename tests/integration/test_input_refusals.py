@@ -48,6 +48,21 @@ def test_replica_server_and_port_without_reverse_are_refused(pair: Pair) -> None
     assert pair.replication("app") == before
 
 
+def test_primary_options_with_as_replica_are_refused(pair: Pair) -> None:
+    """`replication enable VM --as-replica --replica-port N` (or --frequency, --exclude-disk…)
+    registered the seed and ignored the rest, exit 0."""
+    pair.cli("vm", "new", "seedy", "--disk", "1M", host=REPLICA)
+    for extra in (("--replica-port", "1"), ("--replica-server", "vmhost2"),
+                  ("--frequency", "30"), ("--exclude-disk", "/x")):  # fmt: skip
+        result = pair.cli("replication", "enable", "seedy", "--as-replica", *extra,
+                          host=REPLICA, check=False)  # fmt: skip
+        assert result.returncode == 2, (extra, result.stdout, result.stderr)
+        assert "not with --as-replica" in result.stderr and result.stderr.count("\n") == 1
+    unrelated = pair.cli("replication", "get", "seedy", host=REPLICA, check=False)
+    assert unrelated.returncode == 3 and "not enabled" in unrelated.stderr  # nothing registered
+    pair.cli("vm", "remove", "seedy", host=REPLICA)
+
+
 def test_vm_disks_are_checked_before_anything_is_made(pair: Pair, tmp_path: Path) -> None:
     """A disk no replica could hold was made anyway (2P: qemu-img takes it, the replication
     protocol does not), or refused by qemu-img as a storage failure (exit 7) after the VM's

@@ -132,7 +132,16 @@ def enable(
     --disk-path ...``, off) becomes the start of its replica; then `start-initial --use-backup`
     on the primary sends only the blocks that differ.
     """
-    if as_replica:
+    if as_replica:  # the primary's options would be silently ignored: refused instead
+        primary_only = [flag for flag, given in (
+            ("--replica-server", replica_server is not None),
+            ("--replica-port", replica_port is not None), ("--exclude-disk", bool(exclude_disks)),
+            *((f"--{k.replace('_', '-')}", True) for k in _settings(settings)),
+        ) if given]  # fmt: skip
+        if primary_only:
+            raise InvalidArgument(
+                f"{primary_only[0]} goes with enable on the primary, not with --as-replica"
+            )
         rows = [
             c.replication_enable_as_replica(vm, allowed_primary) for c in clients(computer_names)
         ]
