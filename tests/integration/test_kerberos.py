@@ -188,6 +188,23 @@ def test_replayed_authenticator_is_refused(krb: Cluster, realm: Realm) -> None:
     assert status == 403 and body["error"]["message"].startswith("replayed authenticator"), body
 
 
+def test_a_principal_that_only_names_an_authorized_host_is_refused(
+    krb: Cluster, realm: Realm
+) -> None:
+    """The sender is the host of a host/ or HTTP/ principal only: a user principal whose
+    instance is an authorized host's name (alice/vmhost2), or another service's, was taken for
+    that host."""
+    keytab = realm.base / "alice.keytab"
+    for name in (f"alice/{PRIMARY}@{realm.name}", f"nfs/{PRIMARY}@{realm.name}"):
+        realm.run("kadmin.local", "-q", f"addprinc -randkey {name}")
+        realm.run("kadmin.local", "-q", f"ktadd -k {keytab} {name}")
+        exchange = gss.Initiator(KerberosKeys(keytab, name)).start(REPLICA)
+        status, body, _ = negotiate(krb, exchange.token)
+        assert status == 403, (name, body)
+        assert body["error"]["message"].startswith("unknown principal:"), body
+        assert "not a host principal" in body["error"]["message"], body
+
+
 def test_tampered_body_is_refused_and_changes_nothing(krb: Cluster, realm: Realm) -> None:
     exchange = gss.Initiator(sender_keys(realm, PRIMARY)).start(REPLICA)
     status, body, reply = negotiate(krb, exchange.token)

@@ -5,6 +5,7 @@ start-initial, on real agents and QEMU. Every test ends with the replica equal t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -197,6 +198,10 @@ def test_offline_media_queues_deltas_and_import_applies_them(cluster: Cluster) -
         "unfinished": ("holds no manifest.json", lambda d: (d / "manifest.json").unlink()),
         "other-vm": ("not of app", lambda d: _other_vm(d / "manifest.json")),
         "other-size": ("holds disks of", lambda d: _other_size(d / "manifest.json")),
+        # Hostile media: a FIFO blocked the import for ever (holding the replica lock), a
+        # manifest that never ends was read whole into the agent's memory.
+        "fifo": ("not a regular file", lambda d: _fifo(d / "disk0.qcow2")),
+        "endless": ("not a regular file", lambda d: _link(d / "manifest.json", "/dev/zero")),
     }
     for name, (reason, damage) in bad.items():
         copy = cluster.base / f"media-{name}"
@@ -227,6 +232,16 @@ def test_offline_media_queues_deltas_and_import_applies_them(cluster: Cluster) -
     pair.write("app", 0, 0x54, "30M", "1M")
     pair.cli("replication", "sync", "app")
     verified_equal(pair)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _link(path: Path, target: str) -> None:
+    path.unlink()
+    path.symlink_to(target)
 
 
 def _truncate(path: Path) -> None:

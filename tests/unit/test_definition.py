@@ -149,6 +149,115 @@ EXTERNAL = """<?xml version="1.0"?>
 <!DOCTYPE domain [<!ENTITY x SYSTEM "file:///etc/shadow">]><domain><name>&x;</name></domain>"""
 
 
+def _device(xml: str) -> str:
+    return PRIMARY.replace("<video>", xml + "<video>")
+
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        # QEMU's own arguments: anything at all on the replica host.
+        (
+            PRIMARY.replace(
+                "<vcpu>",
+                f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:arg "
+                "value='-drive'/><qemu:arg value='file=/etc/shadow,if=virtio'/>"
+                "</qemu:commandline><vcpu>",
+            ),
+            "QEMU arguments",
+        ),
+        (
+            PRIMARY.replace("<vcpu>", f"<qemu:override xmlns:qemu='{QEMU_NS}'/><vcpu>"),
+            "QEMU arguments",
+        ),
+        # A host file given to the guest: as firmware, NVDIMM, fw_cfg entry, device tree.
+        (PRIMARY.replace("/usr/share/OVMF/OVMF_CODE.fd", "/etc/shadow"), "not firmware"),
+        (
+            PRIMARY.replace("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/../../etc/shadow"),
+            "not firmware",
+        ),
+        (
+            _device(
+                "<memory model='nvdimm'><source><path>/etc/shadow</path></source>"
+                "<target><size unit='KiB'>4</size></target></memory>"
+            ),
+            "'/etc/shadow'",
+        ),
+        (
+            PRIMARY.replace(
+                "<vcpu>",
+                "<sysinfo type='fwcfg'><entry name='opt/x' file='/etc/shadow'/></sysinfo><vcpu>",
+            ),
+            "file='/etc/shadow'",
+        ),
+        (PRIMARY.replace("</os>", "<dtb>/etc/shadow</dtb></os>"), "'/etc/shadow'"),
+        # A host device or file opened as a character device, an input, a random source.
+        (
+            _device("<serial type='dev'><source path='/dev/sda'/><target port='1'/></serial>"),
+            "path='/dev/sda'",
+        ),
+        (_device("<channel type='pipe'><source path='/root/fifo'/></channel>"), "/root/fifo"),
+        (
+            PRIMARY.replace(
+                "<target port='0'/></serial>",
+                "<log file='/etc/cron.d/x'/><target port='0'/></serial>",
+            ),
+            "/etc/cron.d",
+        ),
+        (_device("<input type='evdev'><source dev='/dev/input/event0'/></input>"), "event0"),
+        (
+            _device("<rng model='virtio'><backend model='random'>/dev/sda</backend></rng>"),
+            "random number source",
+        ),
+        # A host file written by QEMU; a socket made at a host path.
+        (_device("<audio id='1' type='file' path='/etc/passwd'/>"), "path='/etc/passwd'"),
+        (
+            PRIMARY.replace(
+                "<graphics type='vnc' port='-1' autoport='yes'/>",
+                "<graphics type='vnc' socket='/run/x.sock'/>",
+            ),
+            "socket=",
+        ),
+        (PRIMARY.replace("<target dev='vnet3'/>", "<rom file='/etc/shadow'/>"), "option ROM"),
+        # A host network device passed through; confinement turned off.
+        (
+            _device(
+                "<interface type='hostdev'><source><address type='pci' domain='0' bus='1' "
+                "slot='0' function='0'/></source></interface>"
+            ),
+            "type 'hostdev'",
+        ),
+        (PRIMARY.replace("<vcpu>", "<seclabel type='none'/><vcpu>"), "runs confined"),
+    ],
+)
+def test_xml_that_reaches_the_replica_host_s_files_is_refused(xml: str, message: str) -> None:
+    """A primary authorized for one VM sends its domain XML with ``enable``; the replica host
+    defines and starts a domain from it at failover. Nothing in it may open, run or write the
+    replica host's own files (each of these passed the device list before)."""
+    with pytest.raises(InvalidArgument) as caught:
+        definition.check(xml, UUID, 2)
+    assert message in caught.value.message and "\n" not in caught.value.message
+
+
+def test_what_a_replica_rewrites_or_may_have_is_kept(tmp_path: Path) -> None:
+    fine = PRIMARY.replace("<vcpu>", "<seclabel type='dynamic' model='dac' relabel='yes'/><vcpu>")
+    fine = fine.replace("<video>", "<rng model='virtio'><backend model='random'>/dev/urandom"
+                        "</backend></rng><video>")  # fmt: skip
+    fine = fine.replace("the shop's web server", "/srv/www is served from here")
+    fine = fine.replace("<vcpu>", "<resource><partition>/machine</partition></resource><vcpu>")
+    fine = fine.replace("<target dev='vnet3'/>",
+                        "<target dev='vnet3'/><rom file='/usr/share/qemu/pxe.rom'/>")  # fmt: skip
+    root = ET.fromstring(definition.replica_domain(fine, _want(tmp_path)))
+    assert root.findtext("./devices/rng/backend") == "/dev/urandom"
+    assert root.find("seclabel") is not None
+    assert root.findtext("./resource/partition") == "/machine"
+    rom = root.find("./devices/interface/rom")
+    assert rom is not None and rom.get("file") == "/usr/share/qemu/pxe.rom"
+
+
 @pytest.mark.parametrize(
     ("xml", "message"),
     [

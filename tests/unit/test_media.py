@@ -82,3 +82,26 @@ def test_copy_verified_takes_only_the_named_file(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match="missing from the media"):
         media.copy_verified(source, dest, expected)
     assert not dest.exists()
+
+
+def test_media_files_must_be_regular_files(tmp_path: Path) -> None:
+    """Media is not trusted: a manifest that never ends (a link to /dev/zero) is not read into
+    memory, a FIFO does not block, an oversized manifest is refused unread."""
+    (tmp_path / media.MANIFEST).symlink_to("/dev/zero")
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        media.read_manifest(tmp_path)
+    (tmp_path / media.MANIFEST).unlink()
+    os.mkfifo(tmp_path / media.MANIFEST)
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        media.read_manifest(tmp_path)
+    (tmp_path / media.MANIFEST).unlink()
+    (tmp_path / media.MANIFEST).write_bytes(b" " * (media.MAX_MANIFEST + 1))
+    with pytest.raises(IntegrityError, match="larger than"):
+        media.read_manifest(tmp_path)
+    data = b"x" * 1000
+    os.mkfifo(tmp_path / "disk0.qcow2")
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        media.copy_verified(
+            tmp_path / "disk0.qcow2", tmp_path / "copy", manifest_for(data).disks[0]
+        )
+    assert not (tmp_path / "copy").exists()

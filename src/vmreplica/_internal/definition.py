@@ -11,11 +11,16 @@ its own name and UUID, new MAC addresses, and every interface's link down.
 The XML comes from another host: it is parsed with expat first, and a document over
 :data:`MAX_DEFINITION` or with a DOCTYPE (so any entity) is refused. Devices that belong to the
 primary host (passed-through PCI/USB devices, shared folders, a TPM's state…) are refused, with
-the device named, rather than silently dropped.
+the device named, rather than silently dropped. So is anything that would have the replica host
+open, run or write one of its own files for the guest (:func:`_host_paths`): a path outside the
+few places this module rewrites (disks, chardev files, kernel and initrd), QEMU arguments
+(``qemu:commandline`` or any element of another namespace outside ``<metadata>``), an
+interface that passes a host device through, or a ``<seclabel>`` that turns confinement off.
 """
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,10 +117,96 @@ def check(xml: str, vm_id: str | None = None, disks: int | None = None) -> ET.El
                 f"the domain has a disk with device={dev.get('device')!r} (passed through): "
                 "it cannot be replicated"
             )
+    _host_paths(root)
     found = len(_disks(devices))
     if disks is not None and found != disks:
         raise InvalidArgument(f"domain XML has {found} disks, not the VM's {disks}")
     return root
+
+
+FIRMWARE_DIR = "/usr/share/"  # a loader must be firmware the replica host installed there
+RANDOM_SOURCES = frozenset({"/dev/random", "/dev/urandom", "/dev/hwrng"})
+# Paths replaced or dropped when the replica's domain is made (replica_domain).
+_REWRITTEN_OS = frozenset({"kernel", "initrd", "nvram", "cmdline"})
+_FREE_TEXT = frozenset({"description", "title", "metadata"})
+
+
+def _host_paths(root: ET.Element) -> None:
+    """Refuse what would give the guest, or the primary's administrator, one of the replica
+    host's files or devices: the XML names them as absolute paths, QEMU arguments, a host
+    interface passed through, or confinement turned off."""
+    exempt: set[int] = set()  # ids of elements whose paths are rewritten or checked here
+    for child in root:
+        if isinstance(child.tag, str) and child.tag.startswith("{"):
+            raise InvalidArgument(
+                f"the domain has {child.tag.split('}')[1]!r} of namespace "
+                f"{child.tag[1:].split('}')[0]} (QEMU arguments or hypervisor overrides): such "
+                "settings of the primary host cannot be replicated"
+            )
+        if child.tag == "seclabel" and child.get("type", "dynamic") != "dynamic":
+            raise InvalidArgument(
+                f"the domain has a <seclabel type={child.get('type')!r}>: a replica runs confined"
+            )
+        if child.tag in ("seclabel", "resource", "blkiotune"):  # labels, cgroups: no files
+            exempt.update(id(n) for n in child.iter())
+    os_ = root.find("os")
+    devices = root.find("devices")
+    for node in [] if os_ is None else [n for n in os_ if n.tag in _REWRITTEN_OS]:
+        exempt.add(id(node))
+    for loader in [] if os_ is None else os_.findall("loader"):
+        path = (loader.text or "").strip()
+        if path and (not path.startswith(FIRMWARE_DIR) or os.path.normpath(path) != path):
+            raise InvalidArgument(
+                f"the domain's loader {path!r} is not firmware under {FIRMWARE_DIR}"
+            )
+        exempt.add(id(loader))
+    for dev in [] if devices is None else list(devices):
+        if dev.tag in ("disk", "emulator"):
+            exempt.update(id(n) for n in dev.iter())
+        elif dev.tag in CHARDEVS and dev.get("type") in ("file", "unix"):
+            exempt.update(id(n) for n in dev.findall("source"))
+        elif dev.tag == "interface" and dev.get("type") in ("hostdev", "vhostuser"):
+            raise InvalidArgument(
+                f"the domain has an interface of type {dev.get('type')!r}, which belongs to its "
+                "host and cannot be replicated"
+            )
+        elif dev.tag == "interface":
+            for rom in dev.findall("rom"):  # an option ROM is read into the guest
+                path = rom.get("file", "")
+                if path and (not path.startswith(FIRMWARE_DIR) or os.path.normpath(path) != path):
+                    raise InvalidArgument(
+                        f"the domain's option ROM {path!r} is not firmware under {FIRMWARE_DIR}"
+                    )
+                exempt.add(id(rom))
+        elif dev.tag == "rng":
+            for backend in dev.findall("backend"):
+                if backend.get("model") == "random" and backend.text:
+                    if backend.text.strip() not in RANDOM_SOURCES:
+                        raise InvalidArgument(
+                            f"the domain's random number source {backend.text.strip()!r} is "
+                            f"not one of {', '.join(sorted(RANDOM_SOURCES))}"
+                        )
+                    exempt.add(id(backend))
+    for node in _outside_free_text(root):
+        if id(node) in exempt:
+            continue
+        values = [(f"{k}=", v) for k, v in node.attrib.items()] + [("", node.text or "")]
+        for key, value in values:
+            if value.strip().startswith("/"):
+                raise InvalidArgument(
+                    f"the domain's <{node.tag}> names {key}{value.strip()!r}, a path of its "
+                    "host: a replica host's files are not the guest's to open, run or write"
+                )
+
+
+def _outside_free_text(root: ET.Element) -> list[ET.Element]:
+    """Every element but those whose content is only words (description, metadata)."""
+    out, todo = [], [root]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo.extend(c for c in node if isinstance(c.tag, str) and c.tag not in _FREE_TEXT)
+    return out
 
 
 def only_disks(xml: str, keep: Sequence[int]) -> str:

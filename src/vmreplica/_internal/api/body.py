@@ -63,6 +63,10 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         raise InvalidArgument(f"request body is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise InvalidArgument("request body must be a JSON object")
+    try:  # a lone \ud800-\udfff escape decodes, then fails wherever the text is written
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument("request body holds a lone UTF-16 surrogate: not text") from None
     return data
 
 

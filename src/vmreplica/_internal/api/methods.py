@@ -184,13 +184,15 @@ def build_methods(engine: Services) -> dict[str, Method]:
         return replication.to_model(row)
 
     async def replication_set(args: dict[str, Any]) -> Any:
+        server, port = a.opt_str(args, "replica_server"), a.opt_int(args, "replica_port")
         if a.opt_bool(args, "reverse"):
-            reversed_row = await failover.reverse.reverse(
-                a.req_str(args, "vm"),
-                a.opt_str(args, "replica_server"),
-                a.opt_int(args, "replica_port"),
-            )
+            reversed_row = await failover.reverse.reverse(a.req_str(args, "vm"), server, port)
             return replication.to_model(reversed_row)
+        if server is not None or port is not None:  # else silently ignored: nothing changes
+            raise InvalidArgument(
+                "--replica-server and --replica-port go with --reverse: the replica of a "
+                "relationship is changed by removing it and enabling it again"
+            )
         row = await primary.enable.set(a.req_str(args, "vm"), settings_changes(args))
         return replication.to_model(row)
 

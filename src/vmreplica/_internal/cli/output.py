@@ -12,6 +12,7 @@ import shutil
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -63,6 +64,12 @@ def stdin_option(f: F) -> F:
         is_flag=True,
         help="Take the objects to change as JSON from standard input (as printed by -o json).",
     )(f)
+
+
+def absolute(path: str) -> str:
+    """A path the caller typed, made absolute here: the agent's working directory is not the
+    caller's, and it would read a relative path against its own."""
+    return str(Path(path).absolute()) if path else path
 
 
 def clients(computer_names: Sequence[str]) -> list[Client]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from vmreplica._internal.cli.output import clients, collect, common, render
+from vmreplica._internal.cli.output import absolute, clients, collect, common, render
 from vmreplica._internal.cli.server import BOOL
 from vmreplica._internal.cli.waiting import wait_initial, wait_resync
 from vmreplica._internal.models import ConnectionTest, Measurement, Replication
@@ -132,7 +132,16 @@ def enable(
     --disk-path ...``, off) becomes the start of its replica; then `start-initial --use-backup`
     on the primary sends only the blocks that differ.
     """
-    if as_replica:
+    if as_replica:  # the primary's options would be silently ignored: refused instead
+        primary_only = [flag for flag, given in (
+            ("--replica-server", replica_server is not None),
+            ("--replica-port", replica_port is not None), ("--exclude-disk", bool(exclude_disks)),
+            *((f"--{k.replace('_', '-')}", True) for k in _settings(settings)),
+        ) if given]  # fmt: skip
+        if primary_only:
+            raise InvalidArgument(
+                f"{primary_only[0]} goes with enable on the primary, not with --as-replica"
+            )
         rows = [
             c.replication_enable_as_replica(vm, allowed_primary) for c in clients(computer_names)
         ]
@@ -143,7 +152,7 @@ def enable(
     if replica_server is None or replica_port is None:
         raise InvalidArgument("give --replica-server and --replica-port")
     rows = [
-        c.replication_enable(vm, replica_server, replica_port, auth, exclude_disks=list(exclude_disks),
+        c.replication_enable(vm, replica_server, replica_port, auth, exclude_disks=[absolute(d) for d in exclude_disks],
                              **_settings(settings))
         for c in clients(computer_names)
     ]  # fmt: skip
@@ -174,7 +183,9 @@ def set_cmd(
     """Change replication settings (from the next cycle), or reverse the direction."""
     args = _settings(settings)
     if reverse:
-        args.update(reverse=True, replica_server=replica_server, replica_port=replica_port)
+        args.update(reverse=True)
+    if replica_server is not None or replica_port is not None:  # refused without --reverse
+        args.update(replica_server=replica_server, replica_port=replica_port)
     render(
         [c.replication_set(vm, **args) for c in clients(computer_names)],
         Replication,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import click
 
 from vmreplica._internal.cli.output import (
+    absolute,
     client_for_object,
     clients,
     collect,
@@ -68,9 +69,10 @@ def new(
     """Create a VM. Disks are attached in the order: --disk, --disk-path, --disk-parent."""
     disks = (
         [{"size": s} for s in disk_sizes]
-        + [{"path": p} for p in disk_paths]
-        + [{"parent": p} for p in disk_parents]
+        + [{"path": absolute(p)} for p in disk_paths]
+        + [{"parent": absolute(p)} for p in disk_parents]
     )
+    kernel, initrd = (None if f is None else absolute(f) for f in (kernel, initrd))
     rows = [
         c.vm_new(name, memory, cpus, disks, kernel, initrd, append) for c in clients(computer_names)
     ]

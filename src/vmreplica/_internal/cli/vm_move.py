@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from vmreplica._internal.cli.output import clients, common, render
@@ -37,6 +39,7 @@ def command(
     Its disks stay in the cluster's shared storage; its replication continues with a delta."""
     rows = []
     for client in clients(computer_names):
-        click.echo(f"moving VM {name} to {to}: stopping it, sending its last delta…", err=True)
+        if sys.stderr.isatty():  # for a person watching; a refusal stays one line for a script
+            click.echo(f"moving VM {name} to {to}: stopping it, sending its last delta…", err=True)
         rows.append(client.vm_move(name, to, force, timeout))
     render(rows, VmMove, output, properties)

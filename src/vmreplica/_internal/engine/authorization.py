@@ -15,11 +15,14 @@ from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.server_settings import (
     DEFAULT_TRUST_GROUP,
     ServerService,
+    check_location_free,
     ensure_location,
 )
 from vmreplica._internal.models import AuthEntry
 from vmreplica._internal.store.server import AuthRow
 from vmreplica.errors import AccessDenied, InvalidArgument, InvalidState, NotFound
+
+ANY_SERVER = "*"  # the entry of a peer admitted because replication is allowed from any server
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,12 @@ class Authorization:
     storage_location: Path
     # Which listener the peer came in on: what this host uses to reach it back (reverse).
     authentication_type: str = "certificate"
+
+    @property
+    def by_entry(self) -> bool:
+        """Admitted by an authorization entry, not only because replication is allowed from
+        any server: only then does its trust group make it a partner of others' replicas."""
+        return self.entry != ANY_SERVER
 
 
 class AuthorizationService:
@@ -69,6 +78,7 @@ class AuthorizationService:
             )
         pattern = validate.primary_server_pattern(allowed_primary)
         location = validate.storage_location(storage_location)
+        check_location_free(self._ctx, location)
         group = validate.trust_group(trust_group)
         if self.auth_list(pattern):
             raise InvalidState(
@@ -98,6 +108,7 @@ class AuthorizationService:
         )
         group = validate.trust_group(trust_group) if trust_group is not None else None
         if location is not None:
+            check_location_free(self._ctx, location)
             ensure_location(self._events, location)
         with self._db.tx() as tx:
             self._store.update(tx, pattern, None if location is None else str(location), group)
@@ -180,7 +191,7 @@ class AuthorizationService:
                     )
         if raw["replication_allowed_from_any_server"] and raw["default_storage_location"]:
             return Authorization(
-                "*", DEFAULT_TRUST_GROUP, Path(str(raw["default_storage_location"]))
+                ANY_SERVER, DEFAULT_TRUST_GROUP, Path(str(raw["default_storage_location"]))
             )
         self._ctx.refusals["no-entry"] += 1
         err = AccessDenied(

@@ -26,6 +26,8 @@ from vmreplica.errors import InvalidArgument, InvalidState
 WAIT_MAX = 10.0  # seconds a replication.get that waits for a change holds its request
 WAIT_POLL = 0.02  # a row read in the agent, not a request
 
+HEALTHS = ["Normal", "Warning", "Critical"]
+
 
 class ReplicationService:
     def __init__(
@@ -148,6 +150,12 @@ class ReplicationService:
     def get(
         self, vm: str | None, state: str | None, health_level: str | None, mode: str | None
     ) -> list[Replication]:
+        for flag, value, known in (
+            ("--state", state, [s.value for s in State]), ("--health", health_level, HEALTHS),
+            ("--mode", mode, sorted(health.MODES)),
+        ):  # fmt: skip
+            if value is not None and value not in known:  # else an empty list, as if none were
+                raise InvalidArgument(f"unknown {flag} {value!r}: one of {', '.join(known)}")
         rows = self.store.all()
         if vm is not None:
             rec = self._vms.find(vm)
@@ -163,6 +171,8 @@ class ReplicationService:
         """Return once VM ``vm``'s state is no longer ``state``, or after ``seconds`` (at most
         ``WAIT_MAX``): a CLI that waits for a step to end learns it at once without asking ten
         times a second."""
+        if state not in [s.value for s in State]:  # it would answer at once, as if it changed
+            raise InvalidArgument(f"unknown state {state!r} to wait on")
         rec = self._vms.find(vm)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(seconds, 0.0), WAIT_MAX)

@@ -140,9 +140,9 @@ class ServerService:
                 changes.certificate_port, "certificate port"
             )
         if changes.storage_location is not None:
-            new["default_storage_location"] = str(
-                validate.storage_location(changes.storage_location)
-            )
+            location = validate.storage_location(changes.storage_location)
+            check_location_free(self._ctx, location)
+            new["default_storage_location"] = str(location)
         if changes.any_server is not None:
             new["replication_allowed_from_any_server"] = changes.any_server
         if changes.monitoring_interval is not None:
@@ -203,6 +203,32 @@ class ServerService:
                 "replication server settings changed: " + ", ".join(changed),
             )
         return self.get()
+
+
+AGENT_DIRS = ("vms", "run", "replication")  # the agent's own, in its state directory
+
+
+def check_location_free(ctx: Context, path: Path) -> None:
+    """A storage location is no place where the agent keeps something already: its state
+    directory itself or one of its own directories there (a replica VM named ``run`` or ``vms``
+    would be stored in it), or the storage of a replica VM (whose `vm remove --delete-storage`
+    would take the other replicas with it). A directory of its own in the state directory is
+    fine (``/var/lib/vmreplica/replicas``)."""
+    real = path.resolve()
+    state = ctx.config.state_dir.resolve()
+    owned = [state / d for d in AGENT_DIRS]
+    if real == state or any(real == d or d in real.parents for d in owned):
+        raise InvalidArgument(
+            f"invalid storage location {path}: it is the agent's state directory {state} or one "
+            f"of its own directories there ({', '.join(AGENT_DIRS)}); use a directory of its own"
+        )
+    for row in ctx.stores.replications.all():
+        place = Path(row.storage_dir).resolve() if row.storage_dir else None
+        if place is not None and (real == place or place in real.parents):
+            raise InvalidArgument(
+                f"invalid storage location {path}: it is in the storage of replica VM "
+                f"{row.vm_name} ({place})"
+            )
 
 
 def ensure_location(events: EventLog, path: Path) -> None:

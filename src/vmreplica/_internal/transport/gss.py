@@ -312,9 +312,10 @@ class Acceptor:
                 f"principal of another realm: {principal} is of realm {principal.realm}; this "
                 f"host accepts principals of {realm} only"
             )
-        if principal.service is None:
+        if principal.service not in SERVICES:  # a user's (alice/admin), or another service's
             raise AccessDenied(
-                f"unknown principal: {principal} is not a host principal (host/FQDN@{realm})"
+                f"unknown principal: {principal} is not a host principal (host/FQDN@{realm} or "
+                f"HTTP/FQDN@{realm})"
             )
         return ServerExchange(context, bytes(reply or b""), principal)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
@@ -118,10 +119,31 @@ def write_manifest(directory: Path, manifest: MediaManifest) -> None:
         raise StorageError(f"cannot write {directory / MANIFEST}: {e.strerror or e}") from e
 
 
+MAX_MANIFEST = 1 << 20  # bytes: 64 disks take a few KiB
+
+
+def _open_regular(path: Path) -> int:
+    """A descriptor of ``path``, refused unless it is a regular file: media is not trusted, and
+    a FIFO there would block the import (holding the replica lock), a device never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open must not wait
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IntegrityError(f"{path} on the media is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_manifest(directory: Path) -> MediaManifest:
     path = directory / MANIFEST
     try:
-        text = path.read_text()
+        with os.fdopen(_open_regular(path), "rb") as f:
+            raw = f.read(MAX_MANIFEST + 1)
+        if len(raw) > MAX_MANIFEST:
+            raise IntegrityError(f"{path} is larger than {MAX_MANIFEST} bytes: not a manifest")
+        text = raw.decode()
     except FileNotFoundError:
         raise InvalidArgument(
             f"{directory} holds no {MANIFEST}: not initial media, or its export did not finish"
@@ -145,7 +167,7 @@ def copy_verified(
     one the manifest names (truncated, grown, corrupt) leaves no copy behind."""
     hasher, size = blake3.blake3(), 0
     try:
-        with open(source, "rb") as src, open(dest, "wb") as out:
+        with os.fdopen(_open_regular(source), "rb") as src, open(dest, "wb") as out:
             while chunk := src.read(_CHUNK):
                 size += len(chunk)
                 if size > expected.file_size:

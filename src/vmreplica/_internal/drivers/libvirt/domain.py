@@ -72,7 +72,11 @@ async def define(conn: Connection, spec: VmSpec, description: str | None = None)
     own XML, only its disks pointed where the VM's are now. A raw disk is opened through its
     metadata image (raw.py). A replica VM whose primary sent its domain XML is defined from
     that, every time (definition.py)."""
-    disks = await raw.domain_disks(spec.disks, spec.run_dir)
+    current_xml = await xml_of(conn, spec.id)
+    declared = (
+        frozenset() if current_xml is None else domain_xml.declared_raw(current_xml, spec.disks)
+    )
+    disks = await raw.domain_disks(spec.disks, spec.run_dir, declared)
     if spec.definition is not None:
         generated = definition.replica_domain(
             spec.definition.xml,
@@ -244,7 +248,8 @@ class LibvirtVm:
         self.spec = spec
         first = None
         if spec.disks:
-            first = raw.meta_path(spec.run_dir, 0) if raw.is_raw(spec.disks[0]) else spec.disks[0]
+            meta = raw.meta_path(spec.run_dir, 0)
+            first = meta if meta.exists() or raw.is_raw(spec.disks[0]) else spec.disks[0]
         self._pid = find_pid(spec.id, first)
 
     def _dom(self, c: Any) -> Any:

@@ -95,6 +95,20 @@ def domain_xml(spec: VmSpec, formats: Sequence[str], description: str = DESCRIPT
     return ET.tostring(dom, encoding="unicode")
 
 
+def declared_raw(xml: str, disks: Sequence[Path]) -> frozenset[int]:
+    """Which of ``disks`` the domain's XML opens itself, as raw: what its administrator said
+    of the disk, which its first bytes (the guest's) cannot overrule."""
+    elements = [d for d in ET.fromstring(xml).findall("./devices/disk")
+                if d.get("device", "disk") == "disk"]  # fmt: skip
+    out = set()
+    for i, (element, disk) in enumerate(zip(elements, disks, strict=False)):
+        src, driver = element.find("source"), element.find("driver")
+        path = None if src is None else (src.get("file") or src.get("dev"))
+        if driver is not None and driver.get("type") == "raw" and path == str(disk.absolute()):
+            out.add(i)
+    return frozenset(out)
+
+
 def disk_sources(xml: str) -> list[tuple[str, Path]]:
     """(target, source path) of each disk of a domain's XML, in the domain's order."""
     out = []

@@ -94,7 +94,10 @@ class LibvirtSession:
         await self.tracker.settle(generation)
 
     async def cut(self, generation: int, dests: Sequence[Path]) -> None:
-        sizes = [await raw.image_size(self.owner.disks[i]) for i in self.owner.replicated]
+        sizes = [
+            await raw.disk_size(self.owner.disks[i], self.owner.run_dir, i)
+            for i in self.owner.replicated
+        ]
         if self.cut_mode == "pull":
             await self._cut_pull(generation, dests, sizes)
         else:
@@ -238,19 +241,21 @@ class LibvirtDriver(QemuDriver):
         """The domain, with the owner's disks; a minimal definition if it has none (`vm start`
         defines it in full)."""
 
-        def current(c: Any) -> list[Path] | None:
+        def current(c: Any) -> str | None:
             try:
                 dom = c.lookupByUUIDString(owner.vm_id)
             except libvirt.libvirtError as exc:
                 if is_missing(exc):
                     return None
                 raise
-            return [p for _, p in domain_xml.disk_sources(dom.XMLDesc(0))]
+            return str(dom.XMLDesc(0))
 
         if not owner.vm_id:
             raise VmrError(f"VM '{owner.vm_name}': the libvirt driver needs the VM's id")
-        found = await self.conn.run(f"cannot look up domain {owner.vm_name!r}", current)
-        want = list(await raw.domain_disks(tuple(owner.disks), owner.run_dir))
+        xml = await self.conn.run(f"cannot look up domain {owner.vm_name!r}", current)
+        found = None if xml is None else [p for _, p in domain_xml.disk_sources(xml)]
+        declared = frozenset() if xml is None else domain_xml.declared_raw(xml, owner.disks)
+        want = list(await raw.domain_disks(tuple(owner.disks), owner.run_dir, declared))
         if found is not None and [p.absolute() for p in found] == want:
             return
         spec = VmSpec(

@@ -8,7 +8,10 @@ create_over_data_file). The domain's disk is that qcow2; the guest's data stays 
 valid raw image at every moment, and libvirt's checkpoints keep their bitmaps in the metadata
 image. It lives in the VM's run directory (``meta/disk{n}.qcow2``), a few hundred KiB per GiB.
 
-A disk is raw unless it starts with the qcow2 magic: the same probe qemu-img makes.
+A disk is raw unless it starts with the qcow2 magic: the same probe qemu-img makes, made only
+while the disk has no metadata image. Once it has one, it is raw for good: its first bytes are
+the guest's, and a guest that wrote a qcow2 header there would otherwise have the host open its
+disk as qcow2, with a backing or data file of the guest's choosing (any file of the host).
 """
 
 from __future__ import annotations
@@ -30,6 +33,21 @@ def is_raw(path: Path) -> bool:
         raise StorageError(f"cannot read disk {path}: {exc.strerror}") from exc
 
 
+async def known_raw(disk: Path, run_dir: Path, index: int) -> bool:
+    """``disk`` (the VM's disk ``index``) has its metadata image already: raw, whatever it
+    holds now."""
+    meta = meta_path(run_dir, index)
+    return meta.exists() and await _data_file(meta) == str(disk.absolute())
+
+
+async def disk_size(disk: Path, run_dir: Path, index: int) -> int:
+    """The guest-visible size of the VM's disk ``index``, raw for good once it has its
+    metadata image."""
+    if await known_raw(disk, run_dir, index):
+        return await qemu_img.virtual_size(disk, fmt="raw", force_share=True)
+    return await image_size(disk)
+
+
 async def image_size(path: Path) -> int:
     """The guest-visible size of a raw or qcow2 disk (one a running QEMU may hold)."""
     fmt = "raw" if is_raw(path) else "qcow2"
@@ -49,20 +67,25 @@ async def _data_file(meta: Path) -> str | None:
     return str(data["data-file"]) if "data-file" in data else None
 
 
-async def domain_disks(disks: tuple[Path, ...], run_dir: Path) -> tuple[Path, ...]:
+async def domain_disks(
+    disks: tuple[Path, ...], run_dir: Path, declared: frozenset[int] = frozenset()
+) -> tuple[Path, ...]:
     """What the domain opens for each disk: a qcow2 disk itself, a raw one through its
     metadata image (made when missing or over another data file: its bitmaps are then gone,
-    and the next cycle asks for a resynchronization)."""
+    and the next cycle asks for a resynchronization). ``declared``: the disks the domain's own
+    XML opens as raw (a domain adopted from virsh), raw whatever they start with."""
     out = []
     for i, disk in enumerate(disks):
-        if not is_raw(disk):
+        meta = meta_path(run_dir, i)
+        if await known_raw(disk, run_dir, i):
+            out.append(meta)
+            continue
+        if i not in declared and not is_raw(disk):
             out.append(disk.absolute())
             continue
-        meta = meta_path(run_dir, i)
-        if await _data_file(meta) != str(disk.absolute()):
-            meta.parent.mkdir(parents=True, exist_ok=True)
-            meta.unlink(missing_ok=True)
-            size = await qemu_img.virtual_size(disk, fmt="raw", force_share=True)
-            await qemu_img.create_over_data_file(meta, disk.absolute(), size)
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.unlink(missing_ok=True)
+        size = await qemu_img.virtual_size(disk, fmt="raw", force_share=True)
+        await qemu_img.create_over_data_file(meta, disk.absolute(), size)
         out.append(meta)
     return tuple(out)

@@ -154,7 +154,10 @@ class QemuDriver:
     # -- disk images -------------------------------------------------------------------------
 
     async def check_image(self, path: Path) -> None:
-        await qemu_img.info(path)
+        try:
+            await qemu_img.info(path)
+        except VmrError as e:  # the operator named a file that is no image: not a storage fault
+            raise InvalidArgument(f"{path} is not a usable qcow2 image: {e.message}") from e
 
     async def create_image(self, path: Path, size: int | None, backing: Path | None = None) -> None:
         await qemu_img.create(path, size, backing)

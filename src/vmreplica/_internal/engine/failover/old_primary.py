@@ -249,7 +249,11 @@ class OldPrimary:
         related = row is not None and (
             row.replica_server in peer_names
             or row.primary_server in peer_names
-            or (row.trust_group is not None and row.trust_group == authz.trust_group)
+            or (
+                authz.by_entry
+                and row.trust_group is not None
+                and row.trust_group == authz.trust_group
+            )
         )
         if row is None or not related:
             raise AccessDenied(

@@ -59,7 +59,7 @@ class Reverse(FailoverBase):
         if self._ctx.cluster is not None:  # only the owner (docs/CLUSTER.md)
             self._ctx.cluster.check(row.vm_id, "reverse replication")
         server = replica_server or row.primary_server
-        port = replica_port or row.peer_port
+        port = replica_port if replica_port is not None else row.peer_port  # 0 is refused
         if port is None:
             raise InvalidArgument(
                 f"give --replica-port: the certificate port of {server} is not known here"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vmreplica._internal.engine.authorization import Authorization
+from vmreplica._internal.engine.authorization import ANY_SERVER, Authorization
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.states import State
@@ -87,14 +87,24 @@ def replica_row(ctx: Context, vm_id: str) -> ReplicationRow:
 def check_sender(
     ctx: Context, row: ReplicationRow, authz: Authorization, peer_names: list[str]
 ) -> None:
-    """Only the creating server, or a server of the same trust group, may write this replica."""
-    if row.primary_server in peer_names or authz.trust_group == row.trust_group:
+    """Only the creating server, or a server of the same trust group, may write this replica.
+
+    A trust group is what authorization entries give; a peer admitted only because replication
+    is allowed from any server has none of its own (every such peer gets the default group), so
+    it is a partner of no replica but its own, and no peer is one of such a replica."""
+    if row.primary_server in peer_names or (
+        authz.by_entry and row.auth_entry != ANY_SERVER and authz.trust_group == row.trust_group
+    ):
         return
     ctx.refusals["trust-group"] += 1
-    err = AccessDenied(
-        f"not authorized: {peer_names[0] if peer_names else 'this peer'} is in trust group "
-        f"{authz.trust_group}, but replica VM {row.vm_name} belongs to trust group {row.trust_group}"
-    )
+    peer = peer_names[0] if peer_names else "this peer"
+    if authz.by_entry and row.auth_entry != ANY_SERVER:
+        why = f"is in trust group {authz.trust_group}, but replica VM {row.vm_name} belongs to "
+        why += f"trust group {row.trust_group}"
+    else:  # one of them came in only because replication is allowed from any server
+        why = f"did not create replica VM {row.vm_name}, and replication allowed from any "
+        why += "server makes no trust group"
+    err = AccessDenied(f"not authorized: {peer} {why}")
     ctx.events.record(
         "delta-refused", f"refused a request for {row.vm_name}: {err.message}", row.vm_name,
         "warning",

@@ -25,6 +25,7 @@ from vmreplica._internal.store.db import Tx
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.vms import VmRecord
 from vmreplica._internal.transport.delta import disk_file
+from vmreplica._internal.transport.protocol import MAX_DISK_SIZE, MAX_DISKS
 from vmreplica.errors import InvalidArgument, InvalidState, NotFound, VmrError
 
 log = logging.getLogger("vmreplica.vms")
@@ -141,6 +142,8 @@ class VmService:
         if initrd and not kernel:
             raise InvalidArgument("--initrd needs --kernel")
         # Check every disk before creating anything, so that bad input changes nothing.
+        if len(req.disks) > MAX_DISKS:
+            raise InvalidArgument(f"a VM has at most {MAX_DISKS} disks, not {len(req.disks)}")
         plan: list[tuple[DiskRequest, int | None, Path | None]] = []
         for disk in req.disks:
             if sum(v is not None for v in (disk.size, disk.path, disk.parent)) != 1:
@@ -148,7 +151,11 @@ class VmService:
                     "each disk is one of --disk SIZE, --disk-path PATH or --disk-parent PATH"
                 )
             if disk.size is not None:
-                plan.append((disk, validate.size(disk.size), None))
+                if (bytes_ := validate.size(disk.size)) > MAX_DISK_SIZE:  # no replica holds it
+                    raise InvalidArgument(
+                        f"invalid disk size {disk.size!r}: at most {MAX_DISK_SIZE >> 50}P"
+                    )
+                plan.append((disk, bytes_, None))
                 continue
             image = Path(str(disk.path or disk.parent)).absolute()
             flag = "--disk-path" if disk.path else "--disk-parent"
@@ -156,6 +163,9 @@ class VmService:
                 raise NotFound(f"{flag} {image}: no such image")
             if disk.path is not None:
                 self._check_disk_is_free(image, flag)
+            else:  # a chain image as backing: the VM's lock on it would stop every apply
+                for guard in self.disk_guards:
+                    guard(image.resolve())
             await self._ctx.driver.check_image(image)
             plan.append((disk, None, image))
         vm_dir = validate.child_path(self.vms_dir, name)

@@ -1,0 +1,95 @@
+"""A raw disk stays raw whatever its guest writes (libvirt driver, drivers/libvirt/raw.py).
+
+A raw disk's first bytes are the guest's to write. Were its format told from them at each start,
+a guest that writes a qcow2 header there would have its disk opened as qcow2 by the host: with
+a backing file of the guest's choosing (any file of the host), read for it by QEMU."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import driver_cluster
+from tests.integration.replication_env import PRIMARY
+from tests.integration.test_failover import reads
+from tests.localcluster import Cluster
+
+
+@pytest.fixture
+def lv_cluster() -> Iterator[Cluster]:
+    with driver_cluster("libvirt") as c:
+        yield c
+
+
+def test_a_guest_written_qcow2_header_does_not_make_its_raw_disk_qcow2(
+    lv_cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster = lv_cluster
+    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    secret.write_bytes(bytes([0x5A]) * (16 << 20))  # a host file the guest must never see
+    cluster.cli("vm", "new", "raw", "--disk-path", str(disk), host=PRIMARY)
+    cluster.cli("vm", "start", "raw", host=PRIMARY)
+    assert reads(cluster, PRIMARY, "raw", 0x00, "1M", "1M")
+    cluster.cli("vm", "stop", "raw", "--force", host=PRIMARY)
+    # What the guest wrote at the start of its disk: a qcow2 header naming a host file.
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw",
+         str(header), "16M"],
+        check=True,
+    )  # fmt: skip
+    with open(disk, "r+b") as f:
+        f.write(header.read_bytes())
+    cluster.cli("vm", "start", "raw", host=PRIMARY, check=False)
+    # Still the raw disk: what lies past the header is the disk's own zeros, never the host's file.
+    assert not reads(cluster, PRIMARY, "raw", 0x5A, "1M", "1M")
+    assert reads(cluster, PRIMARY, "raw", 0x00, "1M", "1M")
+    assert cluster.cli_json("vm", "get", "raw", host=PRIMARY)[0]["disks"] == [str(disk)]
+
+
+DOMAIN = """<domain type='qemu'>
+  <name>adopted</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+"""
+
+
+def test_a_raw_disk_of_a_domain_adopted_from_virsh_stays_raw(
+    lv_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A domain defined with virsh says its disk is raw; its guest had written a qcow2 header
+    at the start of that disk before the agent took the domain. The agent's first start goes by
+    what the domain says, not by the disk's first bytes."""
+    cluster = lv_cluster
+    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    secret.write_bytes(bytes([0x5A]) * (16 << 20))
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw",
+         str(header), "16M"],
+        check=True,
+    )  # fmt: skip
+    with open(disk, "r+b") as f:
+        f.write(header.read_bytes())
+    xml = tmp_path / "adopted.xml"
+    xml.write_text(DOMAIN.format(disk=disk))
+    cluster.libvirt[PRIMARY].virsh("define", str(xml))
+    names = [v["name"] for v in cluster.cli_json("vm", "list", host=PRIMARY)]
+    assert "adopted" in names  # taken from libvirt
+    cluster.cli("vm", "start", "adopted", host=PRIMARY)
+    assert not reads(cluster, PRIMARY, "adopted", 0x5A, "1M", "1M")
+    assert reads(cluster, PRIMARY, "adopted", 0x00, "1M", "1M")
