@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,9 @@ import zstandard
 
 from vmreplica._internal.transport import delta
 from vmreplica._internal.transport.delta import CHUNK, MAGIC, build_manifest, iter_stream
+from vmreplica._internal.transport.delta_frames import RAW_BLOCK, RAW_HEAD, FrameReader, raw_frame
 from vmreplica._internal.transport.delta_receive import receive
+from vmreplica.errors import IntegrityError
 
 VM = "vm-0001"
 
@@ -63,18 +65,20 @@ def unpack(wire: bytes, stage: Path) -> delta.DeltaManifest:
 
 
 def is_raw(frame: bytes) -> bool:
-    return frame.startswith(delta._RAW_HEAD)
+    return frame.startswith(RAW_HEAD)
 
 
-@pytest.mark.parametrize("size", [1, 5, delta.RAW_BLOCK - 1, delta.RAW_BLOCK, delta.RAW_BLOCK + 1,
+@pytest.mark.parametrize("size", [1, 5, RAW_BLOCK - 1, RAW_BLOCK, RAW_BLOCK + 1,
                                   CHUNK])  # fmt: skip
 def test_a_raw_frame_is_read_by_the_zstd_decoder(size: int) -> None:
     data = random.Random(size).randbytes(size)
-    framed = delta.raw_frame(data)
+    framed = raw_frame(data)
     assert struct.unpack(">I", framed[:4])[0] == len(framed) - 4
-    assert len(framed) <= size + 4 + 6 + 3 * (size // delta.RAW_BLOCK + 1)
-    decoded = zstandard.ZstdDecompressor().decompressobj().decompress(framed[4:])
-    assert decoded == data
+    assert len(framed) <= size + 4 + len(RAW_HEAD) + 3 * (size // RAW_BLOCK + 1)
+    reading = Reading()  # zstd's decoder alone, as replicas before raw frames read them
+    for at in range(0, len(framed) - 4, 1000):
+        reading.decompress(framed[4 + at : 4 + at + 1000])
+    assert bytes(reading.out) == data and reading.through == len(framed) - 4
 
 
 def test_random_pieces_are_raw_and_text_pieces_compressed(tmp_path: Path) -> None:
@@ -114,3 +118,74 @@ def test_a_stream_of_one_frame_per_disk_is_still_received(tmp_path: Path) -> Non
     assert unpack(b"".join(parts), stage) == m
     for i, data in disks.items():
         assert (stage / f"disk{i}.qcow2").read_bytes() == data
+
+
+class Reading:
+    """A FrameReader over a real decompressor, counting what went through it."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.through = 0
+        dctx = zstandard.ZstdDecompressor()
+        self.dec = dctx.stream_writer(self, 1 << 20, write_return_read=True)  # type: ignore[arg-type]
+        self.reader = FrameReader(self.write, lambda: len(self.out), self.decompress, "disk 0")
+
+    def decompress(self, data: bytes | memoryview) -> int:
+        self.through += len(data)
+        return int(self.dec.write(data))
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.out += data
+        return len(data)
+
+    def feed(self, blocks: list[bytes], piece: int) -> None:
+        """In pieces of ``piece`` bytes, but a block's first holds its frame's header, as the
+        receiver's are (at least min(block, BATCH) bytes)."""
+        for payload in blocks:
+            head = max(piece, 18)
+            rest = range(head, len(payload), piece)
+            pieces = [payload[:head], *(payload[at : at + piece] for at in rest)]
+            for i, data in enumerate(pieces):
+                self.reader.write(data, i == 0, i == len(pieces) - 1)
+
+
+def payloads(*blocks: bytes) -> list[bytes]:
+    return [b[4:] for b in blocks]  # without the stream's length
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 4096, 1 << 20])
+def test_raw_frames_between_frames_pass_the_decompressor_by(piece: int) -> None:
+    r = random.Random(piece)
+    text, noise = text_like(300_000), r.randbytes(RAW_BLOCK * 2 + 5)
+    compressed = zstandard.ZstdCompressor(level=1).compress(text)
+    blocks = [compressed, *payloads(raw_frame(noise), raw_frame(b"x")), compressed]
+    reading = Reading()
+    reading.feed(blocks, piece)
+    assert bytes(reading.out) == text + noise + b"x" + text
+    assert reading.through == 2 * len(compressed)
+
+
+def test_after_a_frame_of_unknown_end_every_frame_goes_through_the_decompressor() -> None:
+    text, noise = text_like(100_000), random.Random(1).randbytes(50_000)
+    unsized = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(text)
+    assert RAW_HEAD[12:] == unsized[:6]  # a compressor may start a frame as raw_frame does
+    blocks = [unsized, *payloads(raw_frame(noise))]
+    reading = Reading()
+    reading.feed(blocks, 10_000)
+    assert bytes(reading.out) == text + noise
+    assert reading.through == sum(map(len, blocks))
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (lambda f: f[:-1], "cut short"),  # the last block's last byte missing
+        (lambda f: f + b"?", "after the end"),
+        (lambda f: f[:18] + bytes([f[18] | 2]) + f[19:], "a bad block"),  # type RLE
+        (lambda f: f[:18] + bytes([f[18] & ~1]) + f[19:], "cut short"),  # no last block
+    ],
+)
+def test_a_damaged_raw_frame_is_refused(damage: Callable[[bytes], bytes], error: str) -> None:
+    frame = damage(raw_frame(b"abc" * 1000)[4:])
+    with pytest.raises(IntegrityError, match=f"disk 0: .*{error}"):
+        Reading().feed([frame], 100)

@@ -3,10 +3,10 @@
 Stream (one HTTPS POST body): ``b"VMRD1\\n"``, u32-be N, N bytes of manifest JSON; then each disk
 in manifest order, raw (exactly file_size bytes) or, for zstd, zstd frames one after the other
 cut into blocks (u32-be length in 1..16 MiB, payload) and ended by a 0 length. A sender makes one
-frame of each piece of up to CHUNK bytes, and one block of each frame; a piece that a sample says
-does not compress (random data, already compressed files) is a frame of raw zstd blocks, made
-without running the compressor. Replicas before it, which read one frame per disk, read these
-too: their decompressor goes on into the next frame.
+frame of each piece of up to CHUNK bytes, and one block of each frame, raw zstd blocks where the
+piece does not compress (delta_frames.py). Replicas before it, which read one frame per disk,
+read these too: their decompressor goes on into the next frame; senders before it sent one
+frame per disk, which a replica reads as before.
 
 The manifest comes first so the replica refuses a wrong VM or sequence number before storing a
 byte. Blocks mark where a frame ends because the decompressor that can tell (``decompressobj``)
@@ -32,17 +32,16 @@ import functools
 import json
 import os
 import re
-import struct
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import blake3
-import zstandard
 
 from vmreplica._internal import memory
 from vmreplica._internal.files import write_atomic
+from vmreplica._internal.transport.delta_frames import Frames, block
 from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica.errors import (
     IntegrityError,
@@ -66,10 +65,6 @@ ZSTD_LEVEL = 1  # measured: level 3 is 12% slower on random data for a 1-2% smal
 SLOW_LINK_LEVEL = 3
 SLOW_LINK = 25_000_000  # bytes per second on the wire
 THREADS = min(4, os.cpu_count() or 1)  # blake3, and zstd (1.2x on text with 2 cores)
-RAW_BLOCK = 128 << 10  # zstd's largest block
-_RAW_HEAD = b"\x28\xb5\x2f\xfd\x00" + bytes([(17 - 10) << 3])  # magic, descriptor, 128 KiB window
-SAMPLES, SAMPLE = 8, 8 << 10  # an incompressible piece: every sample compressed to over
-SAMPLE_RATIO = 0.9  # this much of its size (zstd level 1; text-like data: 0.4)
 _DISK_RE = re.compile(r"disk(\d+)\.qcow2")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -173,61 +168,13 @@ async def build_manifest(
         raise StorageError(f"cannot build the manifest of delta {sequence}: {e}") from None
 
 
-def _block(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
-class _Frames:
-    """Each piece of a disk as one zstd frame behind its block length: compressed, or raw zstd
-    blocks when samples of it do not compress (the compressor costs 0.8 ns a byte of random
-    data here, a copy a tenth of that)."""
-
-    def __init__(self, level: int) -> None:
-        self._zc = zstandard.ZstdCompressor(level=level, threads=THREADS)
-        self._probe = zstandard.ZstdCompressor(level=1)
-
-    def incompressible(self, data: bytes) -> bool:
-        """Whether every one of SAMPLES spread samples stays above SAMPLE_RATIO compressed."""
-        if len(data) < SAMPLES * SAMPLE:
-            return False
-        step = len(data) // SAMPLES
-        view = memoryview(data)
-        for at in range(0, SAMPLES * step, step):
-            if len(self._probe.compress(view[at : at + SAMPLE])) < SAMPLE_RATIO * SAMPLE:
-                return False
-        return True
-
-    def piece(self, data: bytes) -> bytes:
-        if not self.incompressible(data):
-            frame = self._zc.compress(data)
-            if len(frame) < len(data):
-                return _block(frame)
-        return raw_frame(data)
-
-
-def raw_frame(data: bytes) -> bytes:
-    """``data`` as one zstd frame of raw blocks behind its block length: one copy, no
-    compressor. The frame: magic, a descriptor with neither content size nor checksum, a 128
-    KiB window; each block a 3-byte little-endian header (size << 3 | type raw 0 | last)."""
-    view = memoryview(data)
-    parts: list[bytes | memoryview] = [b""]
-    size = len(_RAW_HEAD)
-    for at in range(0, max(1, len(data)), RAW_BLOCK):
-        block = view[at : at + RAW_BLOCK]
-        last = at + RAW_BLOCK >= len(data)
-        parts += [(len(block) << 3 | last).to_bytes(3, "little"), block]
-        size += 3 + len(block)
-    parts[0] = struct.pack(">I", size) + _RAW_HEAD
-    return b"".join(parts)
-
-
 def _disk_pieces(
     path: Path, disk: DiskEntry, m: DeltaManifest, offset: int = 0, level: int = ZSTD_LEVEL
 ) -> Generator[bytes, None, None]:
     """The wire bytes of one disk from ``offset`` on, in pieces of about CHUNK; a file that
     changed size is refused."""
     left = disk.file_size - offset
-    frames = _Frames(level) if m.compression == "zstd" else None
+    frames = Frames(level, THREADS) if m.compression == "zstd" else None
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
         while data := f.read(min(CHUNK, left) if left else 1):  # 1: notice a grown file
@@ -238,7 +185,7 @@ def _disk_pieces(
     if left or data:
         raise IntegrityError(f"delta {m.sequence}: {path} changed size since its manifest")
     if frames:
-        yield _block(b"")
+        yield block(b"")
 
 
 async def iter_stream(
@@ -250,7 +197,7 @@ async def iter_stream(
     From ``start`` on when the replica kept a cut stream: the disks before it are left out.
     ``level``: zstd's, for a compressed delta (the receiver needs no word of it).
     """
-    yield MAGIC + _block(manifest.to_json().encode())
+    yield MAGIC + block(manifest.to_json().encode())
     first, offset = (start.disk, start.offset) if start is not None else (0, 0)
     # Nothing below may block the event loop. A body the HTTP client drops when the connection
     # breaks is closed later by the garbage collector, and by then the pool's worker may have
