@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from vmreplica.errors import IntegrityError, StorageError, VmrError
 
-
 T = TypeVar("T")
 
 
