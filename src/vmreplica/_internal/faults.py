@@ -62,8 +62,11 @@ async def ahit(point: str) -> None:
 
 
 def child_hit(point: str, pid: int) -> None:
-    """A child process ``pid`` was just started at ``point``."""
+    """A child process ``pid`` was just started at ``point``; an action on it waits until it
+    runs the helper itself (a child started through ``setpriv`` execs it next)."""
     action = _FAULTS.get(point)
+    if action is not None:
+        _wait_exec(pid)
     if action == "kill-child-once" and point not in _FIRED:
         _FIRED.add(point)
         os.kill(pid, signal.SIGKILL)
@@ -75,6 +78,15 @@ def child_hit(point: str, pid: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     else:
         hit(point)
+
+
+def _wait_exec(pid: int, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(OSError):
+        while os.path.basename(os.readlink(f"/proc/{pid}/exe")) == "setpriv":
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
 
 
 def _continue(pid: int) -> None:

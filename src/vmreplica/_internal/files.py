@@ -3,12 +3,31 @@ syncs the directory that holds the name first."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vmreplica.errors import IntegrityError, StorageError, VmrError
+
+T = TypeVar("T")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """A blocking file step (the unlink of a large file frees its page cache and extents: tens
+    of ms) in a worker thread, so the event loop goes on carrying streams meanwhile. A cancelled
+    caller still waits for the step to end, as it would have for the blocking call, so that what
+    follows it (a lock released, the next step) never overlaps it."""
+    step = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await step
+        raise
 
 
 def fsync_dir(path: Path) -> None:

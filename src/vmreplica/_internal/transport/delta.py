@@ -1,8 +1,12 @@
 """The delta wire format: how one replication cycle travels from primary to replica.
 
 Stream (one HTTPS POST body): ``b"VMRD1\\n"``, u32-be N, N bytes of manifest JSON; then each disk
-in manifest order, raw (exactly file_size bytes) or, for zstd, one zstd frame per disk cut into
-blocks (u32-be length in 1..16 MiB, payload) and ended by a 0 length.
+in manifest order, raw (exactly file_size bytes) or, for zstd, zstd frames one after the other
+cut into blocks (u32-be length in 1..16 MiB, payload) and ended by a 0 length. A sender makes one
+frame of each piece of up to CHUNK bytes, and one block of each frame, raw zstd blocks where the
+piece does not compress (delta_frames.py). Replicas before it, which read one frame per disk,
+read these too: their decompressor goes on into the next frame; senders before it sent one
+frame per disk, which a replica reads as before.
 
 The manifest comes first so the replica refuses a wrong VM or sequence number before storing a
 byte. Blocks mark where a frame ends because the decompressor that can tell (``decompressobj``)
@@ -28,17 +32,16 @@ import functools
 import json
 import os
 import re
-import struct
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import blake3
-import zstandard
 
 from vmreplica._internal import memory
 from vmreplica._internal.files import write_atomic
+from vmreplica._internal.transport.delta_frames import Frames, block
 from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica.errors import (
     IntegrityError,
@@ -165,30 +168,24 @@ async def build_manifest(
         raise StorageError(f"cannot build the manifest of delta {sequence}: {e}") from None
 
 
-def _block(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
 def _disk_pieces(
     path: Path, disk: DiskEntry, m: DeltaManifest, offset: int = 0, level: int = ZSTD_LEVEL
 ) -> Generator[bytes, None, None]:
     """The wire bytes of one disk from ``offset`` on, in pieces of about CHUNK; a file that
     changed size is refused."""
     left = disk.file_size - offset
-    zc = zstandard.ZstdCompressor(level=level, threads=THREADS)
-    chunker = zc.chunker(size=left, chunk_size=CHUNK) if m.compression == "zstd" else None
+    frames = Frames(level, THREADS) if m.compression == "zstd" else None
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
         while data := f.read(min(CHUNK, left) if left else 1):  # 1: notice a grown file
             if len(data) > left:
                 break
             left -= len(data)
-            yield from map(_block, chunker.compress(data)) if chunker else (data,)
+            yield frames.piece(data) if frames else data
     if left or data:
         raise IntegrityError(f"delta {m.sequence}: {path} changed size since its manifest")
-    if chunker:
-        yield from map(_block, chunker.finish())  # type: ignore[no-untyped-call]
-        yield _block(b"")
+    if frames:
+        yield block(b"")
 
 
 async def iter_stream(
@@ -200,7 +197,7 @@ async def iter_stream(
     From ``start`` on when the replica kept a cut stream: the disks before it are left out.
     ``level``: zstd's, for a compressed delta (the receiver needs no word of it).
     """
-    yield MAGIC + _block(manifest.to_json().encode())
+    yield MAGIC + block(manifest.to_json().encode())
     first, offset = (start.disk, start.offset) if start is not None else (0, 0)
     # Nothing below may block the event loop. A body the HTTP client drops when the connection
     # breaks is closed later by the garbage collector, and by then the pool's worker may have

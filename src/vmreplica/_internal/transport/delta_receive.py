@@ -39,6 +39,7 @@ from vmreplica._internal.transport.delta import (
     hash_file,
     write_text_atomic,
 )
+from vmreplica._internal.transport.delta_frames import FrameReader
 from vmreplica._internal.transport.delta_resume import ResumePoint
 from vmreplica.errors import (
     ConnectionFailed,
@@ -122,9 +123,10 @@ class _Input:
 
     async def disk(
         self, entry: DiskEntry, compressed: bool, label: str, offset: int = 0
-    ) -> AsyncIterator[bytes | memoryview]:
+    ) -> AsyncIterator[tuple[bytes | memoryview, bool, bool]]:
         """One disk as sent from ``offset``: raw up to its size, or its blocks' payloads up to
-        the 0 block; in pieces as they arrive."""
+        the 0 block; in pieces as they arrive, each with whether it is its block's first and
+        last."""
         left, truncated = entry.file_size - offset, f"{label}: stream truncated (connection lost?)"
         while compressed or left:
             n = left
@@ -135,12 +137,14 @@ class _Input:
                     return
                 if n > MAX_BLOCK:
                     raise IntegrityError(f"{label}: bad block length (corrupted in transit?)")
+            first = True
             while n:
                 if not (data := await self.read_some(min(n, CHUNK))):
                     raise StreamCut(truncated)
                 n -= len(data)
                 left -= 0 if compressed else len(data)
-                yield data
+                yield data, first, not n
+                first = False
 
 
 class _Disk:
@@ -156,10 +160,19 @@ class _Disk:
         fresh = os.O_EXCL if kept is None else 0
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | fresh | os.O_CLOEXEC, 0o600)
         self.offset = kept or 0
-        dctx = zstandard.ZstdDecompressor(max_window_size=1 << 25)
-        # stream_writer only calls write(), with pieces of at most CHUNK
-        writer = dctx.stream_writer(self, CHUNK, write_return_read=True, closefd=False)  # type: ignore[arg-type]
-        self.dec = writer if compressed else None
+        self.frames: FrameReader | None = None
+        if compressed:
+            dctx = zstandard.ZstdDecompressor(max_window_size=1 << 25)
+            # stream_writer only calls write(), with pieces of at most CHUNK
+            dec = dctx.stream_writer(self, CHUNK, write_return_read=True, closefd=False)  # type: ignore[arg-type]
+            self.frames = FrameReader(self.write, lambda: self.size, dec.write, self.label)
+
+    def take(self, data: bytes | memoryview, first: bool, end: bool) -> None:
+        """A piece as it came: a block's (``first``, ``end``: its first, its last), or raw."""
+        if self.frames is not None:
+            self.frames.write(data, first, end)
+        else:
+            self.write(data)
 
     def write(self, data: bytes | memoryview) -> int:
         if self.size + len(data) > self.entry.file_size:
@@ -277,8 +290,8 @@ async def receive(
             disk = _Disk(stage, entry, m.sequence, compressed, kept)
             if kept is not None:
                 await run(disk.resume, wait=True)
-            async for data in inp.disk(entry, compressed, disk.label, kept or 0):
-                await run((disk.dec or disk).write, data)
+            async for data, first, end in inp.disk(entry, compressed, disk.label, kept or 0):
+                await run(disk.take, data, first, end)
             await run(disk.finish, wait=True)
             disk, current = None, entry.index + 1
         if await inp.read(1):

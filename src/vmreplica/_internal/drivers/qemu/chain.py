@@ -27,7 +27,7 @@ from typing import Literal
 from vmreplica._internal import faults
 from vmreplica._internal.drivers.qemu import chain_checks, qemu_img
 from vmreplica._internal.drivers.qemu.chain_files import RecoveryPointFile, fs_errors
-from vmreplica._internal.files import fsync_dir
+from vmreplica._internal.files import fsync_dir, off_loop
 from vmreplica.errors import IntegrityError, InvalidArgument, InvalidState, NotFound, StorageError
 
 BASE = "base.qcow2"
@@ -179,9 +179,7 @@ class ReplicaChain:
         # "The same delta" means the last one applied: replaying an older delta after a newer
         # one would roll back clusters both touched; sequence numbers prevent that upstream.
         await qemu_img.commit_into(delta, self.top)
-        with fs_errors(f"cannot remove applied delta {delta}"):
-            delta.unlink()
-        fsync_dir(delta.parent)
+        await off_loop(_remove_applied, delta)
 
     async def check_incoming(self, delta: str | os.PathLike[str]) -> None:
         """Refuse a received delta that :meth:`apply_delta` could not apply: not a readable
@@ -392,3 +390,9 @@ class ReplicaChain:
                     os.fsync(f.fileno())
                 os.replace(tmp, self._pending_file)
         fsync_dir(self.dir)
+
+
+def _remove_applied(delta: Path) -> None:
+    with fs_errors(f"cannot remove applied delta {delta}"):
+        delta.unlink()
+    fsync_dir(delta.parent)

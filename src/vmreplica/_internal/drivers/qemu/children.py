@@ -13,15 +13,29 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 log = logging.getLogger("vmreplica.children")
 
 _PR_SET_PDEATHSIG = 1
-HELPERS = ("qemu-img", "qemu-storage-daemon")
+HELPERS = ("qemu-img", "qemu-storage-daemon", "setpriv")  # setpriv: before it runs qemu-img
+SETPRIV = shutil.which("setpriv")  # util-linux
+
+
+def die_with_parent_argv(argv: Sequence[str], sig: str = "KILL") -> tuple[list[str], bool]:
+    """``argv`` run through ``setpriv --pdeathsig`` when there is one, which sets what
+    :func:`die_with_parent` does and then execs it; and whether that was possible (else start it
+    with the hook). Without a pre-exec hook Python starts the child with vfork instead of fork:
+    under a millisecond of the agent's CPU instead of 9 (a fork copies the page tables of the
+    agent's few hundred MB) and 11 ms instead of 35 during which the event loop waits. The agent
+    dying before setpriv set the signal leaves an orphan that :func:`end_leftovers` ends."""
+    if SETPRIV is None:
+        return list(argv), False
+    return [SETPRIV, f"--pdeathsig={sig}", "--", *argv], True
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:

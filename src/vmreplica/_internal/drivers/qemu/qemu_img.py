@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmreplica._internal import faults
-from vmreplica._internal.drivers.qemu.children import die_with_parent
+from vmreplica._internal.drivers.qemu.children import die_with_parent, die_with_parent_argv
 from vmreplica.errors import InvalidArgument, InvalidState, StorageError, VmrError
 
 QEMU_IMG = "qemu-img"
@@ -79,13 +79,13 @@ async def _run(
 ) -> tuple[int, str]:
     """Run qemu-img; a cancelled caller kills it, as a crash would, which every user tolerates."""
     try:
+        argv, set_by_setpriv = die_with_parent_argv([QEMU_IMG, *args])
         proc = await asyncio.create_subprocess_exec(
-            QEMU_IMG,
-            *args,
+            *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            preexec_fn=die_with_parent(signal.SIGKILL),
+            preexec_fn=None if set_by_setpriv else die_with_parent(signal.SIGKILL),
         )
     except FileNotFoundError as exc:
         raise VmrError("qemu-img is not installed (Debian package qemu-utils)") from exc
@@ -98,6 +98,8 @@ async def _run(
         await proc.wait()
         raise
     rc = proc.returncode if proc.returncode is not None else -1
+    if rc == 127 and set_by_setpriv and b"failed to execute" in err:  # setpriv's own failure
+        raise VmrError("qemu-img is not installed (Debian package qemu-utils)")
     if rc not in ok:
         raise _error(cmd, subject, err.decode(errors="replace"), rc)
     return rc, out.decode(errors="replace")

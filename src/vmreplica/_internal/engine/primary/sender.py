@@ -20,6 +20,7 @@ from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.primary.pending import PendingLog
 from vmreplica._internal.engine.primary.throttle import Throttle
+from vmreplica._internal.files import off_loop
 from vmreplica._internal.store.replications import ReplicationRow
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import delta_resume
@@ -206,7 +207,7 @@ class Sender:
                 tx, row.vm_id, started.isoformat(), True, flight.sequence, flight.size, missed,
                 wire=counted.bytes,
             )  # fmt: skip
-        shutil.rmtree(flight.delta_dir, ignore_errors=True)
+        await off_loop(shutil.rmtree, flight.delta_dir, True)  # ignore_errors
 
 
 def _resumable(
