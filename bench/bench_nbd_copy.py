@@ -13,7 +13,10 @@ nine ways, each timed after a ``sync`` (best of --repeat):
 - ``nbd``: ``qemu-img convert -n -W -m 16 --target-is-zero`` into a qemu-storage-daemon NBD
   export on loopback TCP, target opened with O_DIRECT, no TLS;
 - ``nbd+tls``: the same with TLS and authz-simple, through ``nbd_import`` (the daemon inherits
-  a listening socket with TCP_NODELAY) and ``nbd_copy.convert``: exactly vmreplica's copy phase;
+  a listening socket with TCP_NODELAY) and ``nbd_copy.convert``: exactly vmreplica's copy phase
+  (AES-128-GCM, ``tls_creds.PRIORITY``);
+- ``nbd+tls AES-256-GCM``: the same with GnuTLS's plain NORMAL priority, which picks AES-256-GCM
+  for certificates (vmreplica before it set the priority);
 - ``nbd+tls, Nagle on``: the same on a listening socket without TCP_NODELAY, as QEMU 7.2 makes
   its own (vmreplica before it passed the socket; three 40 ms delayed-ACK waits per copy);
 - ``nbd+tls-psk``: the same with a pre-shared key instead of certificates (``tls-creds-psk``):
@@ -21,7 +24,10 @@ nine ways, each timed after a ``sync`` (best of --repeat):
 - ``nbd+tls buffered``: the same with a page-cache target (why vmreplica uses O_DIRECT);
 - ``nbd+tls, glibc defaults``: vmreplica's copy without ``BULK_ENV`` (why it sets it).
 
-No agents, no CLI: the setup (daemon start, certificates) is outside the timings.
+No agents, no CLI: the setup (daemon start, certificates) is outside the timings. Beside each
+time, the CPU seconds of the processes that moved the data (qemu-img, and the daemon for the NBD
+paths, from /proc), and their sum divided by the wall time: about 2 on this 2-core machine says
+the copy is bound by the CPU, not by waits.
 """
 
 from __future__ import annotations
@@ -35,16 +41,19 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench_initial import Sizes, make_disk
 from benchlib import (
     GiB,
     MiB,
+    children_cpu,
     compare,
     exit_cleanly_on_sigterm,
     free_port,
     fsync_file,
+    process_cpu,
     run,
     table,
     timed,
@@ -56,12 +65,24 @@ from vmreplica._internal.drivers.qemu import nbd_copy, nbd_import, tls_creds
 from vmreplica._internal.drivers.qemu.qsd import start_storage_daemon
 from vmreplica._internal.ports.hypervisor import NbdCredentials, NbdPsk
 
+Run = tuple[float, float, float]  # wall seconds, CPU seconds of qemu-img, of the daemon
+
+
+@dataclass(frozen=True)
+class _NormalPriority(tls_creds.TlsCreds):
+    """Client credentials with GnuTLS's NORMAL priority: AES-256-GCM for certificates."""
+
+    @property
+    def priority(self) -> str:
+        return "NORMAL"
+
 
 async def into_daemon(
     source: Path, target: Path, work: Path, *, tls: bool, direct: bool,
     env: Mapping[str, str] = nbd_copy.BULK_ENV, psk: bool = False, nodelay: bool = True,
-) -> float:  # fmt: skip
-    """Seconds of the copy of ``source`` into a new image served by a storage daemon."""
+    aes256: bool = False,
+) -> Run:  # fmt: skip
+    """Seconds and CPU of the copy of ``source`` into a new image served by a storage daemon."""
     run("qemu-img", "create", "-q", "-f", "qcow2", str(target), str(_virtual_size(source)))
     if not tls:
         daemon = await start_storage_daemon((target,), work / "run", direct=direct, env=env)
@@ -79,6 +100,8 @@ async def into_daemon(
                 identity = "vmr-bench"
             server_dir = tls_creds.tls_creds(work / "run" / "tls", server, "server")
             client_dir = tls_creds.tls_creds(work / "client-tls", client, "client")
+            if aes256:
+                client_dir = _NormalPriority(client_dir.kind, client_dir.directory)
             with nbd_import.listen("127.0.0.1", None) as sock:  # as driver.open_import
                 if not nodelay:  # QEMU 7.2's own listening socket
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
@@ -114,7 +137,10 @@ async def into_daemon(
                 if await proc.wait():
                     raise RuntimeError("qemu-img convert into NBD failed")
 
-        return await _timed_async(copy)
+        before, daemon_before = children_cpu(), process_cpu(daemon.pid).own
+        seconds = await _timed_async(copy)
+        daemon_cpu = process_cpu(daemon.pid).own - daemon_before
+        return seconds, children_cpu() - before, daemon_cpu
     finally:
         await daemon.stop()
 
@@ -151,30 +177,32 @@ def main() -> None:
         out = work / "out.qcow2"
         glibc_defaults = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
 
-        def local(*extra: str, sync: bool = False) -> float:
+        def local(*extra: str, sync: bool = False) -> Run:
             def copy() -> None:
                 run("qemu-img", "convert", *extra, "-O", "qcow2", str(source), str(out))
                 if sync:
                     fsync_file(out)
 
+            before = children_cpu()
             seconds = timed(copy)
             out.unlink()
-            return seconds
+            return seconds, children_cpu() - before, 0.0
 
-        def nbd(**how: object) -> float:
-            seconds = asyncio.run(into_daemon(source, out, work, **how))  # type: ignore[arg-type]
+        def nbd(**how: object) -> Run:
+            result = asyncio.run(into_daemon(source, out, work, **how))  # type: ignore[arg-type]
             if not compare(source, out):
                 raise RuntimeError(f"copy {how} differs from the source")
             out.unlink()
             shutil.rmtree(work / "run", ignore_errors=True)
-            return seconds
+            return result
 
-        cases: list[tuple[str, Callable[[], float]]] = [
+        cases: list[tuple[str, Callable[[], Run]]] = [
             ("convert", lambda: local()),
             ("convert+fsync", lambda: local(sync=True)),
             ("convert -t none", lambda: local("-t", "none")),
             ("nbd", lambda: nbd(tls=False, direct=True)),
             ("nbd+tls (vmreplica)", lambda: nbd(tls=True, direct=True)),
+            ("nbd+tls AES-256-GCM", lambda: nbd(tls=True, direct=True, aes256=True)),
             (
                 "nbd+tls, Nagle on (QEMU 7.2's socket)",
                 lambda: nbd(tls=True, direct=True, nodelay=False),
@@ -188,15 +216,17 @@ def main() -> None:
             f"best of {args.repeat}; {os.cpu_count()} CPUs",
             flush=True,
         )
-        results: dict[str, float] = {}
+        results: dict[str, Run] = {}
         for name, case in cases:
             results[name] = min(case() for _ in range(args.repeat))
-            print(f"  {name}: {results[name]:.2f} s", flush=True)
-        base = results["convert"]
+            print(f"  {name}: {results[name][0]:.2f} s", flush=True)
+        base = results["convert"][0]
         table(
-            ["path", "seconds", "MiB/s", "convert/this"],
-            [[n, s, sizes.alloc / MiB / s, base / s] for n, s in results.items()],
-        )
+            ["path", "seconds", "MiB/s", "convert/this", "qemu-img CPU s", "daemon CPU s",
+             "CPU/wall"],
+            [[n, s, sizes.alloc / MiB / s, base / s, c, d, (c + d) / s]
+             for n, (s, c, d) in results.items()],
+        )  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

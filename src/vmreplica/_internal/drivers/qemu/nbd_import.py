@@ -56,8 +56,7 @@ def server_args(creds: TlsCreds, identity: str, listening: int) -> list[str]:
                               "dir": str(creds.directory), "endpoint": "server"}  # fmt: skip
     if creds.kind == "x509":
         tls["verify-peer"] = True
-    if creds.priority:
-        tls["priority"] = creds.priority
+    tls["priority"] = creds.priority
     authz = {"qom-type": "authz-simple", "id": _AUTHZ_ID, "identity": identity}
     server = f"addr.type=fd,addr.str={listening},tls-creds={TLS_ID},tls-authz={_AUTHZ_ID}"
     return ["--object", json.dumps(tls), "--object", json.dumps(authz), "--nbd-server", server]

@@ -34,6 +34,16 @@ _DH_PARAMS = (
 )
 
 
+# GnuTLS's NORMAL with AES-128-GCM first, for both kinds of credentials: the client's order
+# picks the suite. NORMAL alone gives certificates AES-256-GCM, whose four more AES rounds cost
+# the copy's two CPU-bound threads (qemu-img encrypting, the import's daemon decrypting) about
+# 3% of their time (bench/README.md, bench_nbd_copy.py); a SHA-256 PSK cannot use AES-256-GCM
+# at all (a SHA-384 suite), and NORMAL's next choice, ChaCha20-Poly1305, costs 5 times the CPU
+# of AES-GCM on hosts with AES-NI. AES-128-GCM is TLS 1.3's mandatory suite (RFC 8446, 9.1).
+# AES-256-GCM and ChaCha20 stay, last, for a peer that lacks it.
+PRIORITY = "NORMAL:-AES-256-GCM:-CHACHA20-POLY1305:+AES-256-GCM:+CHACHA20-POLY1305"
+
+
 def kv(value: str) -> str:
     """Escape for QEMU's key=value option syntax."""
     return value.replace(",", ",,")
@@ -49,11 +59,8 @@ class TlsCreds:
     username: str | None = None
 
     @property
-    def priority(self) -> str | None:
-        # TLS 1.3 with a SHA-256 PSK cannot use AES-256-GCM (a SHA-384 suite), and GnuTLS's
-        # next choice is ChaCha20-Poly1305: 5 times the CPU of AES-GCM on hosts with AES-NI
-        # (bench_nbd_copy.py). AES-128-GCM first; ChaCha20 stays as the last resort.
-        return "NORMAL:-CHACHA20-POLY1305:+CHACHA20-POLY1305" if self.kind == "psk" else None
+    def priority(self) -> str:
+        return PRIORITY
 
     def options(self, endpoint: str) -> str:
         opts = (
@@ -61,7 +68,7 @@ class TlsCreds:
         )
         if self.username:
             opts += f",username={kv(self.username)}"
-        return opts + (f",priority={kv(self.priority)}" if self.priority else "")
+        return opts + f",priority={kv(self.priority)}"
 
 
 def tls_creds(
