@@ -156,3 +156,10 @@ def test_a_storage_location_is_no_place_the_agent_keeps_already(pair: Pair) -> N
     assert pair.json("auth", "get", host=REPLICA) == entries
     assert not (pair.storage / "app" / "deeper").exists() and not (state / "run" / "x").exists()
     pair.cli("server", "set", "--storage-location", str(state / "replicas"), host=REPLICA)
+
+
+def test_a_vm_name_ending_with_a_space_is_refused(pair: Pair) -> None:
+    """A name with a trailing space ("app ") was made beside "app": two VMs no listing tells apart."""
+    refused(pair, "vm", "new", "app ", "--disk", "1M", reason="not ending with a space")
+    names = [vm["name"] for vm in pair.json("vm", "list")]
+    assert "app " not in names and "app" in names

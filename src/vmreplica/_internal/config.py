@@ -143,7 +143,19 @@ def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidArgument(f"invalid listen address {value!r}: expected ADDRESS:PORT")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        # Not an address, so a host name: caught here, not when the agent binds it at start.
+        try:
+            check_dns_name(host)
+        except InvalidArgument:
+            raise InvalidArgument(
+                f"invalid listen address {value!r}: {host!r} is neither an IP address nor a "
+                "host name"
+            ) from None
+    return host, int(port)
 
 
 def parse_port_range(value: str) -> tuple[int, int]:

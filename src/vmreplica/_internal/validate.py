@@ -18,7 +18,7 @@ from vmreplica.errors import InvalidArgument
 
 # Used with fullmatch only: with match, "$" also matches before a final newline.
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+-]{0,99}")
+_VM_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 ._+-]{0,98}[A-Za-z0-9._+-])?")
 _TRUST_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 # Trees of the operating system: never replica storage, in whole or in part.
 _SYSTEM_TREES = tuple(
@@ -170,7 +170,7 @@ def vm_name(value: str) -> str:
     if value in (".", "..") or not _VM_NAME.fullmatch(value):
         raise InvalidArgument(
             f"invalid VM name {value!r}: use 1-100 letters, digits, spaces, '.', '_', '+' or '-', "
-            "starting with a letter or digit"
+            "starting with a letter or digit and not ending with a space"
         )
     return value
 
