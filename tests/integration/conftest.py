@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.etcd_cluster import EtcdCluster
+from tests.integration.qsd_tools import reap
 from tests.libvirt_host import libvirt_hosts
 from tests.localcluster import Cluster, open_agent_logs
 
@@ -95,3 +96,14 @@ def etcd() -> Iterator[EtcdCluster]:
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    """A test's scratch directory for storage daemons it starts: every process whose command
+    line names it is killed at the end (test files with other processes define their own)."""
+    assert len(str(tmp_path / "qsd" / "qsd.sock")) < 108  # unix socket path limit
+    try:
+        yield tmp_path
+    finally:
+        reap(tmp_path)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.integration.qsd_tools import (
     CLUSTER,
@@ -24,22 +21,12 @@ from tests.integration.qsd_tools import (
     mapped,
     qcow2,
     qemu_io,
-    reap,
 )
 from vmreplica._internal.drivers.qemu import compact, qemu_img, tracking
 from vmreplica._internal.drivers.qemu.qsd import StorageDaemon
 
 NODES = ["disk0"]
 G1, G2 = tracking.name(1), tracking.name(2)
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
-    assert len(str(tmp_path / "qsd" / "qsd.sock")) < 108  # unix socket path limit
-    try:
-        yield tmp_path
-    finally:
-        reap(tmp_path)
 
 
 def prefilled(root: Path) -> tuple[Path, Path]:

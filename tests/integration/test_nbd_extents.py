@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,22 +22,12 @@ from tests.integration.qsd_tools import (
     mapped,
     qcow2,
     qemu_io,
-    reap,
 )
 from vmreplica._internal.drivers.qemu.nbd_extents import copy_ranges, dirty_extents
 from vmreplica._internal.drivers.qemu.qsd import StorageDaemon
 from vmreplica.errors import VmrError
 
 BITMAP = "vmreplica-1"
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
-    assert len(str(tmp_path / "qsd" / "qsd.sock")) < 108  # unix socket path limit
-    try:
-        yield tmp_path
-    finally:
-        reap(tmp_path)
 
 
 async def no_exports(qsd: StorageDaemon, socket: Path) -> bool:

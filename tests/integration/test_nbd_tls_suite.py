@@ -12,12 +12,10 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.qsd_tools import reap
 from vmreplica._internal import certs
 from vmreplica._internal.config import TlsFiles
 from vmreplica._internal.drivers.qemu import nbd_copy, nbd_import, tls_creds
@@ -25,14 +23,6 @@ from vmreplica._internal.drivers.qemu.qsd import start_storage_daemon
 from vmreplica._internal.ports.hypervisor import NbdCredentials, NbdPsk
 
 SUITES = {0x1301: "AES-128-GCM", 0x1302: "AES-256-GCM", 0x1303: "CHACHA20-POLY1305"}
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
-    try:
-        yield tmp_path
-    finally:
-        reap(tmp_path)
 
 
 class RecordingProxy:

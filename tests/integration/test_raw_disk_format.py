@@ -24,6 +24,17 @@ def lv_cluster() -> Iterator[Cluster]:
         yield c
 
 
+def write_qcow2_header(disk: Path, backing: Path, scratch: Path) -> None:
+    """What a guest can write at the start of its disk: a qcow2 header naming a host file."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw",
+         str(scratch), "16M"],
+        check=True,
+    )  # fmt: skip
+    with open(disk, "r+b") as f:
+        f.write(scratch.read_bytes())
+
+
 def test_a_guest_written_qcow2_header_does_not_make_its_raw_disk_qcow2(
     lv_cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -36,14 +47,7 @@ def test_a_guest_written_qcow2_header_does_not_make_its_raw_disk_qcow2(
     cluster.cli("vm", "start", "raw", host=PRIMARY)
     assert reads(cluster, PRIMARY, "raw", 0x00, "1M", "1M")
     cluster.cli("vm", "stop", "raw", "--force", host=PRIMARY)
-    # What the guest wrote at the start of its disk: a qcow2 header naming a host file.
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw",
-         str(header), "16M"],
-        check=True,
-    )  # fmt: skip
-    with open(disk, "r+b") as f:
-        f.write(header.read_bytes())
+    write_qcow2_header(disk, backing=secret, scratch=header)
     cluster.cli("vm", "start", "raw", host=PRIMARY, check=False)
     # Still the raw disk: what lies past the header is the disk's own zeros, never the host's file.
     assert not reads(cluster, PRIMARY, "raw", 0x5A, "1M", "1M")
@@ -78,13 +82,7 @@ def test_a_raw_disk_of_a_domain_adopted_from_virsh_stays_raw(
     with open(disk, "wb") as f:
         f.truncate(16 << 20)
     secret.write_bytes(bytes([0x5A]) * (16 << 20))
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw",
-         str(header), "16M"],
-        check=True,
-    )  # fmt: skip
-    with open(disk, "r+b") as f:
-        f.write(header.read_bytes())
+    write_qcow2_header(disk, backing=secret, scratch=header)
     xml = tmp_path / "adopted.xml"
     xml.write_text(DOMAIN.format(disk=disk))
     cluster.libvirt[PRIMARY].virsh("define", str(xml))

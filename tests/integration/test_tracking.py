@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,6 @@ from tests.integration.qsd_tools import (
     mapped,
     qcow2,
     qemu_io,
-    reap,
     stored_bitmaps,
 )
 from vmreplica._internal.drivers.qemu import tracking
@@ -35,15 +34,6 @@ from vmreplica.errors import InvalidState, ResyncRequired, StorageError, VmrErro
 
 G1, G2, G3 = tracking.name(1), tracking.name(2), tracking.name(3)
 SLOW = 64 * KiB  # bytes/s: a throttled copy stops after its first MiB for many seconds
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
-    assert len(str(tmp_path / "qsd" / "qsd.sock")) < 108  # unix socket path limit
-    try:
-        yield tmp_path
-    finally:
-        reap(tmp_path)
 
 
 def tracked(root: Path, name: str, size: int = 64 * MiB) -> Path:
