@@ -158,6 +158,17 @@ def test_missing_image_is_a_storage_error_with_qemu_message(tmp_path: Path) -> N
     assert "nope.qcow2" in message and "No such file or directory" in message
 
 
+def _locked(image: Path, byte: int) -> bool:
+    """A process holds QEMU's lock byte ``byte`` of ``image`` (its /proc/locks line ends with
+    the inode and the byte range)."""
+    inode = f":{image.stat().st_ino}"
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[-3].endswith(inode) and fields[-2] == str(byte):
+            return True
+    return False
+
+
 @pytest.fixture
 def held_overlay(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """A qemu-io process holds an overlay open, as a failover VM would; it is reaped after."""
@@ -171,13 +182,14 @@ def held_overlay(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        # Wait for QEMU's lock on the overlay to show in /proc/locks; probing by opening the
-        # image would race with the holder's own open.
-        inode = f":{overlay.stat().st_ino} "
+        # Wait for QEMU's locks to show in /proc/locks; probing by opening the image would race
+        # with the holder's own open. QEMU locks the overlay first and its backing file after
+        # (a window strace shows): what the tests rely on is the base's "write not shared"
+        # byte (200 + WRITE's bit 1), so wait for that one, not just any lock on the overlay.
         deadline = time.monotonic() + 10
-        while not any(inode in line for line in Path("/proc/locks").read_text().splitlines()):
+        while not (_locked(overlay, 201) and _locked(base, 201)):
             assert holder.poll() is None, "qemu-io exited"
-            assert time.monotonic() < deadline, "qemu-io never locked the overlay"
+            assert time.monotonic() < deadline, "qemu-io never locked the overlay and its base"
             time.sleep(0.02)
         yield base, overlay
     finally:
