@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.localcluster import free_port
+from tests.localcluster import free_port, release_port
 from vmreplica._internal import certs
 from vmreplica._internal.cluster.etcd import Etcd
 
@@ -183,5 +183,8 @@ class EtcdCluster:
         for m in self.members:
             with contextlib.suppress(ProcessLookupError):
                 self.kill(m)
+        for m in self.members:
+            release_port(m.client_port)
+            release_port(m.peer_port)
         if os.environ.get("VMREPLICA_KEEP_TEST_DIRS") != "1":
             shutil.rmtree(self.base, ignore_errors=True)

@@ -43,6 +43,7 @@ def _ephemeral_floor() -> int:
 
 _EPHEMERAL_FLOOR = _ephemeral_floor()
 _GIVEN: set[int] = set()
+_HELD: dict[int, socket.socket] = {}  # port -> the bound, never listening socket that holds it
 _OPEN: list[Cluster] = []  # created and not closed yet: whose logs a failing test shows
 
 
@@ -60,23 +61,42 @@ def _port_range() -> tuple[int, int]:
 
 
 def free_port() -> int:
-    """A port free now, below the kernel's ephemeral range: a port the kernel handed out (bind
-    to port 0) can be handed out again, to any outgoing connection, before an agent binds it,
-    which once failed a test with "address already in use". Ports below the range are only taken
-    by an explicit bind; none is given twice by one process."""
+    """A port free now, below the kernel's ephemeral range, and held for this process until
+    :func:`release_port`.
+
+    Below the range: a port the kernel handed out (bind to port 0) can be handed out again, to
+    any outgoing connection, before an agent binds it, which once failed a test with "address
+    already in use". Held: between this pick and the agent's bind (and between an agent's stop
+    and its restart on the same port) another process picking ports the same way (another test
+    session on the machine) could bind it first. The port stays bound by a socket with
+    SO_REUSEADDR that never listens: every listener of the tests (aiohttp, asyncio, etcd,
+    krb5kdc, the import's own socket) sets SO_REUSEADDR too, and Linux lets it bind and listen
+    beside such a socket, while a plain bind, such as this function's probe in another
+    process, fails. None is given twice by one process."""
     low, high = _port_range()
     for _ in range(1000):
         port = random.randrange(low, high)
         if port in _GIVEN:
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))  # the listeners bind every address
-            except OSError:
-                continue
+        probe = socket.socket()
+        try:
+            probe.bind(("", port))  # the listeners bind every address; no SO_REUSEADDR here
+        except OSError:
+            probe.close()
+            continue
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the listener binds beside it
         _GIVEN.add(port)
+        _HELD[port] = probe
         return port
     raise RuntimeError(f"no free port in {low}-{high - 1}")
+
+
+def release_port(port: int) -> None:
+    """Stop holding a port :func:`free_port` gave (once what listened on it is gone); this
+    process never gives it again."""
+    held = _HELD.pop(port, None)
+    if held is not None:
+        held.close()
 
 
 @dataclass(frozen=True)
@@ -283,6 +303,9 @@ class Cluster:
         deadline = time.monotonic() + 10
         while self.qemu_pids() and time.monotonic() < deadline:
             time.sleep(0.05)
+        for host in self.hosts.values():
+            release_port(host.mgmt_port)
+            release_port(host.replica_port)
         if os.environ.get("VMREPLICA_KEEP_TEST_DIRS") != "1":
             shutil.rmtree(self.base, ignore_errors=True)
 
