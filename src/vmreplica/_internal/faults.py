@@ -71,7 +71,8 @@ def child_hit(point: str, pid: int) -> None:
         _FIRED.add(point)
         os.kill(pid, signal.SIGKILL)
     elif action is not None and action.startswith("stop:"):
-        os.kill(pid, signal.SIGSTOP)
+        with contextlib.suppress(ProcessLookupError):  # it ended (and was reaped) already
+            os.kill(pid, signal.SIGSTOP)
         asyncio.get_running_loop().call_later(float(action.removeprefix("stop:")), _continue, pid)
     elif action == "orphan":
         os.kill(pid, signal.SIGSTOP)
