@@ -6,6 +6,8 @@ a backing file of the guest's choosing (any file of the host), read for it by QE
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +55,65 @@ def test_a_guest_written_qcow2_header_does_not_make_its_raw_disk_qcow2(
     assert not reads(cluster, PRIMARY, "raw", 0x5A, "1M", "1M")
     assert reads(cluster, PRIMARY, "raw", 0x00, "1M", "1M")
     assert cluster.cli_json("vm", "get", "raw", host=PRIMARY)[0]["disks"] == [str(disk)]
+
+
+def test_a_raw_disk_without_its_metadata_image_stays_raw(
+    lv_cluster: Cluster, tmp_path: Path
+) -> None:
+    """Another node of a cluster, after `vm move`, has the VM's raw disk but none of the
+    metadata image this node made for it (it lies in this node's run directory). The disk's
+    format is recorded with the VM, so its first bytes (the guest's) are never asked."""
+    cluster = lv_cluster
+    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    secret.write_bytes(bytes([0x5A]) * (16 << 20))
+    cluster.cli("vm", "new", "raw", "--disk-path", str(disk), host=PRIMARY)
+    vm_id = cluster.cli_json("vm", "get", "raw", host=PRIMARY)[0]["id"]
+    cluster.cli("vm", "start", "raw", host=PRIMARY)
+    cluster.cli("vm", "stop", "raw", "--force", host=PRIMARY)
+    write_qcow2_header(disk, backing=secret, scratch=header)
+    meta = cluster.hosts[PRIMARY].state_dir / "run" / vm_id[:8] / "meta"
+    assert (meta / "disk0.qcow2").exists()
+    shutil.rmtree(meta)  # what a node the VM moved to has
+    cluster.cli("vm", "start", "raw", host=PRIMARY, check=False)
+    assert not reads(cluster, PRIMARY, "raw", 0x5A, "1M", "1M")
+    assert reads(cluster, PRIMARY, "raw", 0x00, "1M", "1M")
+
+
+def test_an_old_database_records_a_raw_disk_as_raw_at_the_first_start(
+    lv_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A database from before formats were recorded (schema 9): the upgraded agent tells a raw
+    disk's format once, by its metadata image (not by the qcow2 header its guest wrote since),
+    and records it; the disk then stays raw where that image is gone (another node)."""
+    cluster = lv_cluster
+    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    secret.write_bytes(bytes([0x5A]) * (16 << 20))
+    cluster.cli("vm", "new", "raw", "--disk-path", str(disk), host=PRIMARY)
+    cluster.cli("vm", "new", "q", "--disk", "16M", host=PRIMARY)
+    vm_id = cluster.cli_json("vm", "get", "raw", host=PRIMARY)[0]["id"]
+    cluster.cli("vm", "start", "raw", host=PRIMARY)
+    cluster.cli("vm", "stop", "raw", "--force", host=PRIMARY)
+    write_qcow2_header(disk, backing=secret, scratch=header)
+    cluster.stop(PRIMARY)
+    db = cluster.hosts[PRIMARY].state_dir / "state.db"
+    with sqlite3.connect(db) as conn:  # as the agent before formats left it
+        conn.execute("ALTER TABLE vm_disks DROP COLUMN format")
+        conn.execute("PRAGMA user_version=9")
+    cluster.start(PRIMARY)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 10
+        rows = conn.execute(
+            "SELECT v.name, d.format FROM vm_disks d JOIN vms v ON v.id=d.vm_id ORDER BY v.name"
+        ).fetchall()
+    assert rows == [("q", "qcow2"), ("raw", "raw")]
+    shutil.rmtree(cluster.hosts[PRIMARY].state_dir / "run" / vm_id[:8] / "meta")
+    cluster.cli("vm", "start", "raw", host=PRIMARY, check=False)
+    assert not reads(cluster, PRIMARY, "raw", 0x5A, "1M", "1M")
+    assert reads(cluster, PRIMARY, "raw", 0x00, "1M", "1M")
 
 
 DOMAIN = """<domain type='qemu'>

@@ -113,6 +113,7 @@ class OldPrimary:
             self._vms.run_dir(rec.id),
             None,
             vm_id=rec.id,
+            formats=rec.formats,
         )
         try:
             async with self._ctx.driver.session(owner) as session:
