@@ -24,8 +24,11 @@ from vmreplica._internal import certs
 REPLICA, PRIMARY, OTHER = "vmhost1", "vmhost2", "vmhost3"
 
 
-def forge(ca_dir: Path, name: str, out: Path, usages: list[x509.ObjectIdentifier]) -> None:
-    """A host certificate of the CA in ``ca_dir`` whose extended key usage is ``usages``."""
+def forge(
+    ca_dir: Path, name: str, out: Path, usages: list[x509.ObjectIdentifier], *, san: bool = True
+) -> None:
+    """A host certificate of the CA in ``ca_dir`` whose extended key usage is ``usages`` (and,
+    unless ``san`` is false, with ``name`` as its DNS name; else only as its common name)."""
     ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
     ca_pub = ca.public_key()
@@ -45,13 +48,14 @@ def forge(ca_dir: Path, name: str, out: Path, usages: list[x509.ObjectIdentifier
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
         .add_extension(x509.KeyUsage(True, *[False] * 8), True)
         .add_extension(x509.ExtendedKeyUsage(usages), False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
         .add_extension(ski, False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_pub), False)
-        .sign(ca_key, hashes.SHA256())
     )
+    if san:
+        cert = cert.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
+    signed = cert.sign(ca_key, hashes.SHA256())
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "cert.pem").write_bytes(signed.public_bytes(serialization.Encoding.PEM))
     (out / "key.pem").write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
