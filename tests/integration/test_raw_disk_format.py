@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import driver_cluster
-from tests.integration.replication_env import PRIMARY
-from tests.integration.test_failover import reads
+from tests.integration.replication_env import PRIMARY, REPLICA
+from tests.integration.test_failover import reads, two_way
+from tests.integration.test_server_auth import one_line_error
 from tests.localcluster import Cluster
 
 
@@ -152,3 +153,33 @@ def test_a_raw_disk_of_a_domain_adopted_from_virsh_stays_raw(
     cluster.cli("vm", "start", "adopted", host=PRIMARY)
     assert not reads(cluster, PRIMARY, "adopted", 0x5A, "1M", "1M")
     assert reads(cluster, PRIMARY, "adopted", 0x00, "1M", "1M")
+
+
+def test_a_raw_disk_is_never_moved_into_a_replica_chain_by_a_reverse(
+    lv_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A reverse moves the old primary's disks into replica chains, whose images are qcow2: a
+    raw disk there would be opened as qcow2, by its first bytes (the guest's), with a backing
+    file of the guest's choosing. The old primary refuses the reverse in one line, and its VM
+    and disk stay as they were."""
+    cluster = lv_cluster
+    pair = two_way(cluster)
+    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    secret.write_bytes(bytes([0x5A]) * (16 << 20))
+    cluster.cli("vm", "new", "raw", "--disk-path", str(disk), host=PRIMARY)
+    cluster.cli("vm", "start", "raw", host=PRIMARY)
+    pair.write("raw", 0, 0x11, "1M", "1M")
+    pair.enable("raw")
+    pair.start("raw")
+    cluster.cli("vm", "stop", "raw", "--force", host=PRIMARY)
+    write_qcow2_header(disk, backing=secret, scratch=header)
+    cluster.cli("failover", "start", "raw", "--prepare", host=PRIMARY)
+    cluster.cli("failover", "start", "raw", host=REPLICA)
+    refused = cluster.cli("replication", "set", "raw", "--reverse", host=REPLICA, check=False)
+    assert refused.returncode == 4, refused.stderr
+    assert "is raw" in one_line_error(refused.stderr), refused.stderr
+    assert cluster.cli_json("vm", "get", "raw", host=PRIMARY)[0]["disks"] == [str(disk)]
+    assert cluster.cli_json("replication", "get", "raw", host=PRIMARY)[0]["mode"] == "Primary"
+    assert disk.exists()
