@@ -183,3 +183,21 @@ def test_a_raw_disk_is_never_moved_into_a_replica_chain_by_a_reverse(
     assert cluster.cli_json("vm", "get", "raw", host=PRIMARY)[0]["disks"] == [str(disk)]
     assert cluster.cli_json("replication", "get", "raw", host=PRIMARY)[0]["mode"] == "Primary"
     assert disk.exists()
+
+
+def test_a_raw_disk_is_no_copy_to_start_a_replica_from(lv_cluster: Cluster, tmp_path: Path) -> None:
+    """A copy to seed a replica from (`enable --as-replica`) becomes a replica chain's base,
+    whose images are qcow2: a raw disk whose guest wrote a qcow2 header would pass for one."""
+    cluster = lv_cluster
+    disk, header = tmp_path / "disk.raw", tmp_path / "h.qcow2"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    cluster.cli("vm", "new", "seed", "--disk-path", str(disk), host=REPLICA)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(header), "16M"], check=True)
+    with open(disk, "r+b") as f:  # what its guest can write: a qcow2 header, no backing file
+        f.write(header.read_bytes())
+    refused = cluster.cli("replication", "enable", "seed", "--as-replica", "--allowed-primary",
+                          PRIMARY, host=REPLICA, check=False)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "is raw: a copy to start from" in one_line_error(refused.stderr)
+    assert cluster.cli("replication", "get", "seed", host=REPLICA, check=False).returncode == 3
