@@ -4,15 +4,20 @@ create the replica, gets nothing of it (docs/ARCHITECTURE.md, Security)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
 
 from tests.integration import peer_tools as p
 from tests.integration.peer_tools import peer_call, state_db, tree, vm_id
 from tests.integration.replication_env import PRIMARY, REPLICA, Pair
+from tests.integration.test_certificate_refusals import forge
 from tests.localcluster import Cluster
+from vmreplica._internal.config import TlsFiles
+from vmreplica._internal.transport.peer import PeerAddress, PeerClient
 from vmreplica.errors import AccessDenied, InvalidArgument
 
 STRANGER = "vmhost3"  # certified by the same CA, no authorization entry anywhere
@@ -118,3 +123,30 @@ def test_a_peer_s_domain_xml_naming_host_files_is_refused_at_enable(any_server: 
             peer_call(cluster, STRANGER, REPLICA, port, p.ENABLE, body)
     assert tree(any_server.storage) == files
     assert "evil" not in [v["name"] for v in cluster.cli_json("vm", "list", host=REPLICA)]
+
+
+def test_a_certificate_that_names_no_host_is_refused_in_one_line(any_server: Pair) -> None:
+    """A certificate of the CA without a DNS name (only a common name) names no peer: refused
+    like a stranger's, before anything is made (replication from any server admits strangers,
+    and every route keeps the name of the peer it serves)."""
+    cluster, port = any_server.cluster, any_server.port
+    nameless = cluster.base / "nameless"
+    forge(cluster.ca_dir, "nameless.test", nameless, [EKU.SERVER_AUTH, EKU.CLIENT_AUTH], san=False)
+    files = tree(any_server.storage)
+    vm = str(uuid.uuid4())
+    body = {
+        "vm_id": vm, "vm_name": "nameless", "cpus": 1, "memory_mb": 64, "disk_sizes": [1 << 20],
+        "settings": SETTINGS, "replica_port": 443, "primary_port": None, "append": None,
+        "kernel": None, "initrd": None, "definition": None,
+    }  # fmt: skip
+
+    async def call(path: str, data: dict[str, object]) -> dict[str, object]:
+        tls = TlsFiles(nameless / "ca.pem", nameless / "cert.pem", nameless / "key.pem")
+        async with PeerClient(PeerAddress(REPLICA, "127.0.0.1", port), tls, 30) as client:
+            return await client.call(path, data)
+
+    for path, data in ((p.HELLO, {}), (p.ENABLE, body)):
+        with pytest.raises(AccessDenied, match="names no host"):
+            asyncio.run(call(path, data))
+    assert tree(any_server.storage) == files
+    assert "nameless" not in [v["name"] for v in cluster.cli_json("vm", "list", host=REPLICA)]

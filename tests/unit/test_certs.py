@@ -580,7 +580,7 @@ def test_crl_refusals(tmp_path: Path, foreign: Pki) -> None:
         certs.load_crl(ctx, tmp_path / "missing.pem")
 
 
-def test_tls_refusal_reasons(tmp_path: Path, pki: Pki, expired: Pki) -> None:
+def test_tls_refusal_reasons(tmp_path: Path, pki: Pki, expired: Pki, foreign: Pki) -> None:
     from vmreplica._internal import tls_refusals as r
 
     alert = "[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert certificate expired"
@@ -593,11 +593,25 @@ def test_tls_refusal_reasons(tmp_path: Path, pki: Pki, expired: Pki) -> None:
         "revoked certificate:"
     )
     assert r.own_certificate_refused("unknown ca", pki.client.cert, "h1") is None
+    # Refused, and issued by a CA this host does not have in its own CA file: named so.
+    unknown = "sslv3 alert unknown ca"
+    assert r.own_certificate_refused(unknown, pki.client.cert, "h1", ca=pki.ca.cert) is None
+    other = str(r.own_certificate_refused(unknown, foreign.client.cert, "h1", ca=pki.ca.cert))
+    assert other.startswith(f"certificate of another CA: h1 refused the certificate "
+                            f"{foreign.client.cert}: it is not issued by the CA of")  # fmt: skip
+    bundle = tmp_path / "both.pem"  # a CA rotation: both trusted
+    bundle.write_bytes(foreign.ca.cert.read_bytes() + pki.ca.cert.read_bytes())
+    assert r.own_certificate_refused(unknown, pki.client.cert, "h1", ca=bundle) is None
+    assert r.own_certificate_refused(unknown, pki.ca.cert, "h1").startswith(  # type: ignore[union-attr]
+        "wrong-usage certificate: h1 refused the certificate"
+    )
     for message, reason in (
         ("certificate has expired", "expired certificate"),
         ("certificate is not yet valid", "certificate not yet valid"),
         ("certificate revoked", "revoked certificate"),
-        ("unable to get local issuer certificate", None),
+        ("unable to get local issuer certificate", "untrusted certificate"),
+        ("unsuitable certificate purpose", "wrong-usage certificate"),
+        ("hostname mismatch", None),
     ):
         got = r.peer_certificate_refused(message, "h1")
         assert (got.split(":")[0] if got else None) == reason

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from vmreplica._internal.engine.primary import move
+from vmreplica._internal.engine.primary import attach, move
 from vmreplica._internal.store.vms import VmRecord
 from vmreplica.errors import InvalidState, StorageError
 
@@ -40,3 +41,19 @@ def test_the_source_waits_for_the_target_and_reports_its_error(tmp_path: Path) -
     move.write_facts(path, {"to": "b"})
     with pytest.raises(InvalidState, match="has not attached it within 0 s"):
         asyncio.run(move.wait_attached(path, "b", 0.3))
+
+
+def test_the_facts_carry_each_disks_recorded_format_to_the_target(tmp_path: Path) -> None:
+    """The target has no metadata image of a raw disk: its format comes with the facts, and a
+    malformed one is not known (never a format the facts' writer made up)."""
+    rec = dataclasses.replace(
+        record(tmp_path / "app.raw"),
+        disks=(tmp_path / "app.raw", tmp_path / "b.qcow2"),
+        owned=(False, False),
+        formats=("raw", "qcow2"),
+    )
+    facts = move.vm_facts(rec)
+    assert attach.disk_formats(facts) == ["raw", "qcow2"]
+    assert attach.disk_formats(facts | {"formats": ["vmdk", "raw"]}) == [None, "raw"]
+    assert attach.disk_formats(facts | {"formats": ["raw"]}) == [None, None]
+    assert attach.disk_formats({k: v for k, v in facts.items() if k != "formats"}) == [None, None]

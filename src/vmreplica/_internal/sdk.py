@@ -87,12 +87,14 @@ class Transport:
             err = e.os_error
             if isinstance(err, ssl.SSLError | ConnectionResetError):
                 refused = own_certificate_refused(
-                    str(err), remote.cert, self.target, refused=True, crl=remote.crl
-                )
+                    str(err), remote.cert, self.target, refused=True, crl=remote.crl,
+                    ca=remote.ca,
+                )  # fmt: skip
                 if refused is not None:
                     raise AccessDenied(refused) from e
             raise ConnectionFailed(
-                f"cannot reach {self.target} at {remote.url}: {err.strerror or err}"
+                f"cannot reach {self.target} at {remote.url}: "
+                f"{err.strerror or str(err) or type(err).__name__}"
             ) from e
         except (aiohttp.ClientError, TimeoutError) as e:
             if isinstance(e, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError):
@@ -102,6 +104,7 @@ class Transport:
                     self.target,
                     refused=True,
                     crl=remote.crl,
+                    ca=remote.ca,
                 )
                 raise AccessDenied(
                     refused

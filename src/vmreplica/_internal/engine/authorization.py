@@ -176,6 +176,11 @@ class AuthorizationService:
         if not raw["replication_enabled"]:
             self._ctx.refusals["replication-disabled"] += 1
             raise InvalidState("replication disabled: this server does not accept replication")
+        if not peer_names:  # every route keeps the name of the peer it serves
+            self._ctx.refusals["no-entry"] += 1
+            raise AccessDenied(
+                "not authorized: the peer's certificate names no host (it has no DNS name)"
+            )
         entries = self.auth_list()
         names = [n.lower() for n in peer_names]
         # An exact entry wins over a wildcard, so an admin can single out one host of a domain.

@@ -67,6 +67,9 @@ class VmSpec:
     append: str | None = None
     accel: str = "tcg"
     definition: Definition | None = None  # a replica VM's primary's domain XML
+    # Each disk's recorded format ("raw", "qcow2"; None: not recorded, the driver tells it);
+    # the driver opens a disk as recorded, never as its first bytes (the guest's) say.
+    formats: tuple[str | None, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +140,7 @@ class DiskOwner:
     run_dir: Path
     process: VmProcess | None
     vm_id: str = ""  # the VM's UUID: a libvirt domain is found by it
+    formats: tuple[str | None, ...] = ()  # as VmSpec.formats
 
 
 class DiskSession(Protocol):
@@ -285,14 +289,22 @@ class HypervisorDriver(Protocol):
         self, path: Path, size: int | None, backing: Path | None = None
     ) -> None: ...
 
-    async def virtual_size(self, path: Path) -> int: ...
+    async def virtual_size(self, path: Path, fmt: str | None = None) -> int:
+        """The guest-visible size of the image, opened as ``fmt`` (a disk's recorded format)."""
+        ...
+
+    async def disk_format(self, path: Path, run_dir: Path | None = None, index: int = 0) -> str:
+        """The format a disk given to a VM is opened with, told once, when it is given, and
+        recorded with the VM. ``run_dir`` and ``index``: the VM's disk ``index`` of a database
+        from before formats were recorded, told by what the driver left for it there."""
+        ...
 
     async def check_standalone(self, path: Path) -> None:
         """Raise InvalidArgument unless the image can be a replica chain's ``base`` as it is (a
         seed): in the chains' format, with no backing file and no external data file."""
         ...
 
-    async def required_size(self, path: Path) -> int:
+    async def required_size(self, path: Path, fmt: str | None = None) -> int:
         """Bytes a copy of the image's whole content needs."""
         ...
 

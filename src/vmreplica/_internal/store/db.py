@@ -153,6 +153,12 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE replications ADD COLUMN max_bandwidth INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE replications ADD COLUMN bandwidth_schedule TEXT;
     """,
+    # 10: each disk's format ("raw", "qcow2"), told once when the disk is given to the VM and
+    # never from its first bytes again (drivers/libvirt/raw.py). NULL in a database from before:
+    # the agent tells it at its first start (engine/vms/formats.py).
+    """
+    ALTER TABLE vm_disks ADD COLUMN format TEXT;
+    """,
 ]
 
 

@@ -24,6 +24,12 @@ class VmRecord:
     vm_dir: Path
     disks: tuple[Path, ...]
     owned: tuple[bool, ...]  # made by the agent (deleted with the VM) or given to it
+    # Each disk's format ("raw", "qcow2"); None where a database from before formats were
+    # recorded does not say (engine/vms/formats.py tells it at the agent's start).
+    formats: tuple[str | None, ...] = ()
+
+    def format_of(self, index: int) -> str | None:
+        return self.formats[index] if index < len(self.formats) else None
 
 
 class VmStore:
@@ -32,7 +38,7 @@ class VmStore:
 
     def _record(self, row: sqlite3.Row) -> VmRecord:
         disks = self._db.query(
-            "SELECT path, owned FROM vm_disks WHERE vm_id=? ORDER BY idx", (row["id"],)
+            "SELECT path, owned, format FROM vm_disks WHERE vm_id=? ORDER BY idx", (row["id"],)
         )
         return VmRecord(
             id=row["id"],
@@ -46,6 +52,7 @@ class VmStore:
             vm_dir=Path(row["vm_dir"]),
             disks=tuple(Path(d["path"]) for d in disks),
             owned=tuple(bool(d["owned"]) for d in disks),
+            formats=tuple(d["format"] for d in disks),
         )
 
     def all(self) -> list[VmRecord]:
@@ -89,19 +96,31 @@ class VmStore:
              record.append, record.state, str(record.vm_dir),
              created or datetime.now(UTC).isoformat(timespec="seconds")),
         )  # fmt: skip
-        self._insert_disks(tx, record.id, record.disks, record.owned)
+        formats = record.formats or (None,) * len(record.disks)
+        self._insert_disks(tx, record.id, record.disks, record.owned, formats)
 
-    def set_disks(self, tx: Tx, vm_id: str, disks: Sequence[Path]) -> None:
+    def set_disks(
+        self, tx: Tx, vm_id: str, disks: Sequence[Path], formats: Sequence[str | None]
+    ) -> None:
         tx.execute("DELETE FROM vm_disks WHERE vm_id=?", (vm_id,))
-        self._insert_disks(tx, vm_id, tuple(disks), (False,) * len(disks))
+        self._insert_disks(tx, vm_id, tuple(disks), (False,) * len(disks), formats)
+
+    def set_format(self, vm_id: str, index: int, fmt: str) -> None:
+        """Record the format of a disk a database from before formats were recorded lacks."""
+        with self._db.tx() as conn:
+            conn.execute(
+                "UPDATE vm_disks SET format=? WHERE vm_id=? AND idx=? AND format IS NULL",
+                (fmt, vm_id, index),
+            )
 
     def _insert_disks(
-        self, tx: Tx, vm_id: str, disks: Sequence[Path], owned: Sequence[bool]
-    ) -> None:
-        for i, (path, mine) in enumerate(zip(disks, owned, strict=True)):
+        self, tx: Tx, vm_id: str, disks: Sequence[Path], owned: Sequence[bool],
+        formats: Sequence[str | None],
+    ) -> None:  # fmt: skip
+        for i, (path, mine, fmt) in enumerate(zip(disks, owned, formats, strict=True)):
             tx.execute(
-                "INSERT INTO vm_disks(vm_id, idx, path, owned) VALUES(?,?,?,?)",
-                (vm_id, i, str(path), int(mine)),
+                "INSERT INTO vm_disks(vm_id, idx, path, owned, format) VALUES(?,?,?,?,?)",
+                (vm_id, i, str(path), int(mine), fmt),
             )
 
     def set_state(self, vm_id: str, state: str, tx: Tx | None = None) -> None:

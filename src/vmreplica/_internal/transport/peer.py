@@ -22,9 +22,7 @@ import aiohttp
 from vmreplica._internal.certs import client_ssl_context
 from vmreplica._internal.config import PeerCredentials, TlsFiles
 from vmreplica._internal.tls_refusals import (
-    EXPIRED,
-    NOT_YET_VALID,
-    REVOKED,
+    OWN_REASONS,
     own_certificate_refused,
     peer_certificate_refused,
 )
@@ -94,6 +92,7 @@ class PeerClient:
         self._ssl: ssl.SSLContext | None = None
         self._cert = tls.cert if tls is not None else None
         self._crl = tls.crl if tls is not None else None
+        self._ca = tls.ca if tls is not None else None
         if tls is not None:
             self._ssl = client_ssl_context(tls.ca, tls.cert, tls.key, tls.crl)
             # Under TLS 1.3 a replica that rejects our certificate only closes the connection
@@ -156,7 +155,7 @@ class PeerClient:
                 # TCP connected, then the replica dropped us inside the TLS handshake: the only
                 # thing it checks there is our certificate.
                 failure = self._certificate_failure(e, refused=True)
-                if failure.message.split(":")[0] in (EXPIRED, NOT_YET_VALID, REVOKED):
+                if failure.message.split(":")[0] in OWN_REASONS:
                     raise failure from e
                 raise PeerConnectionFailed(
                     UNTRUSTED,
@@ -172,7 +171,7 @@ class PeerClient:
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
             if isinstance(e.__cause__, ssl.SSLError) or "alert" in str(e).lower():
                 failure = self._certificate_failure(e, refused=_looks_like_tls_alert(e))
-                if failure.message.split(":")[0] in (EXPIRED, NOT_YET_VALID, REVOKED):
+                if failure.message.split(":")[0] in OWN_REASONS:
                     raise failure from e
             if _looks_like_tls_alert(e):
                 raise PeerConnectionFailed(
@@ -191,7 +190,9 @@ class PeerClient:
     def _certificate_failure(self, err: BaseException, refused: bool = False) -> VmrError:
         text = f"{err} {err.__cause__ or ''}"
         dated = (
-            own_certificate_refused(text, self._cert, self._describe(), refused, self._crl)
+            own_certificate_refused(
+                text, self._cert, self._describe(), refused, self._crl, self._ca
+            )
             if self._cert
             else None
         ) or peer_certificate_refused(getattr(err, "verify_message", None) or "", self._describe())

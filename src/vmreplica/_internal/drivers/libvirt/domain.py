@@ -76,7 +76,7 @@ async def define(conn: Connection, spec: VmSpec, description: str | None = None)
     declared = (
         frozenset() if current_xml is None else domain_xml.declared_raw(current_xml, spec.disks)
     )
-    disks = await raw.domain_disks(spec.disks, spec.run_dir, declared)
+    disks = await raw.domain_disks(spec.disks, spec.run_dir, spec.formats, declared)
     if spec.definition is not None:
         generated = definition.replica_domain(
             spec.definition.xml,
@@ -249,7 +249,9 @@ class LibvirtVm:
         first = None
         if spec.disks:
             meta = raw.meta_path(spec.run_dir, 0)
-            first = meta if meta.exists() or raw.is_raw(spec.disks[0]) else spec.disks[0]
+            fmt = spec.formats[0] if spec.formats else None
+            told = fmt if fmt is not None else "raw" if raw.is_raw(spec.disks[0]) else "qcow2"
+            first = meta if meta.exists() or told == "raw" else spec.disks[0]
         self._pid = find_pid(spec.id, first)
 
     def _dom(self, c: Any) -> Any:

@@ -111,6 +111,16 @@ def declared_raw(xml: str, disks: Sequence[Path]) -> frozenset[int]:
 
 def disk_sources(xml: str) -> list[tuple[str, Path]]:
     """(target, source path) of each disk of a domain's XML, in the domain's order."""
+    return [(t, p) for t, p, _ in _disks(xml)]
+
+
+def disk_formats(xml: str) -> tuple[str | None, ...]:
+    """The format the domain's XML gives each disk (of disk_sources), None when it gives
+    none this driver opens (raw, qcow2)."""
+    return tuple(f if f in ("raw", "qcow2") else None for _, _, f in _disks(xml))
+
+
+def _disks(xml: str) -> list[tuple[str, Path, str | None]]:
     out = []
     for disk in ET.fromstring(xml).findall("./devices/disk"):
         if disk.get("device", "disk") != "disk":
@@ -120,8 +130,11 @@ def disk_sources(xml: str) -> list[tuple[str, Path]]:
         if tgt is None or src is None:
             continue
         path = src.get("file") or src.get("dev")
+        driver = disk.find("driver")
         if path:
-            out.append((str(tgt.get("dev")), Path(path)))
+            out.append(
+                (str(tgt.get("dev")), Path(path), None if driver is None else driver.get("type"))
+            )
     return out
 
 
@@ -185,7 +198,7 @@ def spec_of(xml: str, run_dir: Path, accel: str) -> VmSpec:
         cpus=int(_text(root, "vcpu") or 1), memory_mb=max(16, kib * scale >> 20),
         disks=tuple(p for _, p in disk_sources(xml)), run_dir=run_dir,
         kernel=Path(kernel) if kernel else None, initrd=Path(initrd) if initrd else None,
-        append=_text(root, "./os/cmdline"), accel=accel,
+        append=_text(root, "./os/cmdline"), accel=accel, formats=disk_formats(xml),
     )  # fmt: skip
 
 

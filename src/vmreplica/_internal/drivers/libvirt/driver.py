@@ -79,6 +79,10 @@ async def _copy_into(
     return copied
 
 
+def _format(formats: tuple[str | None, ...], index: int) -> str | None:
+    return formats[index] if index < len(formats) else None
+
+
 @dataclass
 class LibvirtSession:
     tracker: Tracker
@@ -94,9 +98,10 @@ class LibvirtSession:
         await self.tracker.settle(generation)
 
     async def cut(self, generation: int, dests: Sequence[Path]) -> None:
+        owner = self.owner
         sizes = [
-            await raw.disk_size(self.owner.disks[i], self.owner.run_dir, i)
-            for i in self.owner.replicated
+            await raw.disk_size(owner.disks[i], owner.run_dir, i, _format(owner.formats, i))
+            for i in owner.replicated
         ]
         if self.cut_mode == "pull":
             await self._cut_pull(generation, dests, sizes)
@@ -210,11 +215,18 @@ class LibvirtDriver(QemuDriver):
             return
         await super().check_image(path)
 
-    async def virtual_size(self, path: Path) -> int:
+    async def virtual_size(self, path: Path, fmt: str | None = None) -> int:
+        if fmt is not None:
+            return await qemu_img.virtual_size(path, fmt=fmt, force_share=True)
         return await raw.image_size(path)
 
-    async def required_size(self, path: Path) -> int:
-        if raw.is_raw(path):
+    async def disk_format(self, path: Path, run_dir: Path | None = None, index: int = 0) -> str:
+        if run_dir is not None and await raw.known_raw(path, run_dir, index):
+            return "raw"
+        return "raw" if raw.is_raw(path) else "qcow2"
+
+    async def required_size(self, path: Path, fmt: str | None = None) -> int:
+        if (fmt or ("raw" if raw.is_raw(path) else "qcow2")) == "raw":
             return await qemu_img.measure_required(path, fmt="raw")
         return await super().required_size(path)
 
@@ -255,12 +267,15 @@ class LibvirtDriver(QemuDriver):
         xml = await self.conn.run(f"cannot look up domain {owner.vm_name!r}", current)
         found = None if xml is None else [p for _, p in domain_xml.disk_sources(xml)]
         declared = frozenset() if xml is None else domain_xml.declared_raw(xml, owner.disks)
-        want = list(await raw.domain_disks(tuple(owner.disks), owner.run_dir, declared))
+        want = list(
+            await raw.domain_disks(tuple(owner.disks), owner.run_dir, owner.formats, declared)
+        )
         if found is not None and [p.absolute() for p in found] == want:
             return
         spec = VmSpec(
             id=owner.vm_id, name=owner.vm_name, cpus=1, memory_mb=HELPER_MEMORY_MB,
             disks=tuple(owner.disks), run_dir=owner.run_dir, accel=self.accel,
+            formats=owner.formats,
         )  # fmt: skip
         await domain.define(self.conn, spec)
 

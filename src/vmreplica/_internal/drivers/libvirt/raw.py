@@ -8,10 +8,14 @@ create_over_data_file). The domain's disk is that qcow2; the guest's data stays 
 valid raw image at every moment, and libvirt's checkpoints keep their bitmaps in the metadata
 image. It lives in the VM's run directory (``meta/disk{n}.qcow2``), a few hundred KiB per GiB.
 
-A disk is raw unless it starts with the qcow2 magic: the same probe qemu-img makes, made only
-while the disk has no metadata image. Once it has one, it is raw for good: its first bytes are
-the guest's, and a guest that wrote a qcow2 header there would otherwise have the host open its
-disk as qcow2, with a backing or data file of the guest's choosing (any file of the host).
+A disk's format is told once, when it is given to a VM (``vm new --disk-path``: raw unless it
+starts with the qcow2 magic, the same probe qemu-img makes; a domain adopted from virsh: what
+its XML says), and recorded with the VM (its ``formats``, which travel with it to another node
+of a cluster on `vm move`). From then on the disk is opened as recorded, never as its first
+bytes say: they are the guest's, and a guest that wrote a qcow2 header there would otherwise
+have the host open its disk as qcow2, with a backing or data file of the guest's choosing (any
+file of the host). Only a disk whose format is not recorded (``None``: a VM moved here from a
+node of an older version) is still told by its metadata image, or else by its first bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ def is_raw(path: Path) -> bool:
         raise StorageError(f"cannot read disk {path}: {exc.strerror}") from exc
 
 
+async def recorded_or_told(disk: Path, run_dir: Path, index: int, fmt: str | None) -> str:
+    """``fmt`` if recorded; else raw if the disk has its metadata image, else by its first
+    bytes."""
+    if fmt is not None:
+        return fmt
+    if await known_raw(disk, run_dir, index):
+        return "raw"
+    return "raw" if is_raw(disk) else "qcow2"
+
+
 async def known_raw(disk: Path, run_dir: Path, index: int) -> bool:
     """``disk`` (the VM's disk ``index``) has its metadata image already: raw, whatever it
     holds now."""
@@ -40,12 +54,10 @@ async def known_raw(disk: Path, run_dir: Path, index: int) -> bool:
     return meta.exists() and await _data_file(meta) == str(disk.absolute())
 
 
-async def disk_size(disk: Path, run_dir: Path, index: int) -> int:
-    """The guest-visible size of the VM's disk ``index``, raw for good once it has its
-    metadata image."""
-    if await known_raw(disk, run_dir, index):
-        return await qemu_img.virtual_size(disk, fmt="raw", force_share=True)
-    return await image_size(disk)
+async def disk_size(disk: Path, run_dir: Path, index: int, fmt: str | None) -> int:
+    """The guest-visible size of the VM's disk ``index``, of recorded format ``fmt``."""
+    fmt = await recorded_or_told(disk, run_dir, index, fmt)
+    return await qemu_img.virtual_size(disk, fmt=fmt, force_share=True)
 
 
 async def image_size(path: Path) -> int:
@@ -68,19 +80,22 @@ async def _data_file(meta: Path) -> str | None:
 
 
 async def domain_disks(
-    disks: tuple[Path, ...], run_dir: Path, declared: frozenset[int] = frozenset()
-) -> tuple[Path, ...]:
+    disks: tuple[Path, ...], run_dir: Path, formats: tuple[str | None, ...],
+    declared: frozenset[int] = frozenset(),
+) -> tuple[Path, ...]:  # fmt: skip
     """What the domain opens for each disk: a qcow2 disk itself, a raw one through its
     metadata image (made when missing or over another data file: its bitmaps are then gone,
-    and the next cycle asks for a resynchronization). ``declared``: the disks the domain's own
-    XML opens as raw (a domain adopted from virsh), raw whatever they start with."""
+    and the next cycle asks for a resynchronization). ``formats``: the recorded ones (None: not
+    recorded). ``declared``: the disks the domain's own XML opens as raw (a domain adopted from
+    virsh), raw whatever they start with."""
     out = []
     for i, disk in enumerate(disks):
         meta = meta_path(run_dir, i)
         if await known_raw(disk, run_dir, i):
             out.append(meta)
             continue
-        if i not in declared and not is_raw(disk):
+        fmt = formats[i] if i < len(formats) else None
+        if i not in declared and fmt != "raw" and (fmt == "qcow2" or not is_raw(disk)):
             out.append(disk.absolute())
             continue
         meta.parent.mkdir(parents=True, exist_ok=True)

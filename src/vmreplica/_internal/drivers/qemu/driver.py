@@ -162,8 +162,11 @@ class QemuDriver:
     async def create_image(self, path: Path, size: int | None, backing: Path | None = None) -> None:
         await qemu_img.create(path, size, backing)
 
-    async def virtual_size(self, path: Path) -> int:
-        return await qemu_img.virtual_size(path, force_share=True)
+    async def virtual_size(self, path: Path, fmt: str | None = None) -> int:
+        return await qemu_img.virtual_size(path, fmt=fmt or qemu_img.FORMAT, force_share=True)
+
+    async def disk_format(self, path: Path, run_dir: Path | None = None, index: int = 0) -> str:
+        return qemu_img.FORMAT  # the only one it runs (check_image)
 
     async def check_standalone(self, path: Path) -> None:
         try:
@@ -182,8 +185,8 @@ class QemuDriver:
         if "data-file" in data or data.get("corrupt"):
             raise InvalidArgument(f"{path} is marked corrupt or uses an external data file")
 
-    async def required_size(self, path: Path) -> int:
-        return await qemu_img.measure_required(path)
+    async def required_size(self, path: Path, fmt: str | None = None) -> int:
+        return await qemu_img.measure_required(path, fmt=fmt or qemu_img.FORMAT)
 
     async def allocated(self, image: Path) -> list[Extent]:
         """Data or zero clusters the image holds itself (a zeroed range is a change too); not

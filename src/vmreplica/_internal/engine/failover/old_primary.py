@@ -24,6 +24,7 @@ from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.common import chain_dir, redirect_if_elsewhere
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.engine.vms.formats import CHAIN_FORMAT
 from vmreplica._internal.files import fsync_dir, write_atomic
 from vmreplica._internal.ports.hypervisor import DiskOwner
 from vmreplica._internal.store.journal import JournalEntry
@@ -70,6 +71,7 @@ class OldPrimary:
                 f"VM {row.vm_name} replicates to {row.replica_server}, not to {peer_names[0]}"
             )
         allows(row, Command.BECOME_REPLICA)  # before anything moves
+        _chain_formats_only(self._vms.find(row.vm_name), row, self._ctx.host, peer_names[0])
         running = f"VM {row.vm_name} is running on {self._ctx.host}: stop it before reversing"
         if self._vms.find(row.vm_name).state != "Off":
             raise InvalidState(running)
@@ -113,6 +115,7 @@ class OldPrimary:
             self._vms.run_dir(rec.id),
             None,
             vm_id=rec.id,
+            formats=rec.formats,
         )
         try:
             async with self._ctx.driver.session(owner) as session:
@@ -262,6 +265,20 @@ class OldPrimary:
             )
         rec = self._vms.by_id(req.vm_id)
         return answers.VmStateAnswer("Unknown" if rec is None else rec.state)
+
+
+def _chain_formats_only(rec: VmRecord, row: ReplicationRow, host: str, peer: str) -> None:
+    """A reverse moves the disks into replica chains, whose images are qcow2: a raw disk
+    there would be opened as qcow2 by its first bytes (the guest's), with a backing file of
+    the guest's choosing (drivers/libvirt/raw.py)."""
+    for i in row.disks:
+        if rec.format_of(i) != CHAIN_FORMAT:
+            raise InvalidState(
+                f"cannot reverse replication of {row.vm_name} onto {host}: its disk "
+                f"{rec.disks[i]} is {rec.format_of(i) or 'of unknown format'} (not qcow2), and a "
+                "reverse moves it into a replica chain: remove the VM's replication on "
+                f"{host}, then enable replication of it anew on {peer}"
+            )
 
 
 def _renamable(moves: list[tuple[str, str]], root: Path, vm_name: str) -> None:

@@ -165,6 +165,7 @@ class Reverse(FailoverBase):
             self._vms.run_dir(rec.id),
             process,
             vm_id=rec.id,
+            formats=rec.formats,
         )
         async with self._ctx.driver.session(owner) as session:
             await session.cut_top(dests)

@@ -24,6 +24,16 @@ from vmreplica.errors import VmrError
 log = logging.getLogger("vmreplica.cluster")
 
 
+def disk_formats(v: dict[str, Any]) -> list[str | None]:
+    """The disks' formats the source recorded: never told here from a disk's first bytes,
+    which are the guest's (drivers/libvirt/raw.py). A source of a version that sent none: not
+    known (the driver tells them as that version did)."""
+    disks, formats = v["disks"], v.get("formats")
+    if not isinstance(formats, list) or len(formats) != len(disks):
+        return [None] * len(disks)
+    return [f if f in ("raw", "qcow2") else None for f in formats]
+
+
 class Attach:
     def __init__(self, ctx: Context, vms: VmService, scheduler: Scheduler) -> None:
         self._ctx = ctx
@@ -70,7 +80,7 @@ class Attach:
                 self._vms.register(
                     tx, v["id"], v["name"], v["cpus"], v["memory_mb"],
                     self._vms.vms_dir / v["name"], [Path(d) for d in v["disks"]],
-                    v["kernel"], v["initrd"], v["append"],
+                    v["kernel"], v["initrd"], v["append"], formats=disk_formats(v),
                 )  # fmt: skip
                 r = facts.get("replication")
                 if r is not None:

@@ -72,7 +72,7 @@ class PrimaryControl:
         rec = self._vms.find(row.vm_name)
         owner = DiskOwner(
             rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id),
-            self._vms.runtime.process(rec.id), vm_id=rec.id,
+            self._vms.runtime.process(rec.id), vm_id=rec.id, formats=rec.formats,
         )  # fmt: skip
         async with self._ctx.locks.vm(rec.id), self._ctx.driver.session(owner) as session:
             await session.stop_tracking()

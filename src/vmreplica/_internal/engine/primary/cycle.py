@@ -55,7 +55,7 @@ class Cycles:
     def owner(self, rec: VmRecord, row: ReplicationRow) -> DiskOwner:
         return DiskOwner(
             rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id),
-            self._vms.runtime.process(rec.id), vm_id=rec.id,
+            self._vms.runtime.process(rec.id), vm_id=rec.id, formats=rec.formats,
         )  # fmt: skip
 
     async def cycle(
@@ -122,7 +122,12 @@ class Cycles:
 
     async def _disk_size(self, rec: VmRecord) -> int:
         if rec.id not in self._sizes:
-            self._sizes[rec.id] = sum([await self._ctx.driver.virtual_size(d) for d in rec.disks])
+            self._sizes[rec.id] = sum(
+                [
+                    await self._ctx.driver.virtual_size(d, rec.format_of(i))
+                    for i, d in enumerate(rec.disks)
+                ]
+            )
         return self._sizes[rec.id]
 
     async def sync(self, name: str) -> ReplicationRow:

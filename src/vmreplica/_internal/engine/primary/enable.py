@@ -56,7 +56,7 @@ class PrimaryEnable:
         if not disks:
             raise InvalidArgument(f"VM {name} would have no disk left to replicate")
         await claim(self._ctx, rec)  # a node of a cluster: only the VM's owner replicates it
-        sizes = [await self._ctx.driver.virtual_size(rec.disks[i]) for i in disks]
+        sizes = [await self._ctx.driver.virtual_size(rec.disks[i], rec.format_of(i)) for i in disks]
         peer = peer_address(self._ctx.config, replica_server, replica_port, auth, settings.encrypt)
         row = ReplicationRow(
             vm_id=rec.id, vm_name=name, mode="Primary", state=State.READY_FOR_INITIAL,

@@ -225,14 +225,16 @@ class InitialReplication:
         rec = self._vms.find(row.vm_name)
         driver = self._ctx.driver
         disks = [rec.disks[i] for i in row.disks]
-        progress = self._progress(row, [await driver.virtual_size(d) for d in disks])
-        _check_media_space(directory, sum([await driver.required_size(d) for d in disks]))
+        fmts = [rec.format_of(i) for i in row.disks]
+        pairs = list(zip(disks, fmts, strict=True))
+        progress = self._progress(row, [await driver.virtual_size(*d) for d in pairs])
+        _check_media_space(directory, sum([await driver.required_size(*d) for d in pairs]))
         files = [directory / media.disk_name(n) for n in range(len(disks))]
         entries = []
         async with self._ctx.locks.vm(rec.id):
             owner = DiskOwner(
                 rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id),
-                self._vms.runtime.process(rec.id), vm_id=rec.id,
+                self._vms.runtime.process(rec.id), vm_id=rec.id, formats=rec.formats,
             )  # fmt: skip
             async with driver.point_in_time(owner, generation=1) as source:
                 for n, file in enumerate(files):
@@ -242,7 +244,9 @@ class InitialReplication:
                     faults.hit("primary.mid_media_export")
                     size, digest = await asyncio.to_thread(media.file_digest, file)
                     entries.append(
-                        media.MediaDisk(n, await driver.virtual_size(disks[n]), size, digest)
+                        media.MediaDisk(
+                            n, await driver.virtual_size(disks[n], fmts[n]), size, digest
+                        )
                     )
         manifest = media.MediaManifest(
             vm_id=row.vm_id, vm_name=row.vm_name, primary_server=self._ctx.host,
@@ -261,11 +265,12 @@ class InitialReplication:
         run_dir = self._vms.run_dir(rec.id)
         # The replica's open is the longest step before the copy: it goes as soon as it can,
         # with the sizes read beside it and tracking started while it runs.
-        sizing = asyncio.ensure_future(asyncio.gather(*map(driver.virtual_size, disks)))
+        fmts = [rec.format_of(i) for i in row.disks]
+        sizing = asyncio.ensure_future(asyncio.gather(*map(driver.virtual_size, disks, fmts)))
         opening: asyncio.Future[tuple[answers.InitialOpenAnswer, bytes | None]] | None = None
         closed = False
         try:
-            required = sum(await asyncio.gather(*map(driver.required_size, disks)))
+            required = sum(await asyncio.gather(*map(driver.required_size, disks, fmts)))
             opening = asyncio.ensure_future(
                 replica.initial_open(p.InitialOpenRequest(row.vm_id, required))
             )
@@ -280,6 +285,7 @@ class InitialReplication:
                     run_dir,
                     self._vms.runtime.process(rec.id),
                     vm_id=rec.id,
+                    formats=rec.formats,
                 )
                 async with driver.point_in_time(owner, generation=1) as source:
                     laps.lap("tracking")

@@ -291,7 +291,7 @@ def vm_facts(rec: VmRecord) -> dict[str, Any]:
         "id": rec.id, "name": rec.name, "cpus": rec.cpus, "memory_mb": rec.memory_mb,
         "kernel": rec.kernel, "initrd": rec.initrd, "append": rec.append,
         "vm_dir": str(rec.vm_dir), "disks": [str(d) for d in rec.disks],
-        "owned": list(rec.owned),
+        "owned": list(rec.owned), "formats": list(rec.formats),
     }  # fmt: skip
 
 

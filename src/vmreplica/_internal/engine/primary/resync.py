@@ -212,7 +212,7 @@ class Resync:
             async with self._ctx.locks.vm(rec.id):
                 owner = DiskOwner(
                     rec.name, rec.disks, row.disks, self._vms.run_dir(rec.id),
-                    self._vms.runtime.process(rec.id), vm_id=rec.id,
+                    self._vms.runtime.process(rec.id), vm_id=rec.id, formats=rec.formats,
                 )  # fmt: skip
                 # A fresh one starts tracking anew at the view's instant; a continued one keeps
                 # that generation, which holds every write since the first view.
@@ -251,7 +251,8 @@ class Resync:
     async def _compare_all(
         self, row: ReplicationRow, view: CopySource, replica: Peer, tally: _Tally
     ) -> bool:
-        sizes = [await self._ctx.driver.virtual_size(self._vms.find(row.vm_name).disks[i])
+        rec = self._vms.find(row.vm_name)
+        sizes = [await self._ctx.driver.virtual_size(rec.disks[i], rec.format_of(i))
                  for i in row.disks]  # fmt: skip
         blocks = [-(-size // BLOCK_SIZE) for size in sizes]
         total = sum(blocks) or 1

@@ -120,6 +120,7 @@ class ReplicaLifecycle:
         The replica never boots a file named by a peer: it boots its own copy, from the
         replica VM's storage, and only one whose size and blake3 match the announcement.
         """
+        await redirect_if_elsewhere(self._ctx, vm_id)  # in a cluster: the owner answers
         row = replica_row(self._ctx, vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         expected = json.loads(row.boot_files or "{}").get(kind)

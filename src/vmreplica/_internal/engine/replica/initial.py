@@ -24,6 +24,7 @@ from vmreplica._internal.engine.replica.common import (
     chains,
     check_not_quarantined,
     check_sender,
+    redirect_if_elsewhere,
     replica_row,
     staging_dir,
 )
@@ -68,6 +69,7 @@ class InitialImport:
         """``credentials``: the sender's certificate subject (the copy's TLS then uses this
         host's certificates), or the key both sides derived (Kerberos)."""
         laps = Laps()
+        await redirect_if_elsewhere(self._ctx, req.vm_id)  # in a cluster: the owner answers
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
@@ -123,6 +125,7 @@ class InitialImport:
         self, authz: Authorization, peer_names: list[str], req: p.InitialCloseRequest
     ) -> answers.SequenceAnswer:
         """The sender's copy ended: adopt the images as the chains' base, or drop them."""
+        await redirect_if_elsewhere(self._ctx, req.vm_id)  # in a cluster: the owner answers
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):

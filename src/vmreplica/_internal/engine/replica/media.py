@@ -29,6 +29,7 @@ from vmreplica._internal.engine.replica.common import (
     chains,
     check_not_quarantined,
     check_sender,
+    redirect_if_elsewhere,
     replica_row,
     staging_dir,
 )
@@ -68,6 +69,7 @@ class MediaImport:
     async def announce(
         self, authz: Authorization, peer_names: list[str], req: p.InitialOfflineRequest
     ) -> answers.SequenceAnswer:
+        await redirect_if_elsewhere(self._ctx, req.vm_id)  # in a cluster: the owner answers
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):

@@ -24,6 +24,7 @@ from vmreplica._internal.engine.replica.common import (
     chains,
     check_not_quarantined,
     check_sender,
+    redirect_if_elsewhere,
     replica_row,
     staging_dir,
 )
@@ -55,6 +56,7 @@ class ReplicaResync:
     async def start(
         self, authz: Authorization, peer_names: list[str], req: p.ResyncStartRequest
     ) -> answers.SequenceAnswer:
+        await redirect_if_elsewhere(self._ctx, req.vm_id)  # in a cluster: the owner answers
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
@@ -107,6 +109,7 @@ class ReplicaResync:
     async def hashes(
         self, authz: Authorization, peer_names: list[str], req: p.HashesRequest
     ) -> answers.HashesAnswer:
+        await redirect_if_elsewhere(self._ctx, req.vm_id)  # in a cluster: the owner answers
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         allows_hashing = (State.RESYNCHRONIZING,)
@@ -144,6 +147,7 @@ class ReplicaResync:
     async def finish(
         self, authz: Authorization, peer_names: list[str], req: p.VmRequest
     ) -> answers.SequenceAnswer:
+        await redirect_if_elsewhere(self._ctx, req.vm_id)  # in a cluster: the owner answers
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):
@@ -197,6 +201,7 @@ class ReplicaResync:
     async def cancel(
         self, authz: Authorization, peer_names: list[str], req: p.VmRequest
     ) -> answers.SequenceAnswer:
+        await redirect_if_elsewhere(self._ctx, req.vm_id)  # in a cluster: the owner answers
         row = replica_row(self._ctx, req.vm_id)
         check_sender(self._ctx, row, authz, peer_names)
         async with self._ctx.locks.replica(row.vm_id):

@@ -28,6 +28,7 @@ from vmreplica._internal.engine.replica.common import (
 )
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
+from vmreplica._internal.engine.vms.formats import CHAIN_FORMAT
 from vmreplica._internal.files import fsync_dir
 from vmreplica._internal.store.journal import JournalEntry
 from vmreplica._internal.store.replications import SEED, ReplicationRow, Settings
@@ -54,7 +55,15 @@ class Seeds:
             raise InvalidState(f"VM {name} already has a replication relationship")
         if rec.state != "Off":
             raise InvalidState(f"VM {name} is running: stop it before making it a replica")
-        for disk in rec.disks:
+        for i, disk in enumerate(rec.disks):
+            if rec.format_of(i) not in (None, CHAIN_FORMAT):
+                # Moved into a replica chain, it would be opened as qcow2 by its first bytes,
+                # which are its guest's (drivers/libvirt/raw.py).
+                raise InvalidArgument(
+                    f"disk {disk} of VM {name} is {rec.format_of(i)}: a copy to start from "
+                    "becomes a replica chain's base, which is qcow2; convert it first "
+                    "(qemu-img convert -O qcow2) and give the VM the converted copy"
+                )
             await self._ctx.driver.check_standalone(disk)
         row = ReplicationRow(
             vm_id=rec.id, vm_name=name, mode=REPLICA, state=State.WAITING_FOR_INITIAL,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vmreplica._internal import validate
 from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.vms.formats import CHAIN_FORMAT, formats_of, record_missing_formats
 from vmreplica._internal.engine.vms.runtime import VmRuntime
 from vmreplica._internal.models import Vm
 from vmreplica._internal.ports.hypervisor import Definition, VmSpec
@@ -119,7 +120,7 @@ class VmService:
             kernel=Path(rec.kernel) if rec.kernel else None,
             initrd=Path(rec.initrd) if rec.initrd else None, append=rec.append,
             accel=self._ctx.config.accel, run_dir=self.run_dir(rec.id),
-            definition=self.definition_of(rec),
+            definition=self.definition_of(rec), formats=rec.formats,
         )  # fmt: skip
 
     # -- creating ----------------------------------------------------------------------------
@@ -145,6 +146,7 @@ class VmService:
         if len(req.disks) > MAX_DISKS:
             raise InvalidArgument(f"a VM has at most {MAX_DISKS} disks, not {len(req.disks)}")
         plan: list[tuple[DiskRequest, int | None, Path | None]] = []
+        formats: list[str] = []  # told here, once; recorded with the VM
         for disk in req.disks:
             if sum(v is not None for v in (disk.size, disk.path, disk.parent)) != 1:
                 raise InvalidArgument(
@@ -156,6 +158,7 @@ class VmService:
                         f"invalid disk size {disk.size!r}: at most {MAX_DISK_SIZE >> 50}P"
                     )
                 plan.append((disk, bytes_, None))
+                formats.append(CHAIN_FORMAT)
                 continue
             image = Path(str(disk.path or disk.parent)).absolute()
             flag = "--disk-path" if disk.path else "--disk-parent"
@@ -168,6 +171,7 @@ class VmService:
                     guard(image.resolve())
             await self._ctx.driver.check_image(image)
             plan.append((disk, None, image))
+            formats.append(await self._ctx.driver.disk_format(image) if disk.path else CHAIN_FORMAT)
         vm_dir = validate.child_path(self.vms_dir, name)
         if vm_dir.exists():
             raise InvalidState(f"{vm_dir} already exists: remove it or choose another VM name")
@@ -180,6 +184,7 @@ class VmService:
             id=vm_id or str(uuid.uuid4()), name=name, cpus=req.cpus, memory_mb=memory_mb,
             kernel=kernel, initrd=initrd, append=req.append, state=CREATING, vm_dir=vm_dir,
             disks=tuple(p for p, _ in paths), owned=tuple(o for _, o in paths),
+            formats=tuple(formats),
         )  # fmt: skip
         with self._ctx.stores.db.tx() as tx:
             self._store.insert(tx, rec)
@@ -202,9 +207,10 @@ class VmService:
     def register(
         self, tx: Tx, vm_id: str, name: str, cpus: int, memory_mb: int, vm_dir: Path,
         disks: Sequence[Path], kernel: str | None = None, initrd: str | None = None,
-        append: str | None = None,
+        append: str | None = None, formats: Sequence[str | None] | None = None,
     ) -> None:  # fmt: skip
-        """Record a VM whose disks another part of the engine made (a replica VM), in ``tx``."""
+        """Record a VM whose disks another part of the engine made (a replica VM), in ``tx``.
+        ``formats``: the disks' (None: the chains' qcow2)."""
         if self._store.exists(name=name, vm_id=vm_id, tx=tx):
             raise InvalidState(
                 f"a VM named {name!r} (or with id {vm_id}) already exists on {self._ctx.host}"
@@ -212,7 +218,8 @@ class VmService:
         self._store.insert(
             tx,
             VmRecord(vm_id, name, cpus, memory_mb, kernel, initrd, append, OFF, vm_dir,
-                     tuple(disks), (False,) * len(disks)),
+                     tuple(disks), (False,) * len(disks),
+                     tuple(formats) if formats is not None else (CHAIN_FORMAT,) * len(disks)),
         )  # fmt: skip
 
     async def adopt_defined(self) -> None:
@@ -236,11 +243,16 @@ class VmService:
                 log.warning("domain %s (%s): the agent has another VM of that name", spec.name,
                             spec.id)  # fmt: skip
                 continue
+            formats = [  # what its XML says; else told once, here
+                f or await self._ctx.driver.disk_format(d)
+                for d, f in zip(spec.disks, formats_of(spec), strict=True)
+            ]
             with self._ctx.stores.db.tx() as tx:
                 self.register(
                     tx, spec.id, spec.name, spec.cpus, spec.memory_mb, self.vms_dir / spec.name,
                     spec.disks, kernel=str(spec.kernel) if spec.kernel else None,
                     initrd=str(spec.initrd) if spec.initrd else None, append=spec.append,
+                    formats=formats,
                 )  # fmt: skip
                 self._ctx.events.record(
                     "vm-adopted", f"took VM {spec.name} ({spec.id}) from the hypervisor",
@@ -252,8 +264,9 @@ class VmService:
                 await self.runtime.reattach(rec)
 
     def set_disks(self, tx: Tx, vm_id: str, disks: Sequence[Path]) -> None:
-        """Point a VM at other disk files (failover overlays, reversed chains)."""
-        self._store.set_disks(tx, vm_id, disks)
+        """Point a VM at other disk files (failover overlays, reversed chains: the chains'
+        qcow2)."""
+        self._store.set_disks(tx, vm_id, disks, (CHAIN_FORMAT,) * len(disks))
 
     async def unregister(self, vm_id: str) -> None:
         """Forget a VM whose files another part owns (a test-failover VM), stopping it first."""
@@ -350,11 +363,13 @@ class VmService:
         return folder
 
     async def recover_definitions(self) -> None:
-        """Finish creations and removals a crash interrupted."""
+        """Finish creations and removals a crash interrupted; record the disks' formats a
+        database from before formats were recorded lacks."""
         for rec in self.records():
             if rec.state in (CREATING, REMOVING):
                 log.info("finishing interrupted %s of VM %s", rec.state.lower(), rec.name)
                 await self._discard(rec)
+        await record_missing_formats(self._ctx, self._store, self.run_dir)
 
 
 def _boot_file(value: str | None, kind: str) -> str | None:
