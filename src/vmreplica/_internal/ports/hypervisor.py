@@ -67,8 +67,7 @@ class VmSpec:
     append: str | None = None
     accel: str = "tcg"
     definition: Definition | None = None  # a replica VM's primary's domain XML
-    # Each disk's recorded format ("raw", "qcow2"; None: not recorded, the driver tells it);
-    # the driver opens a disk as recorded, never as its first bytes (the guest's) say.
+    # Each disk's recorded format (None: not recorded): never told by the guest's first bytes.
     formats: tuple[str | None, ...] = ()
 
 
@@ -285,18 +284,14 @@ class HypervisorDriver(Protocol):
         """Refuse a file that is not a disk image this driver can run."""
         ...
 
-    async def create_image(
-        self, path: Path, size: int | None, backing: Path | None = None
-    ) -> None: ...
+    async def create_image(self, path: Path, size: int | None, backing: Path | None = None) -> None:
+        """A new qcow2 image: ``size`` bytes, or the size of ``backing`` above it."""
 
-    async def virtual_size(self, path: Path, fmt: str | None = None) -> int:
-        """The guest-visible size of the image, opened as ``fmt`` (a disk's recorded format)."""
-        ...
+    async def virtual_size(self, path: Path, fmt: str | None = None) -> int: ...
 
     async def disk_format(self, path: Path, run_dir: Path | None = None, index: int = 0) -> str:
-        """The format a disk given to a VM is opened with, told once, when it is given, and
-        recorded with the VM. ``run_dir`` and ``index``: the VM's disk ``index`` of a database
-        from before formats were recorded, told by what the driver left for it there."""
+        """A disk's format, told once when it is given to a VM and recorded with it (``run_dir``,
+        ``index``: a disk from before formats were recorded, told by what the driver left)."""
         ...
 
     async def check_standalone(self, path: Path) -> None:
