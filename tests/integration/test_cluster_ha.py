@@ -46,7 +46,11 @@ TTL = int(os.environ.get("VMR_HA_TTL", "3"))  # the lease TTL of the nodes
 
 @contextmanager
 def broker_cluster(
-    c: Cluster, etcd: EtcdCluster, faults: str = "", primary_accepts: bool = False
+    c: Cluster,
+    etcd: EtcdCluster,
+    faults: str = "",
+    primary_accepts: bool = False,
+    enable: tuple[str, ...] = (),
 ) -> Iterator[tuple[Pair, Proxy]]:
     """Two replica nodes (REPLICA, OTHER) of cluster "r" sharing one storage, the broker name
     BROKER in front of them, and VM "app" on PRIMARY replicating to it, owned by REPLICA
@@ -71,7 +75,7 @@ def broker_cluster(
               str(c.base / "primary-replicas"), "--trust-group", "Production", host=PRIMARY)  # fmt: skip
     proxy = Proxy(port1)
     try:
-        pair = replicate_app(c, BROKER, proxy.port, storage)
+        pair = replicate_app(c, BROKER, proxy.port, storage, *enable)
         # From now on the name leads to OTHER: redirected to the owner while it lives.
         proxy.target = port3
         yield pair, proxy
@@ -273,3 +277,66 @@ def test_reverse_and_failback_through_the_broker_name(
         # The facts lie beside the chains' new directory: a takeover finds them.
         facts = json.loads((tip.parent.parent / FILE).read_text())
         assert facts["replication"]["mode"] == "Replica"
+
+
+def journal_kinds(c: Cluster, node: str) -> list[str]:
+    db = sqlite3.connect(f"file:{c.hosts[node].state_dir / 'state.db'}?mode=ro", uri=True)
+    try:
+        return [k for (k,) in db.execute("SELECT kind FROM journal ORDER BY id")]
+    finally:
+        db.close()
+
+
+def test_a_failover_complete_its_dead_owner_began_is_finished_by_the_next(
+    stopped_cluster: Cluster, etcd: EtcdCluster
+) -> None:
+    """`failover complete` killed on the owner right after it deleted `tip` (which held the
+    delta applied after point 1). The node that takes the VM over must know a completion began:
+    it finishes it, and refuses a cancel that would resume replication on a chain without that
+    delta. The former owner, restarted, leaves the shared facts alone."""
+    c = stopped_cluster
+    points = ("--recovery-history", "4", "--recovery-point-interval", "1")
+    with broker_cluster(c, etcd, "failover.mid_complete=kill", enable=points) as (pair, _):
+        vm_id = str(c.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"])
+        storage = pair.storage / "app"
+        time.sleep(1.1)  # the point interval has passed: the next delta makes point 1
+        pair.write("app", 0, 0x21, "1M", "64k")
+        c.cli("replication", "sync", "app", host=PRIMARY)
+        c.cli("replication", "set", "app", "--recovery-point-interval", "3600", host=PRIMARY)
+        pair.write("app", 0, 0x22, "2M", "64k")
+        c.cli("replication", "sync", "app", host=PRIMARY)  # into tip, no point
+        listed = c.cli_json("recovery-point", "list", "app", "-o", "json", host=REPLICA)
+        assert [str(p["id"]) for p in listed if p["id"] != "Latest"] == ["1"]
+        c.cli("vm", "stop", "app", "--force", host=PRIMARY)
+        c.cli("failover", "start", "app", "--recovery-point", "1", "--force", host=REPLICA)
+        cut = c.cli("failover", "complete", "app", "--yes", host=REPLICA, check=False)
+        assert cut.returncode != 0
+        agent = c.hosts[REPLICA].process
+        assert agent is not None and agent.wait(30) == -signal.SIGKILL
+        c.hosts[REPLICA].process = None
+        assert not (storage / "disk0" / "tip.qcow2").exists(), "cut after deleting tip"
+        facts = json.loads((storage / FILE).read_text())
+        assert facts["replication"]["state"] == "FailedOverWaitingCompletion"
+
+        # OTHER takes the VM over and finishes the completion: no cancel onto that chain.
+        wait_for(lambda: owned(c, OTHER) == [vm_id], 30, "the takeover")
+        wait_for(
+            lambda: pair.replication("app", OTHER)["state"] == "FailedOver", 60,
+            "the completion finished on the new owner",
+        )  # fmt: skip
+        stop = c.cli("failover", "stop", "app", host=OTHER, check=False)
+        assert stop.returncode != 0 and "Traceback" not in stop.stderr, stop.stderr
+        assert len(stop.stderr.strip().splitlines()) == 1, stop.stderr
+        assert pair.replication("app", OTHER)["state"] == "FailedOver"
+        listed = c.cli_json("recovery-point", "list", "app", "-o", "json", host=OTHER)
+        assert [str(p["id"]) for p in listed if p["id"] != "Latest"] == ["1"]
+        assert "failover-complete" not in journal_kinds(c, OTHER)
+        c.cli("vm", "start", "app", host=OTHER)  # on point 1
+        assert reads(c, OTHER, 0x21, "1M", "64k") and reads(c, OTHER, 0, "2M", "64k")
+
+        # The former owner comes back: its own entry of the completion is finished elsewhere.
+        facts = (storage / FILE).read_bytes()
+        c.start(REPLICA)
+        assert "failover-complete" not in journal_kinds(c, REPLICA)
+        assert (storage / FILE).read_bytes() == facts, "a node that does not own it wrote it"
+        assert running(c, OTHER) and not running(c, REPLICA)

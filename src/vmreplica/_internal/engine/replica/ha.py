@@ -101,11 +101,13 @@ class ReplicaHa:
     # -- taking a VM over ----------------------------------------------------------------
 
     async def acquired(self, vm_id: str, storage: Path) -> None:
-        """The agent's `on_acquired`: import the facts, finish a half-recorded apply, and
-        start the VM if it must run."""
+        """The agent's `on_acquired`: import the facts, finish a half-recorded apply or
+        failover completion, and start the VM if it must run."""
         if not await handoff.take_over(self._ctx, self._vms, vm_id, storage):
             return
         await self.finish_step(vm_id, storage)
+        # A `failover complete` the former owner began (adopted by take_over): finished here.
+        await self._ctx.journal.recover(handoff.COMPLETE_KIND, subject=vm_id)
         self._tried.pop(vm_id, None)
         await self._ensure_running(vm_id)
 
