@@ -340,3 +340,39 @@ def test_a_failover_complete_its_dead_owner_began_is_finished_by_the_next(
         assert "failover-complete" not in journal_kinds(c, REPLICA)
         assert (storage / FILE).read_bytes() == facts, "a node that does not own it wrote it"
         assert running(c, OTHER) and not running(c, REPLICA)
+
+
+def test_a_failover_its_dead_owner_began_leaves_the_next_owners_failover_alone(
+    stopped_cluster: Cluster, etcd: EtcdCluster
+) -> None:
+    """`failover start` killed on the owner after it made its overlays: the node that takes the
+    VM over fails it over and runs it, writing new data; the former owner, restarted, rolls its
+    own entry back without deleting the overlays the running VM writes to."""
+    c = stopped_cluster
+    with broker_cluster(c, etcd, "failover.after_overlays=kill") as (pair, _):
+        vm_id = str(c.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"])
+        c.cli("vm", "stop", "app", "--force", host=PRIMARY)
+        cut = c.cli("failover", "start", "app", "--force", host=REPLICA, check=False)
+        assert cut.returncode != 0
+        agent = c.hosts[REPLICA].process
+        assert agent is not None and agent.wait(30) == -signal.SIGKILL
+        c.hosts[REPLICA].process = None
+
+        wait_for(lambda: owned(c, OTHER) == [vm_id], 30, "the takeover")
+        wait_for(
+            lambda: c.cli("replication", "get", "app", host=OTHER, check=False).returncode == 0,
+            30, "the import on the new owner",
+        )  # fmt: skip
+        c.cli("failover", "start", "app", "--force", host=OTHER)
+        c.cli("vm", "start", "app", host=OTHER)
+        pair.write("app", 0, 0x55, "4M", "64k", host=OTHER)
+        disk = Path(str(c.cli_json("vm", "get", "app", "-o", "json", host=OTHER)[0]["disks"][0]))
+        assert disk.exists()
+
+        c.start(REPLICA)  # the former owner, with its own `failover` entry
+        assert "failover" not in journal_kinds(c, REPLICA)
+        assert disk.exists(), "the former owner deleted the running VM's overlays"
+        c.cli("vm", "monitor", "app", 'qemu-io disk0 "flush"', host=OTHER)
+        c.cli("vm", "stop", "app", "--force", host=OTHER)
+        c.cli("vm", "start", "app", host=OTHER)
+        assert reads(c, OTHER, 0x55, "4M", "64k") and reads(c, OTHER, 0x11, "0", "1M")
