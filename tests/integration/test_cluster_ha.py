@@ -376,3 +376,37 @@ def test_a_failover_its_dead_owner_began_leaves_the_next_owners_failover_alone(
         c.cli("vm", "stop", "app", "--force", host=OTHER)
         c.cli("vm", "start", "app", host=OTHER)
         assert reads(c, OTHER, 0x55, "4M", "64k") and reads(c, OTHER, 0x11, "0", "1M")
+
+
+def test_a_point_its_dead_owner_was_freezing_holds_no_later_delta(
+    stopped_cluster: Cluster, etcd: EtcdCluster
+) -> None:
+    """The owner killed mid-freeze (a failover to Latest: `tip` renamed to rp-1, no new tip):
+    the node that takes the VM over finishes that point, so its own deltas go into a `tip`
+    that a later freeze keeps; a failover there to Latest has them."""
+    c = stopped_cluster
+    with broker_cluster(c, etcd, "replica.after_freeze_rename=kill") as (pair, _):
+        vm_id = str(c.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"])
+        chain = pair.storage / "app" / "disk0"
+        c.cli("vm", "stop", "app", "--force", host=PRIMARY)
+        cut = c.cli("failover", "start", "app", "--force", host=REPLICA, check=False)
+        assert cut.returncode != 0
+        agent = c.hosts[REPLICA].process
+        assert agent is not None and agent.wait(30) == -signal.SIGKILL
+        c.hosts[REPLICA].process = None
+        assert (chain / "rp-1.qcow2").exists() and not (chain / "tip.qcow2").exists()
+
+        wait_for(lambda: owned(c, OTHER) == [vm_id], 30, "the takeover")
+        wait_for(
+            lambda: c.cli("replication", "get", "app", host=OTHER, check=False).returncode == 0,
+            30, "the import on the new owner",
+        )  # fmt: skip
+        # The primary goes on: its next delta is applied on OTHER, then OTHER fails over.
+        c.cli("vm", "start", "app", host=PRIMARY)
+        pair.write("app", 0, 0x66, "5M", "64k")
+        c.cli("replication", "sync", "app", host=PRIMARY)
+        c.cli("vm", "stop", "app", "--force", host=PRIMARY)
+        c.cli("failover", "start", "app", "--force", host=OTHER)
+        c.cli("vm", "start", "app", host=OTHER)
+        assert reads(c, OTHER, 0x11, "0", "1M")
+        assert reads(c, OTHER, 0x66, "5M", "64k"), "the failover lacks an acknowledged delta"
