@@ -17,6 +17,8 @@ import os
 import signal
 import sqlite3
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -51,11 +53,13 @@ def broker_cluster(
     faults: str = "",
     primary_accepts: bool = False,
     enable: tuple[str, ...] = (),
+    other_faults: str = "",
 ) -> Iterator[tuple[Pair, Proxy]]:
     """Two replica nodes (REPLICA, OTHER) of cluster "r" sharing one storage, the broker name
     BROKER in front of them, and VM "app" on PRIMARY replicating to it, owned by REPLICA
     (started with the fault points `faults`). With `primary_accepts`, PRIMARY accepts the
-    cluster (its broker name) as a primary: replication can be reversed."""
+    cluster (its broker name) as a primary: replication can be reversed. `enable`: more
+    `replication enable` options; `other_faults`: OTHER's fault points."""
     primary = tomllib.loads(c.hosts[PRIMARY].config.read_text())
     primary["resolve"][BROKER] = "127.0.0.1"
     c.hosts[PRIMARY].config.write_text(tomli_w.dumps(primary))
@@ -65,8 +69,10 @@ def broker_cluster(
     for node in (REPLICA, OTHER):
         c.cli("cluster", "broker", "add", "--config", str(c.hosts[node].config), "--name", BROKER,
               "--ca", str(c.ca_dir))  # fmt: skip
+    node_faults = {REPLICA: faults, OTHER: other_faults}
     for node in c.hosts:
-        c.start(node, extra_env={"VMREPLICA_FAULTS": faults} if node == REPLICA else None)
+        env = {"VMREPLICA_FAULTS": node_faults[node]} if node in node_faults else None
+        c.start(node, extra_env=env)
     port1, port3, storage = serve_replica_cluster(c, REPLICA, OTHER)
     if primary_accepts:
         c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
@@ -410,3 +416,38 @@ def test_a_point_its_dead_owner_was_freezing_holds_no_later_delta(
         c.cli("vm", "start", "app", host=OTHER)
         assert reads(c, OTHER, 0x11, "0", "1M")
         assert reads(c, OTHER, 0x66, "5M", "64k"), "the failover lacks an acknowledged delta"
+
+
+def test_a_former_owner_restarting_leaves_the_owners_delta_in_progress_alone(
+    stopped_cluster: Cluster, etcd: EtcdCluster
+) -> None:
+    """The replica VM moved to OTHER; REPLICA keeps its old rows. REPLICA restarts while OTHER
+    holds a staged delta it has not applied yet (slowed by a fault point): REPLICA's start-up
+    recovery of the shared chains waits for OTHER's write instead of sweeping the stage away,
+    and the acknowledged delta is in the replica."""
+    c = stopped_cluster
+    with broker_cluster(c, etcd, other_faults="replica.before_apply=sleep:12") as (pair, _):
+        vm_id = str(c.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"])
+        storage = pair.storage / "app"
+        c.cli("vm", "move", "app", "--to", OTHER, host=REPLICA)
+        wait_for(lambda: owned(c, OTHER) == [vm_id], 30, "the move")
+        before = json.loads((storage / FILE).read_text())["replication"]["sequence"]
+        pair.write("app", 0, 0x77, "6M", "256k")
+        sync = subprocess.Popen(
+            [sys.executable, "-m", "vmreplica", "replication", "sync", "app"],
+            env=c.env(PRIMARY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+
+            def staged() -> bool:
+                step = (storage / STEP_FILE).read_text() if (storage / STEP_FILE).exists() else ""
+                return bool(step) and json.loads(step)["sequence"] == before + 1
+
+            wait_for(staged, 60, "OTHER staging the delta")
+            c.stop(REPLICA)
+            c.start(REPLICA, timeout=120)  # its recovery waits for OTHER's write
+        finally:
+            _, err = sync.communicate(timeout=180)
+        assert sync.returncode == 0, err
+        assert applied(c, OTHER)[0] == before + 1
+        verified_equal(pair)
