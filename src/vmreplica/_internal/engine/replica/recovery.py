@@ -185,7 +185,7 @@ class ReplicaRecovery:
             try:
                 async with cluster.storage_held(Path(row.storage_dir)):
                     recovered = await self.replay_or_quarantine(vm_id, "a restart")
-            except InvalidState as e:  # the lock stayed held: another node writes there
+            except VmrError as e:  # the lock stayed held (another node writes), or no storage
                 self._ctx.events.record(
                     "recovery-failed",
                     f"cannot recover replica VM {row.vm_name} at start-up (retried at the next "
