@@ -88,15 +88,15 @@ def serve_replica_cluster(c: Cluster, first: str, second: str) -> tuple[int, int
     return port1, port2, storage
 
 
-def replicate_app(c: Cluster, broker: str, port: int, storage: Path) -> Pair:
-    """VM "app" on PRIMARY, running with 1 MiB written, replicating to `broker` at `port`,
-    its initial copy verified."""
+def replicate_app(c: Cluster, broker: str, port: int, storage: Path, *extra: str) -> Pair:
+    """VM "app" on PRIMARY, running with 1 MiB written, replicating to `broker` at `port`
+    (`extra`: more `replication enable` options), its initial copy verified."""
     pair = Pair(c, port, storage)
     c.cli("vm", "new", "app", "--disk", "64M", host=PRIMARY)
     c.cli("vm", "start", "app", host=PRIMARY)
     pair.write("app", 0, 0x11, "0", "1M")
     c.cli("replication", "enable", "app", "--replica-server", broker, "--replica-port",
-          str(port), "--auth", "certificate", host=PRIMARY)  # fmt: skip
+          str(port), "--auth", "certificate", *extra, host=PRIMARY)  # fmt: skip
     pair.start("app")
     verified_equal(pair)
     return pair

@@ -46,12 +46,18 @@ TTL = int(os.environ.get("VMR_HA_TTL", "3"))  # the lease TTL of the nodes
 
 @contextmanager
 def broker_cluster(
-    c: Cluster, etcd: EtcdCluster, faults: str = "", primary_accepts: bool = False
+    c: Cluster,
+    etcd: EtcdCluster,
+    faults: str = "",
+    primary_accepts: bool = False,
+    enable: tuple[str, ...] = (),
+    other_faults: str = "",
 ) -> Iterator[tuple[Pair, Proxy]]:
     """Two replica nodes (REPLICA, OTHER) of cluster "r" sharing one storage, the broker name
     BROKER in front of them, and VM "app" on PRIMARY replicating to it, owned by REPLICA
     (started with the fault points `faults`). With `primary_accepts`, PRIMARY accepts the
-    cluster (its broker name) as a primary: replication can be reversed."""
+    cluster (its broker name) as a primary: replication can be reversed. `enable`: more
+    `replication enable` options; `other_faults`: OTHER's fault points."""
     primary = tomllib.loads(c.hosts[PRIMARY].config.read_text())
     primary["resolve"][BROKER] = "127.0.0.1"
     c.hosts[PRIMARY].config.write_text(tomli_w.dumps(primary))
@@ -61,8 +67,10 @@ def broker_cluster(
     for node in (REPLICA, OTHER):
         c.cli("cluster", "broker", "add", "--config", str(c.hosts[node].config), "--name", BROKER,
               "--ca", str(c.ca_dir))  # fmt: skip
+    node_faults = {REPLICA: faults, OTHER: other_faults}
     for node in c.hosts:
-        c.start(node, extra_env={"VMREPLICA_FAULTS": faults} if node == REPLICA else None)
+        env = {"VMREPLICA_FAULTS": node_faults[node]} if node in node_faults else None
+        c.start(node, extra_env=env)
     port1, port3, storage = serve_replica_cluster(c, REPLICA, OTHER)
     if primary_accepts:
         c.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--certificate-port",
@@ -71,7 +79,7 @@ def broker_cluster(
               str(c.base / "primary-replicas"), "--trust-group", "Production", host=PRIMARY)  # fmt: skip
     proxy = Proxy(port1)
     try:
-        pair = replicate_app(c, BROKER, proxy.port, storage)
+        pair = replicate_app(c, BROKER, proxy.port, storage, *enable)
         # From now on the name leads to OTHER: redirected to the owner while it lives.
         proxy.target = port3
         yield pair, proxy

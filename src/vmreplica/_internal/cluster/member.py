@@ -155,6 +155,12 @@ class Member:
             self.check(vm, what)
             yield
 
+    @contextlib.asynccontextmanager
+    async def storage_held(self, storage: Path) -> AsyncIterator[None]:
+        """The storage lock alone (the port's `storage_held`)."""
+        async with exclusive_async(storage / LOCK_FILE, STORAGE_LOCK_TIMEOUT):
+            yield
+
     async def _keepalive(self) -> None:
         while True:
             sent = time.monotonic()

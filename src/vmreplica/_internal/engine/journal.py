@@ -14,7 +14,9 @@ Kinds (registered by the module that owns the operation):
 - ``resync-commit``: a resynchronization's overlays folded into ``tip`` (engine/replica/); finished.
 - ``failover``, ``test-failover``: overlays above a recovery point (engine/failover/); rolled back.
 - ``failover-complete``: the points above a failover's point and ``tip`` being deleted
-  (engine/failover/unplanned.py); finished.
+  (engine/failover/unplanned.py); finished. In a cluster, also marked beside the chains: the
+  node that takes the VM over journals it and finishes it; a former owner whose entry the
+  shared facts show finished (or moved on) elsewhere only drops it.
 - ``become-replica``: the old primary's disks moved into replica chains; rolled back.
 - ``reverse``: the new primary's failback delta not cut yet; finished.
 - ``delete-storage``: a replica VM's storage being deleted with the VM (engine/vms/); finished.
@@ -80,9 +82,10 @@ class Journal:
     def pending(self, entry: int) -> bool:
         return self._store.exists(entry)
 
-    async def recover(self, *kinds: str) -> None:
-        """Finish or roll back every entry of ``kinds``, oldest first, each on its own."""
-        for entry in self.entries(*kinds):
+    async def recover(self, *kinds: str, subject: str | None = None) -> None:
+        """Finish or roll back every entry of ``kinds`` (about ``subject``, if given), oldest
+        first, each on its own."""
+        for entry in self.entries(*kinds, subject=subject):
             if not self._store.exists(entry.id):
                 continue  # a handler that recovered a whole VM took this one too
             handler = self._recover.get(entry.kind)

@@ -25,6 +25,11 @@ class ClusterPort(Protocol):
         meanwhile cannot interleave with the new owner's writes (docs/CLUSTER.md)."""
         ...
 
+    def storage_held(self, storage: Path) -> AbstractAsyncContextManager[None]:
+        """Hold a VM's storage lock, without the ownership check: this node's start-up
+        recovery of the chains it holds rows for, never while another node writes there."""
+        ...
+
     async def adopt(self, vm_id: str, storage: Path) -> None:
         """Register `vm_id` with the cluster and own it (a new replica: the initial placement
         is the node the primary reached). Raise (InvalidState) if another node owns it."""

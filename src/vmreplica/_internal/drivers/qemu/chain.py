@@ -239,6 +239,7 @@ class ReplicaChain:
                 with fs_errors(f"cannot rename {self.tip}"):
                     os.rename(self.tip, rp)
                 fsync_dir(self.dir)
+                faults.hit("replica.after_freeze_rename")  # rp-<id> on top, no tip yet
             await self._new_image(TIP, backing=rp.name)
             return rp
 

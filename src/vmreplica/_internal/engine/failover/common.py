@@ -78,6 +78,8 @@ class FailoverBase:
         test failover's stop cut short ends the same way, its point unpinned."""
         row = self._store.find(entry.subject)
         test_vm = entry.data.get("test_vm_id")
+        if row is not None and self._overlays_of_another_node(row, entry.kind, test_vm):
+            row = None  # the overlays are the owner's now: only this entry goes
         if row is not None and row.storage_dir:
             if test_vm:  # first: it may run on the overlays
                 await self._vms.unregister(str(test_vm))
@@ -91,6 +93,20 @@ class FailoverBase:
             if row is not None and test_vm and row.test_vm_id == test_vm:
                 self._store.update(row.vm_id, tx, test_vm_id=None, test_point=None)
             self._ctx.journal.end_entry(tx, entry.id)
+
+    def _overlays_of_another_node(self, row: ReplicationRow, kind: str, test_vm: object) -> bool:
+        """In a cluster, a former owner's entry (it died mid-step, another node took the VM
+        over): the shared facts say the VM's owner now runs a failover (or a test failover
+        of its own) on the overlay directory this entry would delete."""
+        if self._ctx.cluster is None or not row.storage_dir:
+            return False
+        facts = handoff.exported(Path(row.storage_dir))
+        if facts is None or facts["vm"]["id"] != row.vm_id:
+            return False
+        shared = facts["replication"]
+        if kind == "failover":
+            return shared.get("state") in (State.FAILED_OVER_WAITING, State.FAILED_OVER)
+        return shared.get("test_vm_id") not in (None, test_vm)
 
     async def _changes_above_point(self, row: ReplicationRow) -> dict[int, list[Extent]] | None:
         """Per disk, what the replica chain received after the failover point: the old primary

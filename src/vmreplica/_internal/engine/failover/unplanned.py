@@ -12,6 +12,7 @@ from vmreplica._internal import faults
 from vmreplica._internal.engine.connect import peer_address
 from vmreplica._internal.engine.context import allows, move
 from vmreplica._internal.engine.failover.common import FailoverBase
+from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.common import chains
 from vmreplica._internal.engine.states import Command, State
 from vmreplica._internal.store.journal import JournalEntry
@@ -20,7 +21,7 @@ from vmreplica._internal.transport import protocol as p
 from vmreplica._internal.transport.peer import UNREACHABLE, PeerConnectionFailed, open_peer
 from vmreplica.errors import InvalidState, VmrError
 
-COMPLETE = "failover-complete"  # journal kind: the newer points and tip being deleted
+COMPLETE = handoff.COMPLETE_KIND  # journal kind: the newer points and tip being deleted
 
 
 class Failover(FailoverBase):
@@ -117,7 +118,7 @@ class Failover(FailoverBase):
     async def stop(self, row: ReplicationRow) -> None:
         """Cancel: the replica is as it was; the VM runs on its chain's tip no more."""
         allows(row, Command.CANCEL_FAILOVER)
-        if self._ctx.journal.entries(COMPLETE, subject=row.vm_id):
+        if self._ctx.journal.entries(COMPLETE, subject=row.vm_id) or self._completing(row):
             raise InvalidState(
                 f"the failover of {row.vm_name} is being completed (its newer recovery points "
                 f"may be deleted already): finish it with `failover complete {row.vm_name}`"
@@ -150,9 +151,18 @@ class Failover(FailoverBase):
         if not self._ctx.journal.entries(COMPLETE, subject=row.vm_id):
             with self._ctx.stores.db.tx() as tx:
                 self._ctx.journal.begin(tx, COMPLETE, row.vm_id, {"point": point})
+        if self._ctx.cluster is not None:  # and beside the chains, for a node taking over
+            handoff.begin_completion(Path(str(row.storage_dir)), point)
         await self._complete(row, point)
-        self._share(row)
         return self._store.get(row.vm_id, row.vm_name)
+
+    def _completing(self, row: ReplicationRow) -> bool:
+        """In a cluster: a completion the VM's former owner began (marked beside the chains)."""
+        return (
+            self._ctx.cluster is not None
+            and bool(row.storage_dir)
+            and handoff.completing(Path(str(row.storage_dir))) == row.failover_point
+        )
 
     async def _complete(self, row: ReplicationRow, point: int) -> None:
         """Delete ``tip`` and the points above ``point``, then record it; repeatable. Top
@@ -174,11 +184,23 @@ class Failover(FailoverBase):
                 row.vm_name,
                 tx=tx,
             )
+        self._share(row)
+        handoff.end_completion(Path(str(row.storage_dir)))
 
     async def _finish_complete(self, entry: JournalEntry) -> None:
         """A ``failover complete`` a crash cut short: finished, as its deletes may have begun."""
         row = self._store.find(entry.subject)
         point = entry.data.get("point")
+        if row is not None and self._finished_elsewhere(row, point):
+            with self._ctx.stores.db.tx() as tx:
+                self._ctx.journal.end_entry(tx, entry.id)
+            self._ctx.events.record(
+                "recovered",
+                f"an interrupted failover complete of {row.vm_name} was finished by the node "
+                "that owns it now",
+                row.vm_name,
+            )  # fmt: skip
+            return
         if (
             row is not None
             and row.state == State.FAILED_OVER_WAITING
@@ -191,7 +213,20 @@ class Failover(FailoverBase):
                 "recovered", f"finished an interrupted failover complete of {row.vm_name}",
                 row.vm_name,
             )  # fmt: skip
-            self._share(row)
             return
         with self._ctx.stores.db.tx() as tx:
             self._ctx.journal.end_entry(tx, entry.id)
+
+    def _finished_elsewhere(self, row: ReplicationRow, point: object) -> bool:
+        """In a cluster, a former owner's entry (it died mid-completion, another node took the
+        VM over): the shared facts no longer wait for this completion, so the node that owns
+        the VM finished it (or moved on). This node must not write the chains or the facts."""
+        if self._ctx.cluster is None or not row.storage_dir:
+            return False
+        facts = handoff.exported(Path(row.storage_dir))
+        if facts is None or facts["vm"]["id"] != row.vm_id:
+            return False
+        shared = facts["replication"]
+        return (shared.get("state"), shared.get("failover_point")) != (
+            State.FAILED_OVER_WAITING, point
+        )  # fmt: skip

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from vmreplica._internal.engine.context import Context
+from vmreplica._internal.engine.events import now_iso
 from vmreplica._internal.engine.replica import handoff
 from vmreplica._internal.engine.replica.apply import Applier
-from vmreplica._internal.engine.replica.common import REPLICA, staging_dir
+from vmreplica._internal.engine.replica.common import REPLICA, chains, staging_dir
+from vmreplica._internal.engine.replica.points import STANDARD, RecoveryPoints
 from vmreplica._internal.engine.replica.recovery import ReplicaRecovery
 from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmRecord, VmService
@@ -56,6 +58,7 @@ class ReplicaHa:
         self._vms = vms
         self._recovery = recovery
         self._applier = Applier(ctx)
+        self._points = RecoveryPoints(ctx)
         self._owned = owned
         self._remaining = remaining  # seconds this node's lease is valid for (0: fenced)
         self._killing: set[str] = set()
@@ -101,11 +104,14 @@ class ReplicaHa:
     # -- taking a VM over ----------------------------------------------------------------
 
     async def acquired(self, vm_id: str, storage: Path) -> None:
-        """The agent's `on_acquired`: import the facts, finish a half-recorded apply, and
-        start the VM if it must run."""
+        """The agent's `on_acquired`: import the facts, finish a half-recorded apply or
+        failover completion, and start the VM if it must run."""
         if not await handoff.take_over(self._ctx, self._vms, vm_id, storage):
             return
         await self.finish_step(vm_id, storage)
+        await self.finish_freeze(vm_id, storage)
+        # A `failover complete` the former owner began (adopted by take_over): finished here.
+        await self._ctx.journal.recover(handoff.COMPLETE_KIND, subject=vm_id)
         self._tried.pop(vm_id, None)
         await self._ensure_running(vm_id)
 
@@ -139,6 +145,29 @@ class ReplicaHa:
             "begun: the primary does not send it again",
             row.vm_name,
         )
+        return True
+
+    async def finish_freeze(self, vm_id: str, storage: Path) -> bool:
+        """A point the dead owner was freezing (`rp-<id>` on top of a chain, the facts not
+        listing it): finished and recorded here. Left alone, `tip` stands on it unlisted, the
+        next freeze of that id finds it made already and leaves this node's deltas out."""
+        row = self._row(vm_id)
+        if row is None or row.state in FAILED_OVER:
+            return False
+        known = set(self._ctx.stores.points.ids(vm_id))
+        found = {i for chain in chains(self._ctx, row) for i in chain.point_ids()}
+        begun = sorted(i for i in found - known if i >= row.next_rp_id)
+        if not begun:
+            return False
+        cluster = self._ctx.cluster
+        assert cluster is not None
+        async with self._ctx.locks.replica(vm_id), cluster.writing(vm_id, storage, "freeze"):
+            for point in begun:
+                # Its data are this node's first: nothing was applied here yet.
+                await self._points.finish_freeze(
+                    self._row(vm_id) or row, point, STANDARD, now_iso()
+                )
+            handoff.export(self._ctx, vm_id)
         return True
 
     # -- running and fencing ---------------------------------------------------------------

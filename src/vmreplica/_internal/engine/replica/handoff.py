@@ -22,12 +22,47 @@ from typing import Any
 
 from vmreplica._internal.engine.context import Context
 from vmreplica._internal.engine.replica.common import chains
+from vmreplica._internal.engine.states import State
 from vmreplica._internal.engine.vms import VmService
 from vmreplica._internal.files import read_json_object, write_json_atomic
 from vmreplica._internal.store.replications import ReplicationRow, Settings
 
 FILE = "relationship.json"
 STEP_FILE = "step.json"  # the delta being applied: journaled on the owner, beside the chains
+# A `failover complete` under way ({"point"}): its journal entry is in the owner's database,
+# this file beside the chains tells a node that takes the VM over (engine/failover/unplanned.py).
+COMPLETING_FILE = "failover-complete.json"
+COMPLETE_KIND = "failover-complete"  # its journal kind
+
+
+def begin_completion(storage: Path, point: int) -> None:
+    """Before `failover complete` deletes its first file: a node taking over finishes it."""
+    write_json_atomic(storage / COMPLETING_FILE, {"point": point})
+
+
+def end_completion(storage: Path) -> None:
+    (storage / COMPLETING_FILE).unlink(missing_ok=True)
+
+
+def completing(storage: Path) -> int | None:
+    """The failover point of a `failover complete` begun on `storage`'s chains, if any."""
+    point = (read_json_object(storage / COMPLETING_FILE) or {}).get("point")
+    return point if isinstance(point, int) else None
+
+
+def adopt_completion(ctx: Context, vm_id: str, storage: Path) -> bool:
+    """A `failover complete` the former owner began and did not finish: journaled here (its
+    deletes may have begun, so it can only be finished; the caller recovers the entry)."""
+    point = completing(storage)
+    row = ctx.stores.replications.find(vm_id)
+    if point is None or row is None or row.state != State.FAILED_OVER_WAITING:
+        return False
+    if row.failover_point != point:
+        return False
+    if not ctx.journal.entries(COMPLETE_KIND, subject=vm_id):
+        with ctx.stores.db.tx() as tx:
+            ctx.journal.begin(tx, COMPLETE_KIND, vm_id, {"point": point})
+    return True
 
 
 def write_step(ctx: Context, vm_id: str, data: dict[str, Any]) -> None:
@@ -77,6 +112,7 @@ async def take_over(ctx: Context, vms: VmService, vm_id: str, storage: Path) -> 
     v, r = facts["vm"], dict(facts["replication"])
     local = ctx.stores.replications.find(vm_id)
     if local is not None and (local.sequence, local.state) == (r["sequence"], r["state"]):
+        adopt_completion(ctx, vm_id, storage)
         return True  # this node's rows are the file's: keep them (and their cycle history)
     r["settings"] = Settings(**r["settings"])
     r["disks"] = tuple(r["disks"])
@@ -112,4 +148,5 @@ async def take_over(ctx: Context, vms: VmService, vm_id: str, storage: Path) -> 
         pinned = frozenset(p["id"] for p in facts["points"])
         for chain in chains(ctx, row):
             await chain.recover(pinned)
+    adopt_completion(ctx, vm_id, storage)
     return True

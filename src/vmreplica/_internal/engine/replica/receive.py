@@ -177,6 +177,7 @@ class Receiver:
             created=manifest.created, consistency=manifest.consistency,
         )  # fmt: skip
         faults.hit("replica.after_stage")
+        await faults.ahit("replica.before_apply")  # sleep: a slow apply, the stage in place
         await self._recovery.apply(
             row, manifest.sequence, staging, started.isoformat(),
             consistency=manifest.consistency,

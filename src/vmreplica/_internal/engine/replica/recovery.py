@@ -176,7 +176,24 @@ class ReplicaRecovery:
 
     async def _recover_vm(self, vm_id: str) -> None:
         row = self._ctx.stores.replications.find(vm_id)
-        recovered = await self.replay_or_quarantine(vm_id, "a restart")
+        cluster = self._ctx.cluster
+        if cluster is None or row is None or not row.storage_dir:
+            recovered = await self.replay_or_quarantine(vm_id, "a restart")
+        else:
+            # Shared chains: another node may own the VM now and be staging or applying a
+            # delta there (under this lock); its stage must not be swept away meanwhile.
+            try:
+                async with cluster.storage_held(Path(row.storage_dir)):
+                    recovered = await self.replay_or_quarantine(vm_id, "a restart")
+            except VmrError as e:  # the lock stayed held (another node writes), or no storage
+                self._ctx.events.record(
+                    "recovery-failed",
+                    f"cannot recover replica VM {row.vm_name} at start-up (retried at the next "
+                    f"start): {e.message}",
+                    row.vm_name,
+                    "warning",
+                )
+                return
         if recovered and row is not None and row.quarantine is not None:
             self._lift(row)
 
