@@ -362,7 +362,11 @@ def test_connection_refusals(cluster: Cluster) -> None:
         str(cluster.ca_dir / "ca.pem"),
     )
     code, err, row = test_from("vmhost1")
-    assert code == 6 and "untrusted certificate" in err and "not trusted" in err, err
+    assert (
+        code == 6
+        and "untrusted certificate" in err
+        and "not issued by a CA this host trusts" in err
+    ), err
 
     cluster.cli(
         "server",
