@@ -32,6 +32,19 @@ def journal_kinds(c: Cluster, node: str) -> list[str]:
         db.close()
 
 
+def owner_killed_mid_failover(c: Cluster) -> str:
+    """The primary's VM stopped, `failover start` on the owner dies at its armed fault point
+    (SIGKILL); returns the VM's id."""
+    vm_id = str(c.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"])
+    c.cli("vm", "stop", "app", "--force", host=PRIMARY)
+    cut = c.cli("failover", "start", "app", "--force", host=REPLICA, check=False)
+    assert cut.returncode != 0
+    agent = c.hosts[REPLICA].process
+    assert agent is not None and agent.wait(30) == -signal.SIGKILL
+    c.hosts[REPLICA].process = None
+    return vm_id
+
+
 def test_a_failover_complete_its_dead_owner_began_is_finished_by_the_next(
     stopped_cluster: Cluster, etcd: EtcdCluster
 ) -> None:
@@ -95,13 +108,7 @@ def test_a_failover_its_dead_owner_began_leaves_the_next_owners_failover_alone(
     own entry back without deleting the overlays the running VM writes to."""
     c = stopped_cluster
     with broker_cluster(c, etcd, "failover.after_overlays=kill") as (pair, _):
-        vm_id = str(c.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"])
-        c.cli("vm", "stop", "app", "--force", host=PRIMARY)
-        cut = c.cli("failover", "start", "app", "--force", host=REPLICA, check=False)
-        assert cut.returncode != 0
-        agent = c.hosts[REPLICA].process
-        assert agent is not None and agent.wait(30) == -signal.SIGKILL
-        c.hosts[REPLICA].process = None
+        vm_id = owner_killed_mid_failover(c)
 
         wait_for(lambda: owned(c, OTHER) == [vm_id], 30, "the takeover")
         wait_for(
@@ -131,14 +138,8 @@ def test_a_point_its_dead_owner_was_freezing_holds_no_later_delta(
     that a later freeze keeps; a failover there to Latest has them."""
     c = stopped_cluster
     with broker_cluster(c, etcd, "replica.after_freeze_rename=kill") as (pair, _):
-        vm_id = str(c.cli_json("vm", "get", "app", host=PRIMARY)[0]["id"])
         chain = pair.storage / "app" / "disk0"
-        c.cli("vm", "stop", "app", "--force", host=PRIMARY)
-        cut = c.cli("failover", "start", "app", "--force", host=REPLICA, check=False)
-        assert cut.returncode != 0
-        agent = c.hosts[REPLICA].process
-        assert agent is not None and agent.wait(30) == -signal.SIGKILL
-        c.hosts[REPLICA].process = None
+        vm_id = owner_killed_mid_failover(c)
         assert (chain / "rp-1.qcow2").exists() and not (chain / "tip.qcow2").exists()
 
         wait_for(lambda: owned(c, OTHER) == [vm_id], 30, "the takeover")

@@ -27,6 +27,16 @@ def lv_cluster() -> Iterator[Cluster]:
         yield c
 
 
+def raw_disk_and_secret(scratch: Path) -> tuple[Path, Path, Path]:
+    """An empty 16 MiB raw disk, a host file the guest must never see (16 MiB of 0x5A), and
+    where a qcow2 header naming that file is made."""
+    disk, secret = scratch / "disk.raw", scratch / "host-secret"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    secret.write_bytes(bytes([0x5A]) * (16 << 20))
+    return disk, secret, scratch / "h.qcow2"
+
+
 def write_qcow2_header(disk: Path, backing: Path, scratch: Path) -> None:
     """What a guest can write at the start of its disk: a qcow2 header naming a host file."""
     subprocess.run(
@@ -42,10 +52,7 @@ def test_a_guest_written_qcow2_header_does_not_make_its_raw_disk_qcow2(
     lv_cluster: Cluster, tmp_path: Path
 ) -> None:
     cluster = lv_cluster
-    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
-    with open(disk, "wb") as f:
-        f.truncate(16 << 20)
-    secret.write_bytes(bytes([0x5A]) * (16 << 20))  # a host file the guest must never see
+    disk, secret, header = raw_disk_and_secret(tmp_path)
     cluster.cli("vm", "new", "raw", "--disk-path", str(disk), host=PRIMARY)
     cluster.cli("vm", "start", "raw", host=PRIMARY)
     assert reads(cluster, PRIMARY, "raw", 0x00, "1M", "1M")
@@ -65,10 +72,7 @@ def test_a_raw_disk_without_its_metadata_image_stays_raw(
     metadata image this node made for it (it lies in this node's run directory). The disk's
     format is recorded with the VM, so its first bytes (the guest's) are never asked."""
     cluster = lv_cluster
-    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
-    with open(disk, "wb") as f:
-        f.truncate(16 << 20)
-    secret.write_bytes(bytes([0x5A]) * (16 << 20))
+    disk, secret, header = raw_disk_and_secret(tmp_path)
     cluster.cli("vm", "new", "raw", "--disk-path", str(disk), host=PRIMARY)
     vm_id = cluster.cli_json("vm", "get", "raw", host=PRIMARY)[0]["id"]
     cluster.cli("vm", "start", "raw", host=PRIMARY)
@@ -89,10 +93,7 @@ def test_an_old_database_records_a_raw_disk_as_raw_at_the_first_start(
     disk's format once, by its metadata image (not by the qcow2 header its guest wrote since),
     and records it; the disk then stays raw where that image is gone (another node)."""
     cluster = lv_cluster
-    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
-    with open(disk, "wb") as f:
-        f.truncate(16 << 20)
-    secret.write_bytes(bytes([0x5A]) * (16 << 20))
+    disk, secret, header = raw_disk_and_secret(tmp_path)
     cluster.cli("vm", "new", "raw", "--disk-path", str(disk), host=PRIMARY)
     cluster.cli("vm", "new", "q", "--disk", "16M", host=PRIMARY)
     vm_id = cluster.cli_json("vm", "get", "raw", host=PRIMARY)[0]["id"]
@@ -140,10 +141,7 @@ def test_a_raw_disk_of_a_domain_adopted_from_virsh_stays_raw(
     at the start of that disk before the agent took the domain. The agent's first start goes by
     what the domain says, not by the disk's first bytes."""
     cluster = lv_cluster
-    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
-    with open(disk, "wb") as f:
-        f.truncate(16 << 20)
-    secret.write_bytes(bytes([0x5A]) * (16 << 20))
+    disk, secret, header = raw_disk_and_secret(tmp_path)
     write_qcow2_header(disk, backing=secret, scratch=header)
     xml = tmp_path / "adopted.xml"
     xml.write_text(DOMAIN.format(disk=disk))
@@ -164,10 +162,7 @@ def test_a_raw_disk_is_never_moved_into_a_replica_chain_by_a_reverse(
     and disk stay as they were."""
     cluster = lv_cluster
     pair = two_way(cluster)
-    disk, secret, header = tmp_path / "disk.raw", tmp_path / "host-secret", tmp_path / "h.qcow2"
-    with open(disk, "wb") as f:
-        f.truncate(16 << 20)
-    secret.write_bytes(bytes([0x5A]) * (16 << 20))
+    disk, secret, header = raw_disk_and_secret(tmp_path)
     cluster.cli("vm", "new", "raw", "--disk-path", str(disk), host=PRIMARY)
     cluster.cli("vm", "start", "raw", host=PRIMARY)
     pair.write("raw", 0, 0x11, "1M", "1M")

@@ -98,12 +98,9 @@ class FailoverBase:
         """In a cluster, a former owner's entry (it died mid-step, another node took the VM
         over): the shared facts say the VM's owner now runs a failover (or a test failover
         of its own) on the overlay directory this entry would delete."""
-        if self._ctx.cluster is None or not row.storage_dir:
+        shared = handoff.shared_replication(self._ctx, row)
+        if shared is None:
             return False
-        facts = handoff.exported(Path(row.storage_dir))
-        if facts is None or facts["vm"]["id"] != row.vm_id:
-            return False
-        shared = facts["replication"]
         if kind == "failover":
             return shared.get("state") in (State.FAILED_OVER_WAITING, State.FAILED_OVER)
         return shared.get("test_vm_id") not in (None, test_vm)

@@ -221,12 +221,9 @@ class Failover(FailoverBase):
         """In a cluster, a former owner's entry (it died mid-completion, another node took the
         VM over): the shared facts no longer wait for this completion, so the node that owns
         the VM finished it (or moved on). This node must not write the chains or the facts."""
-        if self._ctx.cluster is None or not row.storage_dir:
+        shared = handoff.shared_replication(self._ctx, row)
+        if shared is None:
             return False
-        facts = handoff.exported(Path(row.storage_dir))
-        if facts is None or facts["vm"]["id"] != row.vm_id:
-            return False
-        shared = facts["replication"]
         return (shared.get("state"), shared.get("failover_point")) != (
             State.FAILED_OVER_WAITING, point
         )  # fmt: skip

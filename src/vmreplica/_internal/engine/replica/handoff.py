@@ -101,6 +101,17 @@ def exported(storage: Path) -> dict[str, Any] | None:
     return read_json_object(storage / FILE)
 
 
+def shared_replication(ctx: Context, row: ReplicationRow) -> dict[str, Any] | None:
+    """In a cluster, the replication facts the shared storage holds for ``row``'s VM, which
+    the VM's owner keeps; None on a single host, or when the storage holds another VM's."""
+    if ctx.cluster is None or not row.storage_dir:
+        return None
+    facts = exported(Path(row.storage_dir))
+    if facts is None or facts["vm"]["id"] != row.vm_id:
+        return None
+    return dict(facts["replication"])
+
+
 async def take_over(ctx: Context, vms: VmService, vm_id: str, storage: Path) -> bool:
     """This node now owns `vm_id`: hold its relationship as the shared storage has it. The file
     wins over this node's own rows, which are older when this node owned the VM before another
