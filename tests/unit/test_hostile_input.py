@@ -25,7 +25,7 @@ from vmreplica._internal.bandwidth import Schedule, parse_rate
 from vmreplica._internal.transport import delta as wire
 from vmreplica._internal.transport import delta_receive, delta_resume, protocol
 from vmreplica._internal.transport.media import MediaManifest
-from vmreplica.errors import VmrError
+from vmreplica.errors import IntegrityError, VmrError
 
 NASTY_TEXT = st.one_of(
     st.text(max_size=40),
@@ -127,8 +127,21 @@ async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
         yield data[i : i + size]
 
 
+def _as_the_replica_checks(manifest: wire.DeltaManifest) -> None:
+    """The replica's own check (engine/replica/receive.py) of the fields that only it knows the
+    right values of: the next sequence number (7 here) and its VM's disks. Without it a changed
+    digit of the sequence (7 to 6) is a well-formed delta as far as the stream can tell."""
+    if manifest.sequence != 7 or [d.index for d in manifest.disks] != [0]:
+        raise IntegrityError(f"delta {manifest.sequence} is not the one expected")
+
+
 def _receive(data: bytes, stage: Path, chunk: int) -> wire.DeltaManifest:
-    return asyncio.run(delta_receive.receive(_chunks(data, chunk), stage, expected_vm_id=VALID_VM))
+    return asyncio.run(
+        delta_receive.receive(
+            _chunks(data, chunk), stage, expected_vm_id=VALID_VM,
+            check_manifest=_as_the_replica_checks,
+        )
+    )  # fmt: skip
 
 
 @settings(
